@@ -1,0 +1,199 @@
+"""The `dist-runtime` command: a thin shell over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dist_runtime.errors import DistRuntimeError
+
+
+def _add_plan_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (default 1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages (default 1)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16", "fp8", "int8wo"],
+                   help="engine precision (default: the checkpoint's own)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+    p.add_argument("--layers", help="layers per PP stage, e.g. 10,11,11 (default: as even as possible)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="sequences running at once (default 16)")
+    p.add_argument("--max-seq-len", type=int, help="tokens per sequence, prompt + output "
+                   "(default: the model's positions, at most 4096)")
+    p.add_argument("--max-num-tokens", type=int, help="tokens per step (default min(8192, batch x seq len))")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
+
+
+def _plan_kwargs(args: argparse.Namespace) -> dict:
+    return dict(layer_counts=[int(x) for x in args.layers.split(",")] if args.layers else None,
+                kv_cache_dtype=args.kv_cache_dtype, max_batch_size=args.max_batch_size,
+                max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens, block_size=args.block_size)
+
+
+def _default_dtype(config) -> str:
+    return {"float32": "fp32", "float16": "fp16"}.get(config.dtype, "bf16")
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from dist_runtime.presets import preset_config, to_transformers5_layout
+    from sharding.synth import write_checkpoint
+
+    config = preset_config(args.preset, args.arch)
+    if args.layout == 5:
+        config = to_transformers5_layout(config)
+    out = write_checkpoint(config, args.out, seed=args.seed, dtype=args.dtype, device=args.device,
+                           shard_bytes=int(args.shard_gb * 2**30), progress=sys.stderr.isatty())
+    print(f"wrote {args.preset} ({config['model_type']}) checkpoint to {out}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from dist_runtime.config import ModelConfig
+    from dist_runtime.plan_report import format_plan
+    from dist_runtime.presets import preset_config
+    from sharding.planner import make_plan, smallest_fitting_plan
+
+    if bool(args.checkpoint) == bool(args.preset):
+        raise DistRuntimeError("give a checkpoint folder or --preset NAME (one of them)")
+    config = (ModelConfig.from_hf(preset_config(args.preset, args.arch)) if args.preset
+              else ModelConfig.from_dir(args.checkpoint))
+    dtype = args.dtype or _default_dtype(config)
+    plan = make_plan(config, args.tp, args.pp, dtype, gpu_mem_gib=args.gpu_mem, **_plan_kwargs(args))
+    suggestion = None
+    if not plan.fits:
+        suggestion = smallest_fitting_plan(config, dtype, args.gpu_mem, args.gpus_per_node, **_plan_kwargs(args))
+    if args.json:
+        print(json.dumps({"plan": plan.to_dict(), "fits": plan.fits,
+                          "smallest_fitting": suggestion and {"tp": suggestion.tp, "pp": suggestion.pp}}, indent=1))
+    else:
+        print(format_plan(config, plan, suggestion, args.preset or args.checkpoint))
+    return 0 if plan.fits else 1
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from dist_runtime.config import ModelConfig
+    from sharding.builder import build_engine
+
+    dtype = args.dtype or _default_dtype(ModelConfig.from_dir(args.checkpoint))
+    engine = build_engine(args.checkpoint, args.out, args.tp, args.pp, dtype, progress=sys.stderr.isatty(),
+                          **_plan_kwargs(args))
+    size = sum(f["bytes"] for f in engine.files.values())
+    print(f"built {args.out}: {engine.world_size} rank files (tp={args.tp} x pp={args.pp}, {dtype}), "
+          f"{size / 2**20:.1f} MiB")
+    return 0
+
+
+def cmd_refit(args: argparse.Namespace) -> int:
+    from sharding.builder import refit_engine
+
+    engine = refit_engine(args.engine, args.checkpoint, progress=sys.stderr.isatty())
+    print(f"refit {args.engine} with the weights of {args.checkpoint} ({engine.world_size} rank files)")
+    return 0
+
+
+def _sampling(args: argparse.Namespace):
+    from dist_runtime.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from dist_runtime.llm import LLM
+
+    params = _sampling(args)  # bad parameters fail before any rank starts
+    prompts = args.prompt or ["Hello, world!"]
+    with LLM(args.engine, device=args.device, verify=not args.no_verify) as llm:
+        outputs = llm.generate(prompts, params, return_logits=bool(args.save_logits))
+    if args.save_logits:
+        from safetensors.torch import save_file
+
+        save_file({f"prompt_{i}": o.logits for i, o in enumerate(outputs)}, args.save_logits)
+    for out in outputs:
+        if args.json:
+            print(json.dumps({"prompt": out.prompt, "token_ids": out.token_ids, "text": out.text,
+                              "finish_reason": out.finish_reason}, ensure_ascii=False))
+        else:
+            print(f"{out.prompt!r} -> {out.text!r} ({len(out.token_ids)} tokens, {out.finish_reason})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dist_runtime.demo import run_demo
+
+    return run_demo(args.out)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="dist-runtime", description="Plan, build and run sharded LLM engines.")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a random-weight Hugging Face checkpoint of a named shape")
+    p.add_argument("--arch", choices=["llama", "gptj"], help="architecture (picks among presets named alike)")
+    p.add_argument("--preset", default="tiny", help="tiny, llama-3.2-1b, llama-2-7b, llama-3-8b, gpt-j-6b, ...")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: the preset's")
+    p.add_argument("--layout", type=int, choices=[4, 5], default=4, help="config.json as transformers 4 or 5 writes it")
+    p.add_argument("--shard-gb", type=float, default=5.0, help="largest safetensors shard (default 5 GiB)")
+    p.add_argument("--device", default="cpu", help="where random numbers are drawn (cuda is faster for 8B)")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("plan", help="how a model splits over tp x pp ranks, and whether it fits")
+    p.add_argument("checkpoint", nargs="?", help="Hugging Face checkpoint folder")
+    p.add_argument("--preset", help="plan a named shape without a checkpoint (e.g. llama-3-70b)")
+    p.add_argument("--arch", choices=["llama", "gptj"])
+    _add_plan_options(p)
+    p.add_argument("--gpu-mem", type=float, help="GiB of memory per GPU to check the plan against")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="for the suggested layout (default 8)")
+    p.add_argument("--json", action="store_true", help="the whole plan, every weight slice, as JSON")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("build", help="write one engine file per rank from a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True)
+    _add_plan_options(p)
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("refit", help="replace an engine's weights with another checkpoint's (same shapes)")
+    p.add_argument("engine")
+    p.add_argument("checkpoint")
+    p.set_defaults(func=cmd_refit)
+
+    p = sub.add_parser("generate", help="generate text; spawns the engine's ranks unless a launcher did")
+    p.add_argument("engine")
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, help="same seed, same output, whatever the TP/PP layout")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of rank files")
+    p.add_argument("--save-logits", metavar="FILE", help="write each prompt's logits per step (safetensors)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="synth, plan, build and generate a tiny model on 4 CPU ranks (TP=2 x PP=2)")
+    p.add_argument("--out", help="keep the checkpoint and engine here (default: a temporary folder)")
+    p.set_defaults(func=cmd_demo)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DistRuntimeError as e:
+        from launch.rank_info import from_environment
+
+        info = from_environment()
+        if info is None or info.rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Communicators: the data plane (tensors) and control plane (Steps) between ranks."""

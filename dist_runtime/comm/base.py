@@ -1,0 +1,47 @@
+"""The Communicator interface: data-plane collectives over a rank's TP group, point-to-point
+tensors between PP stages, and the control plane (rank 0 -> everyone) for Steps."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+from dist_runtime.mapping import Mapping
+
+
+class Communicator(ABC):
+    def __init__(self, mapping: Mapping) -> None:
+        self.mapping = mapping
+
+    @abstractmethod
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over the TP group, in place; returns `tensor`."""
+
+    @abstractmethod
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate the TP group's tensors along the last dimension, in TP-rank order."""
+
+    @abstractmethod
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        """To global rank `dst`."""
+
+    @abstractmethod
+    def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """Into `tensor`, from global rank `src`; returns `tensor`."""
+
+    @abstractmethod
+    def broadcast_object(self, obj: Any) -> Any:
+        """Control plane: rank 0's `obj` (picklable) to every rank; others pass None."""
+
+    @abstractmethod
+    def gather_object(self, obj: Any) -> list[Any] | None:
+        """Every rank's `obj` (picklable), in rank order, on rank 0; None elsewhere."""
+
+    def close(self) -> None:
+        """Release the transport; the default has nothing to release."""
+
+
+def gather_last_dim(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(parts, dim=-1)

@@ -1,0 +1,159 @@
+"""The model configuration we run, read from a Hugging Face `config.json` of either layout.
+
+transformers 4 writes `rope_theta`, `rope_scaling` and `torch_dtype`; transformers 5 writes
+`rope_parameters` (theta and scaling in one dict) and `dtype`. Both map to one `ModelConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from dist_runtime.errors import CheckpointError
+
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "gptj": "gptj"}
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    architecture: str  # "llama" or "gptj": which model file runs it
+    model_type: str  # as the checkpoint names it
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rotary_dim: int  # < head_dim for partial rotary (GPT-J)
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    norm_eps: float
+    hidden_act: str
+    tie_word_embeddings: bool
+    attention_bias: bool
+    mlp_bias: bool
+    sliding_window: int | None
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    dtype: str  # the checkpoint's own dtype, e.g. "bfloat16"
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
+        model_type = hf.get("model_type")
+        if model_type not in ARCHITECTURES:
+            raise CheckpointError(
+                f"unknown model_type {model_type!r} in config.json; supported: {', '.join(ARCHITECTURES)}"
+            )
+        read = _read_gptj if ARCHITECTURES[model_type] == "gptj" else _read_llama
+        fields = read(hf)
+        theta, scaling = _rope(hf)
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        fields.update(
+            architecture=ARCHITECTURES[model_type],
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            rope_theta=theta,
+            rope_scaling=scaling,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
+        )
+        config = cls(**fields)
+        config.validate()
+        return config
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> ModelConfig:
+        return cls.from_hf(read_config_json(path))
+
+    def validate(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise CheckpointError(
+                f"{self.num_heads} attention heads are not a multiple of {self.num_kv_heads} KV heads"
+            )
+        if self.rotary_dim > self.head_dim or self.rotary_dim % 2:
+            raise CheckpointError(f"rotary_dim {self.rotary_dim} must be even and <= head_dim {self.head_dim}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        data = dict(data, eos_token_ids=tuple(data["eos_token_ids"]))
+        return cls(**data)
+
+
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{path}: no config.json (is this a Hugging Face checkpoint folder?)")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from e
+
+
+def _read_llama(hf: dict[str, Any]) -> dict[str, Any]:
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    return dict(
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        rotary_dim=head_dim,
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        hidden_act=hf.get("hidden_act", "silu"),
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        attention_bias=hf.get("attention_bias", False),
+        mlp_bias=hf.get("mlp_bias", False),
+        sliding_window=hf.get("sliding_window"),
+    )
+
+
+def _read_gptj(hf: dict[str, Any]) -> dict[str, Any]:
+    hidden = hf["n_embd"]
+    heads = hf["n_head"]
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=hf.get("n_inner") or 4 * hidden,
+        num_layers=hf["n_layer"],
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=hidden // heads,
+        rotary_dim=hf.get("rotary_dim") or hidden // heads,
+        max_position_embeddings=hf.get("n_positions", 2048),
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        hidden_act=hf.get("activation_function", "gelu_new"),
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        attention_bias=False,
+        mlp_bias=True,
+        sliding_window=None,
+    )
+
+
+def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(theta, scaling) from `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling` (4)."""
+    params = hf.get("rope_parameters")
+    if params is not None:
+        scaling = dict(params)
+        theta = scaling.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    else:
+        theta = hf.get("rope_theta", 10000.0)
+        scaling = dict(hf["rope_scaling"]) if hf.get("rope_scaling") else None
+    if scaling is not None:
+        rope_type = scaling.pop("rope_type", None) or scaling.pop("type", "default")
+        scaling.pop("type", None)
+        if rope_type not in ROPE_TYPES:
+            raise CheckpointError(f"rope type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+        scaling = None if rope_type == "default" else {"rope_type": rope_type, **scaling}
+    return float(theta), scaling

@@ -1,0 +1,87 @@
+"""An engine folder: `engine.json` (format version, model config, plan, build options,
+checksums) and one `rank-XXXXX.safetensors` per rank, plus the tokenizer files."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from dist_runtime.config import ModelConfig
+from dist_runtime.errors import EngineError
+from sharding.planner import DTYPES, Plan
+from sharding.safetensors_writer import sha256_of
+
+FORMAT_VERSION = 1
+ENGINE_JSON = "engine.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def rank_file_name(rank: int) -> str:
+    return f"rank-{rank:05d}.safetensors"
+
+
+@dataclasses.dataclass
+class Engine:
+    path: Path
+    config: ModelConfig
+    plan: Plan
+    build: dict[str, Any]  # options the engine was built with
+    files: dict[str, dict[str, Any]]  # rank file name -> {"sha256", "bytes"}
+
+    @classmethod
+    def load(cls, path: str | Path) -> Engine:
+        path = Path(path)
+        meta_file = path / ENGINE_JSON
+        if not meta_file.is_file():
+            raise EngineError(f"{path}: no {ENGINE_JSON} (build one with `dist-runtime build`)")
+        try:
+            meta = json.loads(meta_file.read_text())
+            version = meta["format_version"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise EngineError(f"{meta_file}: unreadable ({e})") from e
+        if version != FORMAT_VERSION:
+            raise EngineError(f"{meta_file}: format version {version}, this runtime reads version "
+                              f"{FORMAT_VERSION}; rebuild the engine")
+        try:
+            return cls(path, ModelConfig.from_dict(meta["model_config"]), Plan.from_dict(meta["plan"]),
+                       meta["build"], meta["files"])
+        except (KeyError, TypeError) as e:
+            raise EngineError(f"{meta_file}: malformed ({e})") from e
+
+    def save(self) -> None:
+        meta = {"format_version": FORMAT_VERSION, "model_config": self.config.to_dict(),
+                "plan": self.plan.to_dict(), "build": self.build, "files": self.files}
+        tmp = self.path / (ENGINE_JSON + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=1))
+        tmp.replace(self.path / ENGINE_JSON)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.plan.dtype][0]
+
+    @property
+    def world_size(self) -> int:
+        return self.plan.world_size
+
+    def rank_path(self, rank: int) -> Path:
+        return self.path / rank_file_name(rank)
+
+    def load_rank_weights(self, rank: int, device: str | torch.device = "cpu",
+                          verify: bool = True) -> dict[str, torch.Tensor]:
+        """This rank's tensors only; with `verify`, its sha256 must match engine.json."""
+        file = self.rank_path(rank)
+        entry = self.files.get(file.name)
+        if entry is None or not file.is_file():
+            raise EngineError(f"{file}: missing (the engine has {len(self.files)} rank files)")
+        if file.stat().st_size != entry["bytes"] or (verify and sha256_of(file) != entry["sha256"]):
+            raise EngineError(f"{file}: corrupt (size or sha256 differs from {ENGINE_JSON}); rebuild the engine")
+        try:
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
+                return {name: f.get_tensor(name) for name in f.keys()}
+        except Exception as e:  # safetensors has its own error types
+            raise EngineError(f"{file}: unreadable ({e})") from e

@@ -1,0 +1,25 @@
+"""Error types. Each message names the input at fault and the limit it broke."""
+
+
+class DistRuntimeError(Exception):
+    """Base of every error the runtime raises on purpose; the CLI prints these without a traceback."""
+
+
+class CheckpointError(DistRuntimeError):
+    """A Hugging Face checkpoint is malformed, incomplete or of an unsupported kind."""
+
+
+class PlanError(DistRuntimeError):
+    """A TP x PP layout is impossible for this model, or does not fit the memory given."""
+
+
+class EngineError(DistRuntimeError):
+    """An engine folder is missing, corrupt, of another version, or does not match the world."""
+
+
+class RequestError(DistRuntimeError):
+    """A generation request asks for something the engine cannot do (too long, bad parameter)."""
+
+
+class RankFailure(DistRuntimeError):
+    """Another rank died or stopped answering."""

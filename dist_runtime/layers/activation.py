@@ -1,0 +1,28 @@
+"""MLP activations."""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from dist_runtime.errors import CheckpointError
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name not in ACTIVATIONS:
+        raise CheckpointError(f"activation {name!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def gated(act: Callable[[torch.Tensor], torch.Tensor], gate_up: torch.Tensor) -> torch.Tensor:
+    """act(gate) * up over a fused [gate | up] tensor (SiLU-and-mul for Llama)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return act(gate) * up

@@ -1,0 +1,112 @@
+"""Column-, QKV- and row-parallel linear layers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_runtime.errors import PlanError
+from dist_runtime.layers import declare, split, whole
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T + b with W's output rows split over TP ranks; the output stays split.
+
+    `out_features` may list several pieces fused into one GEMM (gate and up); each piece is
+    split on its own so that every rank holds its part of each.
+    """
+
+    parallel = "column"
+
+    def __init__(self, in_features: int, out_features: int | Sequence[int], tp: int, tp_rank: int,
+                 bias: bool, name: str = "linear") -> None:
+        super().__init__()
+        pieces = [out_features] if isinstance(out_features, int) else list(out_features)
+        self.tp, self.tp_rank = tp, tp_rank
+        self.local_sizes = self.local_piece_sizes(pieces, name)
+        out = sum(self.local_sizes)
+        self.weight = declare(nn.Parameter(torch.empty(out, in_features)), self.parallel,
+                              self._shard, linear=True)
+        self.bias = declare(nn.Parameter(torch.empty(out)), self.parallel, self._shard) if bias else None
+
+    def local_piece_sizes(self, pieces: list[int], name: str) -> list[int]:
+        for size in pieces:
+            if size % self.tp:
+                raise PlanError(f"{name}: output size {size} does not divide by tp={self.tp}")
+        return [size // self.tp for size in pieces]
+
+    def shard_piece(self, index: int, tensor: torch.Tensor) -> torch.Tensor:
+        return split(tensor, 0, self.tp, self.tp_rank)
+
+    def _shard(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([self.shard_piece(i, t) for i, t in enumerate(tensors)], dim=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections in one GEMM. Query heads split over TP ranks; KV heads split
+    too while there are at least as many as ranks, and are replicated otherwise (each rank
+    keeps the one KV head its query heads read)."""
+
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, tp: int,
+                 tp_rank: int, bias: bool) -> None:
+        if num_heads % tp:
+            raise PlanError(f"{num_heads} attention heads do not divide by tp={tp}")
+        if num_kv_heads % tp and tp % num_kv_heads:
+            raise PlanError(f"{num_kv_heads} KV heads neither divide by tp={tp} nor divide it")
+        self.head_dim = head_dim
+        self.num_heads = num_heads // tp
+        self.num_kv_heads = max(1, num_kv_heads // tp)
+        self.kv_replicas = max(1, tp // num_kv_heads)  # ranks sharing one KV head
+        super().__init__(hidden, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim],
+                         tp, tp_rank, bias, name="qkv_proj")
+
+    def local_piece_sizes(self, pieces: list[int], name: str) -> list[int]:
+        q = self.num_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        return [q, kv, kv]
+
+    def shard_piece(self, index: int, tensor: torch.Tensor) -> torch.Tensor:
+        if index == 0:
+            return split(tensor, 0, self.tp, self.tp_rank)
+        kv_groups = self.tp // self.kv_replicas
+        return split(tensor, 0, kv_groups, self.tp_rank // self.kv_replicas)
+
+    def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = qkv.split(self.local_sizes, dim=-1)
+        return (q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim),
+                v.view(-1, self.num_kv_heads, self.head_dim))
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T + b with W's input columns split over TP ranks: each rank's product is a
+    partial sum, all-reduced over the TP group; the bias is added once, after the sum."""
+
+    parallel = "row"
+
+    def __init__(self, in_features: int, out_features: int, tp: int, tp_rank: int, bias: bool,
+                 comm=None, name: str = "linear") -> None:
+        super().__init__()
+        if in_features % tp:
+            raise PlanError(f"{name}: input size {in_features} does not divide by tp={tp}")
+        self.tp, self.tp_rank, self.comm = tp, tp_rank, comm
+        self.weight = declare(nn.Parameter(torch.empty(out_features, in_features // tp)), self.parallel,
+                              lambda ts: split(whole(ts), 1, tp, tp_rank), linear=True)
+        self.bias = declare(nn.Parameter(torch.empty(out_features)), "replicated", whole) if bias else None
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the product, before the all-reduce and without the bias."""
+        return F.linear(x, self.weight)
+
+    def finish(self, partial_sum: torch.Tensor) -> torch.Tensor:
+        """All-reduce partial sums (several layers' may be summed first) and add the bias."""
+        out = self.comm.all_reduce(partial_sum) if self.tp > 1 else partial_sum
+        return out + self.bias if self.bias is not None else out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.partial(x))

@@ -1,0 +1,30 @@
+"""Normalisations, computed in float32 as the Hugging Face models do."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_runtime.layers import declare, whole
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = declare(nn.Parameter(torch.empty(size)), "replicated", whole)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = declare(nn.Parameter(torch.empty(size)), "replicated", whole)
+        self.bias = declare(nn.Parameter(torch.empty(size)), "replicated", whole)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), self.bias.float(), self.eps).to(x.dtype)

@@ -1,0 +1,44 @@
+"""What every model file shares: one PP stage of a causal LM, and the names of the
+checkpoint tensors each of its parameters is cut from."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dist_runtime.config import ModelConfig
+from dist_runtime.layers.attention import AttentionMetadata, PagedAttention
+from dist_runtime.mapping import Mapping
+
+
+class CausalLM(nn.Module):
+    """One PP stage: the embedding on the first stage, `layers` (global indices), and the
+    final norm and LM head on the last. Parameter names are the Hugging Face ones, but for
+    the fused layers named in `packed`."""
+
+    packed: dict[str, tuple[str, ...]] = {}  # fused module name -> checkpoint module names, in order
+    embed_weight: str  # checkpoint name of the input embedding, source of a tied LM head
+
+    def __init__(self, config: ModelConfig, mapping: Mapping, layers: range, comm=None) -> None:
+        super().__init__()
+        self.config, self.mapping, self.layer_range, self.comm = config, mapping, layers, comm
+
+    def checkpoint_names(self, name: str) -> list[str]:
+        """The checkpoint tensors that parameter `name` is made of."""
+        if name == "lm_head.weight" and self.config.tie_word_embeddings:
+            return [self.embed_weight]
+        for fused, pieces in self.packed.items():
+            if f".{fused}." in name:
+                return [name.replace(f".{fused}.", f".{piece}.") for piece in pieces]
+        return [name]
+
+    def attention_layers(self) -> list[PagedAttention]:
+        return [m for m in self.modules() if isinstance(m, PagedAttention)]
+
+    def forward(self, inputs: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Token ids (first stage) or hidden states (later stages) in; hidden states out,
+        final-normed on the last stage."""
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()

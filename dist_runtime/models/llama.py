@@ -1,0 +1,89 @@
+"""Llama 2 / 3 / 3.1 and Mistral: RMSNorm, rotary (rotate-half), GQA, SiLU-gated MLP."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dist_runtime.config import ModelConfig
+from dist_runtime.layers.activation import activation, gated
+from dist_runtime.layers.attention import AttentionMetadata, PagedAttention
+from dist_runtime.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from dist_runtime.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from dist_runtime.layers.norm import RMSNorm
+from dist_runtime.layers.rotary import RotaryEmbedding
+from dist_runtime.mapping import Mapping
+from dist_runtime.models.base import CausalLM
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, c: ModelConfig, m: Mapping, rotary: RotaryEmbedding, comm) -> None:
+        super().__init__()
+        self.qkv_proj = QKVParallelLinear(c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads,
+                                          m.tp, m.tp_rank, c.attention_bias)
+        self.o_proj = RowParallelLinear(c.num_heads * c.head_dim, c.hidden_size, m.tp, m.tp_rank,
+                                        c.attention_bias, comm, name="o_proj")
+        self.rotary = rotary
+        self.attn = PagedAttention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, c.head_dim,
+                                   c.head_dim**-0.5, c.sliding_window)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj.split_qkv(self.qkv_proj(x))
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, meta))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, c: ModelConfig, m: Mapping, comm) -> None:
+        super().__init__()
+        self.gate_up_proj = ColumnParallelLinear(c.hidden_size, [c.intermediate_size] * 2, m.tp, m.tp_rank,
+                                                 c.mlp_bias, name="gate_up_proj")
+        self.down_proj = RowParallelLinear(c.intermediate_size, c.hidden_size, m.tp, m.tp_rank, c.mlp_bias,
+                                           comm, name="down_proj")
+        self.act = activation(c.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(gated(self.act, self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig, m: Mapping, rotary: RotaryEmbedding, comm) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
+        self.self_attn = LlamaAttention(c, m, rotary, comm)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
+        self.mlp = LlamaMLP(c, m, comm)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, c: ModelConfig, m: Mapping, layers: range, comm) -> None:
+        super().__init__()
+        rotary = RotaryEmbedding(c.head_dim, c.rotary_dim, c.rope_theta, c.rope_scaling, interleaved=False)
+        if m.is_first_stage:
+            self.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size, m.tp, m.tp_rank, comm)
+        self.layers = nn.ModuleDict({str(i): LlamaDecoderLayer(c, m, rotary, comm) for i in layers})
+        if m.is_last_stage:
+            self.norm = RMSNorm(c.hidden_size, c.norm_eps)
+
+
+class LlamaForCausalLM(CausalLM):
+    packed = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    embed_weight = "model.embed_tokens.weight"
+
+    def __init__(self, config: ModelConfig, mapping: Mapping, layers: range, comm=None) -> None:
+        super().__init__(config, mapping, layers, comm)
+        self.model = LlamaModel(config, mapping, layers, comm)
+        if mapping.is_last_stage:
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, mapping.tp, mapping.tp_rank, comm)
+            if config.tie_word_embeddings and mapping.is_first_stage:
+                self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, inputs: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = self.model.embed_tokens(inputs) if self.mapping.is_first_stage else inputs
+        for layer in self.model.layers.values():
+            x = layer(x, positions, meta)
+        return self.model.norm(x) if self.mapping.is_last_stage else x

@@ -1,0 +1,69 @@
+"""The `plan` command's human-readable report."""
+
+from __future__ import annotations
+
+import re
+
+from dist_runtime.config import ModelConfig
+from dist_runtime.layers.embedding import padded_vocab
+from sharding.planner import Plan
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _weight_patterns(plan: Plan) -> list[list[str]]:
+    """One row per kind of weight (layer numbers folded into *): how it is sliced."""
+    seen: dict[str, list[str]] = {}
+    for rank in plan.ranks:
+        for w in rank.weights:
+            key = re.sub(r"\.\d+\.", ".*.", w.name)
+            sources = ", ".join(re.sub(r"\.\d+\.", ".*.", s).rsplit(".", 2)[-2] for s in w.sources)
+            seen.setdefault(key, [key, w.parallel, "x".join(map(str, w.shape)), sources])
+    return [["weight", "split", "per-rank shape", "made of"], *seen.values()]
+
+
+def format_plan(config: ModelConfig, plan: Plan, suggestion: Plan | None, source: str) -> str:
+    c = config
+    kv_local = max(1, c.num_kv_heads // plan.tp)
+    kv_note = (f"{c.num_kv_heads} KV heads over tp={plan.tp}: "
+               + (f"{kv_local} per rank" if c.num_kv_heads >= plan.tp
+                  else f"replicated, each shared by {plan.tp // c.num_kv_heads} ranks"))
+    vocab = padded_vocab(c.vocab_size, plan.tp)
+    lines = [
+        f"model: {source} ({c.model_type}), {c.num_layers} layers, hidden {c.hidden_size}, "
+        f"{c.num_heads} heads, vocab {c.vocab_size}",
+        f"plan: tp={plan.tp} x pp={plan.pp} = {plan.world_size} ranks, {plan.dtype} weights, "
+        f"KV cache {plan.kv_cache_dtype}, {plan.num_kv_blocks} blocks of {plan.block_size} tokens "
+        f"(max batch {plan.max_batch_size} x {plan.max_seq_len} tokens)",
+        f"{kv_note}; vocab {c.vocab_size} padded to {vocab} ({vocab // plan.tp} rows per rank)",
+        f"layers per stage: {', '.join(map(str, plan.layer_counts))}",
+        "",
+    ]
+    columns = list(plan.ranks[0].memory)
+    rows = [["rank", "tp", "pp", "layers", *columns, "total"]]
+    for r in plan.ranks:
+        rows.append([str(r.rank), str(r.tp_rank), str(r.pp_rank), f"{r.layers[0]}-{r.layers[1] - 1}",
+                     *(human_bytes(r.memory[k]) for k in columns), human_bytes(r.total_bytes)])
+    lines += [_table(rows), "", _table(_weight_patterns(plan)), ""]
+    lines.append("memory: weights exact; KV cache at max batch x max length; activations estimated")
+    if plan.gpu_mem_bytes is not None:
+        worst = plan.largest_rank()
+        if plan.fits:
+            lines.append(f"fits: yes, largest rank needs {human_bytes(worst.total_bytes)} of "
+                         f"{human_bytes(plan.gpu_mem_bytes)}")
+        else:
+            lines.append(f"fits: NO, rank {worst.rank} needs {human_bytes(worst.total_bytes)} > "
+                         f"{human_bytes(plan.gpu_mem_bytes)} per GPU")
+            lines.append(f"fewest GPUs that fit: tp={suggestion.tp} x pp={suggestion.pp} "
+                         f"({suggestion.world_size} GPUs)" if suggestion else "no layout up to 256 GPUs fits")
+    return "\n".join(lines)

@@ -1,0 +1,81 @@
+"""Model shapes by name, as Hugging Face `config.json` dicts (transformers 4 layout).
+
+`tiny` presets are for tests and the demo; the others carry the real shapes of public models
+so that `synth` can write a random-weight checkpoint of that size and `plan` can size it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from dist_runtime.errors import CheckpointError
+
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+
+
+def _llama(hidden, inter, layers, heads, kv, vocab, max_pos, theta, rope_scaling=None, tie=False,
+           head_dim=None, eps=1e-5) -> dict[str, Any]:
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv, "vocab_size": vocab, "max_position_embeddings": max_pos,
+        "rope_theta": theta, "rope_scaling": rope_scaling, "rms_norm_eps": eps, "hidden_act": "silu",
+        "tie_word_embeddings": tie, "attention_bias": False, "torch_dtype": "bfloat16",
+    }
+    if head_dim:
+        config["head_dim"] = head_dim
+    return config
+
+
+def _gptj(hidden, layers, heads, rotary_dim, vocab, max_pos) -> dict[str, Any]:
+    return {
+        "architectures": ["GPTJForCausalLM"], "model_type": "gptj", "n_embd": hidden, "n_layer": layers,
+        "n_head": heads, "rotary_dim": rotary_dim, "vocab_size": vocab, "n_positions": max_pos,
+        "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+        "tie_word_embeddings": False, "torch_dtype": "float16",
+    }
+
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "llama": {
+        # GQA with fewer KV heads (2) than the largest TP (4), Llama 3.1 rope scaling.
+        "tiny": _llama(64, 160, 4, 4, 2, 512, 512, 500000.0, dict(_LLAMA3_ROPE), head_dim=16) | {
+            "torch_dtype": "float32"},
+        "llama-3.2-1b": _llama(2048, 8192, 16, 32, 8, 128256, 131072, 500000.0,
+                               dict(_LLAMA3_ROPE, factor=32.0), tie=True, head_dim=64),
+        "llama-2-7b": _llama(4096, 11008, 32, 32, 32, 32000, 4096, 10000.0, eps=1e-6) | {"torch_dtype": "float16"},
+        "llama-3-8b": _llama(4096, 14336, 32, 32, 8, 128256, 8192, 500000.0),
+        "llama-3.1-8b": _llama(4096, 14336, 32, 32, 8, 128256, 131072, 500000.0, dict(_LLAMA3_ROPE)),
+        "llama-3-70b": _llama(8192, 28672, 80, 64, 8, 128256, 8192, 500000.0),
+        "llama-3.1-405b": _llama(16384, 53248, 126, 128, 8, 128256, 131072, 500000.0, dict(_LLAMA3_ROPE)),
+    },
+    "gptj": {
+        "tiny": _gptj(64, 4, 4, 8, 512, 512) | {"torch_dtype": "float32"},
+        "gpt-j-6b": _gptj(4096, 28, 16, 64, 50400, 2048),
+    },
+}
+
+
+def preset_config(name: str, arch: str | None = None) -> dict[str, Any]:
+    """The config of preset `name`; `arch` picks between presets of the same name (`tiny`)."""
+    archs = [arch] if arch else [a for a in PRESETS if name in PRESETS[a]]
+    for a in archs:
+        if a not in PRESETS:
+            raise CheckpointError(f"unknown architecture {a!r}; known: {', '.join(PRESETS)}")
+        if name in PRESETS[a]:
+            return copy.deepcopy(PRESETS[a][name])
+    known = sorted({f"{a}:{p}" for a in PRESETS for p in PRESETS[a]})
+    raise CheckpointError(f"unknown preset {name!r}{f' for {arch}' if arch else ''}; known: {', '.join(known)}")
+
+
+def to_transformers5_layout(config: dict[str, Any]) -> dict[str, Any]:
+    """The same config as transformers 5 writes it: `rope_parameters` and `dtype`."""
+    config = dict(config)
+    config["dtype"] = config.pop("torch_dtype")
+    if config["model_type"] != "gptj":
+        params = {"rope_type": "default", **(config.pop("rope_scaling") or {})}
+        params["rope_theta"] = config.pop("rope_theta")
+        config["rope_parameters"] = params
+    return config

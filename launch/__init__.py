@@ -1,0 +1,1 @@
+"""Process bootstrap: who am I (rank, world), whoever started me."""

@@ -1,0 +1,64 @@
+"""The embedded launcher: with no launcher around, rank 0 starts ranks 1..N-1 on this host
+and makes sure they end with it (normal exit, error, Ctrl-C, or rank 0 killed)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+from launch.rank_info import RankInfo, spawned_env
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: the kernel sends SIGTERM when rank 0 goes, however it goes."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass  # not Linux: rank 0 still terminates its workers on every normal path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalWorkers:
+    """Ranks 1..world_size-1 as child processes running `launch.worker ENGINE_DIR`."""
+
+    def __init__(self, engine_dir: str, world_size: int, worker_args: list[str] | None = None) -> None:
+        port = free_port()
+        self.rank0 = RankInfo(0, world_size, 0, world_size, master_port=port, transport="tcp")
+        self.procs: list[subprocess.Popen] = []
+        for rank in range(1, world_size):
+            info = RankInfo(rank, world_size, rank, world_size, master_port=port, transport="tcp")
+            cmd = [sys.executable, "-m", "launch.worker", str(engine_dir), *(worker_args or [])]
+            self.procs.append(subprocess.Popen(cmd, env={**os.environ, **spawned_env(info)},
+                                               preexec_fn=_die_with_parent))
+
+    def stop(self, timeout_s: float = 10.0) -> list[int]:
+        """Wait for the workers (they leave on rank 0's shutdown), then end any left; exit codes."""
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return [proc.returncode for proc in self.procs]
+
+    def kill(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        self.stop(timeout_s=0)

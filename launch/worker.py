@@ -1,0 +1,31 @@
+"""Entry point of a rank started by the local spawner: join the world and serve steps."""
+
+import argparse
+import sys
+
+from dist_runtime.errors import DistRuntimeError
+from dist_runtime.world import run_worker
+from launch.rank_info import from_environment
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="a dist-runtime rank (started by rank 0)")
+    parser.add_argument("engine")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-verify", action="store_true")
+    args = parser.parse_args()
+    info = from_environment()
+    if info is None:
+        print("launch.worker: started without a launcher environment", file=sys.stderr)
+        return 2
+    try:
+        run_worker(args.engine, info, args.device, verify=not args.no_verify)
+    except DistRuntimeError:
+        return 1  # rank 0 reports it
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Build an engine from a checkpoint: slice every weight per the plan, fuse, cast, and write
+one file per rank. Tensors stream from the memory-mapped checkpoint one at a time, each read
+once for all the TP ranks of a stage, so peak memory is a few tensors, not the model."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dist_runtime.config import ModelConfig
+from dist_runtime.engine import TOKENIZER_FILES, Engine, rank_file_name
+from dist_runtime.errors import CheckpointError, EngineError
+from dist_runtime.models import build_model, checkpoint_layout
+from sharding.checkpoint import Checkpoint
+from sharding.planner import DTYPES, Plan, make_plan
+from sharding.safetensors_writer import StreamingWriter, TensorSpec
+
+BUILDABLE = ("fp32", "fp16", "bf16")
+
+
+def check_checkpoint(ck: Checkpoint) -> None:
+    """Every tensor the model needs is present with the shape it expects."""
+    expected = {name: shape for name, shape, _ in checkpoint_layout(ck.config)}
+    missing = sorted(set(expected) - ck.names())
+    if missing:
+        raise CheckpointError(f"{ck.path}: {len(missing)} tensors missing, e.g. {', '.join(missing[:3])}")
+    for name, shape in expected.items():
+        found = ck.shape(name)
+        if found != shape:
+            raise CheckpointError(f"{ck.path}: tensor {name!r} has shape {list(found)}, the config implies "
+                                  f"{list(shape)}")
+
+
+def build_engine(checkpoint: str | Path, out: str | Path, tp: int = 1, pp: int = 1, dtype: str = "bf16",
+                 progress: bool = True, **plan_options) -> Engine:
+    if dtype not in BUILDABLE:
+        raise EngineError(f"--dtype {dtype}: this build step writes {', '.join(BUILDABLE)} engines; "
+                          f"quantized formats are planned but not built yet")
+    ck = Checkpoint(checkpoint)
+    check_checkpoint(ck)
+    plan = make_plan(ck.config, tp, pp, dtype, **plan_options)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = write_rank_files(ck, plan, out, progress)
+    for name in TOKENIZER_FILES:
+        if (ck.path / name).is_file():
+            shutil.copy(ck.path / name, out / name)
+    build = {"dtype": dtype, "checkpoint": str(ck.path.resolve()), "checkpoint_dtype": ck.config.dtype,
+             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    engine = Engine(out, ck.config, plan, build, files)
+    engine.save()
+    return engine
+
+
+def refit_engine(engine_dir: str | Path, checkpoint: str | Path, progress: bool = True) -> Engine:
+    """Swap in the weights of another checkpoint of the same architecture and shapes."""
+    engine = Engine.load(engine_dir)
+    ck = Checkpoint(checkpoint)
+    if _shape_fields(ck.config) != _shape_fields(engine.config):
+        raise CheckpointError(f"{ck.path}: its config differs from the engine's in more than the dtype; "
+                              f"refit needs the same architecture and shapes (rebuild instead)")
+    check_checkpoint(ck)
+    engine.files = write_rank_files(ck, engine.plan, engine.path, progress)
+    engine.build = {**engine.build, "checkpoint": str(ck.path.resolve()),
+                    "refit_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    engine.save()
+    return engine
+
+
+def _shape_fields(config: ModelConfig) -> dict:
+    fields = config.to_dict()
+    fields.pop("dtype")
+    return fields
+
+
+def write_rank_files(ck: Checkpoint, plan: Plan, out: Path, progress: bool) -> dict[str, dict]:
+    """Write every rank's file (to a temporary name, renamed when complete); return checksums."""
+    dtype = DTYPES[plan.dtype][0]
+    total = sum(len(r.weights) for r in plan.ranks)
+    bar = tqdm(total=total, unit="tensor", desc=f"build {out}", disable=not progress)
+    files = {}
+    for stage in range(plan.pp):
+        mappings = [plan.mapping(stage * plan.tp + t) for t in range(plan.tp)]
+        models = [build_model(ck.config, m, plan.layer_range(stage), dtype) for m in mappings]
+        writers = [StreamingWriter(out / (rank_file_name(m.rank) + ".tmp"), _specs(plan, m.rank, dtype))
+                   for m in mappings]
+        params = [dict(model.named_parameters()) for model in models]
+        for name in params[0]:
+            sources = [ck.get(n) for n in models[0].checkpoint_names(name)]
+            for writer, rank_params in zip(writers, params):
+                writer.write(name, rank_params[name].shard_of(sources).to(dtype))
+            bar.update(len(writers))
+        for m, writer in zip(mappings, writers):
+            sha = writer.close()
+            final = out / rank_file_name(m.rank)
+            writer.path.replace(final)
+            files[final.name] = {"sha256": sha, "bytes": writer.nbytes}
+    bar.close()
+    return files
+
+
+def _specs(plan: Plan, rank: int, dtype: torch.dtype) -> list[TensorSpec]:
+    return [TensorSpec(w.name, tuple(w.shape), dtype) for w in plan.ranks[rank].weights]

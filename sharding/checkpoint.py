@@ -1,0 +1,68 @@
+"""Read a Hugging Face safetensors checkpoint, single file or sharded, one tensor at a time
+(memory-mapped: a tensor is read from disk only when asked for)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from dist_runtime.config import ModelConfig
+from dist_runtime.errors import CheckpointError
+
+INDEX = "model.safetensors.index.json"
+
+
+class Checkpoint:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{path}: not a folder")
+        self.config = ModelConfig.from_dir(self.path)
+        self._handles: dict[str, object] = {}
+        self.file_of = self._weight_map()
+
+    def _weight_map(self) -> dict[str, str]:
+        index = self.path / INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no weight_map")
+            for file in sorted(set(weight_map.values())):
+                if not (self.path / file).is_file():
+                    raise CheckpointError(f"{index} names {file}, which is missing")
+            return weight_map
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{self.path}: no *.safetensors files (and no {INDEX})")
+        weight_map = {}
+        for file in files:
+            for name in self._open(file.name).keys():
+                weight_map[name] = file.name
+        return weight_map
+
+    def _open(self, file: str):
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(self.path / file), framework="pt")
+            except Exception as e:  # safetensors raises its own error types for bad headers
+                raise CheckpointError(f"{self.path / file}: not a readable safetensors file ({e})") from e
+        return self._handles[file]
+
+    def names(self) -> set[str]:
+        return set(self.file_of)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.file_of:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
+        try:
+            return self._open(self.file_of[name]).get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{self.path / self.file_of[name]}: cannot read {name!r} ({e})") from e
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self.file_of:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
+        return tuple(self._open(self.file_of[name]).get_slice(name).get_shape())

@@ -1,0 +1,168 @@
+"""The TP x PP planner: which layers and which slice of every weight each rank holds, and
+how much memory that takes, decided before anything is built."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from dist_runtime.config import ModelConfig
+from dist_runtime.errors import PlanError
+from dist_runtime.layers.embedding import padded_vocab
+from dist_runtime.mapping import Mapping
+from dist_runtime.models import build_model
+
+GiB = 2**30
+# Engine dtypes: (dtype of activations and unquantized weights, bytes per quantized GEMM weight or None)
+DTYPES: dict[str, tuple[torch.dtype, int | None]] = {
+    "fp32": (torch.float32, None), "fp16": (torch.float16, None), "bf16": (torch.bfloat16, None),
+    "fp8": (torch.bfloat16, 1), "int8wo": (torch.bfloat16, 1),
+}
+KV_DTYPES = {"auto": None, "fp8": 1}
+RUNTIME_OVERHEAD = 1 * GiB  # CUDA context, cuBLAS/NCCL workspaces: counted only against --gpu-mem
+
+
+@dataclasses.dataclass
+class WeightSlice:
+    name: str  # parameter name in the engine
+    shape: list[int]  # this rank's shape
+    parallel: str  # column, row, vocab or replicated
+    sources: list[str]  # checkpoint tensors it is cut from (several when fused)
+
+
+@dataclasses.dataclass
+class RankPlan:
+    rank: int
+    tp_rank: int
+    pp_rank: int
+    layers: list[int]  # [first, last + 1)
+    memory: dict[str, int]  # bytes: weights, kv_cache, activations (+ runtime when sized for a GPU)
+    weights: list[WeightSlice]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.memory.values())
+
+
+@dataclasses.dataclass
+class Plan:
+    tp: int
+    pp: int
+    dtype: str
+    kv_cache_dtype: str
+    layer_counts: list[int]
+    max_batch_size: int
+    max_seq_len: int
+    max_num_tokens: int
+    block_size: int
+    num_kv_blocks: int
+    gpu_mem_bytes: int | None
+    ranks: list[RankPlan]
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp
+
+    def layer_range(self, pp_rank: int) -> range:
+        start = sum(self.layer_counts[:pp_rank])
+        return range(start, start + self.layer_counts[pp_rank])
+
+    def mapping(self, rank: int = 0) -> Mapping:
+        return Mapping(self.tp, self.pp, rank)
+
+    @property
+    def fits(self) -> bool:
+        return self.gpu_mem_bytes is None or all(r.total_bytes <= self.gpu_mem_bytes for r in self.ranks)
+
+    def largest_rank(self) -> RankPlan:
+        return max(self.ranks, key=lambda r: r.total_bytes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        ranks = [RankPlan(**{**r, "weights": [WeightSlice(**w) for w in r["weights"]]}) for r in data["ranks"]]
+        return cls(**{**data, "ranks": ranks})
+
+
+def split_layers(num_layers: int, pp: int, counts: list[int] | None = None) -> list[int]:
+    """Layers per stage: as given, or as even as possible (earlier stages take the remainder)."""
+    if pp > num_layers:
+        raise PlanError(f"pp={pp} stages need at least {pp} layers; the model has {num_layers}")
+    if counts is None:
+        return [num_layers // pp + (1 if s < num_layers % pp else 0) for s in range(pp)]
+    if len(counts) != pp or sum(counts) != num_layers or min(counts) < 1:
+        raise PlanError(f"layer split {counts} must give each of pp={pp} stages at least one layer "
+                        f"and {num_layers} layers in all")
+    return list(counts)
+
+
+def make_plan(config: ModelConfig, tp: int = 1, pp: int = 1, dtype: str = "bf16", *,
+              kv_cache_dtype: str = "auto", layer_counts: list[int] | None = None, max_batch_size: int = 16,
+              max_seq_len: int | None = None, max_num_tokens: int | None = None, block_size: int = 16,
+              gpu_mem_gib: float | None = None) -> Plan:
+    if dtype not in DTYPES:
+        raise PlanError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if kv_cache_dtype not in KV_DTYPES:
+        raise PlanError(f"kv cache dtype {kv_cache_dtype!r} is not one of {', '.join(KV_DTYPES)}")
+    if tp < 1 or pp < 1:
+        raise PlanError(f"tp and pp must be at least 1 (got tp={tp}, pp={pp})")
+    max_seq_len = max_seq_len or min(config.max_position_embeddings, 4096)
+    if max_seq_len > config.max_position_embeddings:
+        raise PlanError(f"max_seq_len {max_seq_len} exceeds the model's {config.max_position_embeddings} positions")
+    max_num_tokens = max_num_tokens or min(8192, max_batch_size * max_seq_len)
+    counts = split_layers(config.num_layers, pp, layer_counts)
+    plan = Plan(tp, pp, dtype, kv_cache_dtype, counts, max_batch_size, max_seq_len, max_num_tokens, block_size,
+                num_kv_blocks=max_batch_size * -(-max_seq_len // block_size),
+                gpu_mem_bytes=None if gpu_mem_gib is None else int(gpu_mem_gib * GiB), ranks=[])
+    plan.ranks = [_plan_rank(config, plan, m) for m in Mapping(tp, pp).all_ranks()]
+    return plan
+
+
+def _plan_rank(config: ModelConfig, plan: Plan, mapping: Mapping) -> RankPlan:
+    act_dtype, quant_bytes = DTYPES[plan.dtype]
+    layers = plan.layer_range(mapping.pp_rank)
+    model = build_model(config, mapping, layers, act_dtype)
+    weights, weight_bytes = [], 0
+    for name, param in model.named_parameters():
+        weights.append(WeightSlice(name, list(param.shape), param.parallel, model.checkpoint_names(name)))
+        if quant_bytes and param.is_linear_weight:
+            weight_bytes += param.numel() * quant_bytes + param.shape[0] * 4  # + a float32 scale per row
+        else:
+            weight_bytes += param.numel() * act_dtype.itemsize
+    attn = model.attention_layers()
+    kv_bytes = KV_DTYPES[plan.kv_cache_dtype] or act_dtype.itemsize
+    kv_cache = sum(2 * plan.num_kv_blocks * plan.block_size * a.num_kv_heads * a.head_dim * kv_bytes for a in attn)
+    memory = {"weights": weight_bytes, "kv_cache": kv_cache,
+              "activations": _activation_bytes(config, plan, act_dtype.itemsize)}
+    if plan.gpu_mem_bytes is not None:
+        memory["runtime"] = RUNTIME_OVERHEAD
+    return RankPlan(mapping.rank, mapping.tp_rank, mapping.pp_rank, [layers.start, layers.stop], memory, weights)
+
+
+def _activation_bytes(c: ModelConfig, plan: Plan, item: int) -> int:
+    """An estimate of the largest step's live activations: the residual stream and norm output,
+    the fused QKV and gate/up outputs of one layer, and the float32 logits of a full batch."""
+    tp = plan.tp
+    qkv = (c.num_heads + 2 * max(1, c.num_kv_heads // tp) * tp) * c.head_dim // tp
+    per_token = 3 * c.hidden_size + qkv + 3 * c.intermediate_size // tp
+    return plan.max_num_tokens * per_token * item + plan.max_batch_size * padded_vocab(c.vocab_size, tp) * 4
+
+
+def smallest_fitting_plan(config: ModelConfig, dtype: str, gpu_mem_gib: float, gpus_per_node: int = 8,
+                          max_gpus: int = 256, **options) -> Plan | None:
+    """The layout with the fewest GPUs that fits: TP within a node, then PP across nodes."""
+    candidates = sorted(((tp, pp) for tp in (1, 2, 4, 8, 16) if tp <= gpus_per_node
+                         for pp in range(1, config.num_layers + 1) if tp * pp <= max_gpus),
+                        key=lambda tp_pp: (tp_pp[0] * tp_pp[1], tp_pp[1]))
+    for tp, pp in candidates:
+        try:
+            plan = make_plan(config, tp, pp, dtype, gpu_mem_gib=gpu_mem_gib, **options)
+        except PlanError:
+            continue
+        if plan.fits:
+            return plan
+    return None
