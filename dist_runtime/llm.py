@@ -65,7 +65,8 @@ class LLM:
         self._closed = False
         atexit.register(self.shutdown)
 
-    def generate(self, prompts: list[str | list[int]] | str, params: SamplingParams | list[SamplingParams] | None = None,
+    def generate(self, prompts: list[str | list[int]] | str,
+                 params: SamplingParams | list[SamplingParams] | None = None,
                  return_logits: bool = False) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids) in one batch; outputs in prompt order."""
         if self._closed:
@@ -102,12 +103,20 @@ class LLM:
         if self._closed:
             return
         self._closed = True
+        if self._workers:
+            self._workers.expect_exit()
         try:
             self.coordinator.shutdown()
             self._comm.close()
         finally:
             if self._workers:
                 self._workers.stop()
+
+    def abort(self) -> None:
+        """Stop without talking to the other ranks (one may be dead): end spawned ranks at once.
+        Under an external launcher, exiting rank 0 makes the launcher end the rest."""
+        self._closed = True
+        self._kill_workers()
 
     def _kill_workers(self) -> None:
         if self._workers:
@@ -116,5 +125,8 @@ class LLM:
     def __enter__(self) -> LLM:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.shutdown()
+        else:
+            self.abort()

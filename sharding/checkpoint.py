@@ -58,7 +58,10 @@ class Checkpoint:
         if name not in self.file_of:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
         try:
-            return self._open(self.file_of[name]).get_tensor(name)
+            # A fresh handle per tensor: closing it unmaps the file, so pages read for one tensor
+            # do not stay in this process's resident memory while the rest of the model streams by.
+            with safe_open(str(self.path / self.file_of[name]), framework="pt") as f:
+                return f.get_tensor(name)
         except Exception as e:
             raise CheckpointError(f"{self.path / self.file_of[name]}: cannot read {name!r} ({e})") from e
 

@@ -29,10 +29,23 @@ BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def random_tensor(name: str, shape: tuple[int, ...], module: torch.nn.Module, seed: int,
+CHUNK_ELEMENTS = 1 << 24  # float32 noise is drawn this many elements at a time
+
+
+def random_tensor(name: str, shape: tuple[int, ...], module: torch.nn.Module, seed: int, dtype: torch.dtype,
                   device: str) -> torch.Tensor:
+    """Seeded by (seed, name); drawn in row chunks straight into `dtype`, so a 1 GB embedding
+    never exists in float32 as a whole."""
     gen = torch.Generator(device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    noise = torch.randn(shape, generator=gen, device=device)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    rows = max(1, CHUNK_ELEMENTS // max(1, out[0].numel())) if out.dim() > 1 else out.shape[0]
+    for start in range(0, out.shape[0], rows):
+        part = out[start:start + rows]
+        part.copy_(_scale(name, module, torch.randn(part.shape, generator=gen, device=device), shape))
+    return out.cpu()
+
+
+def _scale(name: str, module: torch.nn.Module, noise: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     if isinstance(module, (RMSNorm, LayerNorm)):
         return (1.0 + 0.1 * noise) if name.endswith("weight") else 0.1 * noise
     if name.endswith("bias"):
@@ -63,8 +76,7 @@ def write_checkpoint(hf_config: dict[str, Any], out: str | Path, seed: int = 0, 
         file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         with StreamingWriter(out / file, [spec for spec, _ in shard], {"format": "pt"}) as writer:
             for spec, module in shard:
-                tensor = random_tensor(spec.name, spec.shape, module, seed, device).to(torch_dtype)
-                writer.write(spec.name, tensor)
+                writer.write(spec.name, random_tensor(spec.name, spec.shape, module, seed, torch_dtype, device))
                 weight_map[spec.name] = file
                 bar.update(spec.nbytes)
     bar.close()

@@ -39,8 +39,8 @@ class Communicator(ABC):
     def gather_object(self, obj: Any) -> list[Any] | None:
         """Every rank's `obj` (picklable), in rank order, on rank 0; None elsewhere."""
 
-    def close(self) -> None:
-        """Release the transport; the default has nothing to release."""
+    def close(self) -> None:  # noqa: B027 - optional hook: most transports have nothing to release
+        """Release the transport."""
 
 
 def gather_last_dim(parts: list[torch.Tensor]) -> torch.Tensor:

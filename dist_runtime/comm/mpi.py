@@ -22,12 +22,17 @@ MAX_SLEEP_S = 2e-4
 _GATHER_TAG = 77
 
 
-def wait(request: MPI.Request) -> None:
+def wait(request: MPI.Request) -> Any:
+    """Complete `request`; returns the received object for pickle-based (lowercase) requests."""
     for _ in range(SPIN_POLLS):
-        if request.Test():
-            return
+        done, obj = request.test()
+        if done:
+            return obj
     delay = 1e-5
-    while not request.Test():
+    while True:
+        done, obj = request.test()
+        if done:
+            return obj
         time.sleep(delay)
         delay = min(2 * delay, MAX_SLEEP_S)
 
@@ -81,9 +86,7 @@ class MpiCommunicator(Communicator):
             return None
         out = [obj]
         for src in range(1, self.world.size):
-            request = self.world.irecv(source=src, tag=_GATHER_TAG)
-            wait(request)
-            out.append(request.wait())
+            out.append(wait(self.world.irecv(source=src, tag=_GATHER_TAG)))
         return out
 
     def close(self) -> None:

@@ -1,0 +1,83 @@
+"""Shared fixtures: small random checkpoints in the real Hugging Face layout, engines built
+from them, and helpers that start real ranks (mpirun, or the CLI's own spawner)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dist_runtime.presets import preset_config, to_transformers5_layout
+from sharding.builder import build_engine
+from sharding.synth import write_checkpoint
+
+BIN = Path(sys.executable).parent
+PROMPTS = ["Hello, world!", "The quick brown fox jumps over the lazy dog", "a"]
+SMALL_PLAN = dict(max_batch_size=4, max_seq_len=128)
+
+
+def tool(name: str) -> str:
+    """A console script of this environment (dist-runtime, mpirun), else from PATH."""
+    path = BIN / name
+    return str(path) if path.exists() else (shutil.which(name) or name)
+
+
+def mpirun(n: int, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    cmd = [tool("mpirun"), "-np", str(n)]
+    if "Open MPI" in subprocess.run([tool("mpirun"), "--version"], capture_output=True, text=True).stdout:
+        cmd += ["--allow-run-as-root", "--oversubscribe"]
+    return subprocess.run([*cmd, tool("dist-runtime"), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([tool("dist-runtime"), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def json_lines(proc: subprocess.CompletedProcess) -> list[dict]:
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """llama: GQA (2 KV heads) with Llama 3.1 rope scaling, sharded safetensors;
+    llama-tied: tied embeddings, config in the transformers 5 layout; gptj: partial rotary."""
+    root = tmp_path_factory.mktemp("ckpt")
+    tied = to_transformers5_layout(preset_config("tiny", "llama") | {"tie_word_embeddings": True})
+    return {
+        "llama": write_checkpoint(preset_config("tiny", "llama"), root / "llama", shard_bytes=300_000,
+                                  progress=False),
+        "llama-tied": write_checkpoint(tied, root / "llama-tied", seed=1, progress=False),
+        "gptj": write_checkpoint(preset_config("tiny", "gptj"), root / "gptj", seed=2, progress=False),
+    }
+
+
+@pytest.fixture(scope="session")
+def engines(checkpoints, tmp_path_factory):
+    """engines(name, tp, pp) -> engine folder, built once per session."""
+    root = tmp_path_factory.mktemp("eng")
+    built: dict[tuple, Path] = {}
+
+    def get(name: str, tp: int, pp: int, dtype: str = "fp32", max_seq_len: int = 128) -> Path:
+        key = (name, tp, pp, dtype, max_seq_len)
+        if key not in built:
+            out = root / f"{name}-tp{tp}-pp{pp}-{dtype}-{max_seq_len}"
+            build_engine(checkpoints[name], out, tp, pp, dtype, progress=False,
+                         **(SMALL_PLAN | {"max_seq_len": max_seq_len}))
+            built[key] = out
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(autouse=True)
+def _no_launcher_env(monkeypatch):
+    """Tests start their own ranks; an outer launcher's variables must not leak into them."""
+    for key in list(os.environ):
+        if key.startswith(("OMPI_", "PMI_", "PMIX_", "DIST_RUNTIME_")):
+            monkeypatch.delenv(key)

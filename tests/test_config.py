@@ -1,0 +1,57 @@
+"""Reading config.json in both transformers layouts, and refusing what we cannot run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dist_runtime.config import ModelConfig
+from dist_runtime.errors import CheckpointError
+from dist_runtime.presets import PRESETS, preset_config, to_transformers5_layout
+
+
+@pytest.mark.parametrize("arch,name", [(a, p) for a in PRESETS for p in PRESETS[a]])
+def test_transformers4_and_5_layouts_read_the_same(arch, name):
+    config = preset_config(name, arch)
+    assert ModelConfig.from_hf(config) == ModelConfig.from_hf(to_transformers5_layout(config))
+
+
+def test_llama31_rope_scaling_is_read_from_either_layout():
+    c4 = preset_config("llama-3.1-8b")
+    c = ModelConfig.from_hf(c4)
+    assert c.rope_theta == 500000.0
+    assert c.rope_scaling == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    legacy = dict(c4, rope_scaling={**c4["rope_scaling"], "type": c4["rope_scaling"].pop("rope_type")})
+    assert ModelConfig.from_hf(legacy).rope_scaling == c.rope_scaling
+
+
+def test_gptj_fields_map_to_ours():
+    c = ModelConfig.from_hf(preset_config("gpt-j-6b"))
+    assert (c.architecture, c.hidden_size, c.intermediate_size, c.num_heads, c.head_dim, c.rotary_dim) == (
+        "gptj", 4096, 16384, 16, 256, 64)
+
+
+def test_unknown_model_type_is_named():
+    with pytest.raises(CheckpointError, match="unknown model_type 'bert'"):
+        ModelConfig.from_hf({"model_type": "bert"})
+
+
+def test_unsupported_rope_type_is_named():
+    config = preset_config("llama-3-8b") | {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
+    with pytest.raises(CheckpointError, match="rope type 'yarn' is not supported"):
+        ModelConfig.from_hf(config)
+
+
+def test_missing_or_broken_config_json_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        ModelConfig.from_dir(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        ModelConfig.from_dir(tmp_path)
+
+
+def test_config_round_trips_through_engine_json():
+    c = ModelConfig.from_hf(preset_config("llama-3.1-405b"))
+    assert ModelConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c

@@ -1,0 +1,105 @@
+"""The planner: who holds what, how much memory it takes, and clear refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import cli
+
+from dist_runtime.config import ModelConfig
+from dist_runtime.errors import PlanError
+from dist_runtime.presets import preset_config
+from sharding.planner import GiB, make_plan, smallest_fitting_plan
+
+
+def _config(name: str, arch: str | None = None, **overrides) -> ModelConfig:
+    return ModelConfig.from_hf(preset_config(name, arch) | overrides)
+
+
+def _weights(plan, rank: int) -> dict:
+    return {w.name: w for w in plan.ranks[rank].weights}
+
+
+def test_heads_that_do_not_divide_by_tp_are_refused_with_the_numbers():
+    with pytest.raises(PlanError, match="32 attention heads do not divide by tp=3"):
+        make_plan(_config("llama-3-8b"), tp=3)
+
+
+def test_more_stages_than_layers_is_refused():
+    with pytest.raises(PlanError, match="pp=5 stages need at least 5 layers; the model has 4"):
+        make_plan(_config("tiny", "llama"), pp=5)
+
+
+def test_kv_heads_are_replicated_when_tp_exceeds_them():
+    plan = make_plan(_config("tiny", "llama"), tp=4, dtype="fp32")  # 4 query heads, 2 KV heads, head_dim 16
+    qkv = [_weights(plan, r)["model.layers.0.self_attn.qkv_proj.weight"] for r in range(4)]
+    assert all(w.shape == [16 + 2 * 16, 64] for w in qkv)  # one query head + one (shared) KV head each
+    assert qkv[0].parallel == "column"
+    assert qkv[0].sources == [f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"]
+
+
+def test_vocab_is_padded_so_every_rank_holds_the_same_rows():
+    plan = make_plan(_config("tiny", "llama", vocab_size=509), tp=4, dtype="fp32")
+    rows = [_weights(plan, r)["model.embed_tokens.weight"].shape[0] for r in range(4)]
+    assert rows == [128] * 4
+
+
+def test_uneven_layer_splits_are_allowed_and_checked():
+    plan = make_plan(_config("tiny", "llama"), pp=2, layer_counts=[3, 1])
+    assert [r.layers for r in plan.ranks] == [[0, 3], [3, 4]]
+    assert make_plan(_config("llama-3-8b"), pp=3).layer_counts == [11, 11, 10]
+    with pytest.raises(PlanError, match="at least one layer"):
+        make_plan(_config("tiny", "llama"), pp=2, layer_counts=[4, 0])
+
+
+def test_memory_estimate_counts_weights_exactly():
+    config = _config("llama-3-8b")
+    total_weights = sum(r.memory["weights"] for r in make_plan(config, pp=2, dtype="bf16").ranks)
+    assert total_weights == 2 * 8_030_261_248  # Llama-3-8B has 8.03e9 parameters, 2 bytes each
+    tp2 = sum(r.memory["weights"] for r in make_plan(config, tp=2, pp=2, dtype="bf16").ranks)
+    norms = (2 * 32 + 1) * 4096  # replicated on both TP ranks
+    assert tp2 == total_weights + 2 * norms
+    fp8 = make_plan(config, tp=2, pp=2, dtype="fp8")
+    assert sum(r.memory["weights"] for r in fp8.ranks) < 0.6 * total_weights
+
+
+def test_llama_70b_fits_tp8_on_80gb_gpus():
+    plan = make_plan(_config("llama-3-70b"), tp=8, dtype="bf16", gpu_mem_gib=80)
+    assert plan.fits
+    assert 16 * GiB < plan.largest_rank().memory["weights"] < 18 * GiB
+
+
+def test_llama_405b_needs_more_than_one_node_in_bf16_and_fits_one_in_fp8():
+    config = _config("llama-3.1-405b")
+    assert not make_plan(config, tp=8, dtype="bf16", gpu_mem_gib=80).fits
+    smallest = smallest_fitting_plan(config, "bf16", 80)
+    assert smallest.world_size > 8 and smallest.fits
+    assert make_plan(config, tp=8, dtype="fp8", gpu_mem_gib=80).fits
+
+
+def test_plan_command_prints_a_table_and_refuses_what_does_not_fit():
+    ok = cli("plan", "--preset", "llama-3-70b", "--tp", "8", "--gpu-mem", "80")
+    assert ok.returncode == 0, ok.stderr
+    assert "fits: yes" in ok.stdout and "rank  tp  pp  layers" in ok.stdout
+    no = cli("plan", "--preset", "llama-3.1-405b", "--tp", "8", "--gpu-mem", "80")
+    assert no.returncode == 1
+    assert "fits: NO" in no.stdout and "fewest GPUs that fit: tp=" in no.stdout
+
+
+def test_plan_json_lists_every_rank_and_weight_slice(checkpoints):
+    proc = cli("plan", str(checkpoints["gptj"]), "--tp", "2", "--pp", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    ranks = data["plan"]["ranks"]
+    assert [(r["tp_rank"], r["pp_rank"]) for r in ranks] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    lm_head = next(w for w in ranks[3]["weights"] if w["name"] == "lm_head.weight")
+    assert lm_head == {"name": "lm_head.weight", "shape": [256, 64], "parallel": "vocab",
+                       "sources": ["lm_head.weight"]}
+    assert data["fits"] is True
+
+
+def test_plan_refusal_is_an_error_message_not_a_traceback(checkpoints):
+    proc = cli("plan", str(checkpoints["llama"]), "--tp", "3")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: 4 attention heads do not divide by tp=3"
