@@ -46,14 +46,18 @@ def json_lines(proc: subprocess.CompletedProcess) -> list[dict]:
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     """llama: GQA (2 KV heads) with Llama 3.1 rope scaling, sharded safetensors;
-    llama-tied: tied embeddings, config in the transformers 5 layout; gptj: partial rotary."""
+    llama-tied: tied embeddings, config in the transformers 5 layout; gptj: partial rotary;
+    mistral: sliding-window attention (8 tokens, shorter than the test sequences)."""
     root = tmp_path_factory.mktemp("ckpt")
     tied = to_transformers5_layout(preset_config("tiny", "llama") | {"tie_word_embeddings": True})
+    mistral = preset_config("tiny", "llama") | {"model_type": "mistral", "architectures": ["MistralForCausalLM"],
+                                                "sliding_window": 8, "rope_scaling": None}
     return {
         "llama": write_checkpoint(preset_config("tiny", "llama"), root / "llama", shard_bytes=300_000,
                                   progress=False),
         "llama-tied": write_checkpoint(tied, root / "llama-tied", seed=1, progress=False),
         "gptj": write_checkpoint(preset_config("tiny", "gptj"), root / "gptj", seed=2, progress=False),
+        "mistral": write_checkpoint(mistral, root / "mistral", seed=3, progress=False),
     }
 
 

@@ -61,12 +61,14 @@ def test_greedy_tokens_and_logits_equal_transformers_under_mpirun(arch, tp, pp, 
     _check_against_reference(outputs, logits_file, reference(arch))
 
 
-def test_tied_embeddings_and_transformers5_config_equal_transformers(engines, reference, tmp_path):
-    """Tied input/output embeddings split over two stages: the last stage gets its own copy."""
-    engine = engines("llama-tied", 2, 2)
+@pytest.mark.parametrize("name", ["llama-tied", "mistral"])
+def test_tied_embeddings_and_sliding_window_equal_transformers(name, engines, reference, tmp_path):
+    """llama-tied: tied embeddings split over two stages (the last stage gets its own copy) and
+    a transformers-5 config; mistral: keys older than the window are not attended."""
+    engine = engines(name, 2, 2)
     logits_file = tmp_path / "logits.safetensors"
     args = ["generate", str(engine), "--max-tokens", str(MAX_TOKENS), "--temperature", "0", "--json",
             "--save-logits", str(logits_file)]
     for prompt in PROMPTS:
         args += ["--prompt", prompt]
-    _check_against_reference(json_lines(mpirun(4, *args)), logits_file, reference("llama-tied"))
+    _check_against_reference(json_lines(mpirun(4, *args)), logits_file, reference(name))
