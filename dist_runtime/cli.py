@@ -107,7 +107,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.save_logits:
         from safetensors.torch import save_file
 
-        save_file({f"prompt_{i}": o.logits for i, o in enumerate(outputs)}, args.save_logits)
+        save_file({f"prompt_{i}": o.outputs[0].logits for i, o in enumerate(outputs)}, args.save_logits)
     for out in outputs:
         if args.json:
             print(json.dumps({"prompt": out.prompt, "token_ids": out.token_ids, "text": out.text,

@@ -1,9 +1,15 @@
-"""The rank-0 coordinator: requests in, Steps out to every rank, sampled tokens back."""
+"""The rank-0 coordinator: requests in, Steps out to every rank, sampled tokens back.
+
+It owns the scheduler and the KV-cache block manager, packs each step's batch into a Step,
+broadcasts it, runs rank 0's own share of the step, and applies the sampled tokens.
+"""
 
 from __future__ import annotations
 
 import itertools
 import random
+import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -12,87 +18,172 @@ from dist_runtime.comm.base import Communicator
 from dist_runtime.engine import Engine
 from dist_runtime.errors import RequestError
 from dist_runtime.model_runner import ModelRunner
+from dist_runtime.sampler import draw_seed
 from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.scheduler import Scheduler
-from dist_runtime.sequence import Sequence
-from dist_runtime.step import Step
+from dist_runtime.sequence import Sequence, TokenLogprobs
+from dist_runtime.step import StatsRequest, Step
+
+
+@dataclass
+class TokenUpdate:
+    """One sequence's new token from one step."""
+
+    seq: Sequence
+    token_id: int
+    logprobs: TokenLogprobs | None
+    finished: bool
+
+
+@dataclass
+class StepTiming:
+    running: int  # sequences in the step
+    schedule_s: float  # scheduling and packing the Step
+    broadcast_s: float  # shipping it to every rank
+    step_s: float  # the whole step, forward and sampling included
 
 
 class Coordinator:
-    def __init__(self, engine: Engine, runner: ModelRunner, comm: Communicator, eos_ids: tuple[int, ...]) -> None:
+    def __init__(self, engine: Engine, runner: ModelRunner, comm: Communicator, eos_ids: tuple[int, ...],
+                 num_kv_blocks: int | None = None, prefix_caching: bool = True) -> None:
         plan = engine.plan
         self.runner, self.comm, self.eos_ids = runner, comm, eos_ids
-        self.max_seq_len = plan.max_seq_len
-        self.blocks = BlockManager(plan.num_kv_blocks, plan.block_size)
-        self.scheduler = Scheduler(self.blocks, plan.max_batch_size, plan.max_num_tokens)
-        self._ids = itertools.count()
+        self.vocab_size = engine.config.vocab_size
+        self.blocks = BlockManager(num_kv_blocks or runner.num_blocks, plan.block_size, prefix_caching)
+        # One sequence must always fit in the KV cache alone, or preemption could never end.
+        self.max_seq_len = min(plan.max_seq_len, self.blocks.num_blocks * plan.block_size)
+        self.scheduler = Scheduler(self.blocks, plan.max_batch_size, max(plan.max_num_tokens, plan.max_batch_size))
+        self._seq_ids = itertools.count()
         self.return_logits = False
+        self.timings: list[StepTiming] = []
+        self.peak_blocks_used = 0
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise RequestError for a request this engine cannot serve, before it is queued."""
         if not prompt_ids:
             raise RequestError("the prompt is empty")
         if len(prompt_ids) >= self.max_seq_len:
             raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this engine's limit is "
                                f"{self.max_seq_len} tokens in all (max_seq_len), output included")
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> list[Sequence]:
+        """Queue a request: its n sequences (which share the prompt's cached blocks)."""
+        self.check_request(prompt_ids, params)
         seed = params.seed if params.seed is not None else random.getrandbits(62)
-        seq = Sequence(next(self._ids), prompt_ids, params, seed)
-        self.scheduler.add(seq)
-        return seq
+        seqs = [Sequence(next(self._seq_ids), prompt_ids, params, seed if i == 0 else draw_seed(seed, -1 - i), i)
+                for i in range(params.n)]
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return seqs
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
-    def step(self) -> list[Sequence]:
-        """Run one step on every rank; returns the sequences it advanced."""
+    def step(self) -> list[TokenUpdate]:
+        """Run one step on every rank; returns the tokens it produced."""
+        start = time.perf_counter()
         batch = self.scheduler.schedule()
-        step = self._pack(batch)
+        step, sampling = self._pack(batch)
+        packed = time.perf_counter()
         self.comm.broadcast_object(step)
+        sent = time.perf_counter()
         out = self.runner.run(step)
-        for i, ((seq, num_new), token) in enumerate(zip(batch, out.token_ids)):
-            seq.num_cached += num_new
-            seq.output_ids.append(token)
-            if out.logits is not None:
-                seq.logits.append(out.logits[i].clone())
-            reason = self._finish_reason(seq, token)
-            if reason:
-                self.scheduler.finish(seq, reason)
-        return [seq for seq, _ in batch]
+        now = time.perf_counter()
+        for seq, n in batch:
+            seq.num_cached += n
+            self.blocks.register_full_blocks(seq)
+        self.peak_blocks_used = max(self.peak_blocks_used, self.blocks.num_used)
+        updates = [self._apply(seq, row, out, now) for row, seq in enumerate(sampling)]
+        self.timings.append(StepTiming(len(batch), packed - start, sent - packed, time.perf_counter() - start))
+        return updates
+
+    def _apply(self, seq: Sequence, row: int, out, now: float) -> TokenUpdate:
+        token = out.token_ids[row]
+        seq.tokens.append(token)
+        seq.token_times.append(now)
+        logprobs = None
+        if out.logprobs is not None and seq.params.logprobs is not None:
+            values = out.logprobs[row].tolist()
+            n = seq.params.logprobs
+            width = (len(values) - 1) // 2
+            top = [(int(values[1 + i]), values[1 + width + i]) for i in range(n)]
+            logprobs = TokenLogprobs(token, values[0], top)
+            seq.logprobs.append(logprobs)
+        if out.logits is not None:
+            seq.logits.append(out.logits[row].clone())
+        reason = self._finish_reason(seq, token)
+        if reason:
+            self.scheduler.finish(seq, reason)
+        return TokenUpdate(seq, token, logprobs, reason is not None)
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
             return "stop"
-        if len(seq.output_ids) >= p.max_tokens or len(seq) >= self.max_seq_len:
+        if seq.num_output >= p.max_tokens or len(seq) >= self.max_seq_len:
             return "length"
         return None
 
-    def _pack(self, batch: list[tuple[Sequence, int]]) -> Step:
-        tokens, positions, slots, starts = [], [], [], [0]
-        for seq, num_new in batch:
-            start = seq.num_cached
-            tokens += seq.token_ids[start:start + num_new]
-            positions += range(start, start + num_new)
-            slots += self.blocks.slots(seq, start, start + num_new)
-            starts.append(starts[-1] + num_new)
-        width = max(len(seq.block_table) for seq, _ in batch)
-        tables = np.zeros((len(batch), width), dtype=np.int32)
+    def abort(self, seq: Sequence, reason: str = "abort") -> None:
+        """Finish a sequence now (a stop string matched, the client left); frees its blocks."""
+        if not seq.is_finished:
+            self.scheduler.finish(seq, reason)
+
+    def _pack(self, batch: list[tuple[Sequence, int]]) -> tuple[Step, list[Sequence]]:
+        """The Step for `batch`, and the sequences that sample in it (in row order)."""
+        tokens, positions, slots, starts, context = [], [], [], [0], []
+        sample_rows, sampling = [], []
+        for i, (seq, n) in enumerate(batch):
+            start, end = seq.num_cached, seq.num_cached + n
+            tokens += seq.tokens[start:end]
+            positions += range(start, end)
+            slots += self.blocks.slots(seq, start, end)
+            starts.append(starts[-1] + n)
+            context.append(end)
+            if end == len(seq):
+                sample_rows.append(i)
+                sampling.append(seq)
+        tables = np.zeros((len(batch), max((len(s.block_table) for s, _ in batch), default=0)), dtype=np.int32)
         for i, (seq, _) in enumerate(batch):
             tables[i, : len(seq.block_table)] = seq.block_table
-        seqs = [seq for seq, _ in batch]
-        return Step(
+        params = [s.params for s in sampling]
+        history, history_start, prompt_lens = [], [0], []
+        for seq in sampling:
+            if seq.params.has_penalties:
+                history += seq.tokens
+            history_start.append(len(history))
+            prompt_lens.append(seq.num_prompt)
+        step = Step(
             token_ids=np.array(tokens, dtype=np.int64),
             positions=np.array(positions, dtype=np.int64),
             slot_mapping=np.array(slots, dtype=np.int64),
             query_start=np.array(starts, dtype=np.int64),
-            context_lens=np.array([seq.num_cached + n for seq, n in batch], dtype=np.int64),
+            context_lens=np.array(context, dtype=np.int64),
             block_tables=tables,
-            temperature=np.array([s.params.temperature for s in seqs], dtype=np.float32),
-            top_k=np.array([s.params.top_k for s in seqs], dtype=np.int64),
-            top_p=np.array([s.params.top_p for s in seqs], dtype=np.float32),
-            seeds=np.array([s.seed for s in seqs], dtype=np.int64),
-            sample_index=np.array([len(s.output_ids) for s in seqs], dtype=np.int64),
+            sample_rows=np.array(sample_rows, dtype=np.int64),
+            temperature=np.array([p.temperature for p in params], dtype=np.float32),
+            top_k=np.array([p.top_k for p in params], dtype=np.int64),
+            top_p=np.array([p.top_p for p in params], dtype=np.float32),
+            min_p=np.array([p.min_p for p in params], dtype=np.float32),
+            seeds=np.array([s.seed for s in sampling], dtype=np.int64),
+            sample_index=np.array([s.num_output for s in sampling], dtype=np.int64),
+            num_logprobs=np.array([-1 if p.logprobs is None else p.logprobs for p in params], dtype=np.int64),
+            penalties=np.array([(p.repetition_penalty, p.presence_penalty, p.frequency_penalty) for p in params],
+                               dtype=np.float32).reshape(-1, 3),
+            history=np.array(history, dtype=np.int64),
+            history_start=np.array(history_start, dtype=np.int64),
+            history_prompt_len=np.array(prompt_lens, dtype=np.int64),
             return_logits=self.return_logits,
         )
+        return step, sampling
+
+    def rank_stats(self) -> list[dict]:
+        """Every rank's memory figures."""
+        self.comm.broadcast_object(StatsRequest())
+        return self.comm.gather_object(self.runner.stats())
 
     def shutdown(self) -> None:
         """Tell every other rank to leave its step loop."""
@@ -101,5 +192,10 @@ class Coordinator:
 
 def serve_steps(runner: ModelRunner, comm: Communicator) -> None:
     """The loop of every rank but 0: run each Step rank 0 sends, until it sends None."""
-    while (step := comm.broadcast_object(None)) is not None:
-        runner.run(step)
+    while (message := comm.broadcast_object(None)) is not None:
+        if isinstance(message, StatsRequest):
+            comm.gather_object(runner.stats())
+        else:
+            runner.run(message)
+
+

@@ -1,42 +1,38 @@
-"""The Python API: `LLM(engine_dir).generate(prompts, SamplingParams(...))`."""
+"""The Python API: `LLM(engine_dir)`, then `generate`, `stream` or `submit`."""
 
 from __future__ import annotations
 
 import atexit
-import dataclasses
-
-import torch
+from collections.abc import Iterator
 
 from dist_runtime.coordinator import Coordinator, serve_steps
 from dist_runtime.engine import Engine
+from dist_runtime.engine_loop import EngineLoop, RequestHandle
 from dist_runtime.errors import RequestError
+from dist_runtime.outputs import RequestOutput, StreamChunk
 from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.tokenizer import Tokenizer
 from dist_runtime.world import check_world, join
 from launch.local import LocalWorkers
 from launch.rank_info import RankInfo, from_environment
 
-
-@dataclasses.dataclass
-class RequestOutput:
-    prompt: str | None
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str
-    logits: torch.Tensor | None = None  # [generated tokens, vocab] float32, when asked for
+Prompt = str | list[int]
 
 
 class LLM:
     """Runs an engine across its ranks. Under a launcher (mpirun) every rank constructs an
     LLM: rank 0 gets the API, every other rank serves steps inside the constructor and then
     exits the process when rank 0 shuts down. With no launcher, the engine's other ranks are
-    spawned on this host."""
+    spawned on this host.
 
-    def __init__(self, engine_dir: str, device: str = "cpu", verify: bool = True) -> None:
+    `num_kv_blocks` and `prefix_caching` override the engine's KV-cache settings (a small
+    pool shows preemption at work)."""
+
+    def __init__(self, engine_dir: str, device: str = "cpu", verify: bool = True, num_kv_blocks: int | None = None,
+                 prefix_caching: bool = True) -> None:
         self.engine = Engine.load(engine_dir)
         self._workers: LocalWorkers | None = None
-        self._closed = True
+        self._loop: EngineLoop | None = None
         info = from_environment()
         if info is None:
             if self.engine.world_size == 1:
@@ -60,53 +56,62 @@ class LLM:
             raise SystemExit(0)
         self.tokenizer = Tokenizer(engine_dir) if (self.engine.path / "tokenizer.json").is_file() else None
         eos = tuple(self.engine.config.eos_token_ids) + (self.tokenizer.eos_ids if self.tokenizer else ())
-        self.coordinator = Coordinator(self.engine, runner, runner.comm, eos)
+        self.coordinator = Coordinator(self.engine, runner, runner.comm, eos, num_kv_blocks, prefix_caching)
         self._comm = runner.comm
-        self._closed = False
+        self._loop = EngineLoop(self.coordinator, self.tokenizer)
         atexit.register(self.shutdown)
 
-    def generate(self, prompts: list[str | list[int]] | str,
-                 params: SamplingParams | list[SamplingParams] | None = None,
-                 return_logits: bool = False) -> list[RequestOutput]:
-        """Generate for every prompt (text or token ids) in one batch; outputs in prompt order."""
-        if self._closed:
+    def submit(self, prompt: Prompt, params: SamplingParams | None = None) -> RequestHandle:
+        """Queue one request and return at once; iterate the handle for chunks or call result()."""
+        if self._loop is None:
             raise RequestError("this LLM has been shut down")
+        ids = self._encode(prompt)
+        return self._loop.submit(prompt if isinstance(prompt, str) else None, ids, params or SamplingParams())
+
+    def generate(self, prompts: list[Prompt] | str, params: SamplingParams | list[SamplingParams] | None = None,
+                 return_logits: bool = False) -> list[RequestOutput]:
+        """Run every prompt (text or token ids) to the end; outputs in prompt order."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        params = params or SamplingParams()
-        params = params if isinstance(params, list) else [params] * len(prompts)
+        params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise RequestError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
-        seqs = [self.coordinator.add_request(self._encode(p), sp) for p, sp in zip(prompts, params)]
         self.coordinator.return_logits = return_logits
-        while self.coordinator.has_work():
-            self.coordinator.step()
-        return [RequestOutput(p if isinstance(p, str) else None, s.prompt_ids, s.output_ids,
-                              self._decode(s.output_ids), s.finish_reason,
-                              torch.stack(s.logits) if return_logits else None) for p, s in zip(prompts, seqs)]
+        handles = [self.submit(p, sp) for p, sp in zip(prompts, params)]
+        return [h.result() for h in handles]
 
-    def _encode(self, prompt: str | list[int]) -> list[int]:
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamChunk]:
+        """Chunks of new tokens and text as they come; leaving the loop early aborts the request."""
+        handle = self.submit(prompt, params)
+        try:
+            yield from handle
+        finally:
+            if not handle.done.is_set():
+                handle.abort()
+
+    def stats(self) -> dict:
+        """Scheduler and KV-cache counters, and every rank's memory figures."""
+        c = self.coordinator
+        return {"preemptions": c.scheduler.num_preemptions, "kv_blocks": c.blocks.num_blocks,
+                "kv_block_size": c.blocks.block_size, "kv_blocks_used": c.blocks.num_used,
+                "kv_blocks_peak": c.peak_blocks_used, "prefix_cache_hit_tokens": c.blocks.hit_tokens,
+                "prefix_cache_queried_tokens": c.blocks.queried_tokens, "ranks": self._loop.call(c.rank_stats)}
+
+    def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError(f"{self.engine.path} has no tokenizer; pass token ids")
             return self.tokenizer.encode(prompt)
-        vocab = self.engine.config.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         return list(prompt)
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids) if self.tokenizer else ""
-
     def shutdown(self) -> None:
-        """Stop every rank; also runs on interpreter exit. Safe to call twice."""
-        if self._closed:
+        """Stop every rank; also runs on context-manager and interpreter exit. Safe to call twice."""
+        loop, self._loop = self._loop, None
+        if loop is None:
             return
-        self._closed = True
         if self._workers:
             self._workers.expect_exit()
         try:
-            self.coordinator.shutdown()
+            loop.stop()
             self._comm.close()
         finally:
             if self._workers:
@@ -115,7 +120,7 @@ class LLM:
     def abort(self) -> None:
         """Stop without talking to the other ranks (one may be dead): end spawned ranks at once.
         Under an external launcher, exiting rank 0 makes the launcher end the rest."""
-        self._closed = True
+        self._loop = None
         self._kill_workers()
 
     def _kill_workers(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 from dataclasses import dataclass
 
 import torch
@@ -19,10 +20,11 @@ from dist_runtime.step import Step
 
 @dataclass
 class StepOutput:
-    """What rank 0 gets back from a step: one sampled id per sequence (and logits if asked)."""
+    """What rank 0 gets back from a step, one row per sampling sequence (step.sample_rows)."""
 
     token_ids: list[int]
-    logits: torch.Tensor | None = None
+    logprobs: torch.Tensor | None = None  # [rows, 1 + 2N], see sampler.Sampled
+    logits: torch.Tensor | None = None  # [rows, vocab], when the step asked for them
 
 
 class ModelRunner:
@@ -64,26 +66,40 @@ class ModelRunner:
         if not m.is_last_stage:
             self.comm.send(hidden, m.next_stage_rank())
             return self._receive_output(step) if m.rank == 0 else None
-        last_tokens = torch.from_numpy(step.query_start[1:] - 1).to(self.device)
+        last_tokens = torch.from_numpy(step.query_start[step.sample_rows + 1] - 1).to(self.device)
         logits = self.model.compute_logits(hidden[last_tokens])
-        if m.rank != m.sampler_rank():
-            return None
-        ids = sample(logits, step)
+        if m.rank != m.sampler_rank() or not len(step.sample_rows):
+            return StepOutput([]) if m.rank == 0 else None
+        sampled = sample(logits, step)
+        out = StepOutput(sampled.token_ids.tolist(), sampled.logprobs, logits if step.return_logits else None)
         if m.rank == 0:
-            return StepOutput(ids.tolist(), logits if step.return_logits else None)
-        self.comm.send(ids, 0)
-        if step.return_logits:
-            self.comm.send(logits, 0)
+            return out
+        self.comm.send(sampled.token_ids, 0)
+        for extra in (sampled.logprobs, out.logits):
+            if extra is not None:
+                self.comm.send(extra, 0)
         return None
 
     def _receive_output(self, step: Step) -> StepOutput:
-        ids = self.comm.recv(torch.empty(step.num_seqs, dtype=torch.int64, device=self.device),
-                             self.mapping.sampler_rank())
-        logits = None
+        """Rank 0, when another rank samples: the same tensors, in the order they are sent."""
+        rows, src = len(step.sample_rows), self.mapping.sampler_rank()
+        if rows == 0:
+            return StepOutput([])
+        ids = self.comm.recv(torch.empty(rows, dtype=torch.int64, device=self.device), src)
+        logprobs = logits = None
+        if len(step.num_logprobs) and step.num_logprobs.max() >= 0:
+            width = 1 + 2 * int(step.num_logprobs.max())
+            logprobs = self.comm.recv(torch.empty(rows, width, device=self.device), src)
         if step.return_logits:
-            logits = torch.empty(step.num_seqs, self.engine.config.vocab_size, device=self.device)
-            self.comm.recv(logits, self.mapping.sampler_rank())
-        return StepOutput(ids.tolist(), logits)
+            logits = self.comm.recv(torch.empty(rows, self.engine.config.vocab_size, device=self.device), src)
+        return StepOutput(ids.tolist(), logprobs, logits)
+
+    def stats(self) -> dict:
+        """This rank's memory figures: peak resident memory, and peak GPU memory on a GPU."""
+        stats = {"rank": self.mapping.rank, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        if self.device.type == "cuda":
+            stats["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        return stats
 
 
 def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], file) -> None:

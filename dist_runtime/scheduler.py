@@ -1,8 +1,11 @@
-"""Which sequences run in the next step, and how many of their tokens.
+"""In-flight batching: which sequences run in the next step, and how many of their tokens.
 
-Waiting prompts are admitted first-come first-served while the running batch has room, the
-step's token budget lasts and the KV cache has blocks; otherwise every running sequence
-decodes one token.
+Each step has a token budget. Running sequences come first, decodes (one token each) before
+the chunks of prompts still being prefilled, so decoding never waits behind a long prompt;
+waiting sequences join with what budget is left, a long prompt a chunk at a time. When the
+KV cache runs out of blocks, the newest running sequence is preempted: its blocks are freed
+and it waits again at the head of the queue, to be recomputed (prefix caching makes that
+cheap). No sequence is ever dropped.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ class Scheduler:
         self.blocks = blocks
         self.max_batch_size, self.max_num_tokens = max_batch_size, max_num_tokens
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # oldest first
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -27,30 +31,59 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[tuple[Sequence, int]]:
-        """(sequence, tokens to run) pairs for the next step; blocks for them are reserved."""
-        batch = self._admit()
-        if batch:
-            return batch
-        for seq in self.running:
-            self.blocks.grow(seq, len(seq))
-        return [(seq, len(seq) - seq.num_cached) for seq in self.running]
-
-    def _admit(self) -> list[tuple[Sequence, int]]:
-        batch, budget = [], self.max_num_tokens
-        while self.waiting and len(self.running) < self.max_batch_size:
+        """(sequence, tokens to run) pairs for the next step, with KV blocks reserved for them."""
+        batch: dict[Sequence, int] = {}  # insertion-ordered
+        decoding = [s for s in self.running if len(s) - s.num_cached == 1]
+        prefilling = [s for s in self.running if len(s) - s.num_cached > 1]
+        budget = self.max_num_tokens
+        for seq in decoding + prefilling:
+            if seq.status is Status.RUNNING and budget > 0:  # not preempted earlier in this loop
+                n = min(len(seq) - seq.num_cached, budget)
+                ok, refund = self._reserve(seq, n, batch)
+                budget += refund
+                if ok:
+                    batch[seq] = n
+                    budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
-            # A prompt longer than the budget still runs, alone, rather than never.
-            if (batch and len(seq) > budget) or not self.blocks.can_grow(seq, len(seq)):
+            self.blocks.take_cached_prefix(seq)
+            n = min(len(seq) - seq.num_cached, budget)
+            if not self.blocks.can_grow(seq, seq.num_cached + n):
+                self.blocks.free(seq)  # give back the cached prefix it took; it tries again next step
                 break
             self.waiting.popleft()
-            self.blocks.grow(seq, len(seq))
+            self.blocks.grow(seq, seq.num_cached + n)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            batch.append((seq, len(seq)))
-            budget -= len(seq)
-        return batch
+            batch[seq] = n
+            budget -= n
+        return list(batch.items())
+
+    def _reserve(self, seq: Sequence, n: int, batch: dict[Sequence, int]) -> tuple[bool, int]:
+        """Blocks for `n` more tokens of a running sequence, preempting the newest running
+        sequences (and unscheduling them) while there are not enough. Returns whether `seq`
+        stays, and the budget given back by unscheduled victims."""
+        refund = 0
+        while not self.blocks.can_grow(seq, seq.num_cached + n):
+            victim = self.running[-1]
+            refund += batch.pop(victim, 0)
+            self.preempt(victim)
+            if victim is seq:
+                return False, refund
+        self.blocks.grow(seq, seq.num_cached + n)
+        return True, refund
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status, seq.finish_reason = Status.FINISHED, reason
-        self.running.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
         self.blocks.free(seq)

@@ -1,8 +1,10 @@
-"""A request's state on rank 0: its tokens, its KV blocks, how far it has run."""
+"""A sequence's state on rank 0: its tokens, its KV blocks, how far it has run."""
 
 from __future__ import annotations
 
 import enum
+import time
+from dataclasses import dataclass, field
 
 from dist_runtime.sampling_params import SamplingParams
 
@@ -13,25 +15,50 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
+@dataclass
+class TokenLogprobs:
+    """The sampled token's log-probability under the model, and the top-N alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
 class Sequence:
-    def __init__(self, seq_id: int, prompt_ids: list[int], params: SamplingParams, seed: int) -> None:
+    """One completion: a request with n > 1 has n sequences sharing its prompt."""
+
+    def __init__(self, seq_id: int, prompt_ids: list[int], params: SamplingParams, seed: int, index: int = 0) -> None:
         self.seq_id = seq_id
-        self.prompt_ids = list(prompt_ids)
-        self.output_ids: list[int] = []
+        self.index = index  # which of the request's n completions
+        self.tokens = list(prompt_ids)  # prompt, then generated tokens
+        self.num_prompt = len(prompt_ids)
         self.params = params
         self.seed = seed
         self.status = Status.WAITING
         self.finish_reason: str | None = None
         self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # chain hashes of the full blocks registered so far
         self.num_cached = 0  # tokens whose keys and values are in the KV cache
+        self.cached_prompt_tokens = 0  # of those, found in the prefix cache when admitted
+        self.logprobs: list[TokenLogprobs] = []
         self.logits: list = []  # per generated token, when the caller asked for them
+        self.arrival_time = time.perf_counter()
+        self.token_times: list[float] = []  # when each generated token reached rank 0
 
     @property
-    def token_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def prompt_ids(self) -> list[int]:
+        return self.tokens[: self.num_prompt]
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.tokens[self.num_prompt:]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.tokens) - self.num_prompt
 
     def __len__(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.tokens)
 
     @property
     def is_finished(self) -> bool:

@@ -1,8 +1,10 @@
-"""A Step: everything every rank needs to run one forward pass in lockstep, as flat arrays.
+"""The control plane's messages. A Step is everything every rank needs to run one forward
+pass in lockstep, as flat arrays: rank 0 builds it, the control plane ships it, and a rank's
+ModelRunner is a function of (Step, its weights, its KV cache).
 
-Rank 0 builds it, the control plane ships it, and a rank's ModelRunner is a function of
-(Step, its weights, its KV cache). Sequence i's new tokens are
-`token_ids[query_start[i]:query_start[i + 1]]`.
+Sequence i's new tokens are `token_ids[query_start[i]:query_start[i + 1]]`. Only the
+sequences in `sample_rows` (those whose step reaches their last token) get logits and a
+sampled token; the per-row arrays below are indexed by position in `sample_rows`.
 """
 
 from __future__ import annotations
@@ -20,11 +22,18 @@ class Step:
     query_start: np.ndarray  # int64 [seqs + 1]
     context_lens: np.ndarray  # int64 [seqs]: cached tokens after this step
     block_tables: np.ndarray  # int32 [seqs, max_blocks], padded with 0
-    temperature: np.ndarray  # float32 [seqs]; 0 is greedy
-    top_k: np.ndarray  # int64 [seqs]; 0 is off
-    top_p: np.ndarray  # float32 [seqs]; 1 is off
-    seeds: np.ndarray  # int64 [seqs]
-    sample_index: np.ndarray  # int64 [seqs]: tokens the sequence generated before this one
+    sample_rows: np.ndarray  # int64 [rows]: which sequences sample
+    temperature: np.ndarray  # float32 [rows]; 0 is greedy
+    top_k: np.ndarray  # int64 [rows]; 0 is off
+    top_p: np.ndarray  # float32 [rows]; 1 is off
+    min_p: np.ndarray  # float32 [rows]; 0 is off
+    seeds: np.ndarray  # int64 [rows]
+    sample_index: np.ndarray  # int64 [rows]: tokens the sequence generated before this one
+    num_logprobs: np.ndarray  # int64 [rows]: top-N log-probabilities wanted; -1 for none
+    penalties: np.ndarray  # float32 [rows, 3]: repetition, presence, frequency
+    history: np.ndarray  # int64: prompt + output tokens of penalised rows, concatenated
+    history_start: np.ndarray  # int64 [rows + 1]: each row's slice of `history` (empty if unpenalised)
+    history_prompt_len: np.ndarray  # int64 [rows]: where the output starts in that slice
     return_logits: bool = False
 
     @property
@@ -34,3 +43,8 @@ class Step:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+
+@dataclasses.dataclass
+class StatsRequest:
+    """Asks every rank for its memory figures (answered through gather_object)."""

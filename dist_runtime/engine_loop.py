@@ -1,0 +1,209 @@
+"""The loop on rank 0 that turns requests into steps, on a thread of its own, so that callers
+(the Python API, the CLI, the HTTP server) submit and stream from any thread while one thread
+alone talks to the other ranks."""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections.abc import Iterator
+
+from dist_runtime.coordinator import Coordinator, TokenUpdate
+from dist_runtime.detokenizer import IncrementalDetokenizer
+from dist_runtime.errors import DistRuntimeError
+from dist_runtime.outputs import CompletionOutput, RequestOutput, StreamChunk
+from dist_runtime.sampling_params import SamplingParams
+from dist_runtime.sequence import Sequence
+from dist_runtime.tokenizer import Tokenizer
+
+_DONE = object()
+
+
+class RequestHandle:
+    """A submitted request: iterate it for StreamChunks as tokens come, or wait for `result()`."""
+
+    def __init__(self, request_id: int, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
+                 tokenizer: Tokenizer | None) -> None:
+        self.request_id, self.prompt, self.prompt_ids, self.params = request_id, prompt, prompt_ids, params
+        self.seqs: list[Sequence] = []
+        self.detokenizers = [IncrementalDetokenizer(tokenizer, prompt_ids) if tokenizer else None
+                             for _ in range(params.n)]
+        self.chunks: queue.Queue = queue.Queue()
+        self.done = threading.Event()
+        self.emitted = [0] * params.n  # characters of each completion's text already streamed
+        self.error: BaseException | None = None
+        self.aborted = False
+
+    def __iter__(self) -> Iterator[StreamChunk]:
+        while (chunk := self.chunks.get()) is not _DONE:
+            yield chunk
+        self._raise()
+
+    def result(self, timeout: float | None = None) -> RequestOutput:
+        if not self.done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} still running after {timeout} s")
+        self._raise()
+        return self.output()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def output(self) -> RequestOutput:
+        outputs = [CompletionOutput(s.index, s.output_ids, d.text if d else "", s.finish_reason,
+                                    s.logprobs if self.params.logprobs is not None else None,
+                                    _stack(s.logits)) for s, d in zip(self.seqs, self.detokenizers)]
+        first = self.seqs[0]
+        cached = max(s.cached_prompt_tokens for s in self.seqs)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_ids, outputs, cached,
+                             first.arrival_time, first.token_times[0] if first.token_times else None,
+                             first.token_times[-1] if first.token_times else None, list(first.token_times))
+
+    def abort(self) -> None:
+        """Stop generating (the caller lost interest); its KV blocks are freed at the next step."""
+        self.aborted = True
+
+
+class _Call:
+    def __init__(self, fn) -> None:
+        self.fn, self.done, self.value, self.error = fn, threading.Event(), None, None
+
+    def run(self) -> None:
+        try:
+            self.value = self.fn()
+        except BaseException as e:
+            self.error = e
+        self.done.set()
+
+    def wait(self):
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def _stack(logits: list):
+    import torch
+
+    return torch.stack(logits) if logits else None
+
+
+class EngineLoop:
+    def __init__(self, coordinator: Coordinator, tokenizer: Tokenizer | None) -> None:
+        self.coordinator, self.tokenizer = coordinator, tokenizer
+        self._inbox: queue.Queue = queue.Queue()
+        self._ids = itertools.count()
+        self._active: dict[int, RequestHandle] = {}  # seq_id -> handle
+        self._stopping = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="dist-runtime-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt: str | None, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
+        """Queue a request (checked here, in the caller's thread, so a bad one raises at once)."""
+        if self.error is not None or self._stopping:
+            raise DistRuntimeError(f"the engine has stopped{f': {self.error}' if self.error else ''}")
+        self.coordinator.check_request(prompt_ids, params)
+        handle = RequestHandle(next(self._ids), prompt, prompt_ids, params, self.tokenizer)
+        self._inbox.put(handle)
+        return handle
+
+    def _run(self) -> None:
+        try:
+            while True:
+                if not self._take_requests(block=not self.coordinator.has_work()):
+                    break
+                self._drop_aborted()
+                if self.coordinator.has_work():
+                    self._deliver(self.coordinator.step())
+            self.coordinator.shutdown()
+        except BaseException as e:  # a rank failed: every waiting caller hears of it
+            self.error = e
+            self._fail_all(e)
+
+    def _take_requests(self, block: bool) -> bool:
+        """Move submitted requests into the coordinator; False once stop() was called."""
+        while True:
+            try:
+                handle = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if handle is None:
+                return False
+            if isinstance(handle, _Call):
+                handle.run()
+                continue
+            handle.seqs = self.coordinator.add_request(handle.prompt_ids, handle.params)
+            for seq in handle.seqs:
+                self._active[seq.seq_id] = handle
+
+    def _drop_aborted(self) -> None:
+        for seq_id, handle in list(self._active.items()):
+            if handle.aborted:
+                seq = next(s for s in handle.seqs if s.seq_id == seq_id)
+                self.coordinator.abort(seq)
+                self._finish_seq(handle, seq)
+
+    def _deliver(self, updates: list[TokenUpdate]) -> None:
+        for u in updates:
+            handle, seq = self._active[u.seq.seq_id], u.seq
+            detok = handle.detokenizers[seq.index]
+            text = ""
+            if detok:
+                delta = detok.add(u.token_id)
+                stopped = bool(seq.params.stop) and not seq.is_finished and self._check_stop(seq, detok, delta)
+                if seq.is_finished and not stopped:
+                    detok.flush()
+                text = self._new_text(handle, seq, detok)
+            handle.chunks.put(StreamChunk(handle.request_id, seq.index, [u.token_id], text, seq.finish_reason,
+                                          [u.logprobs] if u.logprobs else None))
+            if seq.is_finished:
+                self._finish_seq(handle, seq)
+
+    def _check_stop(self, seq: Sequence, detok: IncrementalDetokenizer, delta: str) -> bool:
+        """End the sequence if its text now contains a stop string; the text ends before it."""
+        # A match must involve the new text: search from where a stop string could overlap it.
+        window = max(0, len(detok.text) - len(delta) - max(map(len, seq.params.stop)) + 1)
+        hits = [i for stop in seq.params.stop if (i := detok.text.find(stop, window)) >= 0]
+        if not hits:
+            return False
+        detok.text = detok.text[: min(hits)]
+        self.coordinator.abort(seq, "stop")
+        return True
+
+    @staticmethod
+    def _new_text(handle: RequestHandle, seq: Sequence, detok: IncrementalDetokenizer) -> str:
+        """Text not streamed yet. While a stop string could still be completing, its possible
+        beginning is held back, so a streamed chunk never has to be taken back."""
+        hold = 0 if seq.is_finished or not seq.params.stop else max(map(len, seq.params.stop)) - 1
+        start = handle.emitted[seq.index]
+        text = detok.text[start: max(start, len(detok.text) - hold)]
+        handle.emitted[seq.index] += len(text)
+        return text
+
+    def _finish_seq(self, handle: RequestHandle, seq: Sequence) -> None:
+        self._active.pop(seq.seq_id, None)
+        if all(s.is_finished for s in handle.seqs):
+            handle.chunks.put(_DONE)
+            handle.done.set()
+
+    def _fail_all(self, error: BaseException) -> None:
+        for handle in set(self._active.values()):
+            handle.error = error
+            handle.chunks.put(_DONE)
+            handle.done.set()
+        self._active.clear()
+
+    def call(self, fn):
+        """Run `fn` on the loop's thread between steps (it may talk to the other ranks); its result."""
+        job = _Call(fn)
+        self._inbox.put(job)
+        return job.wait()
+
+    def stop(self) -> None:
+        """Let the loop finish its step, tell the other ranks to stop, and end the thread."""
+        self._stopping = True
+        self._inbox.put(None)
+        self._thread.join()
