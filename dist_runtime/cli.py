@@ -117,6 +117,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dist_runtime.bench import run_bench
+    from dist_runtime.llm import LLM
+
+    if args.concurrency and args.request_rate:
+        raise DistRuntimeError("give --concurrency or --request-rate, not both")
+    with LLM(args.engine, device=args.device, verify=not args.no_verify) as llm:
+        report = run_bench(llm, args.isl, args.osl, args.num_requests, args.concurrency, args.request_rate,
+                           args.seed, progress=sys.stderr.isatty())
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        o = report["step_overhead_ms"]
+        print(f"{report['num_requests']} requests, {args.isl} in / {args.osl} out, {report['duration_s']:.2f} s: "
+              f"{report['output_tokens_per_s']:.1f} output tokens/s, {report['requests_per_s']:.2f} requests/s\n"
+              f"TTFT p50/p90/p99 {_p(report['ttft_ms'])} ms; TPOT {_p(report['tpot_ms'])} ms\n"
+              f"rank-0 step overhead {o['total_at_max_running']:.3f} ms at {report['max_running']} running "
+              f"({100 * o['share_of_step_time']:.1f}% of step time); KV peak {report['kv_cache']['peak_usage']:.0%} "
+              f"of {report['kv_cache']['blocks']} blocks; {report['preemptions']} preemptions")
+    return 0
+
+
+def _p(stats: dict) -> str:
+    return f"{stats['p50']:.1f}/{stats['p90']:.1f}/{stats['p99']:.1f}"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from dist_runtime.demo import run_demo
 
@@ -173,6 +199,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of rank files")
     p.add_argument("--save-logits", metavar="FILE", help="write each prompt's logits per step (safetensors)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="throughput and latency on a synthetic workload")
+    p.add_argument("engine")
+    p.add_argument("--isl", type=int, default=128, help="input tokens per request (default 128)")
+    p.add_argument("--osl", type=int, default=128, help="output tokens per request (default 128)")
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--concurrency", type=int, help="requests in flight at once (default: all)")
+    p.add_argument("--request-rate", type=float, help="Poisson arrivals per second (default: all at once)")
+    p.add_argument("--seed", type=int, default=0, help="for the random prompts")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-verify", action="store_true")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="synth, plan, build and generate a tiny model on 4 CPU ranks (TP=2 x PP=2)")
     p.add_argument("--out", help="keep the checkpoint and engine here (default: a temporary folder)")

@@ -67,12 +67,12 @@ def engines(checkpoints, tmp_path_factory):
     root = tmp_path_factory.mktemp("eng")
     built: dict[tuple, Path] = {}
 
-    def get(name: str, tp: int, pp: int, dtype: str = "fp32", max_seq_len: int = 128) -> Path:
-        key = (name, tp, pp, dtype, max_seq_len)
+    def get(name: str, tp: int, pp: int, dtype: str = "fp32", **plan) -> Path:
+        plan = SMALL_PLAN | plan
+        key = (name, tp, pp, dtype, *sorted(plan.items()))
         if key not in built:
-            out = root / f"{name}-tp{tp}-pp{pp}-{dtype}-{max_seq_len}"
-            build_engine(checkpoints[name], out, tp, pp, dtype, progress=False,
-                         **(SMALL_PLAN | {"max_seq_len": max_seq_len}))
+            out = root / "-".join(f"{k}" for k in key)
+            build_engine(checkpoints[name], out, tp, pp, dtype, progress=False, **plan)
             built[key] = out
         return built[key]
 

@@ -1,20 +1,27 @@
-"""The MPI communicator between real ranks: collectives over TP groups, stage-to-stage
-tensors and control messages, in float32 and bfloat16."""
+"""Both CPU communicators between real ranks (MPI under mpirun, gloo over TCP): collectives
+over TP groups, stage-to-stage tensors and control messages, in float32 and bfloat16."""
 
+import os
 import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from conftest import tool
+from launch.local import free_port
+from launch.rank_info import RankInfo, spawned_env
 
 PROGRAM = textwrap.dedent("""
     import torch
-    from mpi4py import MPI
-    from dist_runtime.comm.mpi import MpiCommunicator
     from dist_runtime.mapping import Mapping
+    from dist_runtime.world import open_communicator
+    from launch.rank_info import from_environment
 
-    rank = MPI.COMM_WORLD.rank
-    comm = MpiCommunicator(Mapping(tp=2, pp=2, rank=rank))
+    info = from_environment()
+    rank = info.rank
+    comm = open_communicator(info, Mapping(tp=2, pp=2, rank=rank))
+    print(type(comm).__name__, flush=True) if rank == 0 else None
     m = comm.mapping
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.full((3, 4), float(rank + 1), dtype=dtype)
@@ -27,8 +34,8 @@ PROGRAM = textwrap.dedent("""
         else:
             got = comm.recv(torch.empty(5, dtype=dtype), m.prev_stage_rank())
             assert got.equal(torch.arange(5, dtype=dtype) + m.prev_stage_rank())
-    step = comm.broadcast_object({"tokens": [1, 2, 3]} if rank == 0 else None)
-    assert step == {"tokens": [1, 2, 3]}
+    for message in ({"tokens": [1, 2, 3]}, list(range(50_000))):  # one buffer, then two
+        assert comm.broadcast_object(message if rank == 0 else None) == message
     gathered = comm.gather_object(f"rank {rank} ok")
     assert gathered == ([f"rank {r} ok" for r in range(4)] if rank == 0 else None)
     if rank == 0:
@@ -36,10 +43,25 @@ PROGRAM = textwrap.dedent("""
 """)
 
 
-def test_mpi_communicator_collectives_point_to_point_and_control_plane(tmp_path):
+def _spawn_tcp(script) -> subprocess.CompletedProcess:
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, **spawned_env(RankInfo(r, 4, master_port=port))})
+             for r in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    code = max(p.returncode for p in procs)
+    return subprocess.CompletedProcess([], code, outs[0][0], "".join(err for _, err in outs))
+
+
+@pytest.mark.parametrize("transport", ["mpi", "tcp"])
+def test_communicator_collectives_point_to_point_and_control_plane(transport, tmp_path):
     script = tmp_path / "comm.py"
     script.write_text(PROGRAM)
-    proc = subprocess.run([tool("mpirun"), "-np", "4", sys.executable, str(script)], capture_output=True,
-                          text=True, timeout=120)
+    if transport == "mpi":
+        proc = subprocess.run([tool("mpirun"), "-np", "4", sys.executable, str(script)], capture_output=True,
+                              text=True, timeout=120)
+    else:
+        proc = _spawn_tcp(script)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "all ranks ok"
+    expected = {"mpi": "MpiCommunicator", "tcp": "GlooCommunicator"}[transport]
+    assert proc.stdout.split() == [expected, "all", "ranks", "ok"]

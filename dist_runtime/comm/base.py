@@ -3,6 +3,7 @@ tensors between PP stages, and the control plane (rank 0 -> everyone) for Steps.
 
 from __future__ import annotations
 
+import pickle
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -45,3 +46,29 @@ class Communicator(ABC):
 
 def gather_last_dim(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
+
+
+# A control message travels as one fixed-size broadcast holding its length and, when it fits
+# (as a decode step for hundreds of sequences does), the whole pickle; a larger one needs a
+# second broadcast for the rest. Receivers learn the size from the first.
+FIRST_MESSAGE_BYTES = 1 << 16
+
+
+def split_message(obj: Any, is_root: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The root's (first buffer, remainder or None); other ranks get an empty first buffer."""
+    first = torch.zeros(FIRST_MESSAGE_BYTES, dtype=torch.uint8)
+    if not is_root:
+        return first, None
+    payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    room = FIRST_MESSAGE_BYTES - 8
+    first[:8] = torch.tensor([len(payload)], dtype=torch.int64).view(torch.uint8)
+    head = payload[:room]
+    first[8:8 + len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+    rest = torch.frombuffer(bytearray(payload[room:]), dtype=torch.uint8) if len(payload) > room else None
+    return first, rest
+
+
+def unpack_message(first: torch.Tensor) -> tuple[int, bytes]:
+    """(total size, the part of the payload the first buffer holds)."""
+    size = int(first[:8].view(torch.int64)[0])
+    return size, first[8:8 + min(size, FIRST_MESSAGE_BYTES - 8)].numpy().tobytes()

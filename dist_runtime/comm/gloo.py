@@ -1,53 +1,80 @@
-"""The CPU communicator for ranks that meet over TCP (local spawner, and later Slurm and Ray):
-torch.distributed with the gloo backend."""
+"""The CPU communicator for ranks that meet over TCP (the local spawner, later Slurm and Ray):
+torch's gloo process groups on a store at the master address. It builds its own groups instead
+of torch.distributed's global default, so several engines can live in one process."""
 
 from __future__ import annotations
 
 import datetime
+import pickle
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from dist_runtime.comm.base import Communicator, gather_last_dim
+from dist_runtime.comm.base import Communicator, gather_last_dim, split_message, unpack_message
 from dist_runtime.mapping import Mapping
+
+_OBJECT_TAG = 1
 
 
 class GlooCommunicator(Communicator):
     def __init__(self, mapping: Mapping, master_addr: str, master_port: int, timeout_s: float = 300.0) -> None:
         super().__init__(mapping)
-        dist.init_process_group("gloo", init_method=f"tcp://{master_addr}:{master_port}", rank=mapping.rank,
-                                world_size=mapping.world_size, timeout=datetime.timedelta(seconds=timeout_s))
-        # Every rank must create every group, in the same order.
-        groups = [dist.new_group(m.tp_group()) for m in Mapping(mapping.tp, mapping.pp).all_ranks()[:: mapping.tp]]
-        self.tp_group = groups[mapping.pp_rank]
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.store = dist.TCPStore(master_addr, master_port, mapping.world_size, is_master=mapping.rank == 0,
+                                   timeout=timeout)
+        self.world = dist.ProcessGroupGloo(dist.PrefixStore("world", self.store), mapping.rank,
+                                           mapping.world_size, timeout)
+        self.tp_group = None
+        if mapping.tp > 1:
+            self.tp_group = dist.ProcessGroupGloo(dist.PrefixStore(f"tp{mapping.pp_rank}", self.store),
+                                                  mapping.tp_rank, mapping.tp, timeout)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(tensor, group=self.tp_group)
+        self.tp_group.allreduce([tensor]).wait()
         return tensor
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         parts = [torch.empty_like(tensor) for _ in range(self.mapping.tp)]
-        dist.all_gather(parts, tensor.contiguous(), group=self.tp_group)
+        self.tp_group.allgather([parts], [tensor.contiguous()]).wait()
         return gather_last_dim(parts)
 
     def send(self, tensor: torch.Tensor, dst: int) -> None:
-        dist.send(tensor.contiguous(), dst)
+        self.world.send([tensor.contiguous()], dst, 0).wait()
 
     def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
-        dist.recv(tensor, src)
+        self.world.recv([tensor], src, 0).wait()
         return tensor
 
+    def _broadcast(self, tensor: torch.Tensor) -> None:
+        options = dist.BroadcastOptions()
+        options.rootRank = 0
+        self.world.broadcast([tensor], options).wait()
+
     def broadcast_object(self, obj: Any) -> Any:
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        first, rest = split_message(obj if self.mapping.rank == 0 else None, self.mapping.rank == 0)
+        self._broadcast(first)
+        size, payload = unpack_message(first)
+        if size > len(payload):
+            rest = rest if rest is not None else torch.empty(size - len(payload), dtype=torch.uint8)
+            self._broadcast(rest)
+            payload = payload + rest.numpy().tobytes()
+        return obj if self.mapping.rank == 0 else pickle.loads(payload)
 
     def gather_object(self, obj: Any) -> list[Any] | None:
-        out = [None] * self.mapping.world_size if self.mapping.rank == 0 else None
-        dist.gather_object(obj, out, dst=0)
+        if self.mapping.rank != 0:
+            data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+            self.world.send([torch.tensor([len(data)])], 0, _OBJECT_TAG).wait()
+            self.world.send([data], 0, _OBJECT_TAG).wait()
+            return None
+        out = [obj]
+        for src in range(1, self.mapping.world_size):
+            size = torch.empty(1, dtype=torch.int64)
+            self.world.recv([size], src, _OBJECT_TAG).wait()
+            data = torch.empty(int(size), dtype=torch.uint8)
+            self.world.recv([data], src, _OBJECT_TAG).wait()
+            out.append(pickle.loads(data.numpy().tobytes()))
         return out
 
     def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        self.tp_group = self.world = self.store = None

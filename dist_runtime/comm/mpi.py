@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from dist_runtime.comm.base import Communicator, gather_last_dim
+from dist_runtime.comm.base import Communicator, gather_last_dim, split_message, unpack_message
 from dist_runtime.mapping import Mapping
 
 SPIN_POLLS = 200  # polls before the first sleep: short waits stay fast
@@ -73,12 +73,15 @@ class MpiCommunicator(Communicator):
         return tensor
 
     def broadcast_object(self, obj: Any) -> Any:
-        payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if self.world.rank == 0 else b""
-        size = np.array([len(payload)], dtype=np.int64)
-        wait(self.world.Ibcast(size, root=0))
-        buf = np.frombuffer(payload, dtype=np.uint8).copy() if self.world.rank == 0 else np.empty(size[0], np.uint8)
-        wait(self.world.Ibcast(buf, root=0))
-        return obj if self.world.rank == 0 else pickle.loads(buf.tobytes())
+        root = self.world.rank == 0
+        first, rest = split_message(obj if root else None, root)
+        wait(self.world.Ibcast(first.numpy(), root=0))
+        size, payload = unpack_message(first)
+        if size > len(payload):
+            rest = rest if rest is not None else torch.empty(size - len(payload), dtype=torch.uint8)
+            wait(self.world.Ibcast(rest.numpy(), root=0))
+            payload = payload + rest.numpy().tobytes()
+        return obj if root else pickle.loads(payload)
 
     def gather_object(self, obj: Any) -> list[Any] | None:
         if self.world.rank != 0:
