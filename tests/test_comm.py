@@ -7,8 +7,8 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import tool
+
 from launch.local import free_port
 from launch.rank_info import RankInfo, spawned_env
 
