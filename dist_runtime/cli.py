@@ -94,7 +94,10 @@ def _sampling(args: argparse.Namespace):
     from dist_runtime.sampling_params import SamplingParams
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
+                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          seed=args.seed, stop=tuple(args.stop or ()), ignore_eos=args.ignore_eos, n=args.n,
+                          logprobs=args.logprobs)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -110,11 +113,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         save_file({f"prompt_{i}": o.outputs[0].logits for i, o in enumerate(outputs)}, args.save_logits)
     for out in outputs:
         if args.json:
-            print(json.dumps({"prompt": out.prompt, "token_ids": out.token_ids, "text": out.text,
-                              "finish_reason": out.finish_reason}, ensure_ascii=False))
+            completions = [_completion_json(c) for c in out.outputs]
+            record = {"prompt": out.prompt, **completions[0]} if args.n == 1 else {"prompt": out.prompt,
+                                                                                  "outputs": completions}
+            print(json.dumps(record, ensure_ascii=False))
         else:
-            print(f"{out.prompt!r} -> {out.text!r} ({len(out.token_ids)} tokens, {out.finish_reason})")
+            for c in out.outputs:
+                print(f"{out.prompt!r} -> {c.text!r} ({len(c.token_ids)} tokens, {c.finish_reason})")
     return 0
+
+
+def _completion_json(c) -> dict:
+    record = {"token_ids": c.token_ids, "text": c.text, "finish_reason": c.finish_reason}
+    if c.logprobs is not None:
+        record["logprobs"] = [{"token_id": t.token_id, "logprob": t.logprob, "top": t.top} for t in c.logprobs]
+    return record
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -192,6 +205,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1.0)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--stop", action="append", help="a stop string (repeat for several)")
+    p.add_argument("--n", type=int, default=1, help="completions per prompt")
+    p.add_argument("--logprobs", type=int, help="log-probabilities of the sampled and top-N tokens")
     p.add_argument("--seed", type=int, help="same seed, same output, whatever the TP/PP layout")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")

@@ -9,6 +9,8 @@ import queue
 import threading
 from collections.abc import Iterator
 
+import torch
+
 from dist_runtime.coordinator import Coordinator, TokenUpdate
 from dist_runtime.detokenizer import IncrementalDetokenizer
 from dist_runtime.errors import DistRuntimeError
@@ -83,9 +85,7 @@ class _Call:
         return self.value
 
 
-def _stack(logits: list):
-    import torch
-
+def _stack(logits: list) -> torch.Tensor | None:
     return torch.stack(logits) if logits else None
 
 

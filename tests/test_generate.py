@@ -106,3 +106,14 @@ def test_spawned_ranks_end_when_rank0_is_interrupted_or_killed(engines, sig):
     while any(_alive(w) for w in workers) and time.time() < deadline:
         time.sleep(0.2)
     assert not any(_alive(w) for w in workers)
+
+
+def test_generate_cli_takes_every_sampling_option(engines):
+    outs = json_lines(cli("generate", str(engines("llama", 2, 1)), "--prompt", "hi", "--n", "2", "--seed", "3",
+                          "--max-tokens", "4", "--logprobs", "2", "--min-p", "0.01", "--repetition-penalty", "1.1",
+                          "--presence-penalty", "0.2", "--frequency-penalty", "0.1", "--stop", "zzz", "--json",
+                          "--ignore-eos"))
+    (record,) = outs
+    assert [len(c["token_ids"]) for c in record["outputs"]] == [4, 4]
+    first = record["outputs"][0]["logprobs"][0]
+    assert first["token_id"] == record["outputs"][0]["token_ids"][0] and len(first["top"]) == 2
