@@ -7,9 +7,11 @@ throughput), `concurrency` at a time, or arriving as a Poisson process at `reque
 
 from __future__ import annotations
 
+import queue
 import random
 import statistics
 import time
+from contextlib import nullcontext
 
 import numpy as np
 from tqdm import tqdm
@@ -27,34 +29,52 @@ def percentiles(values: list[float], scale: float = 1.0) -> dict[str, float]:
 
 
 def run_bench(llm: LLM, isl: int, osl: int, num_requests: int, concurrency: int | None = None,
-              request_rate: float | None = None, seed: int = 0, progress: bool = False) -> dict:
+              request_rate: float | None = None, seed: int = 0, progress: bool = False,
+              profile: str | None = None) -> dict:
     rng = random.Random(seed)
     vocab = llm.engine.config.vocab_size
-    prompts = [[rng.randrange(vocab) for _ in range(isl)] for _ in range(num_requests)]
-    params = SamplingParams(max_tokens=osl, temperature=0.0, ignore_eos=True)
-    llm.generate([prompts[0][: max(1, isl // 2)]], SamplingParams(max_tokens=2, temperature=0.0))  # warm up
+    prompts = [[rng.randrange(vocab) for _ in range(isl)] for _ in range(num_requests + 1)]
+    params = SamplingParams(max_tokens=osl, temperature=0.0, ignore_eos=True, detokenize=False)
+    llm.generate([prompts.pop()], SamplingParams(max_tokens=2, temperature=0.0))  # warm up, shares no prefix
     first_step = len(llm.coordinator.timings)
     limit = concurrency or num_requests
     bar = tqdm(total=num_requests, unit="req", desc="bench", disable=not progress)
-    start = time.perf_counter()
-    pending, in_flight, outputs = list(prompts), [], []
-    next_arrival = start
-    while pending or in_flight:
-        now = time.perf_counter()
-        while pending and len(in_flight) < limit and now >= next_arrival:
-            in_flight.append(llm.submit(pending.pop(0), params))
-            if request_rate:
-                next_arrival += rng.expovariate(request_rate)
-        done = [h for h in in_flight if h.done.is_set()]
-        for h in done:
-            in_flight.remove(h)
-            outputs.append(h.result())
-        bar.update(len(done))
-        if not done:
-            time.sleep(0.0005)
-    elapsed = time.perf_counter() - start
+    finished: queue.Queue = queue.Queue()
+    with _profiler(profile) as prof:
+        start = time.perf_counter()
+        pending, in_flight, outputs = list(prompts), 0, []
+        next_arrival = start
+        while pending or in_flight:
+            while pending and in_flight < limit and time.perf_counter() >= next_arrival:
+                llm.submit(pending.pop(0), params).on_done.append(finished.put)
+                in_flight += 1
+                if request_rate:
+                    next_arrival += rng.expovariate(request_rate)
+            wait = max(0.0, next_arrival - time.perf_counter()) if pending and in_flight < limit else None
+            try:  # block until a request ends (or the next one is due): no polling beside the engine
+                outputs.append(finished.get(timeout=wait).result())
+                in_flight -= 1
+                bar.update(1)
+            except queue.Empty:
+                pass
+        elapsed = time.perf_counter() - start
     bar.close()
+    if prof is not None:
+        with open(profile, "w") as f:
+            f.write(prof.key_averages().table(sort_by="self_cuda_time_total" if llm.device != "cpu"
+                                              else "self_cpu_time_total", row_limit=40))
     return _report(llm, outputs, elapsed, isl, osl, concurrency, request_rate, first_step)
+
+
+def _profiler(path: str | None):
+    if path is None:
+        return nullcontext()
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=activities)
 
 
 def _report(llm: LLM, outputs: list, elapsed: float, isl: int, osl: int, concurrency, request_rate,
@@ -85,7 +105,9 @@ def _report(llm: LLM, outputs: list, elapsed: float, isl: int, osl: int, concurr
             "share_of_step_time": sum(t.schedule_s + t.broadcast_s for t in timings)
             / max(1e-9, sum(t.step_s for t in timings)),
         },
-        "kv_cache": {"blocks": stats["kv_blocks"], "block_size": stats["kv_block_size"],
+        "device": llm.device,
+        "cuda_graphs": stats["cuda_graphs"],
+        "kv_cache": {"blocks": stats["kv_blocks"], "block_size": stats["kv_block_size"], "tokens": stats["kv_tokens"],
                      "peak_blocks_used": stats["kv_blocks_peak"],
                      "peak_usage": stats["kv_blocks_peak"] / stats["kv_blocks"]},
         "preemptions": stats["preemptions"],

@@ -136,9 +136,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.concurrency and args.request_rate:
         raise DistRuntimeError("give --concurrency or --request-rate, not both")
-    with LLM(args.engine, device=args.device, verify=not args.no_verify) as llm:
+    with LLM(args.engine, device=args.device, verify=not args.no_verify,
+             kv_cache_fraction=args.kv_cache_fraction) as llm:
         report = run_bench(llm, args.isl, args.osl, args.num_requests, args.concurrency, args.request_rate,
-                           args.seed, progress=sys.stderr.isatty())
+                           args.seed, progress=sys.stderr.isatty(), profile=args.profile)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -229,7 +230,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--request-rate", type=float, help="Poisson arrivals per second (default: all at once)")
     p.add_argument("--seed", type=int, default=0, help="for the random prompts")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (each rank takes GPU local_rank)")
+    p.add_argument("--kv-cache-fraction", type=float, default=0.9, help="of GPU memory free after loading")
+    p.add_argument("--profile", metavar="FILE", help="write a torch profiler summary of the run to FILE")
     p.add_argument("--no-verify", action="store_true")
     p.set_defaults(func=cmd_bench)
 

@@ -49,7 +49,8 @@ class Coordinator:
         plan = engine.plan
         self.runner, self.comm, self.eos_ids = runner, comm, eos_ids
         self.vocab_size = engine.config.vocab_size
-        self.blocks = BlockManager(num_kv_blocks or runner.num_blocks, plan.block_size, prefix_caching)
+        self.blocks = BlockManager(min(num_kv_blocks or runner.num_blocks, runner.num_blocks), plan.block_size,
+                                   prefix_caching)
         # One sequence must always fit in the KV cache alone, or preemption could never end.
         self.max_seq_len = min(plan.max_seq_len, self.blocks.num_blocks * plan.block_size)
         self.scheduler = Scheduler(self.blocks, plan.max_batch_size, max(plan.max_num_tokens, plan.max_batch_size))

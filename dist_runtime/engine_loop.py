@@ -29,8 +29,9 @@ class RequestHandle:
                  tokenizer: Tokenizer | None) -> None:
         self.request_id, self.prompt, self.prompt_ids, self.params = request_id, prompt, prompt_ids, params
         self.seqs: list[Sequence] = []
-        self.detokenizers = [IncrementalDetokenizer(tokenizer, prompt_ids) if tokenizer else None
-                             for _ in range(params.n)]
+        self.detokenizers = [IncrementalDetokenizer(tokenizer, prompt_ids) if tokenizer and params.detokenize
+                             else None for _ in range(params.n)]
+        self.on_done: list = []  # callables run (on the engine thread) when the request ends
         self.chunks: queue.Queue = queue.Queue()
         self.done = threading.Event()
         self.emitted = [0] * params.n  # characters of each completion's text already streamed
@@ -188,12 +189,16 @@ class EngineLoop:
         if all(s.is_finished for s in handle.seqs):
             handle.chunks.put(_DONE)
             handle.done.set()
+            for callback in handle.on_done:
+                callback(handle)
 
     def _fail_all(self, error: BaseException) -> None:
         for handle in set(self._active.values()):
             handle.error = error
             handle.chunks.put(_DONE)
             handle.done.set()
+            for callback in handle.on_done:
+                callback(handle)
         self._active.clear()
 
     def call(self, fn):

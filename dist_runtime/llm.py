@@ -29,8 +29,9 @@ class LLM:
     pool shows preemption at work)."""
 
     def __init__(self, engine_dir: str, device: str = "cpu", verify: bool = True, num_kv_blocks: int | None = None,
-                 prefix_caching: bool = True) -> None:
+                 prefix_caching: bool = True, kv_cache_fraction: float = 0.9) -> None:
         self.engine = Engine.load(engine_dir)
+        self.device = device
         self._workers: LocalWorkers | None = None
         self._loop: EngineLoop | None = None
         info = from_environment()
@@ -39,12 +40,13 @@ class LLM:
                 info = RankInfo(0, 1)
             else:
                 self._workers = LocalWorkers(engine_dir, self.engine.world_size,
-                                             ["--device", device] + ([] if verify else ["--no-verify"]))
+                                             ["--device", device, "--kv-cache-fraction", str(kv_cache_fraction)]
+                                             + ([] if verify else ["--no-verify"]))
                 info = self._workers.rank0
         check_world(self.engine, info)
         self.rank = info.rank
         try:
-            runner = join(self.engine, info, device, verify)
+            runner = join(self.engine, info, device, verify, kv_cache_fraction)
         except BaseException:
             self._kill_workers()
             raise
@@ -91,7 +93,11 @@ class LLM:
     def stats(self) -> dict:
         """Scheduler and KV-cache counters, and every rank's memory figures."""
         c = self.coordinator
+        graphs = c.runner.graphs
         return {"preemptions": c.scheduler.num_preemptions, "kv_blocks": c.blocks.num_blocks,
+                "kv_tokens": c.blocks.num_blocks * c.blocks.block_size,
+                "cuda_graphs": None if graphs is None else {"batch_sizes": sorted(graphs.graphs),
+                                                            "memory_bytes": graphs.memory_bytes},
                 "kv_block_size": c.blocks.block_size, "kv_blocks_used": c.blocks.num_used,
                 "kv_blocks_peak": c.peak_blocks_used, "prefix_cache_hit_tokens": c.blocks.hit_tokens,
                 "prefix_cache_queried_tokens": c.blocks.queried_tokens, "ranks": self._loop.call(c.rank_stats)}
@@ -108,12 +114,14 @@ class LLM:
         loop, self._loop = self._loop, None
         if loop is None:
             return
+        atexit.unregister(self.shutdown)
         if self._workers:
             self._workers.expect_exit()
         try:
             loop.stop()
             self._comm.close()
         finally:
+            self.coordinator.runner.release()
             if self._workers:
                 self._workers.stop()
 

@@ -28,34 +28,91 @@ class StepOutput:
 
 
 class ModelRunner:
+    """`device` "cpu" (the reference) or a CUDA device. On a GPU the KV cache takes
+    `kv_cache_fraction` of the memory left free after a profiling forward, and decode steps
+    replay CUDA graphs (unless `cuda_graphs` is off)."""
+
     def __init__(self, engine: Engine, mapping: Mapping, comm: Communicator, device: str = "cpu",
-                 verify: bool = True) -> None:
+                 verify: bool = True, kv_cache_fraction: float = 0.9, cuda_graphs: bool = True) -> None:
         self.engine, self.mapping, self.comm = engine, mapping, comm
         self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         plan = engine.plan
         self.model = build_model(engine.config, mapping, plan.layer_range(mapping.pp_rank), engine.dtype,
                                  device="meta", comm=comm)
         _load_weights(self.model, engine.load_rank_weights(mapping.rank, self.device, verify),
                       engine.rank_path(mapping.rank))
         self.model.to(self.device)  # the buffers (rotary frequencies) follow the weights
-        self.block_size = plan.block_size
-        self.num_blocks = plan.num_kv_blocks
-        for attn in self.model.attention_layers():
-            shape = (self.num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
-            attn.k_cache = torch.zeros(shape, dtype=engine.dtype, device=self.device)
-            attn.v_cache = torch.zeros(shape, dtype=engine.dtype, device=self.device)
         self.hidden_size = engine.config.hidden_size
+        self.block_size = plan.block_size
+        self.kv_cache_fraction, self.use_cuda_graphs = kv_cache_fraction, cuda_graphs
+        self.num_blocks = plan.num_kv_blocks if self.device.type == "cpu" else self._blocks_that_fit()
+        self.graphs = None
+
+    def _block_bytes(self) -> int:
+        return sum(2 * self.block_size * a.num_kv_heads * a.head_dim * self.engine.dtype.itemsize
+                   for a in self.model.attention_layers())
+
+    def _blocks_that_fit(self) -> int:
+        """Blocks in `kv_cache_fraction` of the memory free after a forward of the largest step."""
+        plan = self.engine.plan
+        tokens = plan.max_num_tokens
+        self._allocate_kv(-(-tokens // self.block_size))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.inference_mode():
+            meta = AttentionMetadata(torch.arange(tokens, device=self.device), [0, tokens], [tokens],
+                                     torch.arange(-(-tokens // self.block_size), device=self.device)[None])
+            inputs = (torch.zeros(tokens, dtype=torch.int64, device=self.device) if self.mapping.is_first_stage
+                      else torch.zeros(tokens, self.hidden_size, dtype=self.engine.dtype, device=self.device))
+            hidden = self.model(inputs, torch.arange(tokens, device=self.device), meta)
+            if self.mapping.is_last_stage:
+                self.model.compute_logits(hidden[-plan.max_batch_size:])
+        torch.cuda.synchronize()
+        activations = torch.cuda.max_memory_allocated() - base
+        self._allocate_kv(0)
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info()
+        return max(1, int(self.kv_cache_fraction * (free - activations)) // self._block_bytes())
+
+    def _allocate_kv(self, num_blocks: int) -> None:
+        """One spare block past `num_blocks`: padded rows of a CUDA graph write there."""
+        for attn in self.model.attention_layers():
+            shape = (num_blocks + 1, self.block_size, attn.num_kv_heads, attn.head_dim)
+            attn.k_cache = torch.zeros(shape, dtype=self.engine.dtype, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=self.engine.dtype, device=self.device)
+
+    def allocate(self, num_blocks: int) -> None:
+        """Allocate the KV cache (every rank the same number of blocks), then capture graphs."""
+        self.num_blocks = num_blocks
+        self._allocate_kv(num_blocks)
+        m = self.mapping
+        if self.device.type == "cuda" and self.use_cuda_graphs and m.tp == 1 and m.pp == 1:
+            from dist_runtime.cuda_graphs import DecodeGraphs
+
+            plan = self.engine.plan
+            with torch.inference_mode():
+                self.graphs = DecodeGraphs(self.model, plan.max_batch_size, -(-plan.max_seq_len // self.block_size),
+                                           num_blocks, self.block_size, self.device)
 
     @torch.inference_mode()
     def run(self, step: Step) -> StepOutput | None:
         """Run this rank's part of `step`. Rank 0 gets the StepOutput; other ranks get None."""
         m = self.mapping
+        if self.graphs is not None and self.graphs.fits(step):
+            rows = torch.from_numpy(step.sample_rows).to(self.device)
+            return self._sample(step, self.graphs.run(step)[rows])
         positions = torch.from_numpy(step.positions).to(self.device)
         meta = AttentionMetadata(
             slot_mapping=torch.from_numpy(step.slot_mapping).to(self.device),
             query_start=step.query_start.tolist(),
             context_lens=step.context_lens.tolist(),
-            block_tables=torch.from_numpy(step.block_tables).to(self.device, torch.int64),
+            block_tables=torch.from_numpy(step.block_tables).to(self.device),
+            context_lens_tensor=torch.from_numpy(step.context_lens).to(self.device, torch.int32),
+            decode=step.num_tokens == step.num_seqs,
+            num_decodes=_leading_decodes(step.query_start),
         )
         if m.is_first_stage:
             inputs = torch.from_numpy(step.token_ids).to(self.device)
@@ -67,7 +124,11 @@ class ModelRunner:
             self.comm.send(hidden, m.next_stage_rank())
             return self._receive_output(step) if m.rank == 0 else None
         last_tokens = torch.from_numpy(step.query_start[step.sample_rows + 1] - 1).to(self.device)
-        logits = self.model.compute_logits(hidden[last_tokens])
+        return self._sample(step, self.model.compute_logits(hidden[last_tokens]))
+
+    def _sample(self, step: Step, logits: torch.Tensor) -> StepOutput | None:
+        """On the last stage: sample, and get the tokens to rank 0."""
+        m = self.mapping
         if m.rank != m.sampler_rank() or not len(step.sample_rows):
             return StepOutput([]) if m.rank == 0 else None
         sampled = sample(logits, step)
@@ -94,12 +155,26 @@ class ModelRunner:
             logits = self.comm.recv(torch.empty(rows, self.engine.config.vocab_size, device=self.device), src)
         return StepOutput(ids.tolist(), logprobs, logits)
 
+    def release(self) -> None:
+        """Give back the KV cache and graphs (GPU memory) once this runner is done."""
+        self.graphs = None
+        self._allocate_kv(-1)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def stats(self) -> dict:
         """This rank's memory figures: peak resident memory, and peak GPU memory on a GPU."""
         stats = {"rank": self.mapping.rank, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         if self.device.type == "cuda":
             stats["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(self.device)
         return stats
+
+
+def _leading_decodes(query_start) -> int:
+    """How many sequences at the front of a step bring one token each."""
+    lens = query_start[1:] - query_start[:-1]
+    others = (lens != 1).nonzero()[0]
+    return int(others[0]) if len(others) else len(lens)
 
 
 def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], file) -> None:

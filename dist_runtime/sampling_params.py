@@ -23,6 +23,7 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1  # completions per prompt
     logprobs: int | None = None  # log-probabilities of the sampled token and the top-N others
+    detokenize: bool = True  # False: token ids only (benchmarks), stop strings then unavailable
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -42,6 +43,7 @@ class SamplingParams:
             (self.n >= 1, f"n must be at least 1, got {self.n}"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
             (all(self.stop), "stop strings must not be empty"),
+            (self.detokenize or not self.stop, "stop strings need detokenize=True"),
         ]
         for ok, message in checks:
             if not ok:

@@ -37,30 +37,39 @@ def check_world(engine: Engine, info: RankInfo) -> None:
                           f"pp={plan.pp}); this job has {info.world_size} ranks")
 
 
-def join(engine: Engine, info: RankInfo, device: str = "cpu", verify: bool = True) -> ModelRunner:
-    """This rank's runner, once every rank has loaded; a rank's load error is raised on rank 0."""
+def join(engine: Engine, info: RankInfo, device: str = "cpu", verify: bool = True,
+         kv_cache_fraction: float = 0.9) -> ModelRunner:
+    """This rank's runner, once every rank has loaded and all agree on the KV-cache size (the
+    smallest any rank can hold); a rank's load error is raised on rank 0."""
     check_world(engine, info)
     if device == "cpu":  # ranks sharing a host share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
+    elif device == "cuda":
+        device = f"cuda:{info.local_rank}"
     mapping = engine.plan.mapping(info.rank)
     comm = open_communicator(info, mapping)
     runner, error = None, None
     try:
-        runner = ModelRunner(engine, mapping, comm, device, verify)
+        runner = ModelRunner(engine, mapping, comm, device, verify, kv_cache_fraction)
     except DistRuntimeError as e:
         error = f"rank {info.rank}: {e}"
-    errors = comm.gather_object(error)
-    if info.rank == 0 and any(errors):
-        raise EngineError("; ".join(e for e in errors if e))
-    if error:
-        raise EngineError(error)
+    reports = comm.gather_object((error, runner.num_blocks if runner else 0))
+    num_blocks = None
+    if info.rank == 0:
+        errors = [e for e, _ in reports if e]
+        num_blocks = None if errors else min(n for _, n in reports)
+    num_blocks = comm.broadcast_object(num_blocks)
+    if num_blocks is None:
+        raise EngineError("; ".join(errors) if info.rank == 0 else error or "another rank failed to load")
+    runner.allocate(num_blocks)
     return runner
 
 
-def run_worker(engine_dir: str, info: RankInfo, device: str = "cpu", verify: bool = True) -> None:
+def run_worker(engine_dir: str, info: RankInfo, device: str = "cpu", verify: bool = True,
+               kv_cache_fraction: float = 0.9) -> None:
     """A rank other than 0: join, then run Steps until rank 0 says stop."""
     engine = Engine.load(engine_dir)
-    runner = join(engine, info, device, verify)
+    runner = join(engine, info, device, verify, kv_cache_fraction)
     try:
         serve_steps(runner, runner.comm)
     finally:

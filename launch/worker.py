@@ -13,13 +13,14 @@ def main() -> int:
     parser.add_argument("engine")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-verify", action="store_true")
+    parser.add_argument("--kv-cache-fraction", type=float, default=0.9)
     args = parser.parse_args()
     info = from_environment()
     if info is None:
         print("launch.worker: started without a launcher environment", file=sys.stderr)
         return 2
     try:
-        run_worker(args.engine, info, args.device, verify=not args.no_verify)
+        run_worker(args.engine, info, args.device, not args.no_verify, args.kv_cache_fraction)
     except DistRuntimeError:
         return 1  # rank 0 reports it
     except KeyboardInterrupt:

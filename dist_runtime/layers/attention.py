@@ -1,10 +1,13 @@
-"""Attention over the paged KV cache: the torch reference every fast kernel is checked against."""
+"""Attention over the paged KV cache. The torch reference (`reference`) is what the CPU runs
+and what every fast path is checked against; on a GPU, decode steps use the Triton kernel
+and prefill steps PyTorch's fused scaled-dot-product attention."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -16,6 +19,9 @@ class AttentionMetadata:
     query_start: list[int]  # [seqs + 1] offsets of each sequence's tokens in the step
     context_lens: list[int]  # [seqs] tokens in the cache for each sequence, this step's included
     block_tables: torch.Tensor  # [seqs, max_blocks] block ids of each sequence
+    context_lens_tensor: torch.Tensor | None = None  # the same on the device (the decode kernel reads it)
+    decode: bool = False  # every sequence brings exactly one token
+    num_decodes: int = 0  # the leading sequences that bring one token each (the scheduler puts them first)
 
 
 class PagedAttention(nn.Module):
@@ -31,27 +37,73 @@ class PagedAttention(nn.Module):
         self.v_cache = torch.empty(0)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        block_size = self.k_cache.shape[1]
         self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = k.to(self.k_cache.dtype)
         self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = v.to(self.v_cache.dtype)
+        if not q.is_cuda:
+            return self.reference(q, meta).flatten(1)
+        from dist_runtime.kernels.paged_decode import paged_decode_attention
+
+        decodes = len(meta.context_lens_tensor) if meta.decode else meta.num_decodes
+        out = torch.empty_like(q)
+        if decodes:  # one kernel launch for every decoding sequence
+            out[:decodes] = paged_decode_attention(q[:decodes], self.k_cache, self.v_cache,
+                                                   meta.block_tables[:decodes], meta.context_lens_tensor[:decodes],
+                                                   self.scale, self.sliding_window)
+        if not meta.decode and decodes < len(meta.context_lens):
+            out[decodes:] = self.prefill(q[decodes:], k[decodes:], v[decodes:], meta, first=decodes)
+        return out.flatten(1)
+
+    def _context(self, i: int, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequence i's cached keys and values, [context, kv_heads, head_dim] each."""
+        ctx = meta.context_lens[i]
+        blocks = meta.block_tables[i, : -(-ctx // self.k_cache.shape[1])]
+        return self.k_cache[blocks].flatten(0, 1)[:ctx], self.v_cache[blocks].flatten(0, 1)[:ctx]
+
+    def reference(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         out = torch.empty_like(q)
         for i, ctx in enumerate(meta.context_lens):
             start, end = meta.query_start[i], meta.query_start[i + 1]
-            blocks = meta.block_tables[i, : -(-ctx // block_size)]
-            keys = self.k_cache[blocks].flatten(0, 1)[:ctx]
-            values = self.v_cache[blocks].flatten(0, 1)[:ctx]
+            keys, values = self._context(i, meta)
             out[start:end] = self._attend(q[start:end], keys, values, ctx)
-        return out.flatten(1)
+        return out
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ctx: int) -> torch.Tensor:
         group = self.num_heads // self.num_kv_heads
         keys = keys.repeat_interleave(group, dim=1).float()
         values = values.repeat_interleave(group, dim=1).float()
         scores = torch.einsum("qhd,khd->hqk", q.float(), keys) * self.scale
-        query_pos = torch.arange(ctx - q.shape[0], ctx, device=q.device)[:, None]
-        key_pos = torch.arange(ctx, device=q.device)[None, :]
+        scores.masked_fill_(self._mask(q.shape[0], ctx, q.device), float("-inf"))
+        return torch.einsum("hqk,khd->qhd", scores.softmax(-1), values).to(q.dtype)
+
+    def _mask(self, num_queries: int, ctx: int, device: torch.device) -> torch.Tensor:
+        """True where a query must not see a key: the future, and keys past the sliding window."""
+        query_pos = torch.arange(ctx - num_queries, ctx, device=device)[:, None]
+        key_pos = torch.arange(ctx, device=device)[None, :]
         masked = key_pos > query_pos
         if self.sliding_window is not None:
             masked |= key_pos <= query_pos - self.sliding_window
-        scores.masked_fill_(masked, float("-inf"))
-        return torch.einsum("hqk,khd->qhd", scores.softmax(-1), values).to(q.dtype)
+        return masked
+
+    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                first: int = 0) -> torch.Tensor:
+        """GPU prefill of sequences `first`.. (whose tokens q, k, v hold) with fused attention:
+        fresh prompts of one length in a single call (their keys are this step's own), otherwise
+        sequence by sequence over the cache."""
+        seqs = range(first, len(meta.context_lens))
+        base = meta.query_start[first]
+        lens = [meta.query_start[i + 1] - meta.query_start[i] for i in seqs]
+        if self.sliding_window is None and len(set(lens)) == 1 and lens == meta.context_lens[first:]:
+            n, length = len(lens), lens[0]
+            shape = lambda x: x.view(n, length, -1, self.head_dim).transpose(1, 2)  # noqa: E731
+            out = F.scaled_dot_product_attention(shape(q), shape(k), shape(v), is_causal=True, scale=self.scale,
+                                                 enable_gqa=True)
+            return out.transpose(1, 2).reshape(q.shape)
+        out = torch.empty_like(q)
+        for i in seqs:
+            ctx, start, end = meta.context_lens[i], meta.query_start[i] - base, meta.query_start[i + 1] - base
+            keys, values = self._context(i, meta)
+            mask = ~self._mask(end - start, ctx, q.device)
+            out[start:end] = F.scaled_dot_product_attention(
+                q[start:end].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask,
+                scale=self.scale, enable_gqa=True).transpose(0, 1)
+        return out

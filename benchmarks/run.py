@@ -1,0 +1,122 @@
+"""The GPU benchmark table in one process tree: synthesise a checkpoint of real shapes, build
+a bf16 engine, run our `bench` and the peer (Hugging Face transformers `generate`) on the same
+shapes, and the physical limit; write JSON and append a dated row per figure to BENCHMARKS.md.
+
+    python benchmarks/run.py --preset llama-3-8b --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "dist_runtime.cli"]
+
+
+def sh(cmd: list[str], log) -> str:
+    print("$", " ".join(cmd), file=log, flush=True)
+    start = time.time()
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+    print(out.stdout[-4000:], out.stderr[-2000:], f"({time.time() - start:.1f} s)", file=log, flush=True)
+    return out.stdout
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read plus written per second."""
+    src = torch.randn(2**28, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    return 2 * src.numel() * 4 * 20 / (time.perf_counter() - start)
+
+
+def hf_generate(ckpt: Path, batch: int, isl: int, osl: int) -> float:
+    """Output tokens/s of transformers' generate, bf16, static cache, greedy."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).cuda().eval()
+    ids = torch.randint(0, model.config.vocab_size, (batch, isl), device="cuda")
+    kwargs = dict(max_new_tokens=osl, min_new_tokens=osl, do_sample=False, cache_implementation="static",
+                  pad_token_id=0)
+    model.generate(ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(ids, **kwargs)
+    torch.cuda.synchronize()
+    rate = batch * osl / (time.perf_counter() - start)
+    del model
+    torch.cuda.empty_cache()
+    return rate
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="llama-3-8b")
+    p.add_argument("--out", required=True)
+    p.add_argument("--work", default="/tmp/dist-runtime-bench")
+    p.add_argument("--max-requests", type=int, default=1024)
+    p.add_argument("--skip-hf", action="store_true")
+    args = p.parse_args()
+    out, work = Path(args.out), Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "bench.log", "a")  # noqa: SIM115
+    ckpt, engine = work / f"ckpt-{args.preset}", work / f"eng-{args.preset}-bf16"
+    if not (ckpt / "config.json").exists():
+        sh([*CLI, "synth", "--preset", args.preset, "--out", str(ckpt), "--device", "cuda"], log)
+    if not (engine / "engine.json").exists():
+        sh([*CLI, "build", str(ckpt), "--dtype", "bf16", "--out", str(engine), "--max-batch-size", "256",
+            "--max-seq-len", "2304", "--max-num-tokens", "8192"], log)
+    gpu = torch.cuda.get_device_name()
+    weights = sum(f.stat().st_size for f in engine.glob("rank-*.safetensors"))
+    bw = copy_bandwidth()
+    rows, results = [], {"gpu": gpu, "preset": args.preset, "copy_bandwidth_Bps": bw, "weight_bytes": weights}
+    runs = {
+        "batch 1, 128/128": ["--isl", "128", "--osl", "128", "--num-requests", "4", "--concurrency", "1"],
+        "max throughput, 128/128": ["--isl", "128", "--osl", "128", "--num-requests", str(args.max_requests)],
+        "TTFT, one 2048-token prompt": ["--isl", "2048", "--osl", "1", "--num-requests", "4", "--concurrency", "1"],
+    }
+    for name, extra in runs.items():
+        cmd = [*CLI, "bench", str(engine), "--device", "cuda", "--json", *extra]
+        report = json.loads(sh(cmd, log))
+        results[name] = report
+        figure = (f"{report['ttft_ms']['p50']:.1f} ms TTFT p50" if name.startswith("TTFT")
+                  else f"{report['output_tokens_per_s']:.1f} output tok/s")
+        rows.append((f"dist-runtime {name}", figure, "dist-runtime bench " + " ".join(extra)))
+        (out / "bench.json").write_text(json.dumps(results, indent=1))
+    for name, extra in {"batch1": ["--isl", "128", "--osl", "32", "--num-requests", "1", "--concurrency", "1"],
+                        "throughput": ["--isl", "128", "--osl", "16", "--num-requests", "256"]}.items():
+        sh([*CLI, "bench", str(engine), "--device", "cuda", "--json", *extra, "--profile",
+            str(out / f"profile_{name}.txt")], log)
+    rows.append(("roofline batch 1 (weights / copy bandwidth)", f"{bw / weights:.1f} tok/s",
+                 f"{weights / 1e9:.2f} GB of weights, {bw / 1e12:.2f} TB/s measured copy"))
+    if not args.skip_hf:
+        for batch in (1, 64):
+            rate = hf_generate(ckpt, batch, 128, 128)
+            results[f"hf batch {batch}"] = rate
+            rows.append((f"HF transformers generate, batch {batch}, 128/128, bf16 static cache",
+                         f"{rate:.1f} output tok/s",
+                         "benchmarks/run.py hf_generate"))
+            (out / "bench.json").write_text(json.dumps(results, indent=1))
+    date = time.strftime("%Y-%m-%d")
+    lines = [f"| {date} | {gpu} | {args.preset} | {what} | {figure} | `{how}` |" for what, figure, how in rows]
+    with open(ROOT / "BENCHMARKS.md", "a") as f:
+        f.write("\n".join(lines) + "\n")
+    (out / "rows.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

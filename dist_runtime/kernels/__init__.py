@@ -1,0 +1,1 @@
+"""GPU kernels, each beside the torch reference it is tested against."""
