@@ -58,12 +58,14 @@ def test_gpu_float32_engine_gives_the_cpu_tokens(arch, engines):
 
 @pytest.mark.parametrize("arch", ["llama", "gptj"])
 def test_gpu_bfloat16_engine_gives_the_first_cpu_tokens(arch, engines):
+    """Against the CPU running the same bf16 engine (the same rounded weights)."""
+    engine = str(engines(arch, 1, 1, dtype="bf16"))
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    with LLM(str(engines(arch, 1, 1))) as cpu:
+    with LLM(engine) as cpu:
         expected = cpu.generate(PROMPTS, params, return_logits=True)
-    with LLM(str(engines(arch, 1, 1, dtype="bf16")), device="cuda") as gpu:
+    with LLM(engine, device="cuda") as gpu:
         got = gpu.generate(PROMPTS, params, return_logits=True)
     for ours, ref in zip(got, expected):
-        assert ours.token_ids == ref.token_ids
         a, b = ours.outputs[0].logits[0].cpu(), ref.outputs[0].logits[0]
-        assert ((a - b).norm() / b.norm()).item() < 3e-2
+        assert ((a - b).norm() / b.norm()).item() < 2e-2
+        assert ours.token_ids == ref.token_ids, ((a - b).abs().max(), b.topk(2))

@@ -86,24 +86,37 @@ class PagedAttention(nn.Module):
 
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                 first: int = 0) -> torch.Tensor:
-        """GPU prefill of sequences `first`.. (whose tokens q, k, v hold) with fused attention:
-        fresh prompts of one length in a single call (their keys are this step's own), otherwise
-        sequence by sequence over the cache."""
-        seqs = range(first, len(meta.context_lens))
-        base = meta.query_start[first]
-        lens = [meta.query_start[i + 1] - meta.query_start[i] for i in seqs]
-        if self.sliding_window is None and len(set(lens)) == 1 and lens == meta.context_lens[first:]:
-            n, length = len(lens), lens[0]
-            shape = lambda x: x.view(n, length, -1, self.head_dim).transpose(1, 2)  # noqa: E731
-            out = F.scaled_dot_product_attention(shape(q), shape(k), shape(v), is_causal=True, scale=self.scale,
-                                                 enable_gqa=True)
-            return out.transpose(1, 2).reshape(q.shape)
+        """Prefill of sequences `first`.. (whose tokens q, k, v hold) with fused attention. A run
+        of fresh prompts of one length (their keys are this step's own) goes in a single call;
+        a chunk that continues a prompt, or follows a cached prefix, reads its keys from the cache."""
         out = torch.empty_like(q)
-        for i in seqs:
-            ctx, start, end = meta.context_lens[i], meta.query_start[i] - base, meta.query_start[i + 1] - base
-            keys, values = self._context(i, meta)
-            mask = ~self._mask(end - start, ctx, q.device)
-            out[start:end] = F.scaled_dot_product_attention(
-                q[start:end].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask,
-                scale=self.scale, enable_gqa=True).transpose(0, 1)
+        base = meta.query_start[first]
+        i, n = first, len(meta.context_lens)
+        while i < n:
+            start = meta.query_start[i] - base
+            length = meta.query_start[i + 1] - meta.query_start[i]
+            run = 1
+            if self.sliding_window is None and meta.context_lens[i] == length:
+                while (i + run < n and meta.context_lens[i + run] == length
+                       and meta.query_start[i + run + 1] - meta.query_start[i + run] == length):
+                    run += 1
+                end = start + run * length
+                out[start:end] = self._fresh(q[start:end], k[start:end], v[start:end], run, length)
+            else:
+                end = start + length
+                keys, values = self._context(i, meta)
+                mask = ~self._mask(length, meta.context_lens[i], q.device)
+                out[start:end] = F.scaled_dot_product_attention(
+                    q[start:end].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask,
+                    scale=self.scale, enable_gqa=True).transpose(0, 1)
+            i += run
         return out
+
+    def _fresh(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: int, length: int) -> torch.Tensor:
+        """Causal attention of `seqs` whole prompts of `length` tokens each, in one call."""
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.view(seqs, length, -1, self.head_dim).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=True, scale=self.scale,
+                                             enable_gqa=True)
+        return out.transpose(1, 2).reshape(q.shape)
