@@ -69,3 +69,43 @@ def test_gpu_bfloat16_engine_gives_the_first_cpu_tokens(arch, engines):
         a, b = ours.outputs[0].logits[0].cpu(), ref.outputs[0].logits[0]
         assert ((a - b).norm() / b.norm()).item() < 2e-2
         assert ours.token_ids == ref.token_ids, ((a - b).abs().max(), b.topk(2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,size", [(1, 64), (7, 4096), (33, 5000)])
+def test_fused_add_rmsnorm_matches_the_reference(dtype, tokens, size):
+    from dist_runtime.layers.norm import RMSNorm
+
+    norm = RMSNorm(size, 1e-5).cuda().to(dtype)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.1)
+    x, residual = (torch.randn(tokens, size, device="cuda", dtype=dtype) for _ in range(2))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(norm(x), norm.reference(x), rtol=tol, atol=tol)
+    fused, summed = norm(x, residual.clone())
+    ref, ref_summed = norm.reference(x, residual.clone())
+    assert torch.equal(summed, ref_summed) and torch.allclose(fused, ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim,rotary_dim,interleaved", [(16, 16, False), (128, 128, False), (16, 8, True),
+                                                             (256, 64, True)])
+def test_fused_rotary_matches_the_reference(dtype, head_dim, rotary_dim, interleaved):
+    from dist_runtime.layers.rotary import RotaryEmbedding
+
+    rope = RotaryEmbedding(head_dim, rotary_dim, 500000.0, None, interleaved).cuda()
+    positions = torch.randint(0, 8000, (9,), device="cuda")
+    q = torch.randn(9, 4, head_dim, device="cuda", dtype=dtype)
+    k = torch.randn(9, 2, head_dim, device="cuda", dtype=dtype)
+    ref_q, ref_k = rope.reference(positions, q.clone(), k.clone())
+    got_q, got_k = rope(positions, q.clone(), k.clone())
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got_q, ref_q, rtol=tol, atol=tol) and torch.allclose(got_k, ref_k, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("tokens,size", [(1, 160), (5, 14336)])
+def test_fused_silu_and_mul_matches_the_reference(tokens, size):
+    from dist_runtime.kernels.fused import silu_and_mul
+
+    gate_up = torch.randn(tokens, 2 * size, device="cuda", dtype=torch.bfloat16)
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    assert torch.allclose(silu_and_mul(gate_up).float(), torch.nn.functional.silu(gate) * up, rtol=2e-2, atol=2e-2)

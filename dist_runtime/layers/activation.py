@@ -12,7 +12,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu": F.gelu,
     "relu": F.relu,
-    "silu": F.silu,
+    "silu": F.silu,  # gated() recognises it for the fused kernel
 }
 
 
@@ -23,6 +23,10 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def gated(act: Callable[[torch.Tensor], torch.Tensor], gate_up: torch.Tensor) -> torch.Tensor:
-    """act(gate) * up over a fused [gate | up] tensor (SiLU-and-mul for Llama)."""
+    """act(gate) * up over a fused [gate | up] tensor (SiLU-and-mul for Llama; one kernel on a GPU)."""
+    if gate_up.is_cuda and act is F.silu:
+        from dist_runtime.kernels.fused import silu_and_mul
+
+        return silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return act(gate) * up

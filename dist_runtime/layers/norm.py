@@ -8,15 +8,31 @@ from dist_runtime.layers import declare, whole
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm, optionally of (x + residual): then it also returns the sum, the next residual.
+    One fused kernel on a GPU."""
+
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = declare(nn.Parameter(torch.empty(size)), "replicated", whole)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if x.is_cuda:
+            from dist_runtime.kernels.fused import add_rmsnorm
+
+            if residual is None:
+                return add_rmsnorm(x, self.weight, self.eps)
+            residual = residual.contiguous()
+            return add_rmsnorm(x, self.weight, self.eps, residual), residual
+        return self.reference(x, residual)
+
+    def reference(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is not None:
+            x = residual = x + residual
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        out = self.weight * x32.to(x.dtype)
+        return out if residual is None else (out, residual)
 
 
 class LayerNorm(nn.Module):

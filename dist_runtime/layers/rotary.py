@@ -45,7 +45,16 @@ class RotaryEmbedding(nn.Module):
         return freqs.cos(), freqs.sin()
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]."""
+        """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]. On a GPU, rotated in
+        place by one kernel each."""
+        if q.is_cuda:
+            from dist_runtime.kernels.fused import rotary_
+
+            return (rotary_(q, positions, self.inv_freq, self.interleaved),
+                    rotary_(k, positions, self.inv_freq, self.interleaved))
+        return self.reference(positions, q, k)
+
+    def reference(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.cos_sin(positions)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 

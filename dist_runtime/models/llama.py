@@ -54,9 +54,16 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
         self.mlp = LlamaMLP(c, m, comm)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's output, the residual stream before it): their sum is the hidden state.
+        Each norm adds the pending residual first, in one kernel on a GPU."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, positions, meta), residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -84,6 +91,9 @@ class LlamaForCausalLM(CausalLM):
 
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.model.embed_tokens(inputs) if self.mapping.is_first_stage else inputs
+        residual = None
         for layer in self.model.layers.values():
-            x = layer(x, positions, meta)
-        return self.model.norm(x) if self.mapping.is_last_stage else x
+            x, residual = layer(x, residual, positions, meta)
+        if residual is None:  # a stage without layers
+            return self.model.norm(x) if self.mapping.is_last_stage else x
+        return self.model.norm(x, residual)[0] if self.mapping.is_last_stage else x + residual
