@@ -57,10 +57,12 @@ def test_gpu_float32_engine_gives_the_cpu_tokens(arch, engines):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gptj"])
-def test_gpu_bfloat16_engine_gives_the_first_cpu_tokens(arch, engines):
-    """Against the CPU running the same bf16 engine (the same rounded weights)."""
+def test_gpu_bfloat16_engine_gives_the_cpu_tokens_but_at_near_ties(arch, engines):
+    """Against the CPU running the same bf16 engine (the same rounded weights). Rounding may
+    flip a greedy pick where two tokens are nearly tied: the sequences must agree up to a
+    divergence, where each side's token is among the other's top 3."""
     engine = str(engines(arch, 1, 1, dtype="bf16"))
-    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=3)
     with LLM(engine) as cpu:
         expected = cpu.generate(PROMPTS, params, return_logits=True)
     with LLM(engine, device="cuda") as gpu:
@@ -68,7 +70,10 @@ def test_gpu_bfloat16_engine_gives_the_first_cpu_tokens(arch, engines):
     for ours, ref in zip(got, expected):
         a, b = ours.outputs[0].logits[0].cpu(), ref.outputs[0].logits[0]
         assert ((a - b).norm() / b.norm()).item() < 2e-2
-        assert ours.token_ids == ref.token_ids, ((a - b).abs().max(), b.topk(2))
+        for step, (x, y) in enumerate(zip(ours.outputs[0].logprobs, ref.outputs[0].logprobs)):
+            if x.token_id != y.token_id:
+                assert x.token_id in [t for t, _ in y.top] and y.token_id in [t for t, _ in x.top], (step, x, y)
+                break
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
