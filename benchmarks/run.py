@@ -50,7 +50,7 @@ def hf_generate(ckpt: Path, batch: int, isl: int, osl: int) -> float:
     ids = torch.randint(0, model.config.vocab_size, (batch, isl), device="cuda")
     kwargs = dict(max_new_tokens=osl, min_new_tokens=osl, do_sample=False, cache_implementation="static",
                   pad_token_id=0)
-    model.generate(ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
+    model.generate(ids, **kwargs)  # the same lengths: a static cache of another size would recompile
     torch.cuda.synchronize()
     start = time.perf_counter()
     model.generate(ids, **kwargs)
@@ -68,6 +68,7 @@ def main() -> int:
     p.add_argument("--work", default="/tmp/dist-runtime-bench")
     p.add_argument("--max-requests", type=int, default=1024)
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--skip-ours", action="store_true", help="only the peer and the physical limit")
     args = p.parse_args()
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,11 +76,11 @@ def main() -> int:
     ckpt, engine = work / f"ckpt-{args.preset}", work / f"eng-{args.preset}-bf16"
     if not (ckpt / "config.json").exists():
         sh([*CLI, "synth", "--preset", args.preset, "--out", str(ckpt), "--device", "cuda"], log)
-    if not (engine / "engine.json").exists():
+    if not args.skip_ours and not (engine / "engine.json").exists():
         sh([*CLI, "build", str(ckpt), "--dtype", "bf16", "--out", str(engine), "--max-batch-size", "256",
             "--max-seq-len", "2304", "--max-num-tokens", "8192"], log)
     gpu = torch.cuda.get_device_name()
-    weights = sum(f.stat().st_size for f in engine.glob("rank-*.safetensors"))
+    weights = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     bw = copy_bandwidth()
     rows, results = [], {"gpu": gpu, "preset": args.preset, "copy_bandwidth_Bps": bw, "weight_bytes": weights}
     runs = {
@@ -87,7 +88,7 @@ def main() -> int:
         "max throughput, 128/128": ["--isl", "128", "--osl", "128", "--num-requests", str(args.max_requests)],
         "TTFT, one 2048-token prompt": ["--isl", "2048", "--osl", "1", "--num-requests", "4", "--concurrency", "1"],
     }
-    for name, extra in runs.items():
+    for name, extra in ({} if args.skip_ours else runs).items():
         cmd = [*CLI, "bench", str(engine), "--device", "cuda", "--json", *extra]
         report = json.loads(sh(cmd, log))
         results[name] = report
@@ -95,8 +96,9 @@ def main() -> int:
                   else f"{report['output_tokens_per_s']:.1f} output tok/s")
         rows.append((f"dist-runtime {name}", figure, "dist-runtime bench " + " ".join(extra)))
         (out / "bench.json").write_text(json.dumps(results, indent=1))
-    for name, extra in {"batch1": ["--isl", "128", "--osl", "32", "--num-requests", "1", "--concurrency", "1"],
-                        "throughput": ["--isl", "128", "--osl", "16", "--num-requests", "256"]}.items():
+    profiles = {"batch1": ["--isl", "128", "--osl", "32", "--num-requests", "1", "--concurrency", "1"],
+                "throughput": ["--isl", "128", "--osl", "16", "--num-requests", "256"]}
+    for name, extra in ({} if args.skip_ours else profiles).items():
         sh([*CLI, "bench", str(engine), "--device", "cuda", "--json", *extra, "--profile",
             str(out / f"profile_{name}.txt")], log)
     rows.append(("roofline batch 1 (weights / copy bandwidth)", f"{bw / weights:.1f} tok/s",
