@@ -89,7 +89,9 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self._allocate_kv(num_blocks)
         m = self.mapping
-        if self.device.type == "cuda" and self.use_cuda_graphs and m.tp == 1 and m.pp == 1:
+        # One stage only: a graph cannot wait for another stage's activations. NCCL all-reduces
+        # of a TP group run inside the graph.
+        if self.device.type == "cuda" and self.use_cuda_graphs and m.pp == 1:
             from dist_runtime.cuda_graphs import DecodeGraphs
 
             plan = self.engine.plan

@@ -16,7 +16,9 @@ from dist_runtime.model_runner import ModelRunner
 from launch.rank_info import RankInfo
 
 
-def open_communicator(info: RankInfo, mapping: Mapping) -> Communicator:
+def open_communicator(info: RankInfo, mapping: Mapping, device: str = "cpu") -> Communicator:
+    """Solo for one rank; MPI under an MPI launcher, else gloo over TCP; on GPUs, NCCL for
+    tensors with that CPU communicator kept for control messages."""
     if info.world_size == 1:
         from dist_runtime.comm.solo import SoloCommunicator
 
@@ -24,10 +26,17 @@ def open_communicator(info: RankInfo, mapping: Mapping) -> Communicator:
     if info.transport == "mpi":
         from dist_runtime.comm.mpi import MpiCommunicator
 
-        return MpiCommunicator(mapping)
-    from dist_runtime.comm.gloo import GlooCommunicator
+        control = MpiCommunicator(mapping)
+    else:
+        from dist_runtime.comm.gloo import GlooCommunicator
 
-    return GlooCommunicator(mapping, info.master_addr, info.master_port)
+        control = GlooCommunicator(mapping, info.master_addr, info.master_port)
+    if not device.startswith("cuda"):
+        return control
+    from dist_runtime.comm.nccl import NcclCommunicator
+
+    torch.cuda.set_device(device)
+    return NcclCommunicator(mapping, control)
 
 
 def check_world(engine: Engine, info: RankInfo) -> None:
@@ -47,7 +56,7 @@ def join(engine: Engine, info: RankInfo, device: str = "cpu", verify: bool = Tru
     elif device == "cuda":
         device = f"cuda:{info.local_rank}"
     mapping = engine.plan.mapping(info.rank)
-    comm = open_communicator(info, mapping)
+    comm = open_communicator(info, mapping, device)
     runner, error = None, None
     try:
         runner = ModelRunner(engine, mapping, comm, device, verify, kv_cache_fraction)

@@ -114,3 +114,25 @@ def test_fused_silu_and_mul_matches_the_reference(tokens, size):
     gate_up = torch.randn(tokens, 2 * size, device="cuda", dtype=torch.bfloat16)
     gate, up = gate_up.float().chunk(2, dim=-1)
     assert torch.allclose(silu_and_mul(gate_up).float(), torch.nn.functional.silu(gate) * up, rtol=2e-2, atol=2e-2)
+
+
+def test_nccl_communicator_reduces_and_gathers_inside_a_cuda_graph():
+    """World size 1 (one GPU): the collectives run on torch's stream and replay in a graph."""
+    from dist_runtime.comm.nccl import NcclCommunicator
+    from dist_runtime.comm.solo import SoloCommunicator
+    from dist_runtime.mapping import Mapping
+
+    comm = NcclCommunicator(Mapping(), SoloCommunicator(Mapping()))
+    x = torch.randn(1000, device="cuda", dtype=torch.bfloat16)
+    expected = x.clone()
+    assert torch.equal(comm.all_reduce(x), expected)
+    static = torch.zeros(8, 4, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        gathered = comm.all_gather(comm.all_reduce(static) * 2)
+    static.copy_(torch.arange(32.0, device="cuda").view(8, 4))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(gathered, static * 2)
+    assert comm.broadcast_object({"step": 1}) == {"step": 1}
