@@ -92,6 +92,8 @@ class Coordinator:
         self.comm.broadcast_object(step)
         sent = time.perf_counter()
         out = self.runner.run(step)
+        if out.logprobs is not None:
+            out.logprobs = out.logprobs.cpu()  # one copy, not one per row
         now = time.perf_counter()
         for seq, n in batch:
             seq.num_cached += n

@@ -1,9 +1,11 @@
 """Token sampling from full-vocabulary logits, in the order vLLM and Hugging Face apply it:
 penalties, then greedy or temperature, top-k, top-p and min-p, then a seeded draw.
 
-Random draws are seeded per sequence and per position (seed, index of the token), never by a
-shared generator: a request's tokens depend on its own seed only, whatever else is in the
-batch, whichever rank samples, and even after its sequence was preempted and recomputed.
+Draws use the Gumbel-max trick with noise that is a pure function of (the request's seed,
+the index of the token being drawn, the vocabulary id), computed by integer hashing on
+whatever device holds the logits: no generator state, no per-row loop, no host sync, and a
+request's tokens depend on its own seed only, whatever else is in the batch, whichever rank
+samples, on CPU or GPU, and even after its sequence was preempted and recomputed.
 """
 
 from __future__ import annotations
@@ -15,11 +17,32 @@ import torch
 
 from dist_runtime.step import Step
 
-_MIX = 0x9E3779B97F4A7C15  # spreads consecutive (seed, index) pairs over the generator's seed space
+
+def _i64(constant: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits."""
+    return constant - (1 << 64) if constant >= 1 << 63 else constant
+
+
+_GOLDEN, _MIX1, _MIX2 = _i64(0x9E3779B97F4A7C15), _i64(0xBF58476D1CE4E5B9), _i64(0x94D049BB133111EB)
 
 
 def draw_seed(seed: int, index: int) -> int:
-    return (seed * _MIX + index) % (1 << 63)
+    """A seed derived from (seed, index), for the extra completions of an n > 1 request."""
+    return (seed * 0x9E3779B97F4A7C15 + index) % (1 << 63)
+
+
+def _shift(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def uniform_noise(seeds: torch.Tensor, index: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[rows, vocab] uniforms in (0, 1): splitmix64 of (seed, index, token id), 24 bits each."""
+    x = seeds[:, None] * _GOLDEN + index[:, None] * _MIX1 + torch.arange(vocab, device=seeds.device) * _MIX2
+    x = (x ^ _shift(x, 30)) * _MIX1
+    x = (x ^ _shift(x, 27)) * _MIX2
+    x = x ^ _shift(x, 31)
+    return (_shift(x, 40).float() + 0.5) / float(1 << 24)
 
 
 @dataclass
@@ -44,21 +67,22 @@ def apply_penalties(logits: torch.Tensor, history: torch.Tensor, prompt_len: int
     return logits
 
 
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> torch.Tensor:
-    """One row: logits outside the top-k, outside the smallest set whose probability reaches
-    top_p, or less likely than min_p x the likeliest, set to -inf."""
-    if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the tokens before it already reach top_p (the first always stays)
-        drop = probs.cumsum(-1) - probs >= top_p
-        logits = logits.masked_fill(torch.empty_like(drop).scatter_(0, order, drop), float("-inf"))
-    if min_p > 0.0:
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+                  ) -> torch.Tensor:
+    """[rows, vocab] logits with -inf outside each row's top-k (0 = all), outside the smallest
+    set whose probability reaches top_p, and below min_p x the likeliest token's probability."""
+    vocab = logits.shape[-1]
+    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+        ordered, order = logits.sort(dim=-1, descending=True)
+        rank = torch.arange(vocab, device=logits.device)
+        k = torch.where(top_k > 0, top_k, vocab)[:, None]
+        probs = ordered.softmax(-1)
+        # drop a token past the k-th, or when the tokens before it already reach top_p (the first stays)
+        drop = (rank >= k) | (probs.cumsum(-1) - probs >= top_p[:, None])
+        logits = logits.masked_fill(torch.empty_like(drop).scatter_(1, order, drop), float("-inf"))
+    if bool((min_p > 0).any()):
         probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+        logits = logits.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, float("-inf"))
     return logits
 
 
@@ -72,14 +96,15 @@ def sample(logits: torch.Tensor, step: Step) -> Sampled:
             logits = raw.clone()
         logits[r] = apply_penalties(logits[r], history, int(step.history_prompt_len[r]), rep, presence, frequency)
     ids = logits.argmax(-1)
-    for r in np.flatnonzero(step.temperature > 0):
-        row = filter_logits(logits[r] / float(step.temperature[r]), int(step.top_k[r]), float(step.top_p[r]),
-                            float(step.min_p[r]))
-        gen = torch.Generator(device=logits.device).manual_seed(draw_seed(int(step.seeds[r]),
-                                                                          int(step.sample_index[r])))
-        # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race), one RNG call per row
-        race = torch.empty_like(row).exponential_(generator=gen)
-        ids[r] = (row.softmax(-1) / race).argmax()
+    rows = np.flatnonzero(step.temperature > 0)
+    if len(rows):
+        device = logits.device
+        pick = torch.from_numpy(rows).to(device)
+        param = lambda a: torch.from_numpy(a[rows]).to(device)  # noqa: E731
+        scaled = logits[pick] / param(step.temperature)[:, None]
+        scaled = filter_logits(scaled, param(step.top_k), param(step.top_p), param(step.min_p))
+        gumbel = -torch.log(-torch.log(uniform_noise(param(step.seeds), param(step.sample_index), scaled.shape[-1])))
+        ids[pick] = (scaled + gumbel).argmax(-1)
     return Sampled(ids, _logprobs(raw, ids, step.num_logprobs))
 
 

@@ -136,3 +136,10 @@ def test_nccl_communicator_reduces_and_gathers_inside_a_cuda_graph():
     torch.cuda.synchronize()
     assert torch.equal(gathered, static * 2)
     assert comm.broadcast_object({"step": 1}) == {"step": 1}
+
+
+def test_sampling_noise_and_draws_are_the_same_on_gpu_and_cpu():
+    from dist_runtime.sampler import uniform_noise
+
+    seeds, index = torch.tensor([3, 2**62 - 1]), torch.tensor([0, 77])
+    assert torch.equal(uniform_noise(seeds, index, 1000), uniform_noise(seeds.cuda(), index.cuda(), 1000).cpu())

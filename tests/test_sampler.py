@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dist_runtime.sampler import apply_penalties, filter_logits, sample
+from dist_runtime.sampler import apply_penalties, filter_logits, sample, uniform_noise
 from dist_runtime.step import Step
 
 
@@ -30,17 +30,23 @@ def test_greedy_takes_the_largest_logit():
     assert sample(logits, _step(5, temperature=0.0)).token_ids.tolist() == logits.argmax(-1).tolist()
 
 
+def _kept(logits, top_k=0, top_p=1.0, min_p=0.0) -> list[bool]:
+    """Which tokens of one row survive the filters (run as a batch of two different rows)."""
+    rows = torch.stack([logits, torch.zeros_like(logits)])
+    out = filter_logits(rows, torch.tensor([top_k, 0]), torch.tensor([top_p, 1.0]), torch.tensor([min_p, 0.0]))
+    assert torch.isfinite(out[1]).all()  # the other row keeps everything
+    return torch.isfinite(out[0]).tolist()
+
+
 def test_top_k_keeps_exactly_the_k_largest():
-    logits = torch.tensor([0.1, 3.0, -1.0, 2.0, 0.5])
-    kept = torch.isfinite(filter_logits(logits, 2, 1.0))
-    assert kept.tolist() == [False, True, False, True, False]
+    assert _kept(torch.tensor([0.1, 3.0, -1.0, 2.0, 0.5]), top_k=2) == [False, True, False, True, False]
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([0.05, 0.5, 0.3, 0.15])
-    kept = torch.isfinite(filter_logits(probs.log(), 0, 0.75))
-    assert kept.tolist() == [False, True, True, False]  # 0.5 + 0.3 reaches 0.75
-    assert torch.isfinite(filter_logits(probs.log(), 0, 0.01)).sum() == 1  # the top token always stays
+    assert _kept(probs.log(), top_p=0.75) == [False, True, True, False]  # 0.5 + 0.3 reaches 0.75
+    assert sum(_kept(probs.log(), top_p=0.01)) == 1  # the top token always stays
+    assert _kept(probs.log(), top_k=3, top_p=0.75) == [False, True, True, False]
 
 
 def test_same_seed_and_position_draw_the_same_token_whatever_the_batch():
@@ -68,8 +74,14 @@ def test_low_temperature_concentrates_on_the_top_token():
 
 def test_min_p_drops_tokens_far_less_likely_than_the_top():
     probs = torch.tensor([0.6, 0.3, 0.08, 0.02])
-    kept = torch.isfinite(filter_logits(probs.log(), 0, 1.0, min_p=0.1))
-    assert kept.tolist() == [True, True, True, False]  # 0.02 < 0.1 x 0.6
+    assert _kept(probs.log(), min_p=0.1) == [True, True, True, False]  # 0.02 < 0.1 x 0.6
+
+
+def test_noise_is_uniform_and_a_function_of_seed_index_and_token():
+    u = uniform_noise(torch.tensor([1, 1, 2]), torch.tensor([0, 1, 0]), 50_000)
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
+    assert not torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])
+    assert torch.equal(uniform_noise(torch.tensor([2]), torch.tensor([0]), 50_000)[0], u[2])
 
 
 def test_repetition_penalty_follows_transformers():
