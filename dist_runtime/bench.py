@@ -37,6 +37,8 @@ def run_bench(llm: LLM, isl: int, osl: int, num_requests: int, concurrency: int 
     params = SamplingParams(max_tokens=osl, temperature=0.0, ignore_eos=True, detokenize=False)
     llm.generate([prompts.pop()], SamplingParams(max_tokens=2, temperature=0.0))  # warm up, shares no prefix
     first_step = len(llm.coordinator.timings)
+    runner = llm.coordinator.runner
+    runner.record_gpu_time, first_gpu_step = llm.device != "cpu", len(runner.gpu_step_events)
     limit = concurrency or num_requests
     bar = tqdm(total=num_requests, unit="req", desc="bench", disable=not progress)
     finished: queue.Queue = queue.Queue()
@@ -63,7 +65,11 @@ def run_bench(llm: LLM, isl: int, osl: int, num_requests: int, concurrency: int 
         with open(profile, "w") as f:
             f.write(prof.key_averages().table(sort_by="self_cuda_time_total" if llm.device != "cpu"
                                               else "self_cpu_time_total", row_limit=40))
-    return _report(llm, outputs, elapsed, isl, osl, concurrency, request_rate, first_step)
+    report = _report(llm, outputs, elapsed, isl, osl, concurrency, request_rate, first_step)
+    if runner.record_gpu_time:
+        report["gpu_idle_fraction"] = 1 - runner.gpu_busy_seconds(first_gpu_step) / elapsed
+        runner.record_gpu_time = False
+    return report
 
 
 def _profiler(path: str | None):

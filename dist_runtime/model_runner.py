@@ -49,6 +49,8 @@ class ModelRunner:
         self.kv_cache_fraction, self.use_cuda_graphs = kv_cache_fraction, cuda_graphs
         self.num_blocks = plan.num_kv_blocks if self.device.type == "cpu" else self._blocks_that_fit()
         self.graphs = None
+        self.record_gpu_time = False  # the benchmark turns it on (GPU only) for its window
+        self.gpu_step_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     def _block_bytes(self) -> int:
         return sum(2 * self.block_size * a.num_kv_heads * a.head_dim * self.engine.dtype.itemsize
@@ -99,9 +101,25 @@ class ModelRunner:
                 self.graphs = DecodeGraphs(self.model, plan.max_batch_size, -(-plan.max_seq_len // self.block_size),
                                            num_blocks, self.block_size, self.device)
 
-    @torch.inference_mode()
     def run(self, step: Step) -> StepOutput | None:
         """Run this rank's part of `step`. Rank 0 gets the StepOutput; other ranks get None."""
+        if not self.record_gpu_time:
+            return self._run(step)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = self._run(step)
+        end.record()
+        self.gpu_step_events.append((start, end))
+        return out
+
+    def gpu_busy_seconds(self, since: int = 0) -> float:
+        """GPU time from the first to the last kernel of each step, summed over steps `since`..:
+        what is left of the wall time is the GPU idling between steps."""
+        torch.cuda.synchronize(self.device)
+        return sum(a.elapsed_time(b) for a, b in self.gpu_step_events[since:]) / 1e3
+
+    @torch.inference_mode()
+    def _run(self, step: Step) -> StepOutput | None:
         m = self.mapping
         if self.graphs is not None and self.graphs.fits(step):
             rows = torch.from_numpy(step.sample_rows).to(self.device)
