@@ -26,8 +26,9 @@ class RequestHandle:
     """A submitted request: iterate it for StreamChunks as tokens come, or wait for `result()`."""
 
     def __init__(self, request_id: int, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
-                 tokenizer: Tokenizer | None) -> None:
+                 tokenizer: Tokenizer | None, stream: bool) -> None:
         self.request_id, self.prompt, self.prompt_ids, self.params = request_id, prompt, prompt_ids, params
+        self.stream = stream  # chunks are made only for a streamed request
         self.seqs: list[Sequence] = []
         self.detokenizers = [IncrementalDetokenizer(tokenizer, prompt_ids) if tokenizer and params.detokenize
                              else None for _ in range(params.n)]
@@ -39,6 +40,8 @@ class RequestHandle:
         self.aborted = False
 
     def __iter__(self) -> Iterator[StreamChunk]:
+        if not self.stream:
+            raise RuntimeError("this request was submitted with stream=False; call result()")
         while (chunk := self.chunks.get()) is not _DONE:
             yield chunk
         self._raise()
@@ -101,12 +104,13 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="dist-runtime-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt: str | None, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
+    def submit(self, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
+               stream: bool = False) -> RequestHandle:
         """Queue a request (checked here, in the caller's thread, so a bad one raises at once)."""
         if self.error is not None or self._stopping:
             raise DistRuntimeError(f"the engine has stopped{f': {self.error}' if self.error else ''}")
         self.coordinator.check_request(prompt_ids, params)
-        handle = RequestHandle(next(self._ids), prompt, prompt_ids, params, self.tokenizer)
+        handle = RequestHandle(next(self._ids), prompt, prompt_ids, params, self.tokenizer, stream)
         self._inbox.put(handle)
         return handle
 
@@ -158,8 +162,9 @@ class EngineLoop:
                 if seq.is_finished and not stopped:
                     detok.flush()
                 text = self._new_text(handle, seq, detok)
-            handle.chunks.put(StreamChunk(handle.request_id, seq.index, [u.token_id], text, seq.finish_reason,
-                                          [u.logprobs] if u.logprobs else None))
+            if handle.stream:
+                handle.chunks.put(StreamChunk(handle.request_id, seq.index, [u.token_id], text, seq.finish_reason,
+                                              [u.logprobs] if u.logprobs else None))
             if seq.is_finished:
                 self._finish_seq(handle, seq)
 

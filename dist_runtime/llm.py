@@ -63,12 +63,13 @@ class LLM:
         self._loop = EngineLoop(self.coordinator, self.tokenizer)
         atexit.register(self.shutdown)
 
-    def submit(self, prompt: Prompt, params: SamplingParams | None = None) -> RequestHandle:
-        """Queue one request and return at once; iterate the handle for chunks or call result()."""
+    def submit(self, prompt: Prompt, params: SamplingParams | None = None, stream: bool = False) -> RequestHandle:
+        """Queue one request and return at once: call result(), or with stream=True iterate
+        the handle for chunks as tokens come."""
         if self._loop is None:
             raise RequestError("this LLM has been shut down")
         ids = self._encode(prompt)
-        return self._loop.submit(prompt if isinstance(prompt, str) else None, ids, params or SamplingParams())
+        return self._loop.submit(prompt if isinstance(prompt, str) else None, ids, params or SamplingParams(), stream)
 
     def generate(self, prompts: list[Prompt] | str, params: SamplingParams | list[SamplingParams] | None = None,
                  return_logits: bool = False) -> list[RequestOutput]:
@@ -83,7 +84,7 @@ class LLM:
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamChunk]:
         """Chunks of new tokens and text as they come; leaving the loop early aborts the request."""
-        handle = self.submit(prompt, params)
+        handle = self.submit(prompt, params, stream=True)
         try:
             yield from handle
         finally:
