@@ -143,3 +143,36 @@ def test_sampling_noise_and_draws_are_the_same_on_gpu_and_cpu():
 
     seeds, index = torch.tensor([3, 2**62 - 1]), torch.tensor([0, 77])
     assert torch.equal(uniform_noise(seeds, index, 1000), uniform_noise(seeds.cuda(), index.cuda(), 1000).cpu())
+
+
+@pytest.mark.parametrize("interleaved,rotary_dim", [(False, 64), (True, 16)])
+def test_fused_rotary_and_cache_write_match_the_cpu_path(interleaved, rotary_dim):
+    """PagedAttention with its rotary on the GPU (one kernel rotates and caches) against the
+    same module on the CPU (rotate, then index_put), for decodes, a fresh prompt and a chunk."""
+    from dist_runtime.layers.rotary import RotaryEmbedding
+
+    torch.manual_seed(1)
+    heads, kv_heads, dim, bs = 8, 2, 64, 16
+    seqs = [(1, 20), (1, 3), (12, 12), (5, 30)]  # (new tokens, context)
+    starts, slots = [0], []
+    tables = torch.arange(len(seqs) * 2).view(len(seqs), 2)
+    for i, (new, ctx) in enumerate(seqs):
+        starts.append(starts[-1] + new)
+        slots += [tables[i, p // bs].item() * bs + p % bs for p in range(ctx - new, ctx)]
+    positions = torch.tensor([p for new, ctx in seqs for p in range(ctx - new, ctx)])
+    q, k, v = (torch.randn(starts[-1], h, dim) for h in (heads, kv_heads, kv_heads))
+    cache = torch.randn(len(seqs) * 2, bs, kv_heads, dim)
+    results = []
+    for device in ("cpu", "cuda"):
+        rope = RotaryEmbedding(dim, rotary_dim, 10000.0, None, interleaved).to(device)
+        attn = PagedAttention(heads, kv_heads, dim, dim**-0.5)
+        attn.k_cache, attn.v_cache = cache.clone().to(device), cache.clone().to(device)
+        meta = AttentionMetadata(torch.tensor(slots, device=device), starts, [c for _, c in seqs],
+                                 tables.to(device),
+                                 torch.tensor([c for _, c in seqs], device=device, dtype=torch.int32),
+                                 num_decodes=2)
+        out = attn(q.clone().to(device), k.clone().to(device), v.clone().to(device), meta, rope, positions.to(device))
+        results.append((out.cpu(), attn.k_cache.cpu(), attn.v_cache.cpu()))
+    (cpu_out, cpu_k, cpu_v), (gpu_out, gpu_k, gpu_v) = results
+    assert torch.allclose(gpu_k, cpu_k, atol=1e-5) and torch.equal(gpu_v, cpu_v)
+    assert torch.allclose(gpu_out, cpu_out, atol=1e-4)

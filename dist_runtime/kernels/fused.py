@@ -38,19 +38,11 @@ def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: tor
 
 
 @triton.jit
-def _rotary_kernel(x_ptr, positions_ptr, inv_freq_ptr, stride_t, stride_h, HALF: tl.constexpr,
-                   HALF_PAD: tl.constexpr, INTERLEAVED: tl.constexpr):
-    token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    i = tl.arange(0, HALF_PAD)
-    mask = i < HALF
-    pos = tl.load(positions_ptr + token).to(tl.float32)
-    freq = pos * tl.load(inv_freq_ptr + i, mask=mask, other=0.0)
-    cos, sin = tl.cos(freq), tl.sin(freq)
-    base = x_ptr + token * stride_t + head * stride_h
-    if INTERLEAVED:  # pairs (2i, 2i + 1), GPT-J
+def _rotate_head(base, i, mask, cos, sin, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Rotate one head's rotary dims in place: pairs (2i, 2i + 1) for GPT-J, halves for Llama."""
+    if INTERLEAVED:
         a_ptr, b_ptr = base + 2 * i, base + 2 * i + 1
-    else:  # halves (i, i + half), Llama
+    else:
         a_ptr, b_ptr = base + i, base + i + HALF
     a = tl.load(a_ptr, mask=mask, other=0.0)
     b = tl.load(b_ptr, mask=mask, other=0.0)
@@ -59,13 +51,49 @@ def _rotary_kernel(x_ptr, positions_ptr, inv_freq_ptr, stride_t, stride_h, HALF:
     tl.store(b_ptr, (b32 * cos + a32 * sin).to(a.dtype), mask=mask)
 
 
-def rotary_(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotate the first 2 * len(inv_freq) dims of every head of x [tokens, heads, head_dim], in place."""
+@triton.jit
+def _rotary_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, inv_freq_ptr, slots_ptr, k_cache, v_cache, stride_qt,
+                   stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, HQ: tl.constexpr, KVH: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, INTERLEAVED: tl.constexpr,
+                   WRITE_CACHE: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    i = tl.arange(0, HALF_PAD)
+    mask = i < HALF
+    freq = tl.load(positions_ptr + token).to(tl.float32) * tl.load(inv_freq_ptr + i, mask=mask, other=0.0)
+    cos, sin = tl.cos(freq), tl.sin(freq)
+    if head < HQ:
+        _rotate_head(q_ptr + token * stride_qt + head * stride_qh, i, mask, cos, sin, HALF, INTERLEAVED)
+    else:
+        kv_head = head - HQ
+        k_row = k_ptr + token * stride_kt + kv_head * stride_kh
+        _rotate_head(k_row, i, mask, cos, sin, HALF, INTERLEAVED)
+        if WRITE_CACHE:  # the rotated key and the value go straight to the token's cache slot
+            tl.debug_barrier()
+            d = tl.arange(0, HEAD_DIM)
+            dst = tl.load(slots_ptr + token) * (KVH * HEAD_DIM) + kv_head * HEAD_DIM + d
+            tl.store(k_cache + dst, tl.load(k_row + d).to(k_cache.dtype.element_ty))
+            v = tl.load(v_ptr + token * stride_vt + kv_head * stride_vh + d)
+            tl.store(v_cache + dst, v.to(v_cache.dtype.element_ty))
+
+
+def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, interleaved: bool,
+            v: torch.Tensor | None = None, k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
+            slot_mapping: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [tokens, heads, head_dim] and k [tokens, kv_heads, head_dim] in place (the first
+    2 * len(inv_freq) dims of each head); given the caches, also write k and v to their slots."""
     half = inv_freq.numel()
-    if x.shape[0]:
-        _rotary_kernel[(x.shape[0], x.shape[1])](x, positions, inv_freq, x.stride(0), x.stride(1), HALF=half,
-                                                 HALF_PAD=triton.next_power_of_2(half), INTERLEAVED=interleaved)
-    return x
+    tokens, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    write = k_cache is not None
+    v = v if write else k
+    if tokens:
+        _rotary_kernel[(tokens, heads + kv_heads)](
+            q, k, v, positions, inv_freq, slot_mapping if write else positions, k_cache if write else k,
+            v_cache if write else k, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            HQ=heads, KVH=kv_heads, HEAD_DIM=head_dim, HALF=half, HALF_PAD=triton.next_power_of_2(half),
+            INTERLEAVED=interleaved, WRITE_CACHE=write)
+    return q, k
 
 
 @triton.jit

@@ -36,9 +36,20 @@ class PagedAttention(nn.Module):
         self.k_cache = torch.empty(0)  # [blocks, block_size, kv_heads, head_dim], set by the runner
         self.v_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = k.to(self.k_cache.dtype)
-        self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = v.to(self.v_cache.dtype)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                rotary=None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotate q and k (with `rotary` at `positions`, if given), cache k and v, attend. On a
+        GPU the rotation and the cache write are one kernel."""
+        if q.is_cuda and rotary is not None:
+            from dist_runtime.kernels.fused import rotary_
+
+            rotary_(q, k, positions, rotary.inv_freq, rotary.interleaved, v, self.k_cache, self.v_cache,
+                    meta.slot_mapping)
+        else:
+            if rotary is not None:
+                q, k = rotary(positions, q, k)
+            self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = k.to(self.k_cache.dtype)
+            self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = v.to(self.v_cache.dtype)
         if not q.is_cuda:
             return self.reference(q, meta).flatten(1)
         from dist_runtime.kernels.paged_decode import paged_decode_attention

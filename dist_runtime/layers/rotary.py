@@ -50,8 +50,7 @@ class RotaryEmbedding(nn.Module):
         if q.is_cuda:
             from dist_runtime.kernels.fused import rotary_
 
-            return (rotary_(q, positions, self.inv_freq, self.interleaved),
-                    rotary_(k, positions, self.inv_freq, self.interleaved))
+            return rotary_(q, k, positions, self.inv_freq, self.interleaved)
         return self.reference(positions, q, k)
 
     def reference(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,8 +29,7 @@ class GPTJAttention(nn.Module):
 
     def partial(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj.split_qkv(self.qkv_proj(x))
-        q, k = self.rotary(positions, q, k)
-        return self.out_proj.partial(self.attn(q, k, v, meta))
+        return self.out_proj.partial(self.attn(q, k, v, meta, self.rotary, positions))
 
 
 class GPTJMLP(nn.Module):
