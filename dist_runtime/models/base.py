@@ -7,14 +7,17 @@ import torch
 from torch import nn
 
 from dist_runtime.config import ModelConfig
-from dist_runtime.layers.attention import AttentionMetadata, PagedAttention
+from dist_runtime.layers.attention import PagedAttention
 from dist_runtime.mapping import Mapping
 
 
 class CausalLM(nn.Module):
     """One PP stage: the embedding on the first stage, `layers` (global indices), and the
     final norm and LM head on the last. Parameter names are the Hugging Face ones, but for
-    the fused layers named in `packed`."""
+    the fused layers named in `packed`.
+
+    A model file's `forward(inputs, positions, meta)` takes token ids (first stage) or hidden
+    states (later stages) and returns hidden states, final-normed on the last stage."""
 
     packed: dict[str, tuple[str, ...]] = {}  # fused module name -> checkpoint module names, in order
     embed_weight: str  # checkpoint name of the input embedding, source of a tied LM head
@@ -34,11 +37,6 @@ class CausalLM(nn.Module):
 
     def attention_layers(self) -> list[PagedAttention]:
         return [m for m in self.modules() if isinstance(m, PagedAttention)]
-
-    def forward(self, inputs: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Token ids (first stage) or hidden states (later stages) in; hidden states out,
-        final-normed on the last stage."""
-        raise NotImplementedError
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
