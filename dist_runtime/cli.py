@@ -153,6 +153,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    import uvicorn
+
+    from dist_runtime.llm import LLM
+    from dist_runtime.server.app import create_app
+
+    with LLM(args.engine, device=args.device, verify=not args.no_verify,
+             kv_cache_fraction=args.kv_cache_fraction) as llm:
+        app = create_app(llm, args.model_name or os.path.basename(os.path.normpath(args.engine)),
+                         args.api_key or os.environ.get("DIST_RUNTIME_API_KEY"), args.max_concurrency,
+                         args.max_body_bytes)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def _p(stats: dict) -> str:
     return f"{stats['p50']:.1f}/{stats['p90']:.1f}/{stats['p99']:.1f}"
 
@@ -235,6 +252,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", metavar="FILE", help="write a torch profiler summary of the run to FILE")
     p.add_argument("--no-verify", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server on rank 0")
+    p.add_argument("engine")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this host only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY (or set DIST_RUNTIME_API_KEY)")
+    p.add_argument("--max-concurrency", type=int, default=256, help="requests in flight before 429 (default 256)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--model-name", help="the model id clients name (default: the engine folder's name)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--kv-cache-fraction", type=float, default=0.9)
+    p.add_argument("--no-verify", action="store_true")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="synth, plan, build and generate a tiny model on 4 CPU ranks (TP=2 x PP=2)")
     p.add_argument("--out", help="keep the checkpoint and engine here (default: a temporary folder)")

@@ -19,21 +19,22 @@ from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.sequence import Sequence
 from dist_runtime.tokenizer import Tokenizer
 
-_DONE = object()
+STREAM_END = object()  # follows a streamed request's last chunk
 
 
 class RequestHandle:
     """A submitted request: iterate it for StreamChunks as tokens come, or wait for `result()`."""
 
     def __init__(self, request_id: int, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
-                 tokenizer: Tokenizer | None, stream: bool) -> None:
+                 tokenizer: Tokenizer | None, stream: bool, sink=None) -> None:
         self.request_id, self.prompt, self.prompt_ids, self.params = request_id, prompt, prompt_ids, params
         self.stream = stream  # chunks are made only for a streamed request
+        self.chunks: queue.Queue = queue.Queue()
+        self.sink = sink or self.chunks.put  # where chunks and STREAM_END go, on the engine thread
         self.seqs: list[Sequence] = []
         self.detokenizers = [IncrementalDetokenizer(tokenizer, prompt_ids) if tokenizer and params.detokenize
                              else None for _ in range(params.n)]
         self.on_done: list = []  # callables run (on the engine thread) when the request ends
-        self.chunks: queue.Queue = queue.Queue()
         self.done = threading.Event()
         self.emitted = [0] * params.n  # characters of each completion's text already streamed
         self.error: BaseException | None = None
@@ -42,7 +43,7 @@ class RequestHandle:
     def __iter__(self) -> Iterator[StreamChunk]:
         if not self.stream:
             raise RuntimeError("this request was submitted with stream=False; call result()")
-        while (chunk := self.chunks.get()) is not _DONE:
+        while (chunk := self.chunks.get()) is not STREAM_END:
             yield chunk
         self._raise()
 
@@ -105,12 +106,12 @@ class EngineLoop:
         self._thread.start()
 
     def submit(self, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
-               stream: bool = False) -> RequestHandle:
+               stream: bool = False, sink=None) -> RequestHandle:
         """Queue a request (checked here, in the caller's thread, so a bad one raises at once)."""
         if self.error is not None or self._stopping:
             raise DistRuntimeError(f"the engine has stopped{f': {self.error}' if self.error else ''}")
         self.coordinator.check_request(prompt_ids, params)
-        handle = RequestHandle(next(self._ids), prompt, prompt_ids, params, self.tokenizer, stream)
+        handle = RequestHandle(next(self._ids), prompt, prompt_ids, params, self.tokenizer, stream, sink)
         self._inbox.put(handle)
         return handle
 
@@ -163,7 +164,7 @@ class EngineLoop:
                     detok.flush()
                 text = self._new_text(handle, seq, detok)
             if handle.stream:
-                handle.chunks.put(StreamChunk(handle.request_id, seq.index, [u.token_id], text, seq.finish_reason,
+                handle.sink(StreamChunk(handle.request_id, seq.index, [u.token_id], text, seq.finish_reason,
                                               [u.logprobs] if u.logprobs else None))
             if seq.is_finished:
                 self._finish_seq(handle, seq)
@@ -192,7 +193,7 @@ class EngineLoop:
     def _finish_seq(self, handle: RequestHandle, seq: Sequence) -> None:
         self._active.pop(seq.seq_id, None)
         if all(s.is_finished for s in handle.seqs):
-            handle.chunks.put(_DONE)
+            handle.sink(STREAM_END)
             handle.done.set()
             for callback in handle.on_done:
                 callback(handle)
@@ -200,7 +201,7 @@ class EngineLoop:
     def _fail_all(self, error: BaseException) -> None:
         for handle in set(self._active.values()):
             handle.error = error
-            handle.chunks.put(_DONE)
+            handle.sink(STREAM_END)
             handle.done.set()
             for callback in handle.on_done:
                 callback(handle)

@@ -63,13 +63,16 @@ class LLM:
         self._loop = EngineLoop(self.coordinator, self.tokenizer)
         atexit.register(self.shutdown)
 
-    def submit(self, prompt: Prompt, params: SamplingParams | None = None, stream: bool = False) -> RequestHandle:
+    def submit(self, prompt: Prompt, params: SamplingParams | None = None, stream: bool = False,
+               sink=None) -> RequestHandle:
         """Queue one request and return at once: call result(), or with stream=True iterate
-        the handle for chunks as tokens come."""
+        the handle for chunks as tokens come (or have `sink` called, on the engine's thread,
+        with each chunk and then STREAM_END)."""
         if self._loop is None:
             raise RequestError("this LLM has been shut down")
         ids = self._encode(prompt)
-        return self._loop.submit(prompt if isinstance(prompt, str) else None, ids, params or SamplingParams(), stream)
+        return self._loop.submit(prompt if isinstance(prompt, str) else None, ids, params or SamplingParams(), stream,
+                                 sink)
 
     def generate(self, prompts: list[Prompt] | str, params: SamplingParams | list[SamplingParams] | None = None,
                  return_logits: bool = False) -> list[RequestOutput]:
@@ -90,6 +93,13 @@ class LLM:
         finally:
             if not handle.done.is_set():
                 handle.abort()
+
+    @property
+    def failed(self) -> str | None:
+        """Why the engine stopped serving (a rank was lost), or None while it serves."""
+        if self._loop is None:
+            return "shut down"
+        return None if self._loop.error is None else str(self._loop.error)
 
     def stats(self) -> dict:
         """Scheduler and KV-cache counters, and every rank's memory figures."""

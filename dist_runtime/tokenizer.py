@@ -27,8 +27,8 @@ class Tokenizer:
         eos = json.loads(file.read_text()).get("eos_token_id")
         return eos if isinstance(eos, list) else [] if eos is None else [eos]
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)

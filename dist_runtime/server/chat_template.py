@@ -1,0 +1,34 @@
+"""Chat messages to a prompt: the checkpoint's own Jinja chat template, rendered as
+transformers renders it, or a plain default when the checkpoint has none."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+DEFAULT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+class ChatTemplate:
+    def __init__(self, engine_dir: str | Path) -> None:
+        config_file = Path(engine_dir) / "tokenizer_config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        source = config.get("chat_template") or DEFAULT_TEMPLATE
+        # transformers renders in a sandbox, trims blocks, and offers raise_exception()
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise
+        self.template = env.from_string(source)
+        self.special = {k: v for k, v in config.items() if k in ("bos_token", "eos_token") and isinstance(v, str)}
+
+    def render(self, messages: list[dict]) -> str:
+        return self.template.render(messages=messages, add_generation_prompt=True, **self.special)
+
+
+def _raise(message: str) -> None:
+    raise jinja2.TemplateError(message)
