@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from dist_runtime.errors import DistRuntimeError
@@ -136,6 +137,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.concurrency and args.request_rate:
         raise DistRuntimeError("give --concurrency or --request-rate, not both")
+    if bool(args.engine) == bool(args.url):
+        raise DistRuntimeError("give an engine folder, or --url of a running server (one of them)")
+    if args.url:
+        from dist_runtime.bench_http import run_http_bench
+
+        report = run_http_bench(args.url, args.isl, args.osl, args.num_requests, args.concurrency,
+                                args.request_rate, args.seed, args.api_key or os.environ.get("DIST_RUNTIME_API_KEY"))
+        print(json.dumps(report, indent=1) if args.json else
+              f"{report['num_requests']} requests over HTTP, {report['errors']} errors, {report['duration_s']:.2f} s: "
+              f"{report['output_tokens_per_s']:.1f} output tokens/s; client-side TTFT p50/p90/p99 "
+              f"{_p(report['ttft_ms'])} ms; TPOT {_p(report['tpot_ms'])} ms")
+        return 0
     with LLM(args.engine, device=args.device, verify=not args.no_verify,
              kv_cache_fraction=args.kv_cache_fraction) as llm:
         report = run_bench(llm, args.isl, args.osl, args.num_requests, args.concurrency, args.request_rate,
@@ -154,8 +167,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
-
     import uvicorn
 
     from dist_runtime.llm import LLM
@@ -239,7 +250,9 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="throughput and latency on a synthetic workload")
-    p.add_argument("engine")
+    p.add_argument("engine", nargs="?", help="engine folder (or --url)")
+    p.add_argument("--url", help="drive a running `serve` over HTTP instead, e.g. http://127.0.0.1:8000")
+    p.add_argument("--api-key", help="for --url (or set DIST_RUNTIME_API_KEY)")
     p.add_argument("--isl", type=int, default=128, help="input tokens per request (default 128)")
     p.add_argument("--osl", type=int, default=128, help="output tokens per request (default 128)")
     p.add_argument("--num-requests", type=int, default=64)

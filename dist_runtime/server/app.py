@@ -93,7 +93,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_concur
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
                                             "owned_by": "dist-runtime",
-                                            "max_model_len": llm.coordinator.max_seq_len}]}
+                                            "max_model_len": llm.coordinator.max_seq_len,
+                                            "vocab_size": llm.engine.config.vocab_size}]}
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest, request: Request):
