@@ -17,7 +17,7 @@ from dist_runtime.errors import DistRuntimeError, RequestError
 from dist_runtime.llm import LLM
 from dist_runtime.outputs import CompletionOutput, RequestOutput
 from dist_runtime.sampling_params import SamplingParams
-from dist_runtime.server import bridge
+from dist_runtime.server import bridge, kserve_binary
 from dist_runtime.server.chat_template import ChatTemplate
 from dist_runtime.server.metrics import Metrics
 from dist_runtime.server.protocol import ChatRequest, CompletionRequest, GenerateRequest, InferRequest
@@ -171,11 +171,15 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_concur
     async def infer(model: str, request: Request):
         model_known(model)
         admit()
-        # Triton's clients send JSON without a JSON content type: parse it whatever the header says
+        # Triton's clients send JSON without a JSON content type, and tensors in binary by default
         try:
-            body = InferRequest.model_validate_json(await request.body())
-        except ValidationError as e:
-            raise RequestValidationError(e.errors()) from e
+            header, binary = kserve_binary.split(await request.body(), request.headers.get(kserve_binary.HEADER))
+            kserve_binary.fill_inputs(header, binary)
+            body = InferRequest.model_validate(header)
+        except (ValueError, TypeError) as e:  # bad JSON or binary part
+            if isinstance(e, ValidationError):
+                raise RequestValidationError(e.errors()) from e
+            raise ApiError(400, f"unreadable infer request: {e}") from e
         inputs = {t.name: t.data for t in body.inputs}
         if "text_input" not in inputs:
             raise ApiError(400, "missing input tensor text_input (BYTES)", param="inputs")
@@ -184,9 +188,16 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_concur
         texts = [str(t) for t in inputs["text_input"]]
         outputs = [await _run(check(t, params), params) for t in texts]
         metrics.requests.labels(status="200").inc()
-        return {"model_name": model_name, "model_version": "1", "id": body.id,
-                "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [len(outputs)],
-                             "data": [o.text for o in outputs]}]}
+        texts = [o.text for o in outputs]
+        output = {"name": "text_output", "datatype": "BYTES", "shape": [len(outputs)]}
+        reply = {"model_name": model_name, "model_version": "1", "id": body.id, "outputs": [output]}
+        if not kserve_binary.wants_binary(header, "text_output"):
+            return reply | {"outputs": [output | {"data": texts}]}
+        data = kserve_binary.encode_bytes(texts)
+        output["parameters"] = {"binary_data_size": len(data)}
+        head = json.dumps(reply).encode()
+        return Response(head + data, media_type="application/octet-stream",
+                        headers={"Inference-Header-Content-Length": str(len(head))})
 
     @app.post("/v2/models/{model}/generate", dependencies=[Depends(authorized)])
     async def generate(model: str, body: GenerateRequest):

@@ -63,7 +63,8 @@ class InferTensor(BaseModel):
     name: str
     datatype: str
     shape: list[int]
-    data: list[str | int | float | bool]
+    data: list[str | int | float | bool]  # filled from the binary part when sent that way
+    parameters: dict | None = None
 
 
 class InferRequest(BaseModel):
@@ -71,6 +72,7 @@ class InferRequest(BaseModel):
 
     id: str | None = None
     inputs: list[InferTensor] = Field(min_length=1)
+    outputs: list[dict] | None = None
     parameters: dict[str, str | int | float | bool | list[str]] | None = None
 
 
