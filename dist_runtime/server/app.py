@@ -3,6 +3,7 @@ and Prometheus metrics, over one LLM on rank 0. Thin: every decision is the LLM 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -106,7 +107,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_concur
                 raise ApiError(400, "streaming takes one prompt", param="prompt")
             in_flight["n"] += 1  # counted from here: the stream itself starts later
             return _sse(_stream_completion(prompts[0], params, body, request))
-        outputs = [await _run(p, params) for p in prompts]
+        outputs = await asyncio.gather(*(_run(p, params) for p in prompts))  # one batch in the engine
         choices = [_completion_choice(len(outputs[0].outputs) * i + c.index, o, c, body, llm)
                    for i, o in enumerate(outputs) for c in o.outputs]
         return _envelope("text_completion", choices, outputs)
@@ -186,7 +187,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_concur
         params = _trtllm_params({k: v[0] for k, v in inputs.items() if k != "text_input" and v}
                                 | (body.parameters or {}))
         texts = [str(t) for t in inputs["text_input"]]
-        outputs = [await _run(check(t, params), params) for t in texts]
+        outputs = await asyncio.gather(*(_run(check(t, params), params) for t in texts))
         metrics.requests.labels(status="200").inc()
         texts = [o.text for o in outputs]
         output = {"name": "text_output", "datatype": "BYTES", "shape": [len(outputs)]}
