@@ -36,9 +36,10 @@ def run_bench(llm: LLM, isl: int, osl: int, num_requests: int, concurrency: int 
     prompts = [[rng.randrange(vocab) for _ in range(isl)] for _ in range(num_requests + 1)]
     params = SamplingParams(max_tokens=osl, temperature=0.0, ignore_eos=True, detokenize=False)
     llm.generate([prompts.pop()], SamplingParams(max_tokens=2, temperature=0.0))  # warm up, shares no prefix
-    first_step = len(llm.coordinator.timings)
+    llm.coordinator.timings.clear()  # the window measured starts here
     runner = llm.coordinator.runner
-    runner.record_gpu_time, first_gpu_step = llm.device != "cpu", len(runner.gpu_step_events)
+    runner.gpu_step_events.clear()
+    runner.record_gpu_time = llm.device != "cpu"
     limit = concurrency or num_requests
     bar = tqdm(total=num_requests, unit="req", desc="bench", disable=not progress)
     finished: queue.Queue = queue.Queue()
@@ -48,7 +49,7 @@ def run_bench(llm: LLM, isl: int, osl: int, num_requests: int, concurrency: int 
         next_arrival = start
         while pending or in_flight:
             while pending and in_flight < limit and time.perf_counter() >= next_arrival:
-                llm.submit(pending.pop(0), params).on_done.append(finished.put)
+                llm.submit(pending.pop(0), params).add_done_callback(finished.put)
                 in_flight += 1
                 if request_rate:
                     next_arrival += rng.expovariate(request_rate)
@@ -65,9 +66,9 @@ def run_bench(llm: LLM, isl: int, osl: int, num_requests: int, concurrency: int 
         with open(profile, "w") as f:
             f.write(prof.key_averages().table(sort_by="self_cuda_time_total" if llm.device != "cpu"
                                               else "self_cpu_time_total", row_limit=40))
-    report = _report(llm, outputs, elapsed, isl, osl, concurrency, request_rate, first_step)
+    report = _report(llm, outputs, elapsed, isl, osl, concurrency, request_rate)
     if runner.record_gpu_time:
-        report["gpu_idle_fraction"] = 1 - runner.gpu_busy_seconds(first_gpu_step) / elapsed
+        report["gpu_idle_fraction"] = 1 - runner.gpu_busy_seconds() / elapsed
         runner.record_gpu_time = False
     return report
 
@@ -83,12 +84,11 @@ def _profiler(path: str | None):
     return torch.profiler.profile(activities=activities)
 
 
-def _report(llm: LLM, outputs: list, elapsed: float, isl: int, osl: int, concurrency, request_rate,
-            first_step: int) -> dict:
+def _report(llm: LLM, outputs: list, elapsed: float, isl: int, osl: int, concurrency, request_rate) -> dict:
     ttft = [o.first_token_time - o.arrival_time for o in outputs]
     tpot = [(o.finish_time - o.first_token_time) / (len(o.token_ids) - 1) for o in outputs if len(o.token_ids) > 1]
     generated = sum(len(o.token_ids) for o in outputs)
-    timings = llm.coordinator.timings[first_step:]
+    timings = list(llm.coordinator.timings)
     busiest = max((t.running for t in timings), default=0)
     stats = llm.stats()
     plan = llm.engine.plan

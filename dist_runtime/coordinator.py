@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import random
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,8 @@ from dist_runtime.scheduler import Scheduler
 from dist_runtime.sequence import Sequence, TokenLogprobs
 from dist_runtime.step import StatsRequest, Step
 
+TIMINGS_KEPT = 100_000  # the latest steps' timings, for bench
+
 
 @dataclass
 class TokenUpdate:
@@ -32,7 +35,6 @@ class TokenUpdate:
     seq: Sequence
     token_id: int
     logprobs: TokenLogprobs | None
-    finished: bool
 
 
 @dataclass
@@ -56,7 +58,7 @@ class Coordinator:
         self.scheduler = Scheduler(self.blocks, plan.max_batch_size, max(plan.max_num_tokens, plan.max_batch_size))
         self._seq_ids = itertools.count()
         self.return_logits = False
-        self.timings: list[StepTiming] = []
+        self.timings: deque[StepTiming] = deque(maxlen=TIMINGS_KEPT)  # bounded: a server runs for weeks
         self.peak_blocks_used = 0
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -120,7 +122,7 @@ class Coordinator:
         reason = self._finish_reason(seq, token)
         if reason:
             self.scheduler.finish(seq, reason)
-        return TokenUpdate(seq, token, logprobs, reason is not None)
+        return TokenUpdate(seq, token, logprobs)
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params

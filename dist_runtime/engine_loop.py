@@ -34,7 +34,8 @@ class RequestHandle:
         self.seqs: list[Sequence] = []
         self.detokenizers = [IncrementalDetokenizer(tokenizer, prompt_ids) if tokenizer and params.detokenize
                              else None for _ in range(params.n)]
-        self.on_done: list = []  # callables run (on the engine thread) when the request ends
+        self._callbacks: list = []  # run once when the request ends (see add_done_callback)
+        self._lock = threading.Lock()
         self.done = threading.Event()
         self.emitted = [0] * params.n  # characters of each completion's text already streamed
         self.error: BaseException | None = None
@@ -70,6 +71,24 @@ class RequestHandle:
     def abort(self) -> None:
         """Stop generating (the caller lost interest); its KV blocks are freed at the next step."""
         self.aborted = True
+
+    def add_done_callback(self, fn) -> None:
+        """Call fn(handle) when the request ends (on the engine thread), or now if it already has."""
+        with self._lock:
+            if not self.done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        """The engine thread's last word on this request: end the stream, wake every waiter."""
+        self.error = error
+        self.sink(STREAM_END)
+        with self._lock:
+            self.done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(self)
 
 
 class _Call:
@@ -193,18 +212,11 @@ class EngineLoop:
     def _finish_seq(self, handle: RequestHandle, seq: Sequence) -> None:
         self._active.pop(seq.seq_id, None)
         if all(s.is_finished for s in handle.seqs):
-            handle.sink(STREAM_END)
-            handle.done.set()
-            for callback in handle.on_done:
-                callback(handle)
+            handle._finish()
 
     def _fail_all(self, error: BaseException) -> None:
         for handle in set(self._active.values()):
-            handle.error = error
-            handle.sink(STREAM_END)
-            handle.done.set()
-            for callback in handle.on_done:
-                callback(handle)
+            handle._finish(error)
         self._active.clear()
 
     def call(self, fn):

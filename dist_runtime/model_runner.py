@@ -112,11 +112,11 @@ class ModelRunner:
         self.gpu_step_events.append((start, end))
         return out
 
-    def gpu_busy_seconds(self, since: int = 0) -> float:
-        """GPU time from the first to the last kernel of each step, summed over steps `since`..:
-        what is left of the wall time is the GPU idling between steps."""
+    def gpu_busy_seconds(self) -> float:
+        """GPU time from the first to the last kernel of each recorded step, summed: what is
+        left of the wall time is the GPU idling between steps."""
         torch.cuda.synchronize(self.device)
-        return sum(a.elapsed_time(b) for a, b in self.gpu_step_events[since:]) / 1e3
+        return sum(a.elapsed_time(b) for a, b in self.gpu_step_events) / 1e3
 
     @torch.inference_mode()
     def _run(self, step: Step) -> StepOutput | None:

@@ -17,9 +17,7 @@ async def complete(llm: LLM, prompt: Prompt, params: SamplingParams) -> RequestO
     loop = asyncio.get_running_loop()
     finished: asyncio.Future = loop.create_future()
     handle = llm.submit(prompt, params)
-    handle.on_done.append(lambda h: loop.call_soon_threadsafe(_settle, finished, h))
-    if handle.done.is_set():
-        _settle(finished, handle)
+    handle.add_done_callback(lambda h: loop.call_soon_threadsafe(_settle, finished, h))
     try:
         return await finished
     finally:
