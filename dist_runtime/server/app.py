@@ -98,7 +98,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_concur
                                             "vocab_size": llm.engine.config.vocab_size}]}
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(body: CompletionRequest):
         admit()
         params = _params(body, body.logprobs)
         prompts = [check(p, params) for p in _prompts(body.prompt)]
@@ -106,14 +106,14 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_concur
             if len(prompts) != 1:
                 raise ApiError(400, "streaming takes one prompt", param="prompt")
             in_flight["n"] += 1  # counted from here: the stream itself starts later
-            return _sse(_stream_completion(prompts[0], params, body, request))
+            return _sse(_stream_completion(prompts[0], params, body))
         outputs = await asyncio.gather(*(_run(p, params) for p in prompts))  # one batch in the engine
         choices = [_completion_choice(len(outputs[0].outputs) * i + c.index, o, c, body, llm)
                    for i, o in enumerate(outputs) for c in o.outputs]
         return _envelope("text_completion", choices, outputs)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
-    async def chat(body: ChatRequest, request: Request):
+    async def chat(body: ChatRequest):
         admit()
         if llm.tokenizer is None:
             raise ApiError(400, "this engine has no tokenizer, so it cannot render chat messages", param="messages")
@@ -123,7 +123,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_concur
         prompt = check(llm.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos))), params)
         if body.stream:
             in_flight["n"] += 1
-            return _sse(_stream_chat(prompt, params, body, request))
+            return _sse(_stream_chat(prompt, params, body))
         output = await _run(prompt, params)
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                     "finish_reason": c.finish_reason,
@@ -236,7 +236,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_concur
         metrics.observe(output)
         return output
 
-    async def _stream_completion(prompt, params, body: CompletionRequest, request: Request) -> AsyncIterator[dict]:
+    async def _stream_completion(prompt, params, body: CompletionRequest) -> AsyncIterator[dict]:
         rid, usage = f"cmpl-{uuid.uuid4().hex}", {"prompt": 0, "completion": 0}
         async for chunk in _chunks(prompt, params, usage):
             yield {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
@@ -245,7 +245,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_concur
         if body.include_usage:
             yield {"id": rid, "object": "text_completion", "model": model_name, "choices": [], "usage": _usage(usage)}
 
-    async def _stream_chat(prompt, params, body: ChatRequest, request: Request) -> AsyncIterator[dict]:
+    async def _stream_chat(prompt, params, body: ChatRequest) -> AsyncIterator[dict]:
         rid, usage = f"chatcmpl-{uuid.uuid4().hex}", {"prompt": 0, "completion": 0}
         first = [True] * params.n
         async for chunk in _chunks(prompt, params, usage):
