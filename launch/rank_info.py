@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import subprocess
 
 # Set by the local spawner for the processes it starts (and by later launchers that meet over TCP).
 ENV_RANK = "DIST_RUNTIME_RANK"
@@ -27,15 +29,68 @@ class RankInfo:
 
 
 def _mpi(env: dict[str, str]) -> RankInfo | None:
-    """Open MPI and MPICH (hydra) both export rank, size and node-local rank."""
+    """Open MPI and MPICH (hydra) both export rank, size and node-local rank; `srun --mpi=pmi2`
+    exports PMI_RANK and PMI_SIZE but no node-local rank, which Slurm's own variables then give."""
     for rank, size, local, local_size in (
         ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
         ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
     ):
         if rank in env and size in env:
+            if local not in env and _srun_step(env) is not None:
+                return RankInfo(int(env[rank]), int(env[size]), *_slurm_local(env), transport="mpi")
             return RankInfo(int(env[rank]), int(env[size]), int(env.get(local, 0)), int(env.get(local_size, 1)),
                             transport="mpi")
     return None
+
+
+def _srun_step(env: dict[str, str]) -> int | None:
+    """The step id of a task that srun started, else None: the batch script, salloc's shell and the
+    extern step carry SLURM_PROCID and SLURM_NTASKS too, but no step id or a special one (0xfffffffa+)."""
+    step = env.get("SLURM_STEP_ID", "")
+    return int(step) if step.isdigit() and int(step) < 0xFFFFFFF0 and "SLURM_PROCID" in env else None
+
+
+def tasks_per_node(spec: str) -> list[int]:
+    """Slurm's compressed count list: "2(x3),1" -> [2, 2, 2, 1]."""
+    counts = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            raise ValueError(f"unreadable Slurm tasks-per-node list {spec!r} (expected forms like '2(x3),1')")
+        counts += [int(m[1])] * int(m[2] or 1)
+    return counts
+
+
+def _slurm_local(env: dict[str, str]) -> tuple[int, int]:
+    node = int(env.get("SLURM_NODEID", 0))
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    return int(env.get("SLURM_LOCALID", 0)), tasks_per_node(spec)[node] if spec else 1
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list; "gpu[03-04],cpu1" needs scontrol to expand."""
+    if "[" not in nodelist:
+        return nodelist.split(",")[0]
+    return subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                          check=True).stdout.split()[0]
+
+
+def slurm_port(job_id: int, step_id: int) -> int:
+    """A port every task of a step derives alike: steps of one job differ, and 20000-29999 stays below
+    Linux's ephemeral ports (32768+) and above Ray's worker ports (10002-19999)."""
+    return 20000 + (job_id * 16 + step_id) % 10000
+
+
+def _slurm(env: dict[str, str]) -> RankInfo | None:
+    """A task that srun started: rank 0 is the step's first task, on the step's first node."""
+    step = _srun_step(env)
+    if step is None:
+        return None
+    port = env.get(ENV_PORT) or slurm_port(int(env["SLURM_JOB_ID"]), step)
+    addr = env.get(ENV_ADDR) or first_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"])
+    world = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or env["SLURM_NPROCS"]
+    return RankInfo(int(env["SLURM_PROCID"]), int(world), *_slurm_local(env), node_id=int(env.get("SLURM_NODEID", 0)),
+                    master_addr=addr, master_port=int(port), transport="tcp")
 
 
 def _spawned(env: dict[str, str]) -> RankInfo | None:
@@ -49,7 +104,8 @@ def _spawned(env: dict[str, str]) -> RankInfo | None:
 def from_environment(env: dict[str, str] | None = None) -> RankInfo | None:
     """This process's RankInfo if a launcher started it, else None (the caller may spawn)."""
     env = dict(os.environ) if env is None else env
-    return _spawned(env) or _mpi(env)
+    # MPI before Slurm: mpirun inside an allocation starts its ranks through srun, one task per node
+    return _spawned(env) or _mpi(env) or _slurm(env)
 
 
 def spawned_env(info: RankInfo) -> dict[str, str]:

@@ -83,5 +83,5 @@ def engines(checkpoints, tmp_path_factory):
 def _no_launcher_env(monkeypatch):
     """Tests start their own ranks; an outer launcher's variables must not leak into them."""
     for key in list(os.environ):
-        if key.startswith(("OMPI_", "PMI_", "PMIX_", "DIST_RUNTIME_")):
+        if key.startswith(("OMPI_", "PMI_", "PMIX_", "SLURM_", "DIST_RUNTIME_")):
             monkeypatch.delenv(key)
