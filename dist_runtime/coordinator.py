@@ -18,12 +18,13 @@ from dist_runtime.block_manager import BlockManager
 from dist_runtime.comm.base import Communicator
 from dist_runtime.engine import Engine
 from dist_runtime.errors import RequestError
+from dist_runtime.liveness import Activity
 from dist_runtime.model_runner import ModelRunner
 from dist_runtime.sampler import draw_seed
 from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.scheduler import Scheduler
 from dist_runtime.sequence import Sequence, TokenLogprobs
-from dist_runtime.step import StatsRequest, Step
+from dist_runtime.step import Ping, StatsRequest, Step
 
 TIMINGS_KEPT = 100_000  # the latest steps' timings, for bench
 
@@ -47,8 +48,10 @@ class StepTiming:
 
 class Coordinator:
     def __init__(self, engine: Engine, runner: ModelRunner, comm: Communicator, eos_ids: tuple[int, ...],
-                 num_kv_blocks: int | None = None, prefix_caching: bool = True) -> None:
+                 num_kv_blocks: int | None = None, prefix_caching: bool = True,
+                 activity: Activity | None = None) -> None:
         plan = engine.plan
+        self.activity = activity or Activity()  # the liveness watch reads how long a step has run
         self.runner, self.comm, self.eos_ids = runner, comm, eos_ids
         self.vocab_size = engine.config.vocab_size
         self.blocks = BlockManager(min(num_kv_blocks or runner.num_blocks, runner.num_blocks), plan.block_size,
@@ -87,6 +90,10 @@ class Coordinator:
 
     def step(self) -> list[TokenUpdate]:
         """Run one step on every rank; returns the tokens it produced."""
+        with self.activity:
+            return self._step()
+
+    def _step(self) -> list[TokenUpdate]:
         start = time.perf_counter()
         batch = self.scheduler.schedule()
         step, sampling = self._pack(batch)
@@ -187,20 +194,28 @@ class Coordinator:
 
     def rank_stats(self) -> list[dict]:
         """Every rank's memory figures."""
-        self.comm.broadcast_object(StatsRequest())
-        return self.comm.gather_object(self.runner.stats())
+        with self.activity:
+            self.comm.broadcast_object(StatsRequest())
+            return self.comm.gather_object(self.runner.stats())
+
+    def ping(self) -> None:
+        self.comm.broadcast_object(Ping())
 
     def shutdown(self) -> None:
         """Tell every other rank to leave its step loop."""
         self.comm.broadcast_object(None)
 
 
-def serve_steps(runner: ModelRunner, comm: Communicator) -> None:
+def serve_steps(runner: ModelRunner, comm: Communicator, activity: Activity | None = None) -> None:
     """The loop of every rank but 0: run each Step rank 0 sends, until it sends None."""
+    activity = activity or Activity()
     while (message := comm.broadcast_object(None)) is not None:
-        if isinstance(message, StatsRequest):
-            comm.gather_object(runner.stats())
-        else:
-            runner.run(message)
+        if isinstance(message, Ping):
+            continue
+        with activity:
+            if isinstance(message, StatsRequest):
+                comm.gather_object(runner.stats())
+            else:
+                runner.run(message)
 
 

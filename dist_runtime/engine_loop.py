@@ -14,12 +14,14 @@ import torch
 from dist_runtime.coordinator import Coordinator, TokenUpdate
 from dist_runtime.detokenizer import IncrementalDetokenizer
 from dist_runtime.errors import DistRuntimeError
+from dist_runtime.liveness import Liveness
 from dist_runtime.outputs import CompletionOutput, RequestOutput, StreamChunk
 from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.sequence import Sequence
 from dist_runtime.tokenizer import Tokenizer
 
 STREAM_END = object()  # follows a streamed request's last chunk
+IDLE_PING_S = 60.0  # an idle loop pings the other ranks this often (see Ping)
 
 
 class RequestHandle:
@@ -81,10 +83,13 @@ class RequestHandle:
         fn(self)
 
     def _finish(self, error: BaseException | None = None) -> None:
-        """The engine thread's last word on this request: end the stream, wake every waiter."""
-        self.error = error
-        self.sink(STREAM_END)
+        """The last word on this request (from the engine thread, or the liveness watch when a
+        rank is lost): end the stream, wake every waiter. Only the first call counts."""
         with self._lock:
+            if self.done.is_set():
+                return
+            self.error = error
+            self.sink(STREAM_END)
             self.done.set()
             callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:
@@ -114,8 +119,8 @@ def _stack(logits: list) -> torch.Tensor | None:
 
 
 class EngineLoop:
-    def __init__(self, coordinator: Coordinator, tokenizer: Tokenizer | None) -> None:
-        self.coordinator, self.tokenizer = coordinator, tokenizer
+    def __init__(self, coordinator: Coordinator, tokenizer: Tokenizer | None, liveness: Liveness | None = None) -> None:
+        self.coordinator, self.tokenizer, self.liveness = coordinator, tokenizer, liveness
         self._inbox: queue.Queue = queue.Queue()
         self._ids = itertools.count()
         self._active: dict[int, RequestHandle] = {}  # seq_id -> handle
@@ -144,15 +149,16 @@ class EngineLoop:
                     self._deliver(self.coordinator.step())
             self.coordinator.shutdown()
         except BaseException as e:  # a rank failed: every waiting caller hears of it
-            self.error = e
-            self._fail_all(e)
+            self.fail(self.liveness.explain(e) if self.liveness else e)
 
     def _take_requests(self, block: bool) -> bool:
         """Move submitted requests into the coordinator; False once stop() was called."""
         while True:
             try:
-                handle = self._inbox.get(block=block)
+                handle = self._inbox.get(block=block, timeout=IDLE_PING_S if block else None)
             except queue.Empty:
+                if block:
+                    self.coordinator.ping()
                 return True
             block = False
             if handle is None:
@@ -214,19 +220,26 @@ class EngineLoop:
         if all(s.is_finished for s in handle.seqs):
             handle._finish()
 
-    def _fail_all(self, error: BaseException) -> None:
-        for handle in set(self._active.values()):
-            handle._finish(error)
-        self._active.clear()
+    def fail(self, error: BaseException) -> None:
+        """End every request with `error`; from any thread (the engine's may be stuck in a step)."""
+        if self.error is None:
+            self.error = error
+        for handle in set(list(self._active.values())):
+            handle._finish(self.error)
 
     def call(self, fn):
         """Run `fn` on the loop's thread between steps (it may talk to the other ranks); its result."""
         job = _Call(fn)
         self._inbox.put(job)
+        while not job.done.wait(0.1):
+            if self.error is not None:  # the thread may never come back to the inbox
+                raise DistRuntimeError(f"the engine has stopped: {self.error}")
         return job.wait()
 
     def stop(self) -> None:
-        """Let the loop finish its step, tell the other ranks to stop, and end the thread."""
+        """Let the loop finish its step, tell the other ranks to stop, and end the thread; after
+        a failure, do not wait for a thread that may be stuck talking to a lost rank."""
         self._stopping = True
         self._inbox.put(None)
-        self._thread.join()
+        while self._thread.is_alive() and self.error is None:
+            self._thread.join(0.1)

@@ -9,6 +9,7 @@ from dist_runtime.coordinator import Coordinator, serve_steps
 from dist_runtime.engine import Engine
 from dist_runtime.engine_loop import EngineLoop, RequestHandle
 from dist_runtime.errors import RequestError
+from dist_runtime.liveness import DEFAULT_RANK_TIMEOUT_S, RankLostError
 from dist_runtime.outputs import RequestOutput, StreamChunk
 from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.tokenizer import Tokenizer
@@ -23,45 +24,68 @@ class LLM:
     """Runs an engine across its ranks. Under a launcher (mpirun) every rank constructs an
     LLM: rank 0 gets the API, every other rank serves steps inside the constructor and then
     exits the process when rank 0 shuts down. With no launcher, the engine's other ranks are
-    spawned on this host.
+    spawned on this host, or with `launcher="ray"` started as actors on the Ray cluster at
+    `ray_address` ("auto": the one this host belongs to).
 
     `num_kv_blocks` and `prefix_caching` override the engine's KV-cache settings (a small
-    pool shows preemption at work)."""
+    pool shows preemption at work). A rank that dies, or is silent or stuck in one step for
+    `rank_timeout_s`, ends the engine: every request in flight gets a RankLostError naming it."""
 
     def __init__(self, engine_dir: str, device: str = "cpu", verify: bool = True, num_kv_blocks: int | None = None,
-                 prefix_caching: bool = True, kv_cache_fraction: float = 0.9) -> None:
+                 prefix_caching: bool = True, kv_cache_fraction: float = 0.9, launcher: str = "local",
+                 ray_address: str | None = None, rank_timeout_s: float = DEFAULT_RANK_TIMEOUT_S) -> None:
+        if launcher not in ("local", "ray"):
+            raise RequestError(f"launcher must be 'local' or 'ray', not {launcher!r}")
         self.engine = Engine.load(engine_dir)
         self.device = device
-        self._workers: LocalWorkers | None = None
+        self._workers = None  # LocalWorkers or RayWorkers: rank0, expect_exit(), stop(), kill()
         self._loop: EngineLoop | None = None
         info = from_environment()
         if info is None:
             if self.engine.world_size == 1:
                 info = RankInfo(0, 1)
+            elif launcher == "ray":
+                from launch.ray import RayWorkers  # ray is an optional extra
+
+                self._workers = RayWorkers(engine_dir, self.engine.world_size, device, verify, kv_cache_fraction,
+                                           ray_address)
+                info = self._workers.rank0
             else:
                 self._workers = LocalWorkers(engine_dir, self.engine.world_size,
-                                             ["--device", device, "--kv-cache-fraction", str(kv_cache_fraction)]
+                                             ["--device", device, "--kv-cache-fraction", str(kv_cache_fraction),
+                                              "--rank-timeout", str(rank_timeout_s)]
                                              + ([] if verify else ["--no-verify"]))
                 info = self._workers.rank0
         check_world(self.engine, info)
         self.rank = info.rank
         try:
-            runner = join(self.engine, info, device, verify, kv_cache_fraction)
+            runner, self._liveness = join(self.engine, info, device, verify, kv_cache_fraction, rank_timeout_s)
         except BaseException:
             self._kill_workers()
             raise
         if info.rank != 0:
             try:
-                serve_steps(runner, runner.comm)
+                serve_steps(runner, runner.comm, self._liveness.activity)
             finally:
+                self._liveness.close()
                 runner.comm.close()
             raise SystemExit(0)
         self.tokenizer = Tokenizer(engine_dir) if (self.engine.path / "tokenizer.json").is_file() else None
         eos = tuple(self.engine.config.eos_token_ids) + (self.tokenizer.eos_ids if self.tokenizer else ())
-        self.coordinator = Coordinator(self.engine, runner, runner.comm, eos, num_kv_blocks, prefix_caching)
+        self.coordinator = Coordinator(self.engine, runner, runner.comm, eos, num_kv_blocks, prefix_caching,
+                                       self._liveness.activity)
         self._comm = runner.comm
-        self._loop = EngineLoop(self.coordinator, self.tokenizer)
+        self._loop = EngineLoop(self.coordinator, self.tokenizer, self._liveness)
+        self._liveness.on_lost.append(self._on_rank_lost)
+        if self._workers:
+            self._workers.deaths_watched = True  # the liveness watch names lost ranks from here on
         atexit.register(self.shutdown)
+
+    def _on_rank_lost(self, error: RankLostError) -> None:
+        """On the watch's thread: fail every request, and end spawned ranks (a hung one too)."""
+        self._loop.fail(error)
+        if self._workers:
+            self._workers.kill_now()
 
     def submit(self, prompt: Prompt, params: SamplingParams | None = None, stream: bool = False,
                sink=None) -> RequestHandle:
@@ -99,7 +123,8 @@ class LLM:
         """Why the engine stopped serving (a rank was lost), or None while it serves."""
         if self._loop is None:
             return "shut down"
-        return None if self._loop.error is None else str(self._loop.error)
+        error = self._loop.error or self._liveness.failure
+        return None if error is None else str(error)
 
     def stats(self) -> dict:
         """Scheduler and KV-cache counters, and every rank's memory figures."""
@@ -128,10 +153,13 @@ class LLM:
         atexit.unregister(self.shutdown)
         if self._workers:
             self._workers.expect_exit()
+        self._liveness.leave()
         try:
             loop.stop()
-            self._comm.close()
+            if loop.error is None:
+                self._comm.close()
         finally:
+            self._liveness.close()
             self.coordinator.runner.release()
             if self._workers:
                 self._workers.stop()
@@ -141,6 +169,8 @@ class LLM:
         Under an external launcher, exiting rank 0 makes the launcher end the rest."""
         self._loop = None
         self._kill_workers()
+        if getattr(self, "_liveness", None):
+            self._liveness.close()
 
     def _kill_workers(self) -> None:
         if self._workers:

@@ -48,3 +48,8 @@ class Step:
 @dataclasses.dataclass
 class StatsRequest:
     """Asks every rank for its memory figures (answered through gather_object)."""
+
+
+@dataclasses.dataclass
+class Ping:
+    """Sent by an idle rank 0 now and then, so that no transport times out a rank waiting for work."""

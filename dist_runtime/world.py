@@ -4,6 +4,7 @@ rank is ready. Nothing here knows which launcher started the process; RankInfo s
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
@@ -11,6 +12,7 @@ from dist_runtime.comm.base import Communicator
 from dist_runtime.coordinator import serve_steps
 from dist_runtime.engine import Engine
 from dist_runtime.errors import DistRuntimeError, EngineError
+from dist_runtime.liveness import DEFAULT_RANK_TIMEOUT_S, Liveness, advertised_host
 from dist_runtime.mapping import Mapping
 from dist_runtime.model_runner import ModelRunner
 from launch.rank_info import RankInfo
@@ -46,10 +48,24 @@ def check_world(engine: Engine, info: RankInfo) -> None:
                           f"pp={plan.pp}); this job has {info.world_size} ranks")
 
 
-def join(engine: Engine, info: RankInfo, device: str = "cpu", verify: bool = True,
-         kv_cache_fraction: float = 0.9) -> ModelRunner:
-    """This rank's runner, once every rank has loaded and all agree on the KV-cache size (the
-    smallest any rank can hold); a rank's load error is raised on rank 0."""
+def watch(comm: Communicator, info: RankInfo, timeout_s: float) -> Liveness:
+    """Start this rank's side of the liveness watch; rank 0 tells the others where to check in."""
+    liveness = Liveness(info.rank, info.world_size, timeout_s)
+    if info.world_size == 1:
+        return liveness
+    address = None
+    if info.rank == 0:
+        address = liveness.listen(advertised_host(info.master_addr if info.transport == "tcp" else None))
+    address = comm.broadcast_object(address)
+    if info.rank != 0:
+        liveness.check_in(address)
+    return liveness
+
+
+def join(engine: Engine, info: RankInfo, device: str = "cpu", verify: bool = True, kv_cache_fraction: float = 0.9,
+         rank_timeout_s: float = DEFAULT_RANK_TIMEOUT_S) -> tuple[ModelRunner, Liveness]:
+    """This rank's runner and liveness watch, once every rank has loaded and all agree on the
+    KV-cache size (the smallest any rank can hold); a rank's load error is raised on rank 0."""
     check_world(engine, info)
     if device == "cpu":  # ranks sharing a host share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
@@ -57,6 +73,27 @@ def join(engine: Engine, info: RankInfo, device: str = "cpu", verify: bool = Tru
         device = f"cuda:{info.local_rank}"
     mapping = engine.plan.mapping(info.rank)
     comm = open_communicator(info, mapping, device)
+    liveness = watch(comm, info, rank_timeout_s)
+    # Loading ends in collectives a hung rank would block forever: a verdict ends this process
+    # unless loading unwinds by itself first (a dead rank makes the collectives fail at once).
+    backstop = threading.Timer(5.0, liveness.on_exit, args=("loading failed",))
+    backstop.daemon = True
+    liveness.on_lost.append(lambda error: backstop.start())
+    try:
+        runner = _load(engine, info, mapping, comm, device, verify, kv_cache_fraction)
+    except BaseException as e:
+        verdict = liveness.explain(e)
+        if verdict is e:
+            raise
+        raise verdict from e
+    finally:
+        liveness.on_lost.clear()
+        backstop.cancel()
+    return runner, liveness
+
+
+def _load(engine: Engine, info: RankInfo, mapping: Mapping, comm: Communicator, device: str, verify: bool,
+          kv_cache_fraction: float) -> ModelRunner:
     runner, error = None, None
     try:
         runner = ModelRunner(engine, mapping, comm, device, verify, kv_cache_fraction)
@@ -75,11 +112,12 @@ def join(engine: Engine, info: RankInfo, device: str = "cpu", verify: bool = Tru
 
 
 def run_worker(engine_dir: str, info: RankInfo, device: str = "cpu", verify: bool = True,
-               kv_cache_fraction: float = 0.9) -> None:
+               kv_cache_fraction: float = 0.9, rank_timeout_s: float = DEFAULT_RANK_TIMEOUT_S) -> None:
     """A rank other than 0: join, then run Steps until rank 0 says stop."""
     engine = Engine.load(engine_dir)
-    runner = join(engine, info, device, verify, kv_cache_fraction)
+    runner, liveness = join(engine, info, device, verify, kv_cache_fraction, rank_timeout_s)
     try:
-        serve_steps(runner, runner.comm)
+        serve_steps(runner, runner.comm, liveness.activity)
     finally:
+        liveness.close()
         runner.comm.close()

@@ -42,6 +42,7 @@ class LocalWorkers:
         port = free_port()
         self.rank0 = RankInfo(0, world_size, 0, world_size, master_port=port, transport="tcp")
         self.stopping = False
+        self.deaths_watched = False  # set once the runtime's liveness watch names lost ranks itself
         self.procs: list[subprocess.Popen] = []
         for rank in range(1, world_size):
             info = RankInfo(rank, world_size, rank, world_size, master_port=port, transport="tcp")
@@ -64,7 +65,7 @@ class LocalWorkers:
                 if {signal.SIGINT, signal.SIGTERM} & set(signals):
                     return self._fail("interrupted", 130)
             for rank, proc in enumerate(self.procs, start=1):
-                if proc.poll() is not None and not self.stopping:
+                if proc.poll() is not None and not (self.stopping or self.deaths_watched):
                     return self._fail(f"rank {rank} exited with code {proc.returncode}", 1)
 
     def _fail(self, why: str, code: int) -> None:
@@ -104,6 +105,13 @@ class LocalWorkers:
             signal.set_wakeup_fd(self._old_wakeup_fd)
             self._old_wakeup_fd = None
         return [proc.returncode for proc in self.procs]
+
+    def kill_now(self) -> None:
+        """SIGKILL every worker still running (a stopped or hung one too); from any thread."""
+        self.stopping = True
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
 
     def kill(self) -> None:
         self.stopping = True

@@ -4,6 +4,7 @@ import argparse
 import sys
 
 from dist_runtime.errors import DistRuntimeError
+from dist_runtime.liveness import DEFAULT_RANK_TIMEOUT_S
 from dist_runtime.world import run_worker
 from launch.rank_info import from_environment
 
@@ -14,13 +15,14 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-verify", action="store_true")
     parser.add_argument("--kv-cache-fraction", type=float, default=0.9)
+    parser.add_argument("--rank-timeout", type=float, default=DEFAULT_RANK_TIMEOUT_S)
     args = parser.parse_args()
     info = from_environment()
     if info is None:
         print("launch.worker: started without a launcher environment", file=sys.stderr)
         return 2
     try:
-        run_worker(args.engine, info, args.device, not args.no_verify, args.kv_cache_fraction)
+        run_worker(args.engine, info, args.device, not args.no_verify, args.kv_cache_fraction, args.rank_timeout)
     except DistRuntimeError:
         return 1  # rank 0 reports it
     except KeyboardInterrupt:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import pickle
+import socket
 from typing import Any
 
 import torch
@@ -15,20 +16,33 @@ from dist_runtime.comm.base import Communicator, gather_last_dim, split_message,
 from dist_runtime.mapping import Mapping
 
 _OBJECT_TAG = 1
+# A rank that dies or hangs is found by the liveness watch within seconds; gloo's own limit only
+# has to outlast the longest legitimate wait (an idle engine pings its ranks every minute).
+OP_TIMEOUT = datetime.timedelta(days=1)
+
+
+def local_address(master_addr: str) -> str:
+    """This host's address on the route to the master: the hostname may resolve to an address
+    the other ranks cannot reach (loopback, or the host's own in a network namespace)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((master_addr, 9))  # picks a route; sends nothing
+        return probe.getsockname()[0]
 
 
 class GlooCommunicator(Communicator):
     def __init__(self, mapping: Mapping, master_addr: str, master_port: int, timeout_s: float = 300.0) -> None:
         super().__init__(mapping)
-        timeout = datetime.timedelta(seconds=timeout_s)
         self.store = dist.TCPStore(master_addr, master_port, mapping.world_size, is_master=mapping.rank == 0,
-                                   timeout=timeout)
-        self.world = dist.ProcessGroupGloo(dist.PrefixStore("world", self.store), mapping.rank,
-                                           mapping.world_size, timeout)
+                                   timeout=datetime.timedelta(seconds=timeout_s))
+        options = dist.ProcessGroupGloo._Options()
+        options._devices = [dist.ProcessGroupGloo.create_device(hostname=local_address(master_addr))]
+        options._timeout = OP_TIMEOUT
+        self.world = dist.ProcessGroupGloo(dist.PrefixStore("world", self.store), mapping.rank, mapping.world_size,
+                                           options)
         self.tp_group = None
         if mapping.tp > 1:
             self.tp_group = dist.ProcessGroupGloo(dist.PrefixStore(f"tp{mapping.pp_rank}", self.store),
-                                                  mapping.tp_rank, mapping.tp, timeout)
+                                                  mapping.tp_rank, mapping.tp, options)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         self.tp_group.allreduce([tensor]).wait()

@@ -1,0 +1,254 @@
+"""Every rank watches the others, whatever launcher started them.
+
+Each rank other than 0 keeps one TCP connection to rank 0 and both sides send a heartbeat
+every second. A connection that closes means the process is gone (the kernel closes a killed
+process's sockets at once); silence means it hangs; a rank also says how long it has been
+inside one step, which catches a process whose heartbeat thread still runs while its main
+thread is stuck. Rank 0 turns any of these into one verdict naming the rank, tells the other
+ranks to leave, and lets the engine fail its requests. A rank that loses rank 0 exits.
+
+Lines on the wire: rank -> 0 "<rank>" once, then "<seconds busy>"; 0 -> rank "." (alive),
+"bye" (a planned shutdown follows), "abort <why>".
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+from dist_runtime.errors import DistRuntimeError
+
+HEARTBEAT_S = 1.0
+DEFAULT_RANK_TIMEOUT_S = 30.0
+
+
+class RankLostError(DistRuntimeError):
+    def __init__(self, rank: int, why: str) -> None:
+        super().__init__(f"rank {rank} lost: {why}")
+        self.rank = rank
+
+
+class Activity:
+    """When this rank began the step it is in (None between steps)."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+
+    def __enter__(self) -> Activity:
+        self.since = time.monotonic()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.since = None
+
+    def busy_s(self) -> float:
+        since = self.since
+        return 0.0 if since is None else time.monotonic() - since
+
+
+def _exit_process(why: str) -> None:
+    """A rank that lost its job leaves at once: its main thread may be stuck in a collective."""
+    print(f"dist-runtime: {why}; exiting", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+class Liveness:
+    """Rank 0's monitor or another rank's heartbeat; with one rank, just the Activity."""
+
+    def __init__(self, rank: int, world_size: int, timeout_s: float = DEFAULT_RANK_TIMEOUT_S) -> None:
+        self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
+        self.silence_s = max(3 * HEARTBEAT_S, timeout_s / 3)  # heartbeats come every second
+        self.activity = Activity()
+        self.failure: RankLostError | None = None
+        self.on_lost: list[Callable[[RankLostError], None]] = []
+        self.on_exit: Callable[[str], None] = _exit_process  # what a rank other than 0 does on a verdict
+        self._leaving = False
+        self._conns: dict[int, socket.socket] = {}
+        self._thread: threading.Thread | None = None
+
+    # rank 0
+    def listen(self, host: str) -> tuple[str, int]:
+        """Rank 0: open the port the other ranks check in at; returns its address."""
+        self._server = socket.create_server((host, 0))
+        self._thread = threading.Thread(target=self._monitor, name="dist-runtime-liveness", daemon=True)
+        self._thread.start()
+        return host, self._server.getsockname()[1]
+
+    def _monitor(self) -> None:
+        seen: dict[int, float] = {}  # rank -> when it last spoke
+        busy: dict[int, float] = {}
+        started = last_beat = time.monotonic()
+        buffers: dict[socket.socket, bytes] = {}
+        while not self._leaving:
+            try:
+                readable, _, _ = select.select([self._server, *self._conns.values()], [], [], 0.2)
+            except (OSError, ValueError):  # closed under us: close() was called
+                continue
+            now = time.monotonic()
+            for sock in readable:
+                if sock is self._server:
+                    self._accept(seen, now)
+                    continue
+                rank = next((r for r, c in self._conns.items() if c is sock), None)
+                data = _recv(sock)
+                if rank is None:
+                    continue
+                if not data:
+                    self._conns.pop(rank).close()
+                    self._lost(rank, "its process ended (connection closed)")
+                    continue
+                lines = (buffers.get(sock, b"") + data).split(b"\n")
+                buffers[sock] = lines.pop()
+                seen[rank] = now
+                if lines:
+                    busy[rank] = float(lines[-1])
+            if now - last_beat >= HEARTBEAT_S:
+                last_beat = now
+                self._send_all(b".\n")
+            self._judge(seen, busy, now, started)
+
+    def _accept(self, seen: dict[int, float], now: float) -> None:
+        try:
+            conn, _ = self._server.accept()
+        except OSError:  # closed under us
+            return
+        conn.settimeout(5.0)
+        try:
+            line = b""
+            while not line.endswith(b"\n"):  # byte by byte: heartbeats may follow at once
+                line += conn.recv(1) or b"\n"
+            rank = int(line)
+        except (OSError, ValueError):
+            conn.close()
+            return
+        conn.settimeout(None)
+        self._conns[rank] = conn
+        seen[rank] = now
+
+    def _judge(self, seen: dict[int, float], busy: dict[int, float], now: float, started: float) -> None:
+        if self.failure or self._leaving:
+            return
+        for rank in range(1, self.world_size):
+            if rank not in seen:
+                if now - started > self.timeout_s:
+                    self._lost(rank, f"it did not check in within {self.timeout_s:.0f} s")
+            elif now - seen[rank] > self.silence_s:
+                self._lost(rank, f"no heartbeat for {now - seen[rank]:.0f} s (hung or unreachable)")
+            elif busy.get(rank, 0.0) > self.timeout_s:
+                self._lost(rank, f"stuck in one step for {busy[rank]:.0f} s")
+            if self.failure:
+                return
+        if self.activity.busy_s() > self.timeout_s:
+            self._lost(0, f"stuck in one step for {self.activity.busy_s():.0f} s")
+
+    def _lost(self, rank: int, why: str) -> None:
+        if self.failure or self._leaving:
+            return
+        self.failure = RankLostError(rank, why)
+        self._send_all(f"abort {self.failure}\n".encode())
+        for fn in self.on_lost:
+            fn(self.failure)
+
+    def _send_all(self, line: bytes) -> None:
+        for rank, conn in list(self._conns.items()):
+            try:
+                conn.sendall(line)
+            except OSError:
+                self._conns.pop(rank, None)
+
+    # every other rank
+    def check_in(self, address: tuple[str, int]) -> None:
+        """A rank other than 0: connect to rank 0's monitor and keep the heartbeat going."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                self._upstream = socket.create_connection(address, timeout=5.0)
+                break
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    raise DistRuntimeError(f"rank {self.rank}: cannot reach rank 0 at {address}: {e}") from e
+                time.sleep(0.2)
+        self._upstream.sendall(f"{self.rank}\n".encode())
+        self._thread = threading.Thread(target=self._heartbeat, name="dist-runtime-liveness", daemon=True)
+        self._thread.start()
+
+    def _heartbeat(self) -> None:
+        sock, buffer = self._upstream, b""
+        heard = last_beat = time.monotonic()
+        while True:
+            try:
+                readable, _, _ = select.select([sock], [], [], 0.2)
+            except (OSError, ValueError):  # closed under us: close() was called
+                return None
+            now = time.monotonic()
+            if readable:
+                data = _recv(sock)
+                if not data:
+                    return None if self._leaving else self.on_exit("rank 0 lost (connection closed)")
+                heard = now
+                *lines, buffer = (buffer + data).split(b"\n")
+                for line in lines:
+                    if line == b"bye":
+                        self._leaving = True
+                    elif line.startswith(b"abort "):
+                        return self.on_exit(line[6:].decode())
+            if self._leaving:
+                continue  # rank 0 is shutting down: its silence or close is expected
+            if now - heard > self.silence_s:
+                return self.on_exit(f"rank 0 lost (no heartbeat for {now - heard:.0f} s)")
+            if now - last_beat >= HEARTBEAT_S:
+                last_beat = now
+                try:
+                    sock.sendall(f"{self.activity.busy_s():.1f}\n".encode())
+                except OSError:
+                    return self.on_exit("rank 0 lost (connection closed)")
+
+    # both
+    def explain(self, error: BaseException, wait_s: float = 2.0) -> BaseException:
+        """The verdict behind a failed collective, if one comes: a transport error says only
+        that a peer went away; the watch says which rank and why."""
+        if self.world_size == 1 or isinstance(error, (DistRuntimeError, KeyboardInterrupt)):
+            return error
+        deadline = time.monotonic() + wait_s
+        while self.failure is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.failure or error
+
+    def leave(self) -> None:
+        """A planned shutdown: from now on ranks going quiet or away is no failure."""
+        if self.rank == 0:
+            self._send_all(b"bye\n")
+        self._leaving = True
+
+    def close(self) -> None:
+        self._leaving = True
+        for sock in [*self._conns.values(), getattr(self, "_server", None), getattr(self, "_upstream", None)]:
+            if sock is not None:
+                sock.close()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2)
+
+
+def _recv(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(4096)
+    except OSError:
+        return b""
+
+
+def advertised_host(master_addr: str | None) -> str:
+    """The address rank 0's monitor binds and the others dial: the rendezvous address when the
+    launcher gave one, else this host's outward address (loopback if it has none)."""
+    if master_addr:
+        return master_addr
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))  # no packet is sent: this only picks a route
+            return probe.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
