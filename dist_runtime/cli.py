@@ -30,6 +30,18 @@ def _plan_kwargs(args: argparse.Namespace) -> dict:
                 max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens, block_size=args.block_size)
 
 
+def _add_launch_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--launcher", choices=["local", "ray"], default="local",
+                   help="who starts ranks 1..N-1 when no launcher started this process: child processes on "
+                   "this host (default), or Ray actors")
+    p.add_argument("--ray-address", help="with --launcher ray: the cluster's HOST:PORT, or auto (the cluster "
+                   "of this host); default: as auto, but with no cluster a new local Ray starts")
+
+
+def _launch_kwargs(args: argparse.Namespace) -> dict:
+    return dict(launcher=args.launcher, ray_address=args.ray_address)
+
+
 def _default_dtype(config) -> str:
     return {"float32": "fp32", "float16": "fp16"}.get(config.dtype, "bf16")
 
@@ -106,7 +118,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     params = _sampling(args)  # bad parameters fail before any rank starts
     prompts = args.prompt or ["Hello, world!"]
-    with LLM(args.engine, device=args.device, verify=not args.no_verify) as llm:
+    with LLM(args.engine, device=args.device, verify=not args.no_verify, **_launch_kwargs(args)) as llm:
         outputs = llm.generate(prompts, params, return_logits=bool(args.save_logits))
     if args.save_logits:
         from safetensors.torch import save_file
@@ -150,7 +162,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"{_p(report['ttft_ms'])} ms; TPOT {_p(report['tpot_ms'])} ms")
         return 0
     with LLM(args.engine, device=args.device, verify=not args.no_verify,
-             kv_cache_fraction=args.kv_cache_fraction) as llm:
+             kv_cache_fraction=args.kv_cache_fraction, **_launch_kwargs(args)) as llm:
         report = run_bench(llm, args.isl, args.osl, args.num_requests, args.concurrency, args.request_rate,
                            args.seed, progress=sys.stderr.isatty(), profile=args.profile)
     if args.json:
@@ -173,7 +185,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dist_runtime.server.app import create_app
 
     with LLM(args.engine, device=args.device, verify=not args.no_verify,
-             kv_cache_fraction=args.kv_cache_fraction) as llm:
+             kv_cache_fraction=args.kv_cache_fraction, **_launch_kwargs(args)) as llm:
         app = create_app(llm, args.model_name or os.path.basename(os.path.normpath(args.engine)),
                          args.api_key or os.environ.get("DIST_RUNTIME_API_KEY"), args.max_concurrency,
                          args.max_body_bytes)
@@ -247,6 +259,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of rank files")
     p.add_argument("--save-logits", metavar="FILE", help="write each prompt's logits per step (safetensors)")
+    _add_launch_options(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="throughput and latency on a synthetic workload")
@@ -264,6 +277,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-fraction", type=float, default=0.9, help="of GPU memory free after loading")
     p.add_argument("--profile", metavar="FILE", help="write a torch profiler summary of the run to FILE")
     p.add_argument("--no-verify", action="store_true")
+    _add_launch_options(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server on rank 0")
@@ -277,6 +291,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--kv-cache-fraction", type=float, default=0.9)
     p.add_argument("--no-verify", action="store_true")
+    _add_launch_options(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="synth, plan, build and generate a tiny model on 4 CPU ranks (TP=2 x PP=2)")

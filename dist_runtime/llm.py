@@ -48,7 +48,7 @@ class LLM:
                 from launch.ray import RayWorkers  # ray is an optional extra
 
                 self._workers = RayWorkers(engine_dir, self.engine.world_size, device, verify, kv_cache_fraction,
-                                           ray_address)
+                                           rank_timeout_s, ray_address)
                 info = self._workers.rank0
             else:
                 self._workers = LocalWorkers(engine_dir, self.engine.world_size,

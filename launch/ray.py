@@ -1,0 +1,221 @@
+"""The Ray launcher: ranks 1..N-1 as Ray actors in one placement group, rank 0 in the caller's
+process (as vLLM's driver worker). Each actor is handed a RankInfo that points at rank 0's
+address and port; from there the ranks meet over TCP exactly as spawned ranks do."""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import sys
+import threading
+
+from dist_runtime.errors import DistRuntimeError
+from dist_runtime.liveness import DEFAULT_RANK_TIMEOUT_S
+from dist_runtime.world import run_worker
+from launch.local import GRACE_S, free_port
+from launch.rank_info import RankInfo
+
+
+class LaunchError(DistRuntimeError):
+    """The Ray cluster cannot hold the job's ranks, or this host is not one of its nodes."""
+
+
+try:
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+except ImportError as e:  # an optional extra
+    raise LaunchError("the Ray launcher needs ray: pip install 'dist-runtime[ray]'") from e
+
+ENV_TIMEOUT = "DIST_RUNTIME_RAY_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 300.0  # long enough for an autoscaler to add a node
+
+
+@ray.remote
+class RankActor:
+    """One rank other than 0, for as long as `run` lasts."""
+
+    def run(self, info: RankInfo, engine_dir: str, device: str, verify: bool, kv_cache_fraction: float,
+            rank_timeout_s: float) -> str | None:
+        """None once rank 0 ends the job, else why this rank could not serve (a rank that fails
+        before the ranks meet has no other way to say it)."""
+        try:
+            run_worker(engine_dir, info, device, verify, kv_cache_fraction, rank_timeout_s)
+        except DistRuntimeError as e:
+            return str(e)
+        return None
+
+
+def node_local_ranks(bundle_nodes: list[str]) -> list[tuple[int, int, int]]:
+    """(local rank, ranks on that node, node index) for each rank, given the node of each rank's
+    bundle: a node's ranks count 0, 1, ... in rank order, nodes in the order of their first rank."""
+    nodes = list(dict.fromkeys(bundle_nodes))
+    return [(bundle_nodes[:rank].count(node), bundle_nodes.count(node), nodes.index(node))
+            for rank, node in enumerate(bundle_nodes)]
+
+
+class RayWorkers:
+    """Same duty as LocalWorkers (`rank0`, `expect_exit`, `stop`, `kill`), on a Ray cluster.
+
+    Bundle r of the placement group is rank r's ({"CPU": 1}, plus {"GPU": 1} on cuda). Bundle 0
+    starts no actor: it reserves rank 0's share on the driver's node, where rank 0 runs in this
+    process, so Ray hands that CPU (or GPU) to no one else; a sliver of the driver node's own
+    resource (`node:IP`) pins it there. On cuda every rank takes GPU local_rank of its node, as
+    under mpirun, so Ray is told not to narrow CUDA_VISIBLE_DEVICES per actor."""
+
+    def __init__(self, engine_dir: str, world_size: int, device: str = "cpu", verify: bool = True,
+                 kv_cache_fraction: float = 0.9, rank_timeout_s: float = DEFAULT_RANK_TIMEOUT_S,
+                 address: str | None = None, timeout_s: float | None = None) -> None:
+        self.stopping = False
+        # Set once every rank has joined: from then on the runtime's liveness watch names lost ranks,
+        # and signals reach rank 0's main thread, which is no longer stuck in a collective.
+        self.handed_over = False
+        self.actors: list = []
+        self.runs: list = []
+        self._pg = None
+        self._watcher: threading.Thread | None = None
+        self._old_wakeup_fd = None
+        self._own_ray = not ray.is_initialized()  # a caller's own Ray session is theirs to end
+        if self._own_ray:
+            try:
+                ray.init(address=address, logging_level=logging.WARNING)
+            except ConnectionError as e:
+                raise LaunchError(f"no Ray cluster at address {address!r}: {e}") from e
+        timeout_s = float(os.environ.get(ENV_TIMEOUT, DEFAULT_TIMEOUT_S)) if timeout_s is None else timeout_s
+        try:
+            run_args = (os.path.abspath(engine_dir), device, verify, kv_cache_fraction, rank_timeout_s)
+            self._start(world_size, device.startswith("cuda"), timeout_s, run_args)
+        except BaseException:
+            self.kill()
+            raise
+        self._signal_r, signal_w = os.pipe()
+        os.set_blocking(signal_w, False)
+        if threading.current_thread() is threading.main_thread():  # the only thread allowed to set it
+            self._old_wakeup_fd = signal.set_wakeup_fd(signal_w)
+        self._watcher = threading.Thread(target=self._watch, name="dist-runtime-ray-workers", daemon=True)
+        self._watcher.start()
+
+    def _start(self, world_size: int, gpu: bool, timeout_s: float, run_args: tuple) -> None:
+        bundle = {"CPU": 1.0, "GPU": 1.0} if gpu else {"CPU": 1.0}
+        self._pg = self._reserve(world_size, bundle, timeout_s)
+        nodes = placement_group_table(self._pg)["bundles_to_node_id"]
+        where = node_local_ranks([nodes[rank] for rank in range(world_size)])
+        addr, port = ray.util.get_node_ip_address(), free_port()  # rank 0 hosts the store, here
+        infos = [RankInfo(rank, world_size, *where[rank], master_addr=addr, master_port=port, transport="tcp")
+                 for rank in range(world_size)]
+        self.rank0 = infos[0]
+        options = {"num_cpus": 1, "num_gpus": 1 if gpu else 0}
+        if gpu:
+            options["runtime_env"] = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
+        for info in infos[1:]:
+            strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=info.rank)
+            actor = RankActor.options(scheduling_strategy=strategy, **options).remote()
+            self.actors.append(actor)
+            self.runs.append(actor.run.remote(info, *run_args))
+
+    @staticmethod
+    def _reserve(world_size: int, bundle: dict[str, float], timeout_s: float):
+        """A ready placement group of one bundle per rank, bundle 0 on this node."""
+        ip = ray.util.get_node_ip_address()
+        here = f"node:{ip}"
+        if here not in ray.cluster_resources():
+            raise LaunchError(f"this host ({ip}) is not a node of the Ray cluster; rank 0 runs in this process, "
+                              "so start it on one of the cluster's nodes")
+        node_id = ray.get_runtime_context().get_node_id()
+        node = next(n["Resources"] for n in ray.nodes() if n["NodeID"] == node_id)
+        # STRICT_PACK keeps every rank on this host (TP traffic stays in the node); when this node
+        # cannot hold them all it would never be ready, so PACK then fills as few nodes as it can.
+        strategy = "STRICT_PACK" if all(node.get(k, 0) >= v * world_size for k, v in bundle.items()) else "PACK"
+        pg = placement_group([bundle | {here: 0.001}] + [bundle] * (world_size - 1), strategy=strategy)
+        ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+        if ready:
+            return pg
+        remove_placement_group(pg)
+        total, free = ray.cluster_resources(), ray.available_resources()
+        short = ", ".join(f"{v * world_size:g} {k} needed, the cluster has {total.get(k, 0):g} "
+                          f"({free.get(k, 0):g} free)" for k, v in bundle.items())
+        raise LaunchError(f"Ray could not place {world_size} ranks ({world_size} x {bundle}, {strategy}, rank 0 "
+                          f"on {ip}) within {timeout_s:g} s: {short}; set {ENV_TIMEOUT} to wait longer")
+
+    def _watch(self) -> None:
+        while not (self.stopping or self.handed_over):
+            ready, _, _ = select.select([self._signal_r], [], [], 0)
+            if ready and {signal.SIGINT, signal.SIGTERM} & set(os.read(self._signal_r, 64)):
+                return self._fail("interrupted", 130)
+            done, _ = ray.wait(self.runs, num_returns=1, timeout=0.1)
+            if done and not (self.stopping or self.handed_over):
+                rank = self.runs.index(done[0]) + 1
+                return self._fail(f"rank {rank} (a Ray actor) ended: {self._outcome(done[0])}", 1)
+
+    @staticmethod
+    def _outcome(ref) -> str:
+        try:
+            return ray.get(ref) or "it left the job"
+        except ray.exceptions.RayTaskError as e:  # run_worker raised
+            return f"{type(e.cause).__name__}: {e.cause}"
+        except ray.exceptions.RayError as e:  # the actor died
+            return str(e).strip().splitlines()[0].rstrip(".")
+
+    def _fail(self, why: str, code: int) -> None:
+        """End the actors; if rank 0 is still stuck after the grace period, end it too."""
+        self.stopping = True
+        for actor in self.actors:
+            ray.kill(actor)
+        timer = threading.Timer(GRACE_S, self._hard_exit, args=(why, code))
+        timer.daemon = True  # a rank 0 that unwinds by itself exits without waiting for it
+        timer.start()
+
+    @staticmethod
+    def _hard_exit(why: str, code: int) -> None:
+        print(f"dist-runtime: {why}; stopping all ranks", file=sys.stderr, flush=True)
+        os._exit(code)
+
+    def expect_exit(self) -> None:
+        """From now on actors finishing is the plan, not a failure."""
+        self.stopping = True
+
+    def stop(self, timeout_s: float = 10.0) -> list[int]:
+        """Wait for the actors' runs (they end on rank 0's shutdown), then end the actors and free
+        their bundles; each rank's exit code (-9: still running, ended)."""
+        self.stopping = True
+        done = []
+        if self.runs:
+            done, _ = ray.wait(self.runs, num_returns=len(self.runs), timeout=timeout_s)
+        codes = [self._code(ref) if ref in done else -signal.SIGKILL for ref in self.runs]
+        self._release()
+        return codes
+
+    @staticmethod
+    def _code(ref) -> int:
+        try:
+            return 0 if ray.get(ref) is None else 1
+        except ray.exceptions.RayError:
+            return 1
+
+    def kill_now(self) -> None:
+        """End every actor at once (a hung one too); from any thread."""
+        self.stopping = True
+        for actor in self.actors:
+            ray.kill(actor)
+
+    def kill(self) -> None:
+        self.stopping = True
+        self._release()
+
+    def _release(self) -> None:
+        """Every path ends here: actors killed, bundles freed, our Ray connection closed."""
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join()  # it sees `stopping` within a poll; it must not call Ray after shutdown
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None
+        if self._old_wakeup_fd is not None:
+            signal.set_wakeup_fd(self._old_wakeup_fd)
+            self._old_wakeup_fd = None
+        if self._own_ray and ray.is_initialized():
+            ray.shutdown()
