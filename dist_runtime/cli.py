@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from dist_runtime.errors import DistRuntimeError
@@ -36,10 +37,12 @@ def _add_launch_options(p: argparse.ArgumentParser) -> None:
                    "this host (default), or Ray actors")
     p.add_argument("--ray-address", help="with --launcher ray: the cluster's HOST:PORT, or auto (the cluster "
                    "of this host); default: as auto, but with no cluster a new local Ray starts")
+    p.add_argument("--rank-timeout", type=float, default=30.0, help="seconds a rank may be silent or stuck in one "
+                   "step before it counts as lost and the job stops (default 30)")
 
 
 def _launch_kwargs(args: argparse.Namespace) -> dict:
-    return dict(launcher=args.launcher, ray_address=args.ray_address)
+    return dict(launcher=args.launcher, ray_address=args.ray_address, rank_timeout_s=args.rank_timeout)
 
 
 def _default_dtype(config) -> str:
@@ -84,14 +87,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from dist_runtime.config import ModelConfig
+    from dist_runtime.tuning import summary
     from sharding.builder import build_engine
 
     dtype = args.dtype or _default_dtype(ModelConfig.from_dir(args.checkpoint))
     engine = build_engine(args.checkpoint, args.out, args.tp, args.pp, dtype, progress=sys.stderr.isatty(),
-                          **_plan_kwargs(args))
+                          tune=not args.no_tune, **_plan_kwargs(args))
     size = sum(f["bytes"] for f in engine.files.values())
     print(f"built {args.out}: {engine.world_size} rank files (tp={args.tp} x pp={args.pp}, {dtype}), "
           f"{size / 2**20:.1f} MiB")
+    print(summary(engine.tuning))
     return 0
 
 
@@ -179,18 +184,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from dist_runtime.server.lifecycle import serve
 
-    from dist_runtime.llm import LLM
-    from dist_runtime.server.app import create_app
-
-    with LLM(args.engine, device=args.device, verify=not args.no_verify,
-             kv_cache_fraction=args.kv_cache_fraction, **_launch_kwargs(args)) as llm:
-        app = create_app(llm, args.model_name or os.path.basename(os.path.normpath(args.engine)),
-                         args.api_key or os.environ.get("DIST_RUNTIME_API_KEY"), args.max_concurrency,
-                         args.max_body_bytes)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0
+    return serve(args.engine, args.model_name or os.path.basename(os.path.normpath(args.engine)), args.host,
+                 args.port, args.api_key or os.environ.get("DIST_RUNTIME_API_KEY"), args.max_concurrency,
+                 args.max_body_bytes, device=args.device, verify=not args.no_verify,
+                 kv_cache_fraction=args.kv_cache_fraction, **_launch_kwargs(args))
 
 
 def _p(stats: dict) -> str:
@@ -232,6 +231,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True)
     _add_plan_options(p)
+    p.add_argument("--no-tune", action="store_true", help="skip timing kernel candidates on this GPU "
+                   "(the runner then takes default launches and cuBLAS)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("refit", help="replace an engine's weights with another checkpoint's (same shapes)")
@@ -300,8 +301,13 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _terminated(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: every rank is stopped on the way out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         return args.func(args)
     except DistRuntimeError as e:

@@ -78,7 +78,7 @@ class LLM:
         self._loop = EngineLoop(self.coordinator, self.tokenizer, self._liveness)
         self._liveness.on_lost.append(self._on_rank_lost)
         if self._workers:
-            self._workers.deaths_watched = True  # the liveness watch names lost ranks from here on
+            self._workers.handed_over = True
         atexit.register(self.shutdown)
 
     def _on_rank_lost(self, error: RankLostError) -> None:

@@ -42,7 +42,9 @@ class LocalWorkers:
         port = free_port()
         self.rank0 = RankInfo(0, world_size, 0, world_size, master_port=port, transport="tcp")
         self.stopping = False
-        self.deaths_watched = False  # set once the runtime's liveness watch names lost ranks itself
+        # Set once every rank has joined: from then on the runtime's liveness watch names lost
+        # ranks, and signals reach rank 0's main thread, which is no longer stuck in a collective.
+        self.handed_over = False
         self.procs: list[subprocess.Popen] = []
         for rank in range(1, world_size):
             info = RankInfo(rank, world_size, rank, world_size, master_port=port, transport="tcp")
@@ -62,10 +64,10 @@ class LocalWorkers:
             ready, _, _ = select.select([self._signal_r], [], [], 0.1)
             if ready:
                 signals = os.read(self._signal_r, 64)
-                if {signal.SIGINT, signal.SIGTERM} & set(signals):
+                if {signal.SIGINT, signal.SIGTERM} & set(signals) and not self.handed_over:
                     return self._fail("interrupted", 130)
             for rank, proc in enumerate(self.procs, start=1):
-                if proc.poll() is not None and not (self.stopping or self.deaths_watched):
+                if proc.poll() is not None and not (self.stopping or self.handed_over):
                     return self._fail(f"rank {rank} exited with code {proc.returncode}", 1)
 
     def _fail(self, why: str, code: int) -> None:

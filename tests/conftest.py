@@ -27,11 +27,16 @@ def tool(name: str) -> str:
     return str(path) if path.exists() else (shutil.which(name) or name)
 
 
-def mpirun(n: int, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+def mpirun_command(n: int) -> list[str]:
     cmd = [tool("mpirun"), "-np", str(n)]
     if "Open MPI" in subprocess.run([tool("mpirun"), "--version"], capture_output=True, text=True).stdout:
         cmd += ["--allow-run-as-root", "--oversubscribe"]
-    return subprocess.run([*cmd, tool("dist-runtime"), *args], capture_output=True, text=True, timeout=timeout)
+    return cmd
+
+
+def mpirun(n: int, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([*mpirun_command(n), tool("dist-runtime"), *args], capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:

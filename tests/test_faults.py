@@ -1,0 +1,192 @@
+"""Faults, with real processes: a rank killed with SIGKILL or frozen mid-request is named in
+the error every client gets, every process of the job exits non-zero, and nothing is left
+behind; SIGTERM and Ctrl-C on rank 0 stop every rank within 10 s."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import mpirun_command, tool
+
+from launch.local import free_port
+
+LONG = dict(max_batch_size=8, max_seq_len=512)  # room for a request that runs for seconds
+STARTED: set[int] = set()  # every rank process these tests saw: none may outlive them
+
+
+def ranks_of(pid: int) -> dict[int, int]:
+    """rank -> pid of the processes rank 0 (pid) spawned."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    out = {}
+    for child in map(int, children):
+        env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        rank = next((int(e.split(b"=")[1]) for e in env if e.startswith(b"DIST_RUNTIME_RANK=")), None)
+        if rank is not None:
+            out[rank] = child
+    STARTED.update(out.values(), [pid])
+    return out
+
+
+def mpi_ranks(needle: str) -> dict[int, int]:
+    """rank -> pid of the MPI ranks whose command line holds `needle`."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and needle.encode() in (entry / "cmdline").read_bytes():
+                env = dict(e.split(b"=", 1) for e in (entry / "environ").read_bytes().split(b"\0") if b"=" in e)
+                if b"PMI_RANK" in env:
+                    out[int(env[b"PMI_RANK"])] = int(entry.name)
+        except OSError:
+            continue
+    STARTED.update(out.values())
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def wait_gone(pids, timeout: float) -> float:
+    start = time.monotonic()
+    while any(alive(p) for p in pids):
+        assert time.monotonic() - start < timeout, f"still running after {timeout} s: {[p for p in pids if alive(p)]}"
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def shm() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+class Serve:
+    def __init__(self, engine, *args: str) -> None:
+        self.url = f"http://127.0.0.1:{(port := free_port())}"
+        self.proc = subprocess.Popen([tool("dist-runtime"), "serve", str(engine), "--port", str(port),
+                                      "--model-name", "tiny", *args], stderr=subprocess.PIPE, text=True)
+        self.health = []  # every /health status seen while waiting
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.proc.stderr.read()
+            try:
+                self.health.append(httpx.get(self.url + "/health", timeout=2).status_code)
+                if self.health[-1] == 200:
+                    self.ranks = ranks_of(self.proc.pid)
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError("server did not come up")
+
+    def stream_in_background(self) -> tuple[threading.Thread, dict]:
+        """A long streaming request; returns once its first tokens have arrived."""
+        result = {"events": [], "first": threading.Event()}
+
+        def run():
+            body = {"model": "tiny", "prompt": "Hello", "max_tokens": 400, "temperature": 0, "ignore_eos": True,
+                    "stream": True}
+            try:
+                with httpx.stream("POST", self.url + "/v1/completions", json=body, timeout=60) as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data: "):
+                            result["events"].append(line[6:])
+                            result["first"].set()
+            except httpx.HTTPError as e:  # the server stopped mid-stream
+                result["events"].append(f"closed: {e}")
+            result["ended"] = time.monotonic()
+            result["first"].set()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        assert result["first"].wait(60)
+        return thread, result
+
+
+@pytest.fixture
+def engine(engines):
+    return engines("llama", 2, 2, **LONG)
+
+
+def test_health_says_not_ready_until_every_rank_has_loaded(engine):
+    server = Serve(engine)
+    try:
+        assert server.health[0] == 503 and server.health[-1] == 200  # bound before loading, ready after
+        assert httpx.get(server.url + "/v2/health/ready").status_code == 200
+    finally:
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(30) == 0
+
+
+@pytest.mark.parametrize("how", ["kill -9", "SIGSTOP"])
+def test_a_lost_rank_is_named_to_clients_and_every_process_exits(engine, how):
+    before = shm()
+    server = Serve(engine, "--rank-timeout", "6")
+    victim = 2 if how == "kill -9" else 1
+    thread, result = server.stream_in_background()
+    lost_at = time.monotonic()
+    os.kill(server.ranks[victim], signal.SIGKILL if how == "kill -9" else signal.SIGSTOP)
+    thread.join(60)
+    detected_s = result["ended"] - lost_at
+    errors = [json.loads(e)["error"]["message"] for e in result["events"] if e.startswith('{"error"')]
+    assert len(errors) == 1 and f"rank {victim} lost" in errors[0], result["events"][-3:]
+    assert ("process ended" if how == "kill -9" else "no heartbeat") in errors[0]
+    assert detected_s < (5 if how == "kill -9" else 30)
+    health = httpx.get(server.url + "/health", timeout=5)  # the server lingers a moment, saying why
+    assert health.status_code == 503 and f"rank {victim} lost" in health.text
+    assert server.proc.wait(30) != 0
+    wait_gone(server.ranks.values(), 10)
+    assert shm() <= before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_on_rank_0_of_a_server_stops_every_rank_within_10_s(engine, sig):
+    server = Serve(engine)
+    thread, _ = server.stream_in_background()
+    server.proc.send_signal(sig)
+    start = time.monotonic()
+    assert server.proc.wait(10) == 0  # a requested stop is a clean one
+    assert wait_gone(server.ranks.values(), 10 - (time.monotonic() - start)) >= 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_on_generate_stops_every_rank_within_10_s(engine, sig):
+    proc = subprocess.Popen([tool("dist-runtime"), "generate", str(engine), "--max-tokens", "400", "--ignore-eos",
+                             *[a for i in range(16) for a in ("--prompt", f"prompt {i}")]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while len(ranks := ranks_of(proc.pid)) < 3 or not all(Path(f"/proc/{p}").exists() for p in ranks.values()):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+        time.sleep(0.1)
+    time.sleep(3)  # into the generation
+    proc.send_signal(sig)
+    start = time.monotonic()
+    assert proc.wait(10) == 128 + sig
+    wait_gone(ranks.values(), 10 - (time.monotonic() - start))
+
+
+def test_a_killed_rank_under_mpirun_ends_the_job_with_an_error(engine):
+    with subprocess.Popen([*mpirun_command(4), tool("dist-runtime"), "generate", str(engine),
+                           "--max-tokens", "400", "--ignore-eos", *["--prompt", "x"] * 8],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        time.sleep(8)
+        ranks = mpi_ranks(str(engine))
+        assert sorted(ranks) == [0, 1, 2, 3]
+        os.kill(ranks[3], signal.SIGKILL)
+        assert proc.wait(30) != 0
+        wait_gone(ranks.values(), 10)
+
+
+def test_no_process_of_these_tests_is_left():
+    assert len(STARTED) > 10
+    assert [pid for pid in STARTED if alive(pid)] == []
