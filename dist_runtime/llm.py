@@ -83,7 +83,9 @@ class LLM:
 
     def _on_rank_lost(self, error: RankLostError) -> None:
         """On the watch's thread: fail every request, and end spawned ranks (a hung one too)."""
-        self._loop.fail(error)
+        loop = self._loop  # None once the caller has aborted on its own
+        if loop is not None:
+            loop.fail(error)
         if self._workers:
             self._workers.kill_now()
 

@@ -161,18 +161,34 @@ def test_sigterm_or_ctrl_c_on_rank_0_of_a_server_stops_every_rank_within_10_s(en
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_or_ctrl_c_on_generate_stops_every_rank_within_10_s(engine, sig):
-    proc = subprocess.Popen([tool("dist-runtime"), "generate", str(engine), "--max-tokens", "400", "--ignore-eos",
-                             *[a for i in range(16) for a in ("--prompt", f"prompt {i}")]],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while len(ranks := ranks_of(proc.pid)) < 3 or not all(Path(f"/proc/{p}").exists() for p in ranks.values()):
-        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
-        time.sleep(0.1)
-    time.sleep(3)  # into the generation
+    proc, ranks = start_generate(engine)
     proc.send_signal(sig)
     start = time.monotonic()
     assert proc.wait(10) == 128 + sig
     wait_gone(ranks.values(), 10 - (time.monotonic() - start))
+
+
+def start_generate(engine) -> tuple[subprocess.Popen, dict[int, int]]:
+    """A long `generate` on spawned ranks, a few seconds into its work."""
+    proc = subprocess.Popen([tool("dist-runtime"), "generate", str(engine), "--max-tokens", "400", "--ignore-eos",
+                             *[a for i in range(16) for a in ("--prompt", f"prompt {i}")]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while len(ranks := ranks_of(proc.pid)) < 3:
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+        time.sleep(0.1)
+    time.sleep(3)
+    return proc, ranks
+
+
+def test_a_killed_rank_fails_generate_with_its_name(engine):
+    proc, ranks = start_generate(engine)
+    os.kill(ranks[2], signal.SIGKILL)
+    start = time.monotonic()
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and "error: rank 2 lost: its process ended" in err, err[-2000:]
+    assert time.monotonic() - start < 10
+    wait_gone(ranks.values(), 10)
 
 
 def test_a_killed_rank_under_mpirun_ends_the_job_with_an_error(engine):
