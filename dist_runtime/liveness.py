@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import socket
 import sys
 import threading
@@ -218,6 +219,21 @@ class Liveness:
         while self.failure is None and time.monotonic() < deadline:
             time.sleep(0.05)
         return self.failure or error
+
+    def defer_signals(self, grace_s: float = 8.0) -> None:
+        """A rank other than 0, on SIGINT or SIGTERM (launchers send them to every rank at once):
+        leave the stop to rank 0, which ends every rank cleanly; exit after `grace_s` if it does not."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum: int, frame) -> None:
+            why = f"got signal {signum} and rank 0 did not stop the job within {grace_s:.0f} s"
+            timer = threading.Timer(grace_s, self.on_exit, args=(why,))
+            timer.daemon = True
+            timer.start()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, handler)
 
     def leave(self) -> None:
         """A planned shutdown: from now on ranks going quiet or away is no failure."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import atexit
 from collections.abc import Iterator
 
-from dist_runtime.coordinator import Coordinator, serve_steps
+from dist_runtime.coordinator import Coordinator
 from dist_runtime.engine import Engine
 from dist_runtime.engine_loop import EngineLoop, RequestHandle
 from dist_runtime.errors import RequestError
@@ -13,7 +13,7 @@ from dist_runtime.liveness import DEFAULT_RANK_TIMEOUT_S, RankLostError
 from dist_runtime.outputs import RequestOutput, StreamChunk
 from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.tokenizer import Tokenizer
-from dist_runtime.world import check_world, join
+from dist_runtime.world import check_world, join, serve_as_worker
 from launch.local import LocalWorkers
 from launch.rank_info import RankInfo, from_environment
 
@@ -64,11 +64,7 @@ class LLM:
             self._kill_workers()
             raise
         if info.rank != 0:
-            try:
-                serve_steps(runner, runner.comm, self._liveness.activity)
-            finally:
-                self._liveness.close()
-                runner.comm.close()
+            serve_as_worker(runner, self._liveness)
             raise SystemExit(0)
         self.tokenizer = Tokenizer(engine_dir) if (self.engine.path / "tokenizer.json").is_file() else None
         eos = tuple(self.engine.config.eos_token_ids) + (self.tokenizer.eos_ids if self.tokenizer else ())

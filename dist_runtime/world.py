@@ -115,7 +115,12 @@ def run_worker(engine_dir: str, info: RankInfo, device: str = "cpu", verify: boo
                kv_cache_fraction: float = 0.9, rank_timeout_s: float = DEFAULT_RANK_TIMEOUT_S) -> None:
     """A rank other than 0: join, then run Steps until rank 0 says stop."""
     engine = Engine.load(engine_dir)
-    runner, liveness = join(engine, info, device, verify, kv_cache_fraction, rank_timeout_s)
+    serve_as_worker(*join(engine, info, device, verify, kv_cache_fraction, rank_timeout_s))
+
+
+def serve_as_worker(runner: ModelRunner, liveness: Liveness) -> None:
+    """Run rank 0's Steps until it says stop; signals wait for rank 0 to end the job."""
+    liveness.defer_signals()
     try:
         serve_steps(runner, runner.comm, liveness.activity)
     finally:

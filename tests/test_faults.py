@@ -191,18 +191,43 @@ def test_a_killed_rank_fails_generate_with_its_name(engine):
     wait_gone(ranks.values(), 10)
 
 
+def test_ctrl_c_on_mpirun_stops_a_server_cleanly_within_10_s(engine):
+    """mpirun hands Ctrl-C to every rank at once (as Slurm's scancel does SIGTERM): the ranks
+    other than 0 leave the stop to rank 0, which ends them all cleanly."""
+    port = free_port()
+    with subprocess.Popen([*mpirun_command(4), tool("dist-runtime"), "serve", str(engine), "--port", str(port)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        deadline = time.monotonic() + 120
+        while True:
+            assert time.monotonic() < deadline and proc.poll() is None
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        ranks = mpi_ranks(str(engine))
+        proc.send_signal(signal.SIGINT)
+        start = time.monotonic()
+        assert proc.wait(10) == 0
+        wait_gone(ranks.values(), 10 - (time.monotonic() - start))
+
+
 def test_a_killed_rank_under_mpirun_ends_the_job_with_an_error(engine):
     with subprocess.Popen([*mpirun_command(4), tool("dist-runtime"), "generate", str(engine),
-                           "--max-tokens", "400", "--ignore-eos", *["--prompt", "x"] * 8],
+                           "--max-tokens", "400", "--ignore-eos", *["--prompt", "x"] * 32],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
-        time.sleep(8)
-        ranks = mpi_ranks(str(engine))
-        assert sorted(ranks) == [0, 1, 2, 3]
+        deadline = time.monotonic() + 60
+        while len(ranks := mpi_ranks(str(engine))) < 4:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        time.sleep(3)  # loaded and generating
+        assert proc.poll() is None
         os.kill(ranks[3], signal.SIGKILL)
         assert proc.wait(30) != 0
         wait_gone(ranks.values(), 10)
 
 
 def test_no_process_of_these_tests_is_left():
-    assert len(STARTED) > 10
+    if not STARTED:
+        pytest.skip("checks the processes the other tests of this file started")
     assert [pid for pid in STARTED if alive(pid)] == []
