@@ -1,9 +1,13 @@
 """Decode attention over the paged KV cache (one new token per sequence), in Triton.
 
-One program per (sequence, KV head) loads each key and value once for all the query heads
-that read that KV head (grouped-query attention), walking the sequence's block table
-BLOCK_N tokens at a time with an online softmax. It takes only tensors, so a CUDA graph can
-capture it. The reference is `PagedAttention.reference` (layers/attention.py).
+One program per (sequence, KV head, split) loads each key and value once for all the query
+heads that read that KV head (grouped-query attention), walking its share of the sequence's
+block table BLOCK_N tokens at a time with an online softmax. With one split it writes the
+output; with several (flash-decoding: a batch of one sequence has only kv_heads programs
+for 132 SMs otherwise) each split writes its partial maximum, sum and weighted values and a
+second kernel combines them. It takes only tensors, so a CUDA graph can capture it. The
+reference is `PagedAttention.reference` (layers/attention.py); the split count, BLOCK_N and
+num_warps are tuned per batch size at build time (sharding/tuning.py).
 """
 
 from __future__ import annotations
@@ -12,14 +16,19 @@ import torch
 import triton
 import triton.language as tl
 
+DEFAULT = {"splits": 1, "block_n": 64, "num_warps": 4}
+
 
 @triton.jit
-def _paged_decode_kernel(q_ptr, k_cache, v_cache, block_tables, context_lens, out_ptr, scale, window,
-                         stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh,
-                         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr,
-                         GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+def _paged_decode_kernel(q_ptr, k_cache, v_cache, block_tables, context_lens, out_ptr, acc_ptr, ml_ptr, scale,
+                         window, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot,
+                         stride_oh, HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+                         PARTIAL: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    splits = tl.num_programs(2)
     ctx = tl.load(context_lens + seq)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
@@ -30,7 +39,12 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, block_tables, context_lens, ou
     denom = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     first = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)
-    for start in range((first // BLOCK_N) * BLOCK_N, ctx, BLOCK_N):
+    # Splits take equal whole BLOCK_N chunks of [lo, ctx); a trailing split may get none. Every
+    # chunk holds a valid key (lo's chunk holds `first`), so no row's maximum stays -inf in one.
+    lo = (first // BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(ctx - lo, splits), BLOCK_N) * BLOCK_N
+    begin = lo + split * chunk
+    for start in range(begin, tl.minimum(begin + chunk, ctx), BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         valid = (n < ctx) & (n >= first)
         block = tl.load(block_tables + seq * stride_bt + n // BLOCK_SIZE, mask=valid, other=0)
@@ -51,24 +65,55 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, block_tables, context_lens, ou
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
-    out = acc / denom[:, None]
-    tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=(g < GROUP)[:, None])
+    if PARTIAL:  # [seqs, heads, splits] maxima and sums, [seqs, heads, splits, head_dim] weighted values
+        row = (seq * HEADS + heads) * splits + split
+        tl.store(acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=(g < GROUP)[:, None])
+        tl.store(ml_ptr + 2 * row, m, mask=g < GROUP)
+        tl.store(ml_ptr + 2 * row + 1, denom, mask=g < GROUP)
+    else:
+        out = acc / denom[:, None]
+        tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None])
+
+
+@triton.jit
+def _combine_kernel(acc_ptr, ml_ptr, out_ptr, splits, stride_ot, stride_oh, HEADS: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    valid = s < splits
+    row = (seq * HEADS + head) * splits + s
+    m = tl.load(ml_ptr + 2 * row, mask=valid, other=float("-inf"))
+    denom = tl.load(ml_ptr + 2 * row + 1, mask=valid, other=0.0)
+    weight = tl.exp(m - tl.max(m, 0))  # an empty split (maximum -inf) weighs 0
+    acc = tl.load(acc_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
+    out = tl.sum(acc * weight[:, None], 0) / tl.sum(denom * weight, 0)
+    tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                           sliding_window: int | None = None, block_n: int = 64) -> torch.Tensor:
+                           sliding_window: int | None = None, splits: int = 1, block_n: int = 64,
+                           num_warps: int = 4) -> torch.Tensor:
     """q: [seqs, heads, head_dim]; caches: [blocks, block_size, kv_heads, head_dim];
     block_tables: [seqs, max_blocks] int32/64; context_lens: [seqs] (this token included)."""
     seqs, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     group = heads // kv_heads
     out = torch.empty_like(q)
-    _paged_decode_kernel[(seqs, kv_heads)](
-        q, k_cache, v_cache, block_tables, context_lens, out, scale, sliding_window or 0,
+    partial = splits > 1
+    acc = torch.empty(seqs, heads, splits, head_dim, dtype=torch.float32, device=q.device) if partial else out
+    ml = torch.empty(seqs, heads, splits, 2, dtype=torch.float32, device=q.device) if partial else out
+    _paged_decode_kernel[(seqs, kv_heads, splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, acc, ml, scale, sliding_window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1), BLOCK_SIZE=block_size, HEAD_DIM=head_dim, GROUP=group,
+        out.stride(0), out.stride(1), HEADS=heads, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
+        PARTIAL=partial, num_warps=num_warps,
     )
+    if partial:
+        _combine_kernel[(seqs, heads)](acc, ml, out, splits, out.stride(0), out.stride(1), HEADS=heads,
+                                       HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(splits))
     return out
