@@ -1,6 +1,11 @@
-"""CUDA graphs of the decode step (the forward and the logits), one per batch-size bucket,
-captured at start-up and replayed every decode step: a decode step of an 8B model is a few
-hundred small kernels, whose launch cost a graph removes. Prefill and mixed steps run eagerly."""
+"""CUDA graphs of the decode step (the forward, the logits and their greedy argmax), one per
+batch-size bucket, captured at start-up and replayed every decode step: a decode step of an
+8B model is a few hundred small kernels, whose launch cost a graph removes. Prefill and mixed
+steps run eagerly.
+
+A bucket's inputs (token ids, positions, cache slots, context lengths, block tables) are one
+int64 range of one device buffer, filled by a single copy from a pinned host buffer: at
+batch 1 the step's host work is a share of its time, and five copies cost five round trips."""
 
 from __future__ import annotations
 
@@ -20,15 +25,14 @@ class DecodeGraphs:
     def __init__(self, model: CausalLM, max_batch: int, max_blocks_per_seq: int, pad_block: int, block_size: int,
                  device: torch.device) -> None:
         self.model, self.device = model, device
-        self.pad_slot = pad_block * block_size
-        self.max_batch = max_batch
-        n = max_batch
-        self.ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slots = torch.full((n,), self.pad_slot, dtype=torch.int64, device=device)
-        self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
-        self.tables = torch.full((n, max_blocks_per_seq), pad_block, dtype=torch.int32, device=device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pad_block, self.pad_slot = pad_block, pad_block * block_size
+        self.max_batch, self.width = max_batch, max_blocks_per_seq
+        size = self._size(max_batch)
+        self.inputs = torch.zeros(size, dtype=torch.int64, device=device)
+        self.host = torch.zeros(size, dtype=torch.int64, pin_memory=True)
+        self.host_array = self.host.numpy()
+        self.copied = torch.cuda.Event()  # the last copy out of `host`: wait before writing it again
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         before = torch.cuda.memory_allocated(device)
         pool = torch.cuda.graph_pool_handle()
         for b in sorted(buckets(max_batch), reverse=True):  # largest first: the rest reuse its memory
@@ -36,32 +40,52 @@ class DecodeGraphs:
         torch.cuda.synchronize(device)
         self.memory_bytes = torch.cuda.memory_allocated(device) - before
 
-    def _forward(self, b: int) -> torch.Tensor:
-        meta = AttentionMetadata(self.slots[:b], [], [], self.tables[:b], self.context_lens[:b], decode=True)
-        return self.model.compute_logits(self.model(self.ids[:b], self.positions[:b], meta))
+    def _size(self, b: int) -> int:
+        return b * (4 + self.width)
 
-    def _capture(self, b: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _views(self, buffer, b: int):
+        """(ids, positions, slots, context lens, block tables [b, width]) of bucket b in `buffer`."""
+        return (*buffer[: 4 * b].reshape(4, b), buffer[4 * b: self._size(b)].reshape(b, self.width))
+
+    def _forward(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, positions, slots, context_lens, tables = self._views(self.inputs, b)
+        meta = AttentionMetadata(slots, [], [], tables, context_lens, decode=True)
+        logits = self.model.compute_logits(self.model(ids, positions, meta))
+        return logits, logits.argmax(-1)
+
+    def _capture(self, b: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        _, _, slots, context_lens, tables = self._views(self.inputs, b)
+        slots.fill_(self.pad_slot)  # capture on padding rows: they write to the spare block
+        context_lens.fill_(1)
+        tables.fill_(self.pad_block)
         self._forward(b)  # compile and warm up outside the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            logits = self._forward(b)
-        return graph, logits
+            logits, greedy = self._forward(b)
+        return graph, logits, greedy
 
     def fits(self, step: Step) -> bool:
         return step.num_tokens == step.num_seqs <= self.max_batch
 
-    def run(self, step: Step) -> torch.Tensor:
-        """Logits [seqs, vocab] of a decode step, by replaying the smallest graph that holds it."""
+    def run(self, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [seqs, vocab], their argmax [seqs]) of a decode step, by replaying the
+        smallest graph that holds it."""
         n = step.num_seqs
         b = min(size for size in self.graphs if size >= n)
+        self.copied.synchronize()
+        ids, positions, slots, context_lens, tables = self._views(self.host_array, b)
+        ids[:n], positions[:n], slots[:n] = step.token_ids, step.positions, step.slot_mapping
+        context_lens[:n] = step.context_lens
+        # Padded rows write to the spare block and read one token of it. Every value is set:
+        # the host buffer holds other buckets' layouts, where a slot could pose as a token id.
+        ids[n:], positions[n:], slots[n:], context_lens[n:] = 0, 0, self.pad_slot, 1
         width = step.block_tables.shape[1]
-        self.ids[:n].copy_(torch.from_numpy(step.token_ids), non_blocking=True)
-        self.positions[:n].copy_(torch.from_numpy(step.positions), non_blocking=True)
-        self.slots[:n].copy_(torch.from_numpy(step.slot_mapping), non_blocking=True)
-        self.context_lens[:n].copy_(torch.from_numpy(step.context_lens), non_blocking=True)
-        self.tables[:n, :width].copy_(torch.from_numpy(step.block_tables), non_blocking=True)
-        self.slots[n:b].fill_(self.pad_slot)  # padded rows write to the spare block and read one token of it
-        self.context_lens[n:b].fill_(1)
-        graph, logits = self.graphs[b]
+        tables[:n, :width] = step.block_tables
+        tables[:n, width:] = tables[n:] = self.pad_block
+        used = self._size(b)
+        self.inputs[:used].copy_(self.host[:used], non_blocking=True)
+        self.copied.record()
+        graph, logits, greedy = self.graphs[b]
         graph.replay()
-        return logits[:n]
+        return logits[:n], greedy[:n]
+

@@ -1,5 +1,6 @@
 """An engine folder: `engine.json` (format version, model config, plan, build options,
-checksums) and one `rank-XXXXX.safetensors` per rank, plus the tokenizer files."""
+checksums, tuned kernel choices) and one `rank-XXXXX.safetensors` per rank, plus the
+tokenizer files."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class Engine:
     plan: Plan
     build: dict[str, Any]  # options the engine was built with
     files: dict[str, dict[str, Any]]  # rank file name -> {"sha256", "bytes"}
+    tuning: dict[str, Any] | None = None  # kernel choices timed at build (dist_runtime/tuning.py); None: older engine
 
     @classmethod
     def load(cls, path: str | Path) -> Engine:
@@ -49,13 +51,13 @@ class Engine:
                               f"{FORMAT_VERSION}; rebuild the engine")
         try:
             return cls(path, ModelConfig.from_dict(meta["model_config"]), Plan.from_dict(meta["plan"]),
-                       meta["build"], meta["files"])
+                       meta["build"], meta["files"], meta.get("tuning"))
         except (KeyError, TypeError) as e:
             raise EngineError(f"{meta_file}: malformed ({e})") from e
 
     def save(self) -> None:
         meta = {"format_version": FORMAT_VERSION, "model_config": self.config.to_dict(),
-                "plan": self.plan.to_dict(), "build": self.build, "files": self.files}
+                "plan": self.plan.to_dict(), "build": self.build, "files": self.files, "tuning": self.tuning}
         tmp = self.path / (ENGINE_JSON + ".tmp")
         tmp.write_text(json.dumps(meta, indent=1))
         tmp.replace(self.path / ENGINE_JSON)

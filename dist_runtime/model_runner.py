@@ -14,8 +14,9 @@ from dist_runtime.errors import EngineError
 from dist_runtime.layers.attention import AttentionMetadata
 from dist_runtime.mapping import Mapping
 from dist_runtime.models import build_model
-from dist_runtime.sampler import sample
+from dist_runtime.sampler import Sampled, sample
 from dist_runtime.step import Step
+from dist_runtime.tuning import KernelChoices, install
 
 
 @dataclass
@@ -44,6 +45,9 @@ class ModelRunner:
         _load_weights(self.model, engine.load_rank_weights(mapping.rank, self.device, verify),
                       engine.rank_path(mapping.rank))
         self.model.to(self.device)  # the buffers (rotary frequencies) follow the weights
+        # The kernel choices tuned at build for this engine's shapes; none on the CPU (the reference).
+        self.kernels = KernelChoices.from_record(engine.tuning) if self.device.type == "cuda" else None
+        install(self.model, self.kernels)
         self.hidden_size = engine.config.hidden_size
         self.block_size = plan.block_size
         self.kv_cache_fraction, self.use_cuda_graphs = kv_cache_fraction, cuda_graphs
@@ -122,8 +126,11 @@ class ModelRunner:
     def _run(self, step: Step) -> StepOutput | None:
         m = self.mapping
         if self.graphs is not None and self.graphs.fits(step):
-            rows = torch.from_numpy(step.sample_rows).to(self.device)
-            return self._sample(step, self.graphs.run(step)[rows])
+            logits, greedy = self.graphs.run(step)
+            if len(step.sample_rows) < step.num_seqs:  # in a decode step every sequence samples, but be exact
+                rows = torch.from_numpy(step.sample_rows).to(self.device)
+                logits, greedy = logits[rows], greedy[rows]
+            return self._sample(step, logits, greedy)
         positions = torch.from_numpy(step.positions).to(self.device)
         meta = AttentionMetadata(
             slot_mapping=torch.from_numpy(step.slot_mapping).to(self.device),
@@ -146,12 +153,13 @@ class ModelRunner:
         last_tokens = torch.from_numpy(step.query_start[step.sample_rows + 1] - 1).to(self.device)
         return self._sample(step, self.model.compute_logits(hidden[last_tokens]))
 
-    def _sample(self, step: Step, logits: torch.Tensor) -> StepOutput | None:
-        """On the last stage: sample, and get the tokens to rank 0."""
+    def _sample(self, step: Step, logits: torch.Tensor, greedy: torch.Tensor | None = None) -> StepOutput | None:
+        """On the last stage: sample, and get the tokens to rank 0. `greedy`, the logits'
+        argmax from the graph, is the sample itself when every row is plain greedy."""
         m = self.mapping
         if m.rank != m.sampler_rank() or not len(step.sample_rows):
             return StepOutput([]) if m.rank == 0 else None
-        sampled = sample(logits, step)
+        sampled = Sampled(greedy, None) if greedy is not None and _plain_greedy(step) else sample(logits, step)
         out = StepOutput(sampled.token_ids.tolist(), sampled.logprobs, logits if step.return_logits else None)
         if m.rank == 0:
             return out
@@ -188,6 +196,11 @@ class ModelRunner:
         if self.device.type == "cuda":
             stats["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(self.device)
         return stats
+
+
+def _plain_greedy(step: Step) -> bool:
+    """Every row takes the argmax of the raw logits: no temperature, penalties or logprobs."""
+    return not step.temperature.any() and not len(step.history) and bool((step.num_logprobs < 0).all())
 
 
 def _leading_decodes(query_start) -> int:

@@ -15,9 +15,11 @@ from dist_runtime.config import ModelConfig
 from dist_runtime.engine import TOKENIZER_FILES, Engine, rank_file_name
 from dist_runtime.errors import CheckpointError, EngineError
 from dist_runtime.models import build_model, checkpoint_layout
+from dist_runtime.tuning import skipped
 from sharding.checkpoint import Checkpoint
 from sharding.planner import DTYPES, Plan, make_plan
 from sharding.safetensors_writer import StreamingWriter, TensorSpec
+from sharding.tuning import tune_kernels
 
 BUILDABLE = ("fp32", "fp16", "bf16")
 
@@ -36,7 +38,10 @@ def check_checkpoint(ck: Checkpoint) -> None:
 
 
 def build_engine(checkpoint: str | Path, out: str | Path, tp: int = 1, pp: int = 1, dtype: str = "bf16",
-                 progress: bool = True, **plan_options) -> Engine:
+                 progress: bool = True, tune: bool = False, **plan_options) -> Engine:
+    """`tune`: time the kernel candidates on this machine's GPU (if it has one) and record the
+    winners in engine.json; the runner uses them as they are. `dist-runtime build` tunes
+    unless told --no-tune; here it is asked for, as it holds the GPU for a while."""
     if dtype not in BUILDABLE:
         raise EngineError(f"--dtype {dtype}: this build step writes {', '.join(BUILDABLE)} engines; "
                           f"quantized formats are planned but not built yet")
@@ -51,7 +56,8 @@ def build_engine(checkpoint: str | Path, out: str | Path, tp: int = 1, pp: int =
             shutil.copy(ck.path / name, out / name)
     build = {"dtype": dtype, "checkpoint": str(ck.path.resolve()), "checkpoint_dtype": ck.config.dtype,
              "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    engine = Engine(out, ck.config, plan, build, files)
+    tuning = tune_kernels(ck.config, plan) if tune else skipped("not asked for (--no-tune)")
+    engine = Engine(out, ck.config, plan, build, files, tuning)
     engine.save()
     return engine
 

@@ -35,6 +35,7 @@ class PagedAttention(nn.Module):
         self.scale, self.sliding_window = scale, sliding_window
         self.k_cache = torch.empty(0)  # [blocks, block_size, kv_heads, head_dim], set by the runner
         self.v_cache = torch.empty(0)
+        self.kernels = None  # KernelChoices (the decode kernel's tuned launch), set by a GPU runner
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                 rotary=None, positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,12 +56,16 @@ class PagedAttention(nn.Module):
         from dist_runtime.kernels.paged_decode import paged_decode_attention
 
         decodes = len(meta.context_lens_tensor) if meta.decode else meta.num_decodes
+        launch = self.kernels.attention(decodes) if self.kernels is not None else {}
+        if meta.decode:  # the kernel's output as it is: no copy (a graph node per layer) into `out`
+            return paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens_tensor,
+                                          self.scale, self.sliding_window, **launch).flatten(1)
         out = torch.empty_like(q)
         if decodes:  # one kernel launch for every decoding sequence
             out[:decodes] = paged_decode_attention(q[:decodes], self.k_cache, self.v_cache,
                                                    meta.block_tables[:decodes], meta.context_lens_tensor[:decodes],
-                                                   self.scale, self.sliding_window)
-        if not meta.decode and decodes < len(meta.context_lens):
+                                                   self.scale, self.sliding_window, **launch)
+        if decodes < len(meta.context_lens):
             out[decodes:] = self.prefill(q[decodes:], k[decodes:], v[decodes:], meta, first=decodes)
         return out.flatten(1)
 

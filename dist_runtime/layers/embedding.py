@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_runtime.layers import declare, split, whole
+from dist_runtime.layers.linear import linear
 
 
 def padded_vocab(vocab_size: int, tp: int) -> int:
@@ -50,8 +51,10 @@ class VocabParallelEmbedding(_VocabParallel):
 class ParallelLMHead(_VocabParallel):
     """Logits over the whole vocabulary: each rank computes its rows, then they are gathered."""
 
+    kernels = None  # KernelChoices, set by a GPU runner
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight, self.bias)
+        logits = linear(hidden, self.weight, self.bias, self.kernels)
         if self.tp > 1:
             logits = self.comm.all_gather(logits)
         return logits[..., : self.vocab_size]

@@ -12,6 +12,17 @@ from dist_runtime.errors import PlanError
 from dist_runtime.layers import declare, split, whole
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernels=None) -> torch.Tensor:
+    """F.linear, or the Triton kernel for a few rows where the engine's tuning found it faster
+    for this shape on this GPU (`kernels`: the runner's KernelChoices, None on the CPU)."""
+    choice = kernels.gemm(x.numel() // x.shape[-1], *weight.shape) if kernels is not None else None
+    if choice is None:
+        return F.linear(x, weight, bias)
+    from dist_runtime.kernels.skinny_gemm import skinny_linear
+
+    return skinny_linear(x, weight, bias, **choice)
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W's output rows split over TP ranks; the output stays split.
 
@@ -31,6 +42,7 @@ class ColumnParallelLinear(nn.Module):
         self.weight = declare(nn.Parameter(torch.empty(out, in_features)), self.parallel,
                               self._shard, linear=True)
         self.bias = declare(nn.Parameter(torch.empty(out)), self.parallel, self._shard) if bias else None
+        self.kernels = None  # KernelChoices, set by a GPU runner
 
     def local_piece_sizes(self, pieces: list[int], name: str) -> list[int]:
         for size in pieces:
@@ -45,7 +57,7 @@ class ColumnParallelLinear(nn.Module):
         return torch.cat([self.shard_piece(i, t) for i, t in enumerate(tensors)], dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.kernels)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -98,10 +110,11 @@ class RowParallelLinear(nn.Module):
         self.weight = declare(nn.Parameter(torch.empty(out_features, in_features // tp)), self.parallel,
                               lambda ts: split(whole(ts), 1, tp, tp_rank), linear=True)
         self.bias = declare(nn.Parameter(torch.empty(out_features)), "replicated", whole) if bias else None
+        self.kernels = None  # KernelChoices, set by a GPU runner
 
     def partial(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's share of the product, before the all-reduce and without the bias."""
-        return F.linear(x, self.weight)
+        return linear(x, self.weight, None, self.kernels)
 
     def finish(self, partial_sum: torch.Tensor) -> torch.Tensor:
         """All-reduce partial sums (several layers' may be summed first) and add the bias."""

@@ -1,0 +1,82 @@
+"""The kernel choices an engine was tuned with (engine.json's "tuning"), as the runner reads them.
+
+The build times the candidates on its GPU (sharding/tuning.py) and records, per shape, the
+winner and the measured times. Choices are keyed by batch-size bucket: a step of n sequences
+(or n tokens) takes the choice of the smallest tuned bucket that holds it, so the CUDA graph
+of each bucket bakes in its own kernels and eager steps choose the same way. A GPU runner
+hands one KernelChoices to every layer that has a `kernels` attribute; on the CPU there is none.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+
+def skipped(reason: str) -> dict[str, Any]:
+    """engine.json's record of a build that did not tune."""
+    return {"tuned": False, "reason": reason}
+
+
+def _by_bucket(table: dict[str, Any]) -> list[tuple[int, Any]]:
+    return sorted((int(bucket), choice) for bucket, choice in table.items())
+
+
+def _pick(table: list[tuple[int, Any]], n: int, beyond: Any) -> Any:
+    """The choice of the smallest bucket >= n; `beyond` past the largest."""
+    for bucket, choice in table:
+        if n <= bucket:
+            return choice
+    return beyond
+
+
+class KernelChoices:
+    """Lookups over a tuning record: attention launch parameters by decode batch size, and
+    the GEMM kernel by (rows, out features, in features)."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.record = record
+        self._attention = _by_bucket(record.get("decode_attention", {}))
+        self._gemm = {shape: _by_bucket(table) for shape, table in record.get("gemm", {}).items()}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any] | None) -> KernelChoices | None:
+        return cls(record) if record and record.get("tuned") else None
+
+    def attention(self, num_seqs: int) -> dict[str, int]:
+        """Keyword arguments of paged_decode_attention: splits, block_n, num_warps."""
+        if not self._attention:
+            return {}
+        choice = _pick(self._attention, num_seqs, self._attention[-1][1])
+        return {key: choice[key] for key in ("splits", "block_n", "num_warps")}
+
+    def gemm(self, rows: int, out_features: int, in_features: int) -> dict[str, int] | None:
+        """skinny_linear's keyword arguments where the Triton kernel won, else None (cuBLAS)."""
+        table = self._gemm.get(gemm_key(out_features, in_features))
+        choice = _pick(table, rows, None) if table else None
+        if choice is None or choice["kernel"] != "triton":
+            return None
+        return {key: choice[key] for key in ("block_n", "block_k", "num_warps", "num_stages")}
+
+
+def install(model: nn.Module, choices: KernelChoices | None) -> None:
+    """Hand `choices` (None: the defaults) to every layer of `model` that launches a tuned kernel."""
+    for module in model.modules():
+        if hasattr(module, "kernels"):
+            module.kernels = choices
+
+
+def gemm_key(out_features: int, in_features: int) -> str:
+    return f"{out_features}x{in_features}"
+
+
+def summary(record: dict[str, Any] | None) -> str:
+    """One line for `build`'s output: what was tuned, or why nothing was."""
+    if not record or not record.get("tuned"):
+        return f"kernel tuning skipped: {record['reason'] if record else 'no record'}"
+    splits = ", ".join(f"{b}: {c['splits']}" for b, c in _by_bucket(record["decode_attention"]))
+    gemms = [c for table in record["gemm"].values() for c in table.values()]
+    triton = sum(c["kernel"] == "triton" for c in gemms)
+    return (f"kernels tuned on {record['gpu']} in {record['seconds']} s: decode-attention splits by batch "
+            f"{{{splits}}}; Triton GEMM faster than cuBLAS for {triton} of {len(gemms)} (shape, rows) cases")

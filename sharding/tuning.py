@@ -1,0 +1,177 @@
+"""Kernel tuning at build time: for every GEMM and the decode attention of the engine's
+shapes (one rank's slices; every rank of a plan has the same), time the candidate kernels on
+this machine's GPU and return the winners with their measured times, for engine.json.
+
+- Decode attention: the split count (flash-decoding), BLOCK_N and num_warps of the paged
+  kernel, per batch-size bucket, over a short and the longest context.
+- GEMMs of decode batches up to 16 rows: cuBLAS (F.linear) against the Triton skinny kernel's
+  configurations. Larger batches have no Triton alternative here and take cuBLAS.
+
+Every time comes from replaying a CUDA graph of repeated calls (the runner replays graphs, so
+launch overhead is not what is being chosen between), over rotated inputs of at least
+L2_FLUSH_BYTES so that no timing reads a warm L2 cache.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dist_runtime.config import ModelConfig
+from dist_runtime.cuda_graphs import buckets
+from dist_runtime.models import build_model
+from dist_runtime.tuning import gemm_key, skipped
+from sharding.planner import DTYPES, Plan
+
+L2_FLUSH_BYTES = 256 << 20
+MAX_KV_TOKENS = 1 << 20  # per attention timing: a batch of 512 is timed at contexts of up to 2048
+SHORT_CONTEXT = 256
+SPLITS, BLOCK_NS, WARPS = (1, 2, 4, 8, 16), (32, 64, 128), (4, 8)
+TRITON_MARGIN = 0.97  # Triton must beat cuBLAS by 3%: a smaller gap is within the timing spread
+CALLS = 16  # per graph
+REPLAYS = 3
+
+
+def tune_kernels(config: ModelConfig, plan: Plan) -> dict[str, Any]:
+    """The tuning record for engine.json, or a record of why none was made."""
+    if not torch.cuda.is_available():
+        return skipped("no CUDA GPU on the build machine")
+    import triton
+
+    start = time.perf_counter()
+    dtype = DTYPES[plan.dtype][0]
+    gemms, attention = _shapes(config, plan, dtype)
+    batches = sorted({b for b in buckets(plan.max_batch_size) if b & (b - 1) == 0} | {plan.max_batch_size})
+    with torch.inference_mode():
+        record = {"tuned": True, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                  "triton": triton.__version__,
+                  "decode_attention": _tune_attention(attention, batches, plan, dtype),
+                  "gemm": _tune_gemms(gemms, [b for b in batches if b <= 16], dtype)}
+    torch.cuda.empty_cache()
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    return record
+
+
+def _shapes(config: ModelConfig, plan: Plan, dtype: torch.dtype) -> tuple[set, tuple]:
+    """GEMM shapes (out, in, has bias) of every stage, and the attention shape (our models'
+    layers share one)."""
+    gemms, attention = set(), None
+    for stage in range(plan.pp):
+        model = build_model(config, plan.mapping(stage * plan.tp), plan.layer_range(stage), dtype, "meta")
+        for module in model.modules():
+            if not hasattr(module, "kernels"):
+                continue
+            if hasattr(module, "k_cache"):
+                attention = (module.num_heads, module.num_kv_heads, module.head_dim, module.sliding_window)
+            else:
+                gemms.add((*module.weight.shape, module.bias is not None))
+    return gemms, attention
+
+
+def gpu_time(fns: list[Callable[[], Any]]) -> float:
+    """Seconds per call of the fns (taken in turn), from CUDA-graph replays; the median of REPLAYS."""
+    for fn in fns:
+        fn()  # compile, warm up, and raise here (outside any capture) if a configuration cannot run
+    torch.cuda.synchronize()
+    rounds = max(1, CALLS // len(fns))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(rounds):
+            for fn in fns:
+                fn()
+    graph.replay()
+    times = []
+    for _ in range(REPLAYS):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end) / 1e3 / (rounds * len(fns)))
+    del graph
+    return statistics.median(times)
+
+
+def _try_time(fns: list[Callable[[], Any]]) -> float:
+    """gpu_time, or infinity for a configuration that cannot run here (too much shared memory)."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
+    try:
+        return gpu_time(fns)
+    except (OutOfResources, CompilationError):
+        return math.inf
+
+
+def _tune_attention(shape: tuple, batches: list[int], plan: Plan, dtype: torch.dtype) -> dict[str, Any]:
+    from dist_runtime.kernels.paged_decode import DEFAULT, paged_decode_attention
+
+    heads, kv_heads, head_dim, window = shape
+    bs = plan.block_size
+    contexts = sorted({min(SHORT_CONTEXT, plan.max_seq_len), plan.max_seq_len})
+    candidates = [dict(splits=s, block_n=n, num_warps=w) for s, n, w in itertools.product(SPLITS, BLOCK_NS, WARPS)]
+    table = {}
+    for b in batches:
+        times: dict[int, list[float]] = {i: [] for i in range(len(candidates))}
+        used_contexts = []
+        for context in contexts:
+            context = max(1, min(context, MAX_KV_TOKENS // b))
+            used_contexts.append(context)
+            per_seq = -(-context // bs)
+            block_bytes = 2 * bs * kv_heads * head_dim * dtype.itemsize
+            pool = max(b * per_seq, L2_FLUSH_BYTES // block_bytes)
+            k_cache = torch.randn(pool, bs, kv_heads, head_dim, device="cuda", dtype=dtype)
+            v_cache = torch.randn_like(k_cache)
+            q = torch.randn(b, heads, head_dim, device="cuda", dtype=dtype)
+            lens = torch.full((b,), context, device="cuda", dtype=torch.int64)
+            rotations = max(1, min(4, pool // (b * per_seq)))
+            tables = [torch.randperm(pool, device="cuda")[: b * per_seq].view(b, per_seq) for _ in range(rotations)]
+            for i, c in enumerate(candidates):
+                times[i].append(_try_time([partial(paged_decode_attention, q, k_cache, v_cache, t, lens,
+                                                   head_dim**-0.5, window, **c) for t in tables]))
+        # the geometric mean over the contexts: each context weighs the same, however long
+        score = {i: math.prod(t) for i, t in times.items()}
+        best = min(score, key=score.get)
+        default = next(i for i, c in enumerate(candidates) if c == DEFAULT)
+        table[str(b)] = {**candidates[best], "contexts": used_contexts, "us": _us(times[best]),
+                         "default_us": _us(times[default])}
+    return table
+
+
+def _tune_gemms(shapes: set, rows: list[int], dtype: torch.dtype) -> dict[str, Any]:
+    from dist_runtime.kernels.skinny_gemm import CONFIGS, ROW_CONFIGS, skinny_linear
+
+    if dtype not in (torch.bfloat16, torch.float16) or not rows:
+        return {}  # Triton's float32 dot is tf32 unless made exact, and then slow: cuBLAS it is
+    table = {}
+    for n, k, has_bias in sorted(shapes):
+        copies = min(CALLS, -(-L2_FLUSH_BYTES // (n * k * dtype.itemsize)))
+        weights = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(copies)]
+        bias = torch.randn(n, device="cuda", dtype=dtype) if has_bias else None
+        entry = {}
+        for m in rows:
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            configs = CONFIGS + ROW_CONFIGS if m == 1 else CONFIGS
+            cublas = _try_time([partial(F.linear, x, w, bias) for w in weights])
+            triton_times = [_try_time([partial(skinny_linear, x, w, bias, *c) for w in weights]) for c in configs]
+            best = min(range(len(configs)), key=triton_times.__getitem__)
+            choice = {"kernel": "cublas", "us": _us([cublas])[0]}
+            if triton_times[best] < TRITON_MARGIN * cublas:
+                block_n, block_k, num_warps, num_stages = configs[best]
+                choice = {"kernel": "triton", "block_n": block_n, "block_k": block_k, "num_warps": num_warps,
+                          "num_stages": num_stages, "us": _us([triton_times[best]])[0]}
+            entry[str(m)] = {**choice, "cublas_us": _us([cublas])[0], "best_triton_us": _us([triton_times[best]])[0]}
+        table[gemm_key(n, k)] = entry
+    return table
+
+
+def _us(seconds: list[float]) -> list[float]:
+    return [round(s * 1e6, 2) for s in seconds]

@@ -1,0 +1,113 @@
+"""Kernel tuning at build time: the choices round-trip through engine.json, `--no-tune` and a
+build without a GPU are recorded as such, and (on a GPU) the tuned kernels run and give the
+untuned engine's outputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import PROMPTS, cli
+
+from dist_runtime import LLM, SamplingParams
+from dist_runtime.engine import Engine
+from dist_runtime.mapping import Mapping
+from dist_runtime.models import build_model
+from dist_runtime.tuning import KernelChoices, gemm_key, install
+
+RECORD = {
+    "tuned": True, "gpu": "test", "seconds": 1.0,
+    "decode_attention": {"1": {"splits": 8, "block_n": 32, "num_warps": 4, "us": [3.0], "default_us": [6.0]},
+                         "4": {"splits": 2, "block_n": 64, "num_warps": 8, "us": [4.0], "default_us": [5.0]}},
+    "gemm": {gemm_key(96, 64): {"1": {"kernel": "triton", "block_n": 16, "block_k": 256, "num_warps": 4,
+                                      "num_stages": 4, "us": 2.0, "cublas_us": 3.0, "best_triton_us": 2.0},
+                                "4": {"kernel": "cublas", "us": 2.0, "cublas_us": 2.0, "best_triton_us": 2.5}}},
+}
+
+
+def test_engine_json_keeps_the_tuned_choices_and_the_runner_reads_them(engines, tmp_path):
+    engine_dir = tmp_path / "eng"
+    shutil.copytree(engines("llama", 1, 1), engine_dir)
+    engine = Engine.load(engine_dir)
+    engine.tuning = RECORD
+    engine.save()
+    choices = KernelChoices.from_record(Engine.load(engine_dir).tuning)
+    assert choices.record == RECORD
+    # a step takes the smallest tuned bucket that holds it; past the largest, the largest
+    assert choices.attention(1) == {"splits": 8, "block_n": 32, "num_warps": 4}
+    assert choices.attention(3) == choices.attention(4) == choices.attention(300) == {
+        "splits": 2, "block_n": 64, "num_warps": 8}
+    assert choices.gemm(1, 96, 64) == {"block_n": 16, "block_k": 256, "num_warps": 4, "num_stages": 4}
+    assert choices.gemm(2, 96, 64) is None  # cuBLAS won at 4 rows
+    assert choices.gemm(5, 96, 64) is None and choices.gemm(1, 64, 64) is None  # untuned: cuBLAS
+
+
+def test_every_layer_with_a_kernel_choice_gets_the_engines(engines):
+    engine = Engine.load(engines("llama", 1, 1))
+    model = build_model(engine.config, Mapping(), range(engine.config.num_layers), torch.float32, "meta")
+    choices = KernelChoices(RECORD)
+    install(model, choices)
+    users = [m for m in model.modules() if hasattr(m, "kernels")]
+    assert len(users) == 5 * engine.config.num_layers + 1  # qkv, attention, o, gate_up, down; the LM head
+    assert all(m.kernels is choices for m in users)
+
+
+def test_build_records_no_tune_and_a_build_without_gpu(checkpoints, tmp_path):
+    out = cli("build", str(checkpoints["llama"]), "--out", str(tmp_path / "a"), "--no-tune", "--max-batch-size", "4")
+    assert out.returncode == 0, out.stderr
+    assert "kernel tuning skipped: not asked for (--no-tune)" in out.stdout
+    assert json.loads((tmp_path / "a" / "engine.json").read_text())["tuning"] == {
+        "tuned": False, "reason": "not asked for (--no-tune)"}
+    assert KernelChoices.from_record(Engine.load(tmp_path / "a").tuning) is None
+    if torch.cuda.is_available():
+        return
+    out = cli("build", str(checkpoints["llama"]), "--out", str(tmp_path / "b"), "--max-batch-size", "4")
+    assert out.returncode == 0 and "kernel tuning skipped: no CUDA GPU" in out.stdout, out.stderr
+    assert Engine.load(tmp_path / "b").tuning == {"tuned": False, "reason": "no CUDA GPU on the build machine"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to tune and run kernels")
+def test_tuned_and_forced_kernels_give_the_untuned_outputs(checkpoints, tmp_path, monkeypatch):
+    """bf16 engine tuned on this GPU; then the same engine with every GEMM forced to Triton and
+    attention to 4 splits, and with no tuning: the same first tokens, logits within bf16 rounding."""
+    import dist_runtime.kernels.skinny_gemm as skinny
+    from sharding.builder import build_engine
+
+    tuned = build_engine(checkpoints["llama"], tmp_path / "tuned", dtype="bf16", progress=False, tune=True,
+                         max_batch_size=4, max_seq_len=128)
+    record = tuned.tuning
+    assert record["tuned"] and record["gpu"] == torch.cuda.get_device_name()
+    assert sorted(int(b) for b in record["decode_attention"]) == [1, 2, 4] and record["gemm"]
+    forced = {**record, "decode_attention": {"4": {"splits": 4, "block_n": 32, "num_warps": 4}},
+              "gemm": {shape: {"4": {"kernel": "triton", "block_n": 32, "block_k": 128, "num_warps": 4,
+                                     "num_stages": 3}} for shape in record["gemm"]}}
+    variants = {"tuned": record, "forced": forced, "untuned": None}
+    calls = []
+    real = skinny.skinny_linear
+    monkeypatch.setattr(skinny, "skinny_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=3)
+    results = {}
+    for name, tuning in variants.items():
+        folder = tmp_path / name
+        if name != "tuned":
+            shutil.copytree(tmp_path / "tuned", folder)
+            engine = Engine.load(folder)
+            engine.tuning = tuning
+            engine.save()
+        calls.clear()
+        with LLM(str(folder), device="cuda") as llm:
+            runner = llm.coordinator.runner
+            assert (runner.kernels is None) == (tuning is None)
+            results[name] = llm.generate(PROMPTS, params, return_logits=True)
+        if name == "forced":
+            assert calls  # the Triton GEMM ran (at graph capture and in eager steps)
+    for name in ("tuned", "forced"):
+        for ours, ref in zip(results[name], results["untuned"]):
+            a, b = ours.outputs[0].logits[0], ref.outputs[0].logits[0]
+            assert ((a - b).norm() / b.norm()).item() < 2e-2
+            for x, y in zip(ours.outputs[0].logprobs, ref.outputs[0].logprobs):
+                if x.token_id != y.token_id:  # a bf16 near tie may flip; then both are in each other's top 3
+                    assert x.token_id in [t for t, _ in y.top] and y.token_id in [t for t, _ in x.top]
+                    break
