@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,27 @@ def _no_launcher_env(monkeypatch):
     for key in list(os.environ):
         if key.startswith(("OMPI_", "PMI_", "PMIX_", "SLURM_", "DIST_RUNTIME_")):
             monkeypatch.delenv(key)
+
+
+def rank_processes() -> list[str]:
+    """Command lines of running dist-runtime ranks (the CLI, spawned workers, Ray rank actors)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
+        except OSError:
+            continue
+        if any(a.endswith(b"/dist-runtime") or a in (b"dist-runtime", b"launch.worker", b"dist_runtime.cli")
+               or a.startswith(b"ray::RankActor") for a in argv):
+            found.append(b" ".join(argv).decode(errors="replace"))
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_rank_left_behind():
+    """After the whole suite, no process any test started may still run."""
+    yield
+    deadline = time.monotonic() + 15
+    while (left := rank_processes()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes left after the tests: {left}"
