@@ -1,0 +1,43 @@
+"""Weight quantization at build time, one scale per output channel, stored beside the weight
+as `<name>_scale` (float32). The runtime multiplies the scale back after the GEMM, so a row of
+the weight and its scale always travel together (column-parallel slices cut both alike)."""
+
+from __future__ import annotations
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+INT8_MAX = 127
+QUANTIZED_DTYPES = {"fp8": FP8, "int8wo": torch.int8}
+SCALE_SUFFIX = "_scale"
+
+
+def channel_scales(weight: torch.Tensor, limit: float) -> torch.Tensor:
+    """Per output row: the largest magnitude maps to `limit` (an all-zero row gets scale 1)."""
+    amax = weight.float().abs().amax(dim=1)
+    return torch.where(amax > 0, amax / limit, torch.ones_like(amax))
+
+
+def quantize_weight(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(quantized weight, float32 scale per output row) for fmt "int8wo" or "fp8"."""
+    if fmt == "int8wo":
+        scale = channel_scales(weight, INT8_MAX)
+        q = torch.round(weight.float() / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    elif fmt == "fp8":
+        scale = channel_scales(weight, FP8_MAX)
+        q = (weight.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    else:
+        raise ValueError(f"unknown quantized format {fmt!r}; known: {sorted(QUANTIZED_DTYPES)}")
+    return q, scale
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q.float() * scale.float()[:, None]).to(dtype)
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token activation scaling: (x in E4M3, float32 scale [rows, 1])."""
+    amax = x.float().abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
