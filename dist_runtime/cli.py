@@ -196,6 +196,15 @@ def _p(stats: dict) -> str:
     return f"{stats['p50']:.1f}/{stats['p90']:.1f}/{stats['p99']:.1f}"
 
 
+def cmd_accuracy(args: argparse.Namespace) -> int:
+    from dist_runtime.accuracy import compare
+
+    report = compare(args.reference, args.engine, args.prompts, args.steps, device=args.device,
+                     verify=not args.no_verify, **_launch_kwargs(args))
+    print(json.dumps(report, indent=1))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from dist_runtime.demo import run_demo
 
@@ -294,6 +303,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true")
     _add_launch_options(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("accuracy", help="how far an engine's logits and greedy tokens are from a reference engine's")
+    p.add_argument("reference", help="the reference engine (e.g. bf16) built from the same checkpoint")
+    p.add_argument("engine", help="the engine to measure (e.g. fp8 or int8wo)")
+    p.add_argument("--prompts", type=int, default=8, help="random prompts (default 8)")
+    p.add_argument("--steps", type=int, default=125, help="positions per prompt (default 125: 1,000 in all)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-verify", action="store_true")
+    _add_launch_options(p)
+    p.set_defaults(func=cmd_accuracy)
 
     p = sub.add_parser("demo", help="synth, plan, build and generate a tiny model on 4 CPU ranks (TP=2 x PP=2)")
     p.add_argument("--out", help="keep the checkpoint and engine here (default: a temporary folder)")

@@ -12,11 +12,13 @@ from dist_runtime.comm.base import Communicator
 from dist_runtime.engine import Engine
 from dist_runtime.errors import EngineError
 from dist_runtime.layers.attention import AttentionMetadata
+from dist_runtime.layers.quantized import check_device
 from dist_runtime.mapping import Mapping
 from dist_runtime.models import build_model
 from dist_runtime.sampler import Sampled, sample
 from dist_runtime.step import Step
 from dist_runtime.tuning import KernelChoices, install
+from sharding.quantize import FP8, SCALE_SUFFIX
 
 
 @dataclass
@@ -212,9 +214,13 @@ def _leading_decodes(query_start) -> int:
 
 def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], file) -> None:
     """Put the rank file's tensors in place of the meta parameters; a tied parameter is
-    replaced everywhere it is used."""
+    replaced everywhere it is used. A quantized GEMM weight comes with `<name>_scale`, which
+    goes to its layer's `weight_scale`."""
     params = dict(model.named_parameters())
-    missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+    scales = {name[: -len(SCALE_SUFFIX)]: t for name, t in weights.items()
+              if name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] in params}
+    tensors = {name: t for name, t in weights.items() if name[: -len(SCALE_SUFFIX)] not in scales}
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
         raise EngineError(f"{file}: does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     users: dict[int, list[tuple[nn.Module, str]]] = {}
@@ -222,10 +228,15 @@ def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], file) -> N
         for attr, param in module.named_parameters(recurse=False):
             users.setdefault(id(param), []).append((module, attr))
     for name, param in params.items():
-        tensor = weights[name]
+        tensor = tensors[name]
         if tensor.shape != param.shape:
             raise EngineError(f"{file}: {name} has shape {list(tensor.shape)}, the plan says {list(param.shape)}")
+        if (name in scales) != (tensor.dtype in (torch.int8, FP8)):
+            raise EngineError(f"{file}: {name} is {tensor.dtype} {'with' if name in scales else 'without'} a scale")
         new = nn.Parameter(tensor, requires_grad=False)
         for module, attr in users[id(param)]:
             setattr(module, attr, new)
+            if name in scales:
+                check_device(tensor.dtype, tensor.device)
+                setattr(module, f"{attr}_scale", scales[name])
 

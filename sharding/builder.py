@@ -18,10 +18,11 @@ from dist_runtime.models import build_model, checkpoint_layout
 from dist_runtime.tuning import skipped
 from sharding.checkpoint import Checkpoint
 from sharding.planner import DTYPES, Plan, make_plan
+from sharding.quantize import QUANTIZED_DTYPES, SCALE_SUFFIX, quantize_weight
 from sharding.safetensors_writer import StreamingWriter, TensorSpec
 from sharding.tuning import tune_kernels
 
-BUILDABLE = ("fp32", "fp16", "bf16")
+BUILDABLE = ("fp32", "fp16", "bf16", "int8wo", "fp8")
 
 
 def check_checkpoint(ck: Checkpoint) -> None:
@@ -43,8 +44,7 @@ def build_engine(checkpoint: str | Path, out: str | Path, tp: int = 1, pp: int =
     winners in engine.json; the runner uses them as they are. `dist-runtime build` tunes
     unless told --no-tune; here it is asked for, as it holds the GPU for a while."""
     if dtype not in BUILDABLE:
-        raise EngineError(f"--dtype {dtype}: this build step writes {', '.join(BUILDABLE)} engines; "
-                          f"quantized formats are planned but not built yet")
+        raise EngineError(f"--dtype {dtype}: this build step writes {', '.join(BUILDABLE)} engines")
     ck = Checkpoint(checkpoint)
     check_checkpoint(ck)
     plan = make_plan(ck.config, tp, pp, dtype, **plan_options)
@@ -92,13 +92,19 @@ def write_rank_files(ck: Checkpoint, plan: Plan, out: Path, progress: bool) -> d
     for stage in range(plan.pp):
         mappings = [plan.mapping(stage * plan.tp + t) for t in range(plan.tp)]
         models = [build_model(ck.config, m, plan.layer_range(stage), dtype) for m in mappings]
-        writers = [StreamingWriter(out / (rank_file_name(m.rank) + ".tmp"), _specs(plan, m.rank, dtype))
-                   for m in mappings]
+        writers = [StreamingWriter(out / (rank_file_name(m.rank) + ".tmp"), _specs(model, dtype, plan.dtype))
+                   for m, model in zip(mappings, models)]
         params = [dict(model.named_parameters()) for model in models]
         for name in params[0]:
             sources = [ck.get(n) for n in models[0].checkpoint_names(name)]
             for writer, rank_params in zip(writers, params):
-                writer.write(name, rank_params[name].shard_of(sources).to(dtype))
+                param = rank_params[name]
+                if plan.dtype in QUANTIZED_DTYPES and param.is_linear_weight:
+                    weight, scale = quantize_weight(param.shard_of(sources), plan.dtype)
+                    writer.write(name, weight)
+                    writer.write(name + SCALE_SUFFIX, scale)
+                else:
+                    writer.write(name, param.shard_of(sources).to(dtype))
             bar.update(len(writers))
         for m, writer in zip(mappings, writers):
             sha = writer.close()
@@ -109,5 +115,13 @@ def write_rank_files(ck: Checkpoint, plan: Plan, out: Path, progress: bool) -> d
     return files
 
 
-def _specs(plan: Plan, rank: int, dtype: torch.dtype) -> list[TensorSpec]:
-    return [TensorSpec(w.name, tuple(w.shape), dtype) for w in plan.ranks[rank].weights]
+def _specs(model, dtype: torch.dtype, fmt: str) -> list[TensorSpec]:
+    """The rank file's tensors in writing order; a quantized GEMM weight is followed by its scale."""
+    specs = []
+    for name, param in model.named_parameters():
+        if fmt in QUANTIZED_DTYPES and param.is_linear_weight:
+            specs += [TensorSpec(name, tuple(param.shape), QUANTIZED_DTYPES[fmt]),
+                      TensorSpec(name + SCALE_SUFFIX, (param.shape[0],), torch.float32)]
+        else:
+            specs.append(TensorSpec(name, tuple(param.shape), dtype))
+    return specs

@@ -10,11 +10,16 @@ from torch import nn
 
 from dist_runtime.errors import PlanError
 from dist_runtime.layers import declare, split, whole
+from dist_runtime.layers.quantized import quantized_linear
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernels=None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernels=None,
+           scale: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, or the Triton kernel for a few rows where the engine's tuning found it faster
-    for this shape on this GPU (`kernels`: the runner's KernelChoices, None on the CPU)."""
+    for this shape on this GPU (`kernels`: the runner's KernelChoices, None on the CPU); with a
+    `scale`, the weight is quantized (int8 or fp8, one scale per output row)."""
+    if scale is not None:
+        return quantized_linear(x, weight, scale, bias)
     choice = kernels.gemm(x.numel() // x.shape[-1], *weight.shape) if kernels is not None else None
     if choice is None:
         return F.linear(x, weight, bias)
@@ -43,6 +48,7 @@ class ColumnParallelLinear(nn.Module):
                               self._shard, linear=True)
         self.bias = declare(nn.Parameter(torch.empty(out)), self.parallel, self._shard) if bias else None
         self.kernels = None  # KernelChoices, set by a GPU runner
+        self.weight_scale = None  # per output row, when the engine's weights are quantized
 
     def local_piece_sizes(self, pieces: list[int], name: str) -> list[int]:
         for size in pieces:
@@ -57,7 +63,7 @@ class ColumnParallelLinear(nn.Module):
         return torch.cat([self.shard_piece(i, t) for i, t in enumerate(tensors)], dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.kernels)
+        return linear(x, self.weight, self.bias, self.kernels, self.weight_scale)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -111,10 +117,11 @@ class RowParallelLinear(nn.Module):
                               lambda ts: split(whole(ts), 1, tp, tp_rank), linear=True)
         self.bias = declare(nn.Parameter(torch.empty(out_features)), "replicated", whole) if bias else None
         self.kernels = None  # KernelChoices, set by a GPU runner
+        self.weight_scale = None  # per output row, when the engine's weights are quantized
 
     def partial(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's share of the product, before the all-reduce and without the bias."""
-        return linear(x, self.weight, None, self.kernels)
+        return linear(x, self.weight, None, self.kernels, self.weight_scale)
 
     def finish(self, partial_sum: torch.Tensor) -> torch.Tensor:
         """All-reduce partial sums (several layers' may be summed first) and add the bias."""

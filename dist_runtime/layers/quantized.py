@@ -1,0 +1,44 @@
+"""GEMMs with quantized weights (see sharding/quantize.py): int8 weight-only, and fp8 (E4M3)
+weights with activations scaled per token at run time. Each takes the weight's float32 scale
+per output row and returns activations in x's dtype."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dist_runtime.errors import EngineError
+from sharding.quantize import FP8, quantize_rows_fp8
+
+
+def check_device(weight_dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse a format this device cannot run, before any work starts."""
+    if weight_dtype != FP8:
+        return
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        where = "the CPU"
+        if device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(device)
+            where = f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+        raise EngineError(f"this engine's GEMMs are fp8 (E4M3), which needs an NVIDIA GPU of compute capability "
+                          f"8.9 or newer (Ada, Hopper); this rank runs on {where}. Build it with --dtype int8wo "
+                          f"or bf16 for this hardware")
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Weight-only int8: dequantize to x's dtype (exact: |w| <= 127) and GEMM, scale after."""
+    return F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """W8A8: x quantized per token, one _scaled_mm that applies both scales (float32 accumulate)."""
+    rows = x.reshape(-1, x.shape[-1])
+    xq, x_scale = quantize_rows_fp8(rows)
+    out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale.view(1, -1), out_dtype=x.dtype)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def quantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    out = fp8_linear(x, weight, scale) if weight.dtype == FP8 else int8_linear(x, weight, scale)
+    return out + bias if bias is not None else out

@@ -1,0 +1,89 @@
+"""Quantized engines: int8 weight-only runs anywhere and stays close to float32; fp8 runs on
+GPUs of compute capability 8.9+ and is refused elsewhere with a clear message; rank files
+hold the quantized weights with their scales, and the planner sizes them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import cli
+from safetensors import safe_open
+
+from dist_runtime.accuracy import compare
+from dist_runtime.config import ModelConfig
+from dist_runtime.engine import Engine
+from dist_runtime.layers.quantized import fp8_linear, int8_linear
+from dist_runtime.presets import preset_config
+from sharding.planner import make_plan
+from sharding.quantize import FP8, dequantize_weight, quantize_weight
+
+ROOM = dict(max_seq_len=256)  # 16-token prompts + 125 positions each
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+FP8_GPU = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                             reason="fp8 needs a CUDA GPU of compute capability 8.9+")
+
+
+@pytest.mark.parametrize("name", ["llama", "gptj"])
+def test_int8wo_engine_on_cpu_ranks_stays_close_to_fp32(engines, name):
+    reference = engines(name, 1, 1, "fp32", **ROOM)
+    report = compare(str(reference), str(engines(name, 2, 2, "int8wo", **ROOM)))
+    assert report["positions"] == 1000
+    assert report["logit_cosine_mean"] > 0.999 and report["top1_agreement"] > 0.93, report
+    assert report["greedy_agreement_mean"] >= 16, report
+
+
+def test_rank_files_hold_int8_weights_with_a_scale_per_output_row(engines):
+    engine = Engine.load(engines("llama", 2, 1, "int8wo"))
+    with safe_open(str(engine.rank_path(1)), framework="pt") as f:
+        qkv = f.get_tensor("model.layers.0.self_attn.qkv_proj.weight")
+        scale = f.get_tensor("model.layers.0.self_attn.qkv_proj.weight_scale")
+        norm = f.get_tensor("model.layers.0.input_layernorm.weight")
+    assert qkv.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (qkv.shape[0],)
+    assert norm.dtype == torch.bfloat16  # only GEMM weights are quantized
+
+
+def test_planner_sizes_quantized_weights_as_written(engines):
+    engine = Engine.load(engines("llama", 2, 2, "int8wo"))
+    for rank in engine.plan.ranks:
+        written = engine.files[engine.rank_path(rank.rank).name]["bytes"]
+        assert abs(rank.memory["weights"] - written) / written < 0.05
+    config = ModelConfig.from_hf(preset_config("llama-3-8b"))
+    bf16, int8 = (make_plan(config, 1, 1, d).ranks[0].memory["weights"] for d in ("bf16", "int8wo"))
+    assert 0.5 < int8 / bf16 < 0.6  # GEMM weights halve; embeddings and norms stay bf16
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_fp8_engine_is_refused_on_the_cpu_with_the_reason(engines):
+    run = cli("generate", str(engines("llama", 1, 1, "fp8")), "--max-tokens", "2")
+    assert run.returncode == 1 and "compute capability 8.9" in run.stderr and "int8wo" in run.stderr
+
+
+@GPU
+@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+def test_int8_gemm_matches_its_dequantized_reference(rows):
+    torch.manual_seed(0)
+    w = torch.randn(384, 256, device="cuda")
+    q, scale = quantize_weight(w, "int8wo")
+    x = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16)
+    ref = x.float() @ dequantize_weight(q, scale).t()
+    assert (int8_linear(x, q, scale).float() - ref).abs().max() / ref.abs().max() < 2e-2
+
+
+@FP8_GPU
+@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+def test_fp8_gemm_matches_its_dequantized_reference(rows):
+    torch.manual_seed(0)
+    w = torch.randn(384, 256, device="cuda")
+    q, scale = quantize_weight(w, "fp8")
+    assert q.dtype == FP8
+    x = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16)
+    ref = x.float() @ dequantize_weight(q, scale).t()
+    # activations rounded to E4M3 too: 2^-4 relative per element, averaging out over 256 terms
+    assert (fp8_linear(x, q, scale).float() - ref).abs().max() / ref.abs().max() < 4e-2
+
+
+@FP8_GPU
+def test_fp8_engine_on_the_gpu_stays_close_to_bf16(engines):
+    report = compare(str(engines("llama", 1, 1, "bf16", **ROOM)), str(engines("llama", 1, 1, "fp8", **ROOM)),
+                     device="cuda")
+    assert report["logit_cosine_mean"] > 0.99 and report["top1_agreement"] > 0.8, report
