@@ -71,18 +71,21 @@ def main() -> int:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--skip-ours", action="store_true", help="only the peer and the physical limit")
     p.add_argument("--max-batch-size", type=int, default=256, help="of the engine built (default 256)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp8", "int8wo"], help="of the engine built")
+    p.add_argument("--skip-profile", action="store_true")
     args = p.parse_args()
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "bench.log", "a")  # noqa: SIM115
-    ckpt, engine = work / f"ckpt-{args.preset}", work / f"eng-{args.preset}-bf16-b{args.max_batch_size}"
+    ckpt, engine = work / f"ckpt-{args.preset}", work / f"eng-{args.preset}-{args.dtype}-b{args.max_batch_size}"
     if not (ckpt / "config.json").exists():
         sh([*CLI, "synth", "--preset", args.preset, "--out", str(ckpt), "--device", "cuda"], log)
     if not args.skip_ours and not (engine / "engine.json").exists():
-        sh([*CLI, "build", str(ckpt), "--dtype", "bf16", "--out", str(engine), "--max-batch-size",
+        sh([*CLI, "build", str(ckpt), "--dtype", args.dtype, "--out", str(engine), "--max-batch-size",
             str(args.max_batch_size), "--max-seq-len", "2304", "--max-num-tokens", "8192"], log)
     gpu = torch.cuda.get_device_name()
-    weights = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+    # the bytes a batch-1 step reads: the engine's (quantized weights are smaller) once it is built
+    weights = sum(f.stat().st_size for f in (engine if engine.exists() else ckpt).glob("*.safetensors"))
     bw = copy_bandwidth()
     rows, results = [], {"gpu": gpu, "preset": args.preset, "copy_bandwidth_Bps": bw, "weight_bytes": weights}
     if not args.skip_ours:
@@ -101,14 +104,14 @@ def main() -> int:
         results[name] = report
         figure = (f"{report['ttft_ms']['p50']:.1f} ms TTFT p50" if name.startswith("TTFT")
                   else f"{report['output_tokens_per_s']:.1f} output tok/s")
-        rows.append((f"dist-runtime {name}", figure, "dist-runtime bench " + " ".join(extra)))
+        rows.append((f"dist-runtime {args.dtype} {name}", figure, "dist-runtime bench " + " ".join(extra)))
         (out / "bench.json").write_text(json.dumps(results, indent=1))
     profiles = {"batch1": ["--isl", "128", "--osl", "32", "--num-requests", "1", "--concurrency", "1"],
                 "throughput": ["--isl", "128", "--osl", "16", "--num-requests", "256"]}
-    for name, extra in ({} if args.skip_ours else profiles).items():
+    for name, extra in ({} if args.skip_ours or args.skip_profile else profiles).items():
         sh([*CLI, "bench", str(engine), "--device", "cuda", "--json", "--no-verify", *extra, "--profile",
             str(out / f"profile_{name}.txt")], log)
-    rows.append(("roofline batch 1 (weights / copy bandwidth)", f"{bw / weights:.1f} tok/s",
+    rows.append((f"roofline batch 1, {args.dtype} (weights / copy bandwidth)", f"{bw / weights:.1f} tok/s",
                  f"{weights / 1e9:.2f} GB of weights, {bw / 1e12:.2f} TB/s measured copy"))
     if not args.skip_hf:
         for batch in (1, 64):
