@@ -120,7 +120,8 @@ def main() -> int:
     tokens = {}
     for tp, pp in ((1, 1), (2, 1), (1, 2)):
         engine = work / f"eng-tiny-tp{tp}pp{pp}"
-        sh([*CLI, "build", str(tiny), "--tp", str(tp), "--pp", str(pp), "--dtype", "bf16", "--out", str(engine)], log)
+        sh([*CLI, "build", str(tiny), "--tp", str(tp), "--pp", str(pp), "--dtype", "bf16", "--out", str(engine),
+            "--no-tune"], log)
         tokens[f"tp{tp}pp{pp}"] = greedy_tokens(engine, tp * pp, log, ["Hello, world!", "The quick brown fox"])
     results["tiny_greedy_equal_to_tp1"] = {k: v == tokens["tp1pp1"] for k, v in tokens.items()}
     save()
@@ -131,7 +132,7 @@ def main() -> int:
         for tp in (1, 2):
             engine = work / f"eng-{args.preset}-tp{tp}"
             sh([*CLI, "build", str(ckpt), "--tp", str(tp), "--dtype", "bf16", "--out", str(engine),
-                "--max-batch-size", "64", "--max-seq-len", "2304"], log)
+                "--max-batch-size", "64", "--max-seq-len", "2304", "--no-tune"], log)
             results[f"tp{tp}_greedy"] = greedy_tokens(engine, tp, log, ["Hello, world!"])
             results[f"tp{tp}_batch1"] = bench(engine, tp, log, batch1)
             save()
