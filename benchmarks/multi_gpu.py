@@ -39,6 +39,8 @@ def sh(cmd: list[str], log, check: bool = True) -> str:
 
 def allreduce_worker(size_bytes: int, iters: int) -> None:
     """Under mpirun -np N: time NCCL all-reduces of `size_bytes` of bf16, eager and in a CUDA graph."""
+    import faulthandler
+
     import torch
 
     from dist_runtime.comm.mpi import MpiCommunicator
@@ -46,10 +48,13 @@ def allreduce_worker(size_bytes: int, iters: int) -> None:
     from dist_runtime.mapping import Mapping
     from launch.rank_info import from_environment
 
+    faulthandler.dump_traceback_later(45, exit=True)  # a hang shows where it is
     info = from_environment()
     mapping = Mapping(tp=info.world_size, pp=1, rank=info.rank)
     torch.cuda.set_device(info.local_rank)
+    print(f"rank {info.rank}: cuda:{torch.cuda.current_device()}", flush=True)
     comm = NcclCommunicator(mapping, MpiCommunicator(mapping))
+    print(f"rank {info.rank}: NCCL communicators up", flush=True)
     x = torch.ones(size_bytes // 2, dtype=torch.bfloat16, device="cuda")
     for _ in range(20):
         comm.all_reduce(x)
@@ -59,6 +64,7 @@ def allreduce_worker(size_bytes: int, iters: int) -> None:
         comm.all_reduce(x)
     torch.cuda.synchronize()
     eager_us = (time.perf_counter() - start) / iters * 1e6
+    print(f"rank {info.rank}: eager {eager_us:.1f} us, sum {x[0].item()}", flush=True)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         graph = torch.cuda.CUDAGraph()
@@ -74,7 +80,9 @@ def allreduce_worker(size_bytes: int, iters: int) -> None:
     graph_us = (time.perf_counter() - start) / iters * 1e6
     if info.rank == 0:
         print(json.dumps({"bytes": size_bytes, "ranks": info.world_size, "eager_us": eager_us,
-                          "graph_us": graph_us}))
+                          "graph_us": graph_us}), flush=True)
+    del graph
+    comm.close()
 
 
 def greedy_tokens(engine: Path, ranks: int, log, prompts: list[str]) -> list[list[int]]:

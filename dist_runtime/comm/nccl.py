@@ -58,5 +58,11 @@ class NcclCommunicator(Communicator):
         return self.control.gather_object(obj)
 
     def close(self) -> None:
+        """Abort, not destroy: NCCL's destroy waits on the peers and was seen to hang at exit
+        with two ranks; once the device is idle there is nothing left for it to wait for."""
+        torch.cuda.synchronize()
+        for comm in (self.world, self.tp_comm):
+            if comm is not None:
+                comm.abort()
         self.world = self.tp_comm = None
         self.control.close()
