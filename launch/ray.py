@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import signal
-import sys
 import threading
 
 from dist_runtime.errors import DistRuntimeError
 from dist_runtime.liveness import DEFAULT_RANK_TIMEOUT_S
 from dist_runtime.world import run_worker
-from launch.local import GRACE_S, free_port
+from launch.local import free_port
 from launch.rank_info import RankInfo
+from launch.watch import StartupWatch
 
 
 class LaunchError(DistRuntimeError):
@@ -56,7 +55,7 @@ def node_local_ranks(bundle_nodes: list[str]) -> list[tuple[int, int, int]]:
             for rank, node in enumerate(bundle_nodes)]
 
 
-class RayWorkers:
+class RayWorkers(StartupWatch):
     """Same duty as LocalWorkers (`rank0`, `expect_exit`, `stop`, `kill`), on a Ray cluster.
 
     Bundle r of the placement group is rank r's ({"CPU": 1}, plus {"GPU": 1} on cuda). Bundle 0
@@ -68,15 +67,10 @@ class RayWorkers:
     def __init__(self, engine_dir: str, world_size: int, device: str = "cpu", verify: bool = True,
                  kv_cache_fraction: float = 0.9, rank_timeout_s: float = DEFAULT_RANK_TIMEOUT_S,
                  address: str | None = None, timeout_s: float | None = None) -> None:
-        self.stopping = False
-        # Set once every rank has joined: from then on the runtime's liveness watch names lost ranks,
-        # and signals reach rank 0's main thread, which is no longer stuck in a collective.
-        self.handed_over = False
         self.actors: list = []
         self.runs: list = []
         self._pg = None
         self._watcher: threading.Thread | None = None
-        self._old_wakeup_fd = None
         self._own_ray = not ray.is_initialized()  # a caller's own Ray session is theirs to end
         if self._own_ray:
             try:
@@ -90,12 +84,7 @@ class RayWorkers:
         except BaseException:
             self.kill()
             raise
-        self._signal_r, signal_w = os.pipe()
-        os.set_blocking(signal_w, False)
-        if threading.current_thread() is threading.main_thread():  # the only thread allowed to set it
-            self._old_wakeup_fd = signal.set_wakeup_fd(signal_w)
-        self._watcher = threading.Thread(target=self._watch, name="dist-runtime-ray-workers", daemon=True)
-        self._watcher.start()
+        self._start_watch("dist-runtime-ray-workers")
 
     def _start(self, world_size: int, gpu: bool, timeout_s: float, run_args: tuple) -> None:
         bundle = {"CPU": 1.0, "GPU": 1.0} if gpu else {"CPU": 1.0}
@@ -139,15 +128,11 @@ class RayWorkers:
         raise LaunchError(f"Ray could not place {world_size} ranks ({world_size} x {bundle}, {strategy}, rank 0 "
                           f"on {ip}) within {timeout_s:g} s: {short}; set {ENV_TIMEOUT} to wait longer")
 
-    def _watch(self) -> None:
-        while not (self.stopping or self.handed_over):
-            ready, _, _ = select.select([self._signal_r], [], [], 0)
-            if ready and {signal.SIGINT, signal.SIGTERM} & set(os.read(self._signal_r, 64)):
-                return self._fail("interrupted", 130)
-            done, _ = ray.wait(self.runs, num_returns=1, timeout=0.1)
-            if done and not (self.stopping or self.handed_over):
-                rank = self.runs.index(done[0]) + 1
-                return self._fail(f"rank {rank} (a Ray actor) ended: {self._outcome(done[0])}", 1)
+    def _ended(self) -> str | None:
+        done, _ = ray.wait(self.runs, num_returns=1, timeout=0)
+        if not done:
+            return None
+        return f"rank {self.runs.index(done[0]) + 1} (a Ray actor) ended: {self._outcome(done[0])}"
 
     @staticmethod
     def _outcome(ref) -> str:
@@ -158,23 +143,9 @@ class RayWorkers:
         except ray.exceptions.RayError as e:  # the actor died
             return str(e).strip().splitlines()[0].rstrip(".")
 
-    def _fail(self, why: str, code: int) -> None:
-        """End the actors; if rank 0 is still stuck after the grace period, end it too."""
-        self.stopping = True
+    def _end_all(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
-        timer = threading.Timer(GRACE_S, self._hard_exit, args=(why, code))
-        timer.daemon = True  # a rank 0 that unwinds by itself exits without waiting for it
-        timer.start()
-
-    @staticmethod
-    def _hard_exit(why: str, code: int) -> None:
-        print(f"dist-runtime: {why}; stopping all ranks", file=sys.stderr, flush=True)
-        os._exit(code)
-
-    def expect_exit(self) -> None:
-        """From now on actors finishing is the plan, not a failure."""
-        self.stopping = True
 
     def stop(self, timeout_s: float = 10.0) -> list[int]:
         """Wait for the actors' runs (they end on rank 0's shutdown), then end the actors and free
@@ -197,8 +168,7 @@ class RayWorkers:
     def kill_now(self) -> None:
         """End every actor at once (a hung one too); from any thread."""
         self.stopping = True
-        for actor in self.actors:
-            ray.kill(actor)
+        self._end_all()
 
     def kill(self) -> None:
         self.stopping = True
@@ -208,14 +178,11 @@ class RayWorkers:
         """Every path ends here: actors killed, bundles freed, our Ray connection closed."""
         if self._watcher is not None and self._watcher is not threading.current_thread():
             self._watcher.join()  # it sees `stopping` within a poll; it must not call Ray after shutdown
-        for actor in self.actors:
-            ray.kill(actor)
+        self._end_all()
         self.actors = []
         if self._pg is not None:
             remove_placement_group(self._pg)
             self._pg = None
-        if self._old_wakeup_fd is not None:
-            signal.set_wakeup_fd(self._old_wakeup_fd)
-            self._old_wakeup_fd = None
+        self._restore_signals()
         if self._own_ray and ray.is_initialized():
             ray.shutdown()
