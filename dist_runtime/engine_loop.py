@@ -224,7 +224,7 @@ class EngineLoop:
         """End every request with `error`; from any thread (the engine's may be stuck in a step)."""
         if self.error is None:
             self.error = error
-        for handle in set(list(self._active.values())):
+        for handle in set(self._active.copy().values()):  # copy() is atomic: the engine thread may be adding
             handle._finish(self.error)
 
     def call(self, fn):

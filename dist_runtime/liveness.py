@@ -151,9 +151,9 @@ class Liveness:
         if self.failure or self._leaving:
             return
         self.failure = RankLostError(rank, why)
-        self._send_all(f"abort {self.failure}\n".encode())
-        for fn in self.on_lost:
+        for fn in self.on_lost:  # requests hear of it first: the others' exit may end this process
             fn(self.failure)
+        self._send_all(f"abort {self.failure}\n".encode())
 
     def _send_all(self, line: bytes) -> None:
         for rank, conn in list(self._conns.items()):
