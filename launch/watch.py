@@ -32,13 +32,17 @@ class StartupWatch:
         self._watcher.start()
 
     def _watch(self) -> None:
-        while not (self.stopping or self.handed_over):
+        while not self._done():
             ready, _, _ = select.select([self._signal_r], [], [], POLL_S)
-            if ready and {signal.SIGINT, signal.SIGTERM} & set(os.read(self._signal_r, 64)):
+            interrupted = ready and {signal.SIGINT, signal.SIGTERM} & set(os.read(self._signal_r, 64))
+            if interrupted and not self._done():  # checked again: the wait may have outlasted the hand-over
                 return self._fail("interrupted", 130)
             ended = self._ended()
-            if ended and not (self.stopping or self.handed_over):
+            if ended and not self._done():
                 return self._fail(ended, 1)
+
+    def _done(self) -> bool:
+        return self.stopping or self.handed_over
 
     def _ended(self) -> str | None:
         """Why a rank has ended (naming it), if one has."""

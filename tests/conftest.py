@@ -93,23 +93,30 @@ def _no_launcher_env(monkeypatch):
             monkeypatch.delenv(key)
 
 
+SESSION_TAG = f"PYTEST_DIST_RUNTIME_SESSION={os.getpid()}"  # inherited by every process the tests start
+
+
 def rank_processes() -> list[str]:
-    """Command lines of running dist-runtime ranks (the CLI, spawned workers, Ray rank actors)."""
+    """Command lines of running dist-runtime ranks that this test session started (the CLI,
+    spawned workers; Ray's actors come from its own daemons and are checked by the Ray tests)."""
     found = []
     for entry in Path("/proc").iterdir():
         try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
+            if not entry.name.isdigit() or SESSION_TAG.encode() not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
         if any(a.endswith(b"/dist-runtime") or a in (b"dist-runtime", b"launch.worker", b"dist_runtime.cli")
-               or a.startswith(b"ray::RankActor") for a in argv):
+               for a in argv):
             found.append(b" ".join(argv).decode(errors="replace"))
     return found
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_rank_left_behind():
-    """After the whole suite, no process any test started may still run."""
+    """After the whole suite, no rank process any test started may still run."""
+    os.environ.setdefault(*SESSION_TAG.split("=", 1))
     yield
     deadline = time.monotonic() + 15
     while (left := rank_processes()) and time.monotonic() < deadline:
