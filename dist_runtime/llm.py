@@ -74,7 +74,7 @@ class LLM:
         self._loop = EngineLoop(self.coordinator, self.tokenizer, self._liveness)
         self._liveness.on_lost.append(self._on_rank_lost)
         if self._workers:
-            self._workers.handed_over = True
+            self._workers.hand_over()
         atexit.register(self.shutdown)
 
     def _on_rank_lost(self, error: RankLostError) -> None:

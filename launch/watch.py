@@ -59,6 +59,15 @@ class StartupWatch:
         timer.daemon = True  # a rank 0 that unwinds by itself exits without waiting for it
         timer.start()
 
+    def hand_over(self) -> None:
+        """Every rank has joined: the runtime watches them now, and signals go to rank 0's main
+        thread alone, which no collective blocks any more."""
+        self.handed_over = True
+        if self._watcher is not threading.current_thread():
+            self._watcher.join()
+        if threading.current_thread() is threading.main_thread():
+            self._restore_signals()
+
     def expect_exit(self) -> None:
         """From now on ranks leaving is the plan, not a failure."""
         self.stopping = True
