@@ -76,7 +76,7 @@ def join(engine: Engine, info: RankInfo, device: str = "cpu", verify: bool = Tru
     liveness = watch(comm, info, rank_timeout_s)
     # Loading ends in collectives a hung rank would block forever: a verdict ends this process
     # unless loading unwinds by itself first (a dead rank makes the collectives fail at once).
-    backstop = threading.Timer(5.0, liveness.on_exit, args=("loading failed",))
+    backstop = threading.Timer(5.0, lambda: liveness.on_exit(f"{liveness.failure}, while loading"))
     backstop.daemon = True
     liveness.on_lost.append(lambda error: backstop.start())
     try:
