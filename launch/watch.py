@@ -11,12 +11,13 @@ import select
 import signal
 import sys
 import threading
+from abc import ABC, abstractmethod
 
 GRACE_S = 5.0  # after a failure, time for rank 0 to unwind by itself before it is ended
 POLL_S = 0.1
 
 
-class StartupWatch:
+class StartupWatch(ABC):
     """Subclasses say how to find a rank that ended (`_ended`) and how to end them all (`_end_all`)."""
 
     stopping = False
@@ -44,12 +45,13 @@ class StartupWatch:
     def _done(self) -> bool:
         return self.stopping or self.handed_over
 
+    @abstractmethod
     def _ended(self) -> str | None:
         """Why a rank has ended (naming it), if one has."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _end_all(self) -> None:
-        raise NotImplementedError
+        """End every rank this launcher started."""
 
     def _fail(self, why: str, code: int) -> None:
         """End the other ranks; if rank 0 is still stuck after the grace period, end it too."""

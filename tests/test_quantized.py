@@ -12,10 +12,10 @@ from safetensors import safe_open
 from dist_runtime.accuracy import compare
 from dist_runtime.config import ModelConfig
 from dist_runtime.engine import Engine
-from dist_runtime.layers.quantized import fp8_linear, int8_linear
+from dist_runtime.layers.quantized import quantized_linear
 from dist_runtime.presets import preset_config
 from sharding.planner import make_plan
-from sharding.quantize import FP8, dequantize_weight, quantize_weight
+from sharding.quantize import QUANTIZED_DTYPES, dequantize_weight, quantize_weight
 
 ROOM = dict(max_seq_len=256)  # 16-token prompts + 125 positions each
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -58,28 +58,18 @@ def test_fp8_engine_is_refused_on_the_cpu_with_the_reason(engines):
     assert run.returncode == 1 and "compute capability 8.9" in run.stderr and "int8wo" in run.stderr
 
 
-@GPU
+@pytest.mark.parametrize("fmt", [pytest.param("int8wo", marks=GPU), pytest.param("fp8", marks=FP8_GPU)])
 @pytest.mark.parametrize("rows", [1, 7, 64, 300])
-def test_int8_gemm_matches_its_dequantized_reference(rows):
+def test_quantized_gemm_matches_its_dequantized_reference(fmt, rows):
     torch.manual_seed(0)
     w = torch.randn(384, 256, device="cuda")
-    q, scale = quantize_weight(w, "int8wo")
+    q, scale = quantize_weight(w, fmt)
+    assert q.dtype == QUANTIZED_DTYPES[fmt]
     x = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16)
     ref = x.float() @ dequantize_weight(q, scale).t()
-    assert (int8_linear(x, q, scale).float() - ref).abs().max() / ref.abs().max() < 2e-2
-
-
-@FP8_GPU
-@pytest.mark.parametrize("rows", [1, 7, 64, 300])
-def test_fp8_gemm_matches_its_dequantized_reference(rows):
-    torch.manual_seed(0)
-    w = torch.randn(384, 256, device="cuda")
-    q, scale = quantize_weight(w, "fp8")
-    assert q.dtype == FP8
-    x = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16)
-    ref = x.float() @ dequantize_weight(q, scale).t()
-    # activations rounded to E4M3 too: 2^-4 relative per element, averaging out over 256 terms
-    assert (fp8_linear(x, q, scale).float() - ref).abs().max() / ref.abs().max() < 4e-2
+    # fp8 rounds the activations to E4M3 too: 2^-4 relative per element, averaging out over 256 terms
+    tol = 4e-2 if fmt == "fp8" else 2e-2
+    assert (quantized_linear(x, q, scale, None).float() - ref).abs().max() / ref.abs().max() < tol
 
 
 @FP8_GPU
