@@ -120,3 +120,30 @@ def test_a_lost_actor_ends_the_job_instead_of_hanging(engines, ray_head):
     assert proc.returncode != 0
     assert "lost" in err, err
     _assert_nothing_left(ray_head)
+
+
+def test_serve_on_ray_actors_stops_cleanly_on_sigterm(engines, ray_head):
+    """Ray installs its own SIGTERM handler in the driver; the server's graceful stop still wins."""
+    import httpx
+
+    port = _free_port()
+    proc = subprocess.Popen([tool("dist-runtime"), "serve", str(engines("llama", 2, 2)), "--port", str(port),
+                             "--launcher", "ray", "--ray-address", ray_head], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                           json={"model": "x", "prompt": "hi", "max_tokens": 4, "temperature": 0})
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0, proc.stderr.read()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    _assert_nothing_left(ray_head)

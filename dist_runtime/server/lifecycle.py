@@ -38,6 +38,14 @@ class LoadingGate:
         return None
 
 
+def _stop_on_signals() -> threading.Event:
+    """SIGINT and SIGTERM start a graceful stop (while loading they still interrupt, as in the CLI)."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
 def serve(engine_dir: str, model_name: str, host: str, port: int, api_key: str | None, max_concurrency: int,
           max_body_bytes: int, **llm_options) -> int:
     info = from_environment()
@@ -53,11 +61,9 @@ def serve(engine_dir: str, model_name: str, host: str, port: int, api_key: str |
         if not http.is_alive():
             return 1  # could not bind: uvicorn said why
         time.sleep(0.02)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     try:
         with LLM(engine_dir, **llm_options) as llm:
+            stop = _stop_on_signals()  # set once loaded: a launcher's library (Ray) installs its own
             gate.app = create_app(llm, model_name, api_key, max_concurrency, max_body_bytes)
             print(f"serving {model_name} on http://{host}:{port}", file=sys.stderr, flush=True)
             while not stop.wait(0.2) and not llm.failed:
