@@ -44,6 +44,23 @@ def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run([tool("dist-runtime"), *args], capture_output=True, text=True, timeout=timeout)
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 120) -> list[int]:
+    """Poll `url`/health until it says 200; every status seen on the way (the process must live)."""
+    import httpx
+
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else f"exited with {proc.returncode}"
+        try:
+            seen.append(httpx.get(url + "/health", timeout=2).status_code)
+            if seen[-1] == 200:
+                return seen
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not become healthy within {timeout} s")
+
+
 def json_lines(proc: subprocess.CompletedProcess) -> list[dict]:
     assert proc.returncode == 0, proc.stderr
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

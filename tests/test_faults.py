@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import mpirun_command, tool
+from conftest import mpirun_command, tool, wait_healthy
 
 from launch.local import free_port
 
@@ -75,19 +75,8 @@ class Serve:
         self.url = f"http://127.0.0.1:{(port := free_port())}"
         self.proc = subprocess.Popen([tool("dist-runtime"), "serve", str(engine), "--port", str(port),
                                       "--model-name", "tiny", *args], stderr=subprocess.PIPE, text=True)
-        self.health = []  # every /health status seen while waiting
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.proc.stderr.read()
-            try:
-                self.health.append(httpx.get(self.url + "/health", timeout=2).status_code)
-                if self.health[-1] == 200:
-                    self.ranks = ranks_of(self.proc.pid)
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError("server did not come up")
+        self.health = wait_healthy(self.proc, self.url)  # every /health status seen while waiting
+        self.ranks = ranks_of(self.proc.pid)
 
     def stream_in_background(self) -> tuple[threading.Thread, dict]:
         """A long streaming request; returns once its first tokens have arrived."""
@@ -197,14 +186,7 @@ def test_ctrl_c_on_mpirun_stops_a_server_cleanly_within_10_s(engine):
     port = free_port()
     with subprocess.Popen([*mpirun_command(4), tool("dist-runtime"), "serve", str(engine), "--port", str(port)],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
-        deadline = time.monotonic() + 120
-        while True:
-            assert time.monotonic() < deadline and proc.poll() is None
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_healthy(proc, f"http://127.0.0.1:{port}")
         ranks = mpi_ranks(str(engine))
         proc.send_signal(signal.SIGINT)
         start = time.monotonic()

@@ -6,14 +6,15 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
 import pytest
-from conftest import PROMPTS, cli, json_lines, mpirun, tool
+from conftest import PROMPTS, cli, json_lines, mpirun, tool, wait_healthy
+
+from launch.local import free_port
 
 pytest.importorskip("ray", reason="the Ray launcher needs ray (pip install -e '.[test]')")
 
@@ -21,16 +22,10 @@ CPUS = 4
 GREEDY = ["--temperature", "0", "--max-tokens", "8", "--json", *[a for p in PROMPTS for a in ("--prompt", p)]]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_head():
     """HOST:PORT of a one-node Ray cluster with 4 CPUs, stopped at the end whatever happens."""
-    port = _free_port()
+    port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live under it
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     started = time.monotonic()
@@ -126,18 +121,11 @@ def test_serve_on_ray_actors_stops_cleanly_on_sigterm(engines, ray_head):
     """Ray installs its own SIGTERM handler in the driver; the server's graceful stop still wins."""
     import httpx
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([tool("dist-runtime"), "serve", str(engines("llama", 2, 2)), "--port", str(port),
                              "--launcher", "ray", "--ray-address", ray_head], stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_healthy(proc, f"http://127.0.0.1:{port}")
         reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                            json={"model": "x", "prompt": "hi", "max_tokens": 4, "temperature": 0})
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4

@@ -11,7 +11,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import cli, json_lines, tool
+from conftest import cli, json_lines, tool, wait_healthy
 
 from launch.local import free_port
 
@@ -23,15 +23,7 @@ class Server:
         self.proc = subprocess.Popen([tool("dist-runtime"), "serve", str(engine), "--port", str(self.port),
                                       "--model-name", "tiny", *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            assert self.proc.poll() is None, self.proc.stderr.read()
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise TimeoutError("server did not come up")
+        wait_healthy(self.proc, self.url, timeout=90)
 
     def stop(self) -> None:
         self.proc.terminate()
