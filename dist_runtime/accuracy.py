@@ -9,6 +9,7 @@ import random
 
 import torch
 
+from dist_runtime.engine import Engine
 from dist_runtime.llm import LLM
 from dist_runtime.sampling_params import SamplingParams
 
@@ -33,7 +34,7 @@ def compare(reference: str, candidate: str, prompts: int = 8, steps: int = 125, 
     """Logit cosine similarity and top-1 agreement over prompts x steps positions, and how many
     greedy tokens the two engines share before they first differ. `options` go to LLM."""
     rng = random.Random(seed)
-    vocab = _vocab(reference)
+    vocab = Engine.load(reference).config.vocab_size
     ids = [[rng.randrange(vocab) for _ in range(prompt_len)] for _ in range(prompts)]
     ref_tokens, ref_logits = _run(reference, ids, steps, None, **options)
     cand_tokens, cand_logits = _run(candidate, ids, steps, ref_tokens, **options)
@@ -45,8 +46,3 @@ def compare(reference: str, candidate: str, prompts: int = 8, steps: int = 125, 
             "greedy_agreement_mean": sum(agree) / len(agree), "greedy_agreement_min": min(agree),
             "greedy_steps": steps}
 
-
-def _vocab(engine: str) -> int:
-    from dist_runtime.engine import Engine
-
-    return Engine.load(engine).config.vocab_size
