@@ -4,6 +4,8 @@ CPU communicator it wraps (MPI or gloo)."""
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 import torch
@@ -13,6 +15,8 @@ from dist_runtime.comm.base import Communicator, gather_last_dim
 from dist_runtime.mapping import Mapping
 
 # NCCL's own enum values (ncclDataType_t), for CuPy builds that name fewer of them
+log = logging.getLogger(__name__)
+
 _NCCL_TYPES = {torch.float32: 7, torch.float16: 6, torch.bfloat16: 9, torch.int64: 4, torch.int32: 2,
                torch.uint8: 1, torch.float64: 8}
 
@@ -30,8 +34,46 @@ class NcclCommunicator(Communicator):
         ids = control.broadcast_object(ids)
         self.world = nccl.NcclCommunicator(mapping.world_size, ids[0], mapping.rank)
         self.tp_comm = nccl.NcclCommunicator(mapping.tp, ids[1 + mapping.pp_rank], mapping.tp_rank)
+        log.info("NCCL communicators up")
+        self.one_shot, self.one_shot_limit = None, 0
+        self.tuning: dict[str, Any] = {}
+        if mapping.tp > 1 and os.environ.get("DIST_RUNTIME_ONE_SHOT", "1") != "0":
+            self._tune_one_shot()
+
+    def _tune_one_shot(self) -> None:
+        """Time NCCL and the one-shot kernel at each message size, both inside CUDA graphs as
+        decode runs them; up to the largest size where one-shot wins, it takes the all-reduces.
+        Rank 0's timings decide for everyone: a split decision would deadlock."""
+        from dist_runtime.comm.one_shot import OneShotAllReduce
+
+        one_shot = OneShotAllReduce(self.control)
+        if one_shot.error is None:
+            check = torch.full((1024,), self.mapping.tp_rank + 1.0, device="cuda")
+            one_shot(check)
+            wrong = bool((check != self.mapping.tp * (self.mapping.tp + 1) / 2).any())
+            wrongs = self.control.broadcast_object(self.control.gather_object(wrong))
+            one_shot.error = "its sums were wrong" if any(wrongs) else None
+        if one_shot.error is not None:
+            one_shot.close()
+            self.tuning = {"one_shot": f"off: {one_shot.error}"}
+            return
+        times = {}
+        for size in (1 << k for k in range(12, 21)):
+            x = torch.ones(size // 2, dtype=torch.bfloat16, device="cuda")
+            times[size] = (_graph_us(self._nccl_all_reduce, x), _graph_us(one_shot, x))
+        limit = max((s for s, (nccl_us, one_us) in times.items() if one_us < nccl_us), default=0)
+        self.one_shot_limit = self.control.broadcast_object(limit)
+        self.one_shot = one_shot
+        by_size = {size: {"nccl": round(n, 1), "one_shot": round(o, 1)} for size, (n, o) in times.items()}
+        self.tuning = {"one_shot_limit_bytes": self.one_shot_limit, "us_by_bytes": by_size}
+        log.info("one-shot all-reduce up to %d bytes", self.one_shot_limit)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.numel() * tensor.element_size() <= self.one_shot_limit and self.one_shot.fits(tensor):
+            return self.one_shot(tensor)
+        return self._nccl_all_reduce(tensor)
+
+    def _nccl_all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         self.tp_comm.allReduce(tensor.data_ptr(), tensor.data_ptr(), tensor.numel(), _NCCL_TYPES[tensor.dtype],
                                nccl.NCCL_SUM, _stream())
         return tensor
@@ -61,8 +103,26 @@ class NcclCommunicator(Communicator):
         """Abort, not destroy: NCCL's destroy waits on the peers and was seen to hang at exit
         with two ranks; once the device is idle there is nothing left for it to wait for."""
         torch.cuda.synchronize()
+        if self.one_shot is not None:
+            self.one_shot.close()
         for comm in (self.world, self.tp_comm):
             if comm is not None:
                 comm.abort()
         self.world = self.tp_comm = None
         self.control.close()
+
+
+def _graph_us(all_reduce, x: torch.Tensor, ops: int = 20, replays: int = 5) -> float:
+    """Microseconds per all-reduce of `x`, replayed from a CUDA graph of `ops` of them."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(ops):
+            all_reduce(x)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / (ops * replays)
