@@ -9,11 +9,15 @@ batch 1 the step's host work is a share of its time, and five copies cost five r
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from dist_runtime.layers.attention import AttentionMetadata
 from dist_runtime.models.base import CausalLM
 from dist_runtime.step import Step
+
+log = logging.getLogger(__name__)
 
 
 def buckets(max_batch: int) -> list[int]:
@@ -37,6 +41,7 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         for b in sorted(buckets(max_batch), reverse=True):  # largest first: the rest reuse its memory
             self.graphs[b] = self._capture(b, pool)
+            log.debug("captured the decode graph of batch %d", b)
         torch.cuda.synchronize(device)
         self.memory_bytes = torch.cuda.memory_allocated(device) - before
 
@@ -63,6 +68,13 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=pool):
             logits, greedy = self._forward(b)
         return graph, logits, greedy
+
+    def close(self) -> None:
+        """Destroy the graphs now, not whenever the collector gets to them."""
+        torch.cuda.synchronize(self.device)
+        for graph, _, _ in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
 
     def fits(self, step: Step) -> bool:
         return step.num_tokens == step.num_seqs <= self.max_batch

@@ -154,11 +154,11 @@ class LLM:
         self._liveness.leave()
         try:
             loop.stop()
+            self.coordinator.runner.release()  # before the communicators: see ModelRunner.release
             if loop.error is None:
                 self._comm.close()
         finally:
             self._liveness.close()
-            self.coordinator.runner.release()
             if self._workers:
                 self._workers.stop()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import resource
 from dataclasses import dataclass
 
@@ -19,6 +21,8 @@ from dist_runtime.sampler import Sampled, sample
 from dist_runtime.step import Step
 from dist_runtime.tuning import KernelChoices, install
 from sharding.quantize import FP8, SCALE_SUFFIX
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,7 +56,10 @@ class ModelRunner:
         install(self.model, self.kernels)
         self.hidden_size = engine.config.hidden_size
         self.block_size = plan.block_size
-        self.kv_cache_fraction, self.use_cuda_graphs = kv_cache_fraction, cuda_graphs
+        # DIST_RUNTIME_CUDA_GRAPHS=0 runs decode eagerly on every rank: a way to tell a graph's fault from the model's
+        self.kv_cache_fraction = kv_cache_fraction
+        self.use_cuda_graphs = cuda_graphs and os.environ.get("DIST_RUNTIME_CUDA_GRAPHS", "1") != "0"
+        log.info("weights loaded")
         self.num_blocks = plan.num_kv_blocks if self.device.type == "cpu" else self._blocks_that_fit()
         self.graphs = None
         self.record_gpu_time = False  # the benchmark turns it on (GPU only) for its window
@@ -103,6 +110,7 @@ class ModelRunner:
             from dist_runtime.cuda_graphs import DecodeGraphs
 
             plan = self.engine.plan
+            log.info("capturing decode graphs")
             with torch.inference_mode():
                 self.graphs = DecodeGraphs(self.model, plan.max_batch_size, -(-plan.max_seq_len // self.block_size),
                                            num_blocks, self.block_size, self.device)
@@ -186,7 +194,11 @@ class ModelRunner:
         return StepOutput(ids.tolist(), logprobs, logits)
 
     def release(self) -> None:
-        """Give back the KV cache and graphs (GPU memory) once this runner is done."""
+        """Give back the KV cache and graphs (GPU memory) once this runner is done. Call it before
+        closing the communicators: a graph holding NCCL kernels, destroyed after its
+        communicator, left both ranks of a TP=2 job waiting forever at exit."""
+        if self.graphs is not None:
+            self.graphs.close()
         self.graphs = None
         self._allocate_kv(-1)
         if self.device.type == "cuda":

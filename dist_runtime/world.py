@@ -3,6 +3,7 @@ rank is ready. Nothing here knows which launcher started the process; RankInfo s
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
@@ -16,6 +17,8 @@ from dist_runtime.liveness import DEFAULT_RANK_TIMEOUT_S, Liveness, advertised_h
 from dist_runtime.mapping import Mapping
 from dist_runtime.model_runner import ModelRunner
 from launch.rank_info import RankInfo
+
+log = logging.getLogger(__name__)
 
 
 def open_communicator(info: RankInfo, mapping: Mapping, device: str = "cpu") -> Communicator:
@@ -73,6 +76,7 @@ def join(engine: Engine, info: RankInfo, device: str = "cpu", verify: bool = Tru
         device = f"cuda:{info.local_rank}"
     mapping = engine.plan.mapping(info.rank)
     comm = open_communicator(info, mapping, device)
+    log.info("communicator up: %s", type(comm).__name__)
     liveness = watch(comm, info, rank_timeout_s)
     # Loading ends in collectives a hung rank would block forever: a verdict ends this process
     # unless loading unwinds by itself first (a dead rank makes the collectives fail at once).
@@ -99,6 +103,7 @@ def _load(engine: Engine, info: RankInfo, mapping: Mapping, comm: Communicator, 
         runner = ModelRunner(engine, mapping, comm, device, verify, kv_cache_fraction)
     except DistRuntimeError as e:
         error = f"rank {info.rank}: {e}"
+    log.info("loaded; %s KV blocks fit", runner.num_blocks if runner else error)
     reports = comm.gather_object((error, runner.num_blocks if runner else 0))
     num_blocks = None
     if info.rank == 0:
@@ -108,6 +113,7 @@ def _load(engine: Engine, info: RankInfo, mapping: Mapping, comm: Communicator, 
     if num_blocks is None:
         raise EngineError("; ".join(errors) if info.rank == 0 else error or "another rank failed to load")
     runner.allocate(num_blocks)
+    log.info("ready with %d KV blocks", num_blocks)
     return runner
 
 
@@ -125,4 +131,5 @@ def serve_as_worker(runner: ModelRunner, liveness: Liveness) -> None:
         serve_steps(runner, runner.comm, liveness.activity)
     finally:
         liveness.close()
+        runner.release()  # before the communicators: see ModelRunner.release
         runner.comm.close()
