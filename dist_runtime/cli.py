@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import signal
 import sys
 
+from dist_runtime import logs
 from dist_runtime.errors import DistRuntimeError
 
 
@@ -327,6 +329,10 @@ def _terminated(signum: int, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminated)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` shows where a stuck rank is
+    from launch.rank_info import from_environment
+
+    logs.configure(getattr(from_environment(), "rank", 0))
     try:
         return args.func(args)
     except DistRuntimeError as e:

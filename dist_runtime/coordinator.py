@@ -7,6 +7,7 @@ broadcasts it, runs rank 0's own share of the step, and applies the sampled toke
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import time
 from collections import deque
@@ -25,6 +26,8 @@ from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.scheduler import Scheduler
 from dist_runtime.sequence import Sequence, TokenLogprobs
 from dist_runtime.step import Ping, StatsRequest, Step
+
+log = logging.getLogger(__name__)
 
 TIMINGS_KEPT = 100_000  # the latest steps' timings, for bench
 
@@ -97,6 +100,7 @@ class Coordinator:
         start = time.perf_counter()
         batch = self.scheduler.schedule()
         step, sampling = self._pack(batch)
+        log.debug("step of %d sequences, %d tokens", step.num_seqs, step.num_tokens)
         packed = time.perf_counter()
         self.comm.broadcast_object(step)
         sent = time.perf_counter()
@@ -216,6 +220,7 @@ def serve_steps(runner: ModelRunner, comm: Communicator, activity: Activity | No
             if isinstance(message, StatsRequest):
                 comm.gather_object(runner.stats())
             else:
+                log.debug("step of %d sequences, %d tokens", message.num_seqs, message.num_tokens)
                 runner.run(message)
 
 

@@ -1,8 +1,11 @@
 """Entry point of a rank started by the local spawner: join the world and serve steps."""
 
 import argparse
+import faulthandler
+import signal
 import sys
 
+from dist_runtime import logs
 from dist_runtime.errors import DistRuntimeError
 from dist_runtime.liveness import DEFAULT_RANK_TIMEOUT_S
 from dist_runtime.world import run_worker
@@ -17,10 +20,12 @@ def main() -> int:
     parser.add_argument("--kv-cache-fraction", type=float, default=0.9)
     parser.add_argument("--rank-timeout", type=float, default=DEFAULT_RANK_TIMEOUT_S)
     args = parser.parse_args()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` shows where a stuck rank is
     info = from_environment()
     if info is None:
         print("launch.worker: started without a launcher environment", file=sys.stderr)
         return 2
+    logs.configure(info.rank)
     try:
         run_worker(args.engine, info, args.device, not args.no_verify, args.kv_cache_fraction, args.rank_timeout)
     except DistRuntimeError:
