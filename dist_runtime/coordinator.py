@@ -50,7 +50,7 @@ class StepTiming:
     running: int  # sequences in the step
     schedule_s: float  # scheduling and packing the Step
     broadcast_s: float  # shipping it to every rank
-    step_s: float  # the whole step, forward and sampling included (with overlap: launch to launch)
+    step_s: float  # the whole step, forward and sampling included (with overlap: also collecting the one before)
     ahead: bool  # launched before the previous step's tokens reached the host
 
 
