@@ -102,6 +102,8 @@ def _report(llm: LLM, outputs: list, elapsed: float, isl: int, osl: int, concurr
         "ttft_ms": percentiles(ttft, 1e3),
         "tpot_ms": percentiles(tpot, 1e3),
         "steps": len(timings),
+        "overlap": llm.coordinator.overlap,
+        "steps_launched_ahead": sum(t.ahead for t in timings) / max(1, len(timings)),  # the share that overlapped
         "max_running": busiest,
         "step_overhead_ms": {
             "schedule_and_pack": percentiles([t.schedule_s for t in timings], 1e3),

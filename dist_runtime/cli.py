@@ -47,6 +47,11 @@ def _launch_kwargs(args: argparse.Namespace) -> dict:
     return dict(launcher=args.launcher, ray_address=args.ray_address, rank_timeout_s=args.rank_timeout)
 
 
+def _add_overlap_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-overlap", action="store_true", help="schedule each step only after the one before has "
+                   "finished (by default, with one rank, the next decode step is scheduled while the device runs)")
+
+
 def _default_dtype(config) -> str:
     return {"float32": "fp32", "float16": "fp16"}.get(config.dtype, "bf16")
 
@@ -125,7 +130,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     params = _sampling(args)  # bad parameters fail before any rank starts
     prompts = args.prompt or ["Hello, world!"]
-    with LLM(args.engine, device=args.device, verify=not args.no_verify, **_launch_kwargs(args)) as llm:
+    with LLM(args.engine, device=args.device, verify=not args.no_verify, overlap=not args.no_overlap,
+             **_launch_kwargs(args)) as llm:
         outputs = llm.generate(prompts, params, return_logits=bool(args.save_logits))
     if args.save_logits:
         from safetensors.torch import save_file
@@ -168,8 +174,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"{report['output_tokens_per_s']:.1f} output tokens/s; client-side TTFT p50/p90/p99 "
               f"{_p(report['ttft_ms'])} ms; TPOT {_p(report['tpot_ms'])} ms")
         return 0
-    with LLM(args.engine, device=args.device, verify=not args.no_verify,
-             kv_cache_fraction=args.kv_cache_fraction, **_launch_kwargs(args)) as llm:
+    with LLM(args.engine, device=args.device, verify=not args.no_verify, kv_cache_fraction=args.kv_cache_fraction,
+             overlap=not args.no_overlap, **_launch_kwargs(args)) as llm:
         report = run_bench(llm, args.isl, args.osl, args.num_requests, args.concurrency, args.request_rate,
                            args.seed, progress=sys.stderr.isatty(), profile=args.profile)
     if args.json:
@@ -191,7 +197,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args.engine, args.model_name or os.path.basename(os.path.normpath(args.engine)), args.host,
                  args.port, args.api_key or os.environ.get("DIST_RUNTIME_API_KEY"), args.max_concurrency,
                  args.max_body_bytes, device=args.device, verify=not args.no_verify,
-                 kv_cache_fraction=args.kv_cache_fraction, **_launch_kwargs(args))
+                 kv_cache_fraction=args.kv_cache_fraction, overlap=not args.no_overlap, **_launch_kwargs(args))
 
 
 def _p(stats: dict) -> str:
@@ -271,6 +277,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of rank files")
     p.add_argument("--save-logits", metavar="FILE", help="write each prompt's logits per step (safetensors)")
+    _add_overlap_option(p)
     _add_launch_options(p)
     p.set_defaults(func=cmd_generate)
 
@@ -289,6 +296,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-fraction", type=float, default=0.9, help="of GPU memory free after loading")
     p.add_argument("--profile", metavar="FILE", help="write a torch profiler summary of the run to FILE")
     p.add_argument("--no-verify", action="store_true")
+    _add_overlap_option(p)
     _add_launch_options(p)
     p.set_defaults(func=cmd_bench)
 
@@ -303,6 +311,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--kv-cache-fraction", type=float, default=0.9)
     p.add_argument("--no-verify", action="store_true")
+    _add_overlap_option(p)
     _add_launch_options(p)
     p.set_defaults(func=cmd_serve)
 

@@ -2,6 +2,13 @@
 
 It owns the scheduler and the KV-cache block manager, packs each step's batch into a Step,
 broadcasts it, runs rank 0's own share of the step, and applies the sampled tokens.
+
+With overlap (one rank), step n+1 is packed and launched while the device still runs step
+n, whenever it is a plain decode of step n's sequences: its input tokens are step n's sampled
+ids, which stay on the device. A sequence that meets a stop token in step n has already a
+row in step n+1; that row's token is dropped. Anything else waits for step n's tokens first.
+A sequence that ends gives its KV blocks back at once, though a step still running may
+write to them: a step that reuses them is launched later, so it runs later on the one stream.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from dist_runtime.comm.base import Communicator
 from dist_runtime.engine import Engine
 from dist_runtime.errors import RequestError
 from dist_runtime.liveness import Activity
-from dist_runtime.model_runner import ModelRunner
+from dist_runtime.model_runner import Launched, ModelRunner, StepOutput
 from dist_runtime.sampler import draw_seed
 from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.scheduler import Scheduler
@@ -46,13 +53,24 @@ class StepTiming:
     running: int  # sequences in the step
     schedule_s: float  # scheduling and packing the Step
     broadcast_s: float  # shipping it to every rank
-    step_s: float  # the whole step, forward and sampling included
+    step_s: float  # the whole step, forward and sampling included (with overlap: also collecting the one before)
+    ahead: bool  # launched before the previous step's tokens reached the host
+
+
+@dataclass
+class InFlight:
+    """A launched step, until its tokens are collected."""
+
+    batch: list[tuple[Sequence, int]]
+    sampling: list[Sequence]  # in row order
+    step: Step
+    launched: Launched | None
 
 
 class Coordinator:
     def __init__(self, engine: Engine, runner: ModelRunner, comm: Communicator, eos_ids: tuple[int, ...],
                  num_kv_blocks: int | None = None, prefix_caching: bool = True,
-                 activity: Activity | None = None) -> None:
+                 activity: Activity | None = None, overlap: bool = True) -> None:
         plan = engine.plan
         self.activity = activity or Activity()  # the liveness watch reads how long a step has run
         self.runner, self.comm, self.eos_ids = runner, comm, eos_ids
@@ -66,6 +84,10 @@ class Coordinator:
         self.return_logits = False
         self.timings: deque[StepTiming] = deque(maxlen=TIMINGS_KEPT)  # bounded: a server runs for weeks
         self.peak_blocks_used = 0
+        # One rank only: with more, the rank that samples is not every rank that needs the
+        # sampled ids as the next inputs (the other TP ranks, PP stage 0).
+        self.overlap = overlap and runner.mapping.world_size == 1
+        self._in_flight: InFlight | None = None
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise RequestError for a request this engine cannot serve, before it is queued."""
@@ -89,34 +111,79 @@ class Coordinator:
         return seqs
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._in_flight is not None
 
     def step(self) -> list[TokenUpdate]:
-        """Run one step on every rank; returns the tokens it produced."""
+        """Run one step on every rank; returns the tokens it produced. With overlap, it launches
+        one step and returns the tokens of the one before, which ran meanwhile."""
         with self.activity:
             return self._step()
 
     def _step(self) -> list[TokenUpdate]:
         start = time.perf_counter()
-        batch = self.scheduler.schedule()
-        step, sampling = self._pack(batch)
+        prev, self._in_flight = self._in_flight, None
+        follow = self._follow(prev)
+        updates = []
+        if prev is not None and follow is None:  # the scheduler needs prev's tokens
+            updates = self._collect(prev)
+            if not self.scheduler.has_work():
+                return updates
+        scheduling = start if follow else time.perf_counter()
+        batch, prev_rows = follow or (self.scheduler.schedule(), None)
+        step, sampling = self._pack(batch, prev_rows)
         log.debug("step of %d sequences, %d tokens", step.num_seqs, step.num_tokens)
         packed = time.perf_counter()
         self.comm.broadcast_object(step)
         sent = time.perf_counter()
-        out = self.runner.run(step)
+        current = InFlight(batch, sampling, step, self.runner.launch(step))
+        self.peak_blocks_used = max(self.peak_blocks_used, self.blocks.num_used)
+        if follow is not None:
+            updates = self._collect(prev)  # while the device runs `current`
+        if self.overlap:
+            self._in_flight = current
+        else:
+            updates = self._collect(current)
+        self.timings.append(StepTiming(len(batch), packed - scheduling, sent - packed, time.perf_counter() - start,
+                                       follow is not None))
+        return updates
+
+    def _follow(self, prev: InFlight | None) -> tuple[list[tuple[Sequence, int]], list[int]] | None:
+        """The decode step that can be launched before `prev`'s tokens reach the host: (batch,
+        each sequence's row among prev's sampled ids), with KV blocks for the token it adds.
+        None when the host needs those tokens first: something waits to join, or did not
+        sample in prev (a prompt part-way through prefill); penalties read them; prev's
+        logits are wanted (the next graph replay overwrites them); or the blocks are short."""
+        if prev is None or self.scheduler.waiting or prev.step.return_logits:
+            return None
+        rows = {seq: row for row, seq in enumerate(prev.sampling)}
+        if any(seq not in rows for seq in self.scheduler.running):
+            return None
+        # Those that prev's token takes to a length limit stop there (the rest of prev's
+        # sequences finished while it ran).
+        seqs = [s for s in self.scheduler.running
+                if s.num_output + 1 < s.params.max_tokens and len(s) + 1 < self.max_seq_len]
+        if not seqs or any(s.params.has_penalties for s in seqs):
+            return None
+        if sum(self.blocks.blocks_for(len(s) + 1) - len(s.block_table) for s in seqs) > self.blocks.num_free:
+            return None  # the scheduler preempts
+        for seq in seqs:
+            self.blocks.grow(seq, len(seq) + 1)
+        return [(s, 1) for s in seqs], [rows[s] for s in seqs]
+
+    def _collect(self, done: InFlight) -> list[TokenUpdate]:
+        """Wait for a launched step's tokens and apply them, but to no sequence that ended
+        while it ran (aborted, or stopped by the step before)."""
+        out = self.runner.collect(done.launched)
         if out.logprobs is not None:
             out.logprobs = out.logprobs.cpu()  # one copy, not one per row
         now = time.perf_counter()
-        for seq, n in batch:
-            seq.num_cached += n
-            self.blocks.register_full_blocks(seq)
-        self.peak_blocks_used = max(self.peak_blocks_used, self.blocks.num_used)
-        updates = [self._apply(seq, row, out, now) for row, seq in enumerate(sampling)]
-        self.timings.append(StepTiming(len(batch), packed - start, sent - packed, time.perf_counter() - start))
-        return updates
+        for seq, n in done.batch:
+            if not seq.is_finished:
+                seq.num_cached += n
+                self.blocks.register_full_blocks(seq)
+        return [self._apply(seq, row, out, now) for row, seq in enumerate(done.sampling) if not seq.is_finished]
 
-    def _apply(self, seq: Sequence, row: int, out, now: float) -> TokenUpdate:
+    def _apply(self, seq: Sequence, row: int, out: StepOutput, now: float) -> TokenUpdate:
         token = out.token_ids[row]
         seq.tokens.append(token)
         seq.token_times.append(now)
@@ -148,18 +215,22 @@ class Coordinator:
         if not seq.is_finished:
             self.scheduler.finish(seq, reason)
 
-    def _pack(self, batch: list[tuple[Sequence, int]]) -> tuple[Step, list[Sequence]]:
-        """The Step for `batch`, and the sequences that sample in it (in row order)."""
+    def _pack(self, batch: list[tuple[Sequence, int]], prev_rows: list[int] | None = None
+              ) -> tuple[Step, list[Sequence]]:
+        """The Step for `batch`, and the sequences that sample in it (in row order). With
+        `prev_rows` (see Step), each sequence runs the one token past those the host has."""
+        ahead = int(prev_rows is not None)
         tokens, positions, slots, starts, context = [], [], [], [0], []
         sample_rows, sampling = [], []
         for i, (seq, n) in enumerate(batch):
-            start, end = seq.num_cached, seq.num_cached + n
+            start = len(seq) if ahead else seq.num_cached
+            end = start + n
             tokens += seq.tokens[start:end]
             positions += range(start, end)
             slots += self.blocks.slots(seq, start, end)
             starts.append(starts[-1] + n)
             context.append(end)
-            if end == len(seq):
+            if end == len(seq) + ahead:
                 sample_rows.append(i)
                 sampling.append(seq)
         tables = np.zeros((len(batch), max((len(s.block_table) for s, _ in batch), default=0)), dtype=np.int32)
@@ -173,7 +244,7 @@ class Coordinator:
             history_start.append(len(history))
             prompt_lens.append(seq.num_prompt)
         step = Step(
-            token_ids=np.array(tokens, dtype=np.int64),
+            token_ids=np.array(tokens, dtype=np.int64) if not ahead else np.zeros(len(batch), dtype=np.int64),
             positions=np.array(positions, dtype=np.int64),
             slot_mapping=np.array(slots, dtype=np.int64),
             query_start=np.array(starts, dtype=np.int64),
@@ -185,7 +256,7 @@ class Coordinator:
             top_p=np.array([p.top_p for p in params], dtype=np.float32),
             min_p=np.array([p.min_p for p in params], dtype=np.float32),
             seeds=np.array([s.seed for s in sampling], dtype=np.int64),
-            sample_index=np.array([s.num_output for s in sampling], dtype=np.int64),
+            sample_index=np.array([s.num_output + ahead for s in sampling], dtype=np.int64),
             num_logprobs=np.array([-1 if p.logprobs is None else p.logprobs for p in params], dtype=np.int64),
             penalties=np.array([(p.repetition_penalty, p.presence_penalty, p.frequency_penalty) for p in params],
                                dtype=np.float32).reshape(-1, 3),
@@ -193,6 +264,7 @@ class Coordinator:
             history_start=np.array(history_start, dtype=np.int64),
             history_prompt_len=np.array(prompt_lens, dtype=np.int64),
             return_logits=self.return_logits,
+            prev_rows=np.array(prev_rows, dtype=np.int64) if ahead else None,
         )
         return step, sampling
 
@@ -206,7 +278,11 @@ class Coordinator:
         self.comm.broadcast_object(Ping())
 
     def shutdown(self) -> None:
-        """Tell every other rank to leave its step loop."""
+        """Tell every other rank to leave its step loop, and let the device finish a step still
+        running (its tokens are no one's now) before its memory is released."""
+        if self._in_flight is not None:
+            self.runner.collect(self._in_flight.launched)
+            self._in_flight = None
         self.comm.broadcast_object(None)
 
 

@@ -79,14 +79,17 @@ class DecodeGraphs:
     def fits(self, step: Step) -> bool:
         return step.num_tokens == step.num_seqs <= self.max_batch
 
-    def run(self, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, step: Step, prev_sampled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [seqs, vocab], their argmax [seqs]) of a decode step, by replaying the
-        smallest graph that holds it."""
+        smallest graph that holds it. With `prev_sampled`, the input tokens are its rows
+        `step.prev_rows`, gathered on the device."""
         n = step.num_seqs
         b = min(size for size in self.graphs if size >= n)
         self.copied.synchronize()
         ids, positions, slots, context_lens, tables = self._views(self.host_array, b)
-        ids[:n], positions[:n], slots[:n] = step.token_ids, step.positions, step.slot_mapping
+        # The rows travel in the token ids' place, so the inputs are still one copy.
+        ids[:n] = step.token_ids if prev_sampled is None else step.prev_rows
+        positions[:n], slots[:n] = step.positions, step.slot_mapping
         context_lens[:n] = step.context_lens
         # Padded rows write to the spare block and read one token of it. Every value is set:
         # the host buffer holds other buckets' layouts, where a slot could pose as a token id.
@@ -97,6 +100,9 @@ class DecodeGraphs:
         used = self._size(b)
         self.inputs[:used].copy_(self.host[:used], non_blocking=True)
         self.copied.record()
+        if prev_sampled is not None:
+            device_ids = self._views(self.inputs, b)[0][:n]
+            device_ids.copy_(prev_sampled[device_ids])
         graph, logits, greedy = self.graphs[b]
         graph.replay()
         return logits[:n], greedy[:n]

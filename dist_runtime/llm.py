@@ -29,11 +29,14 @@ class LLM:
 
     `num_kv_blocks` and `prefix_caching` override the engine's KV-cache settings (a small
     pool shows preemption at work). A rank that dies, or is silent or stuck in one step for
-    `rank_timeout_s`, ends the engine: every request in flight gets a RankLostError naming it."""
+    `rank_timeout_s`, ends the engine: every request in flight gets a RankLostError naming it.
+    `overlap` (one rank only) schedules each decode step while the device runs the one before;
+    the tokens are the same without it."""
 
     def __init__(self, engine_dir: str, device: str = "cpu", verify: bool = True, num_kv_blocks: int | None = None,
                  prefix_caching: bool = True, kv_cache_fraction: float = 0.9, launcher: str = "local",
-                 ray_address: str | None = None, rank_timeout_s: float = DEFAULT_RANK_TIMEOUT_S) -> None:
+                 ray_address: str | None = None, rank_timeout_s: float = DEFAULT_RANK_TIMEOUT_S,
+                 overlap: bool = True) -> None:
         if launcher not in ("local", "ray"):
             raise RequestError(f"launcher must be 'local' or 'ray', not {launcher!r}")
         self.engine = Engine.load(engine_dir)
@@ -69,7 +72,7 @@ class LLM:
         self.tokenizer = Tokenizer(engine_dir) if (self.engine.path / "tokenizer.json").is_file() else None
         eos = tuple(self.engine.config.eos_token_ids) + (self.tokenizer.eos_ids if self.tokenizer else ())
         self.coordinator = Coordinator(self.engine, runner, runner.comm, eos, num_kv_blocks, prefix_caching,
-                                       self._liveness.activity)
+                                       self._liveness.activity, overlap)
         self._comm = runner.comm
         self._loop = EngineLoop(self.coordinator, self.tokenizer, self._liveness)
         self._liveness.on_lost.append(self._on_rank_lost)

@@ -34,6 +34,16 @@ class StepOutput:
     logits: torch.Tensor | None = None  # [rows, vocab], when the step asked for them
 
 
+@dataclass
+class Launched:
+    """Rank 0's share of a step whose work is queued on the device: `collect` waits for it."""
+
+    token_ids: torch.Tensor  # int64 [rows] on the host (pinned on a GPU), valid once `ready` has passed
+    ready: torch.cuda.Event | None  # None on the CPU, where the work is done at launch
+    logprobs: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
 class ModelRunner:
     """`device` "cpu" (the reference) or a CUDA device. On a GPU the KV cache takes
     `kv_cache_fraction` of the memory left free after a profiling forward, and decode steps
@@ -62,6 +72,7 @@ class ModelRunner:
         log.info("weights loaded")
         self.num_blocks = plan.num_kv_blocks if self.device.type == "cpu" else self._blocks_that_fit()
         self.graphs = None
+        self.last_sampled: torch.Tensor | None = None  # the latest step's sampled ids, on the device (Step.prev_rows)
         self.record_gpu_time = False  # the benchmark turns it on (GPU only) for its window
         self.gpu_step_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
@@ -117,26 +128,41 @@ class ModelRunner:
 
     def run(self, step: Step) -> StepOutput | None:
         """Run this rank's part of `step`. Rank 0 gets the StepOutput; other ranks get None."""
+        return self.collect(self.launch(step))
+
+    def launch(self, step: Step) -> Launched | None:
+        """Queue this rank's part of `step` on the device and return without waiting for it;
+        rank 0 gets what `collect` turns into its StepOutput, other ranks None."""
         if not self.record_gpu_time:
-            return self._run(step)
+            return self._launch(step)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        out = self._run(step)
+        launched = self._launch(step)
         end.record()
         self.gpu_step_events.append((start, end))
-        return out
+        return launched
+
+    def collect(self, launched: Launched | None) -> StepOutput | None:
+        """Wait for a launched step's sampled ids to reach the host."""
+        if launched is None:
+            return None
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        return StepOutput(launched.token_ids.tolist(), launched.logprobs, launched.logits)
 
     def gpu_busy_seconds(self) -> float:
         """GPU time from the first to the last kernel of each recorded step, summed: what is
-        left of the wall time is the GPU idling between steps."""
+        left of the wall time is the GPU idling between steps. A step launched while the one
+        before still runs starts its span where that one's ends: spans never overlap."""
         torch.cuda.synchronize(self.device)
         return sum(a.elapsed_time(b) for a, b in self.gpu_step_events) / 1e3
 
     @torch.inference_mode()
-    def _run(self, step: Step) -> StepOutput | None:
+    def _launch(self, step: Step) -> Launched | None:
         m = self.mapping
+        prev = None if step.prev_rows is None else self.last_sampled
         if self.graphs is not None and self.graphs.fits(step):
-            logits, greedy = self.graphs.run(step)
+            logits, greedy = self.graphs.run(step, prev)
             if len(step.sample_rows) < step.num_seqs:  # in a decode step every sequence samples, but be exact
                 rows = torch.from_numpy(step.sample_rows).to(self.device)
                 logits, greedy = logits[rows], greedy[rows]
@@ -151,7 +177,9 @@ class ModelRunner:
             decode=step.num_tokens == step.num_seqs,
             num_decodes=_leading_decodes(step.query_start),
         )
-        if m.is_first_stage:
+        if prev is not None:
+            inputs = prev[torch.from_numpy(step.prev_rows).to(self.device)]
+        elif m.is_first_stage:
             inputs = torch.from_numpy(step.token_ids).to(self.device)
         else:
             inputs = torch.empty(step.num_tokens, self.hidden_size, dtype=self.engine.dtype, device=self.device)
@@ -163,27 +191,29 @@ class ModelRunner:
         last_tokens = torch.from_numpy(step.query_start[step.sample_rows + 1] - 1).to(self.device)
         return self._sample(step, self.model.compute_logits(hidden[last_tokens]))
 
-    def _sample(self, step: Step, logits: torch.Tensor, greedy: torch.Tensor | None = None) -> StepOutput | None:
+    def _sample(self, step: Step, logits: torch.Tensor, greedy: torch.Tensor | None = None) -> Launched | None:
         """On the last stage: sample, and get the tokens to rank 0. `greedy`, the logits'
         argmax from the graph, is the sample itself when every row is plain greedy."""
         m = self.mapping
         if m.rank != m.sampler_rank() or not len(step.sample_rows):
-            return StepOutput([]) if m.rank == 0 else None
+            return self._to_host(torch.empty(0, dtype=torch.int64)) if m.rank == 0 else None
         sampled = Sampled(greedy, None) if greedy is not None and _plain_greedy(step) else sample(logits, step)
-        out = StepOutput(sampled.token_ids.tolist(), sampled.logprobs, logits if step.return_logits else None)
+        # Perhaps a view of a graph's output, which the next replay overwrites: a step taking
+        # its inputs from here gathers them before its own replay.
+        self.last_sampled = sampled.token_ids
+        logits = logits if step.return_logits else None
         if m.rank == 0:
-            return out
-        self.comm.send(sampled.token_ids, 0)
-        for extra in (sampled.logprobs, out.logits):
-            if extra is not None:
-                self.comm.send(extra, 0)
+            return self._to_host(sampled.token_ids, sampled.logprobs, logits)
+        for tensor in (sampled.token_ids, sampled.logprobs, logits):
+            if tensor is not None:
+                self.comm.send(tensor, 0)
         return None
 
-    def _receive_output(self, step: Step) -> StepOutput:
+    def _receive_output(self, step: Step) -> Launched:
         """Rank 0, when another rank samples: the same tensors, in the order they are sent."""
         rows, src = len(step.sample_rows), self.mapping.sampler_rank()
         if rows == 0:
-            return StepOutput([])
+            return self._to_host(torch.empty(0, dtype=torch.int64))
         ids = self.comm.recv(torch.empty(rows, dtype=torch.int64, device=self.device), src)
         logprobs = logits = None
         if len(step.num_logprobs) and step.num_logprobs.max() >= 0:
@@ -191,7 +221,19 @@ class ModelRunner:
             logprobs = self.comm.recv(torch.empty(rows, width, device=self.device), src)
         if step.return_logits:
             logits = self.comm.recv(torch.empty(rows, self.engine.config.vocab_size, device=self.device), src)
-        return StepOutput(ids.tolist(), logprobs, logits)
+        return self._to_host(ids, logprobs, logits)
+
+    def _to_host(self, ids: torch.Tensor, logprobs: torch.Tensor | None = None,
+                 logits: torch.Tensor | None = None) -> Launched:
+        """Start copying the sampled ids to the host, behind the step's work on the stream: no
+        sync here, `collect` waits for the event."""
+        if ids.device.type == "cpu":
+            return Launched(ids, None, logprobs, logits)
+        host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)  # one per step: the last may not be read yet
+        host.copy_(ids, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return Launched(host, ready, logprobs, logits)
 
     def release(self) -> None:
         """Give back the KV cache and graphs (GPU memory) once this runner is done. Call it before

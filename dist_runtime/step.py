@@ -5,6 +5,9 @@ ModelRunner is a function of (Step, its weights, its KV cache).
 Sequence i's new tokens are `token_ids[query_start[i]:query_start[i + 1]]`. Only the
 sequences in `sample_rows` (those whose step reaches their last token) get logits and a
 sampled token; the per-row arrays below are indexed by position in `sample_rows`.
+
+A decode step launched before the previous step's sampled ids reach rank 0's host (the
+overlap, one rank only) names where its input tokens are instead: `prev_rows`.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ class Step:
     history_start: np.ndarray  # int64 [rows + 1]: each row's slice of `history` (empty if unpenalised)
     history_prompt_len: np.ndarray  # int64 [rows]: where the output starts in that slice
     return_logits: bool = False
+    # int64 [seqs]: sequence i's one input token is the previous step's sampled id at row
+    # prev_rows[i], still on the device (token_ids then holds zeros); None: token_ids holds them
+    prev_rows: np.ndarray | None = None
 
     @property
     def num_seqs(self) -> int:

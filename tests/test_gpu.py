@@ -65,6 +65,40 @@ def test_gpu_float32_engine_gives_the_cpu_tokens(arch, engines):
         assert [h.result().token_ids for h in handles] == expected * 2
 
 
+def test_gpu_overlap_with_cuda_graphs_gives_the_synchronous_tokens(engines):
+    """Decode steps launched before the last step's ids reach the host take them from the
+    graph's output on the device: greedy, seeded, stop tokens seen one step late, and requests
+    joining a decoding batch must all give the tokens of the synchronous path."""
+    from dist_runtime.bench import run_bench
+
+    engine = str(engines("llama", 1, 1, max_seq_len=256, max_num_tokens=32))
+    prompts = PROMPTS * 2
+    params = [SamplingParams(max_tokens=4 + 3 * i, temperature=0.0, ignore_eos=True) if i % 2 else
+              SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, seed=i, ignore_eos=True)
+              for i in range(len(prompts))]
+    results, idle = [], []
+    for overlap in (False, True):
+        with LLM(engine, device="cuda", overlap=overlap) as llm:
+            assert llm.coordinator.runner.graphs is not None and llm.coordinator.overlap == overlap
+            outs = [o.token_ids for o in llm.generate(prompts, params)]
+            stops = [SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, stop_token_ids=[t[2 + i % 3]])
+                     for i, t in enumerate(outs)]
+            outs += [o.token_ids for o in llm.generate(prompts, stops)]
+            handles = []
+            for prompt, sp in zip(prompts, params):
+                handles.append(llm.submit(prompt, sp))
+                while not (handles[-1].seqs and handles[-1].seqs[0].num_output >= 2):
+                    pass
+            outs += [h.result(timeout=60).token_ids for h in handles]
+            assert any(t.ahead for t in llm.coordinator.timings) == overlap
+            results.append(outs)
+            report = run_bench(llm, isl=16, osl=32, num_requests=4, concurrency=1)
+            assert report["overlap"] == overlap and 0 <= report["gpu_idle_fraction"] < 1
+            idle.append(report["gpu_idle_fraction"])
+    assert results[0] == results[1]
+    print(f"GPU idle fraction at batch 1: {idle[0]:.1%} without overlap, {idle[1]:.1%} with")
+
+
 @pytest.mark.parametrize("arch", ["llama", "gptj"])
 def test_gpu_bfloat16_engine_gives_the_cpu_tokens_but_at_near_ties(arch, engines):
     """Against the CPU running the same bf16 engine (the same rounded weights). Rounding may

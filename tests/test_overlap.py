@@ -1,0 +1,136 @@
+"""Overlap on one rank: a decode step is scheduled and launched before the tokens of the step
+before reach the host. Whatever the workload, the tokens must be those of the synchronous path."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from conftest import PROMPTS, cli, json_lines
+
+from dist_runtime import LLM, SamplingParams
+
+MIXED = PROMPTS + ["Once upon a time there was a small engine that wanted to run a large language model. " * 2,
+                   "def generate(prompt, max_tokens=16):"]
+GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(engines):
+    return str(engines("llama", 1, 1, max_seq_len=256, max_num_tokens=32))  # long prompts prefill in chunks
+
+
+@pytest.fixture(scope="module")
+def on(engine):
+    with LLM(engine) as llm:
+        assert llm.coordinator.overlap
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def off(engine):
+    with LLM(engine, overlap=False) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def greedy(off):
+    return [o.token_ids for o in off.generate(MIXED, GREEDY)]
+
+
+def _outputs(llm: LLM, params) -> list[tuple]:
+    llm.coordinator.timings.clear()
+    return [(c.token_ids, c.text, c.finish_reason, c.logprobs) for o in llm.generate(MIXED, params) for c in o.outputs]
+
+
+def _steps_ahead(llm: LLM) -> int:
+    return sum(t.ahead for t in llm.coordinator.timings)
+
+
+def _stop_tokens(greedy: list[list[int]]) -> list[SamplingParams]:
+    """Each prompt stops at a token of its own greedy output, at a different step for each."""
+    return [SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, stop_token_ids=[tokens[2 + i]])
+            for i, tokens in enumerate(greedy)]
+
+
+def test_sequences_ending_at_different_steps_get_the_synchronous_tokens(on, off):
+    params = [SamplingParams(max_tokens=1 + 4 * i, temperature=0.0, ignore_eos=True) for i in range(len(MIXED))]
+    assert _outputs(on, params) == _outputs(off, params)
+    assert _steps_ahead(on) > 0 and _steps_ahead(off) == 0
+
+
+def test_a_stop_token_seen_one_step_late_ends_the_sequence_where_it_ends_without_overlap(on, off, greedy):
+    params = _stop_tokens(greedy)
+    got = _outputs(on, params)
+    assert got == _outputs(off, params)
+    assert [reason for _, _, reason, _ in got] == ["stop"] * len(MIXED)
+    assert _steps_ahead(on) > 0
+
+
+def test_stop_strings_cut_the_text_as_without_overlap(on, off, greedy):
+    texts = [o.text for o in off.generate(MIXED, GREEDY)]
+    stops = [next(text[i:i + 2] for i in range(2 + n, len(text) - 2) if "\ufffd" not in text[i:i + 2])
+             for n, text in enumerate(texts)]
+    params = [SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, stop=[s]) for s in stops]
+    got = _outputs(on, params)
+    assert got == _outputs(off, params)
+    assert [reason for _, _, reason, _ in got] == ["stop"] * len(MIXED)
+
+
+def test_seeded_sampling_n_completions_and_logprobs_get_the_synchronous_tokens(on, off):
+    params = [SamplingParams(max_tokens=12 + i, temperature=0.8, top_p=0.9, top_k=40, seed=i, n=1 + i % 2,
+                             logprobs=2 if i % 3 == 0 else None, ignore_eos=True) for i in range(len(MIXED))]
+    assert _outputs(on, params) == _outputs(off, params)
+    assert _steps_ahead(on) > 0
+
+
+def test_penalties_and_logits_wait_for_the_tokens_and_keep_them(on, off):
+    """Penalties read the previous tokens and a graph would overwrite the logits: no step goes ahead."""
+    params = SamplingParams(max_tokens=10, temperature=0.0, repetition_penalty=1.3, presence_penalty=0.5,
+                            ignore_eos=True)
+    assert _outputs(on, params) == _outputs(off, params)
+    assert _steps_ahead(on) == 0
+    on.coordinator.timings.clear()
+    with_logits = [llm.generate(MIXED, GREEDY, return_logits=True) for llm in (on, off)]
+    for a, b in zip(*with_logits):
+        assert a.token_ids == b.token_ids and a.outputs[0].logits.equal(b.outputs[0].logits)
+    assert _steps_ahead(on) == 0
+
+
+def test_requests_joining_a_decoding_batch_get_the_synchronous_tokens(on, greedy):
+    handles = []
+    for prompt in MIXED:
+        handles.append(on.submit(prompt, GREEDY))
+        deadline = time.time() + 30
+        while not (handles[-1].seqs and handles[-1].seqs[0].num_output >= 2) and time.time() < deadline:
+            time.sleep(0.001)  # the next request joins a batch already decoding
+    assert [h.result(timeout=60).token_ids for h in handles] == greedy
+
+
+def test_sequences_ending_late_in_a_tiny_kv_pool_leak_and_corrupt_no_block(engine, off, greedy):
+    """Blocks of a sequence whose stop token is seen one step late go back at once, to be
+    reused (and preempted for) by the others; after the last request every block is free."""
+    params = _stop_tokens(greedy) + [GREEDY] * len(MIXED)
+    expected = [o.token_ids for o in off.generate(MIXED * 2, params)]
+    with LLM(engine, num_kv_blocks=8) as small:
+        assert [o.token_ids for o in small.generate(MIXED * 2, params)] == expected
+        c = small.coordinator
+        deadline = time.time() + 10
+        while c.has_work() and time.time() < deadline:
+            time.sleep(0.01)
+        assert not c.has_work() and c.scheduler.num_preemptions > 0 and _steps_ahead(small) > 0
+        assert c.blocks.num_free == c.blocks.num_blocks and not any(c.blocks.ref_count)
+
+
+def test_cli_no_overlap_gives_the_same_tokens_and_bench_reports_it(engine):
+    args = ["generate", engine, "--temperature", "0", "--max-tokens", "8", "--json",
+            *[a for p in PROMPTS for a in ("--prompt", p)]]
+    assert json_lines(cli(*args)) == json_lines(cli(*args, "--no-overlap"))
+    reports = []
+    for extra in ([], ["--no-overlap"]):
+        proc = cli("bench", engine, "--isl", "8", "--osl", "6", "--num-requests", "4", "--json", *extra)
+        assert proc.returncode == 0, proc.stderr
+        reports.append(json.loads(proc.stdout))
+    assert reports[0]["overlap"] and reports[0]["steps_launched_ahead"] > 0
+    assert not reports[1]["overlap"] and reports[1]["steps_launched_ahead"] == 0
