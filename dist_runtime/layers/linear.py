@@ -66,6 +66,14 @@ class ColumnParallelLinear(nn.Module):
         return linear(x, self.weight, self.bias, self.kernels, self.weight_scale)
 
 
+def kv_head_range(num_kv_heads: int, tp: int, tp_rank: int) -> range:
+    """The KV heads (global indices) TP rank `tp_rank` holds: its share while there are at least
+    as many heads as ranks, else the one head its query heads read (shared by tp // heads ranks)."""
+    local, replicas = max(1, num_kv_heads // tp), max(1, tp // num_kv_heads)
+    first = tp_rank // replicas * local
+    return range(first, first + local)
+
+
 class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections in one GEMM. Query heads split over TP ranks; KV heads split
     too while there are at least as many as ranks, and are replicated otherwise (each rank
@@ -79,8 +87,8 @@ class QKVParallelLinear(ColumnParallelLinear):
             raise PlanError(f"{num_kv_heads} KV heads neither divide by tp={tp} nor divide it")
         self.head_dim = head_dim
         self.num_heads = num_heads // tp
-        self.num_kv_heads = max(1, num_kv_heads // tp)
-        self.kv_replicas = max(1, tp // num_kv_heads)  # ranks sharing one KV head
+        self.kv_heads = kv_head_range(num_kv_heads, tp, tp_rank)
+        self.num_kv_heads = len(self.kv_heads)
         super().__init__(hidden, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim],
                          tp, tp_rank, bias, name="qkv_proj")
 
@@ -92,8 +100,7 @@ class QKVParallelLinear(ColumnParallelLinear):
     def shard_piece(self, index: int, tensor: torch.Tensor) -> torch.Tensor:
         if index == 0:
             return split(tensor, 0, self.tp, self.tp_rank)
-        kv_groups = self.tp // self.kv_replicas
-        return split(tensor, 0, kv_groups, self.tp_rank // self.kv_replicas)
+        return tensor[self.kv_heads.start * self.head_dim: self.kv_heads.stop * self.head_dim]
 
     def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = qkv.split(self.local_sizes, dim=-1)
