@@ -18,7 +18,7 @@ from dist_runtime.models import build_model, checkpoint_layout
 from dist_runtime.tuning import skipped
 from sharding.checkpoint import Checkpoint
 from sharding.planner import DTYPES, Plan, make_plan
-from sharding.quantize import QUANTIZED_DTYPES, SCALE_SUFFIX, quantize_weight
+from sharding.quantize import DEFAULT_KV_SCALE, QUANTIZED_DTYPES, SCALE_SUFFIX, quantize_weight
 from sharding.safetensors_writer import StreamingWriter, TensorSpec
 from sharding.tuning import tune_kernels
 
@@ -56,6 +56,9 @@ def build_engine(checkpoint: str | Path, out: str | Path, tp: int = 1, pp: int =
             shutil.copy(ck.path / name, out / name)
     build = {"dtype": dtype, "checkpoint": str(ck.path.resolve()), "checkpoint_dtype": ck.config.dtype,
              "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if plan.kv_cache_dtype == "fp8":  # per layer, per KV head
+        build["kv_scales"] = {kv: [[DEFAULT_KV_SCALE] * ck.config.num_kv_heads] * ck.config.num_layers
+                              for kv in "kv"}
     tuning = tune_kernels(ck.config, plan) if tune else skipped("not asked for (--no-tune)")
     engine = Engine(out, ck.config, plan, build, files, tuning)
     engine.save()

@@ -1,6 +1,8 @@
 """Weight quantization at build time, one scale per output channel, stored beside the weight
 as `<name>_scale` (float32). The runtime multiplies the scale back after the GEMM, so a row of
-the weight and its scale always travel together (column-parallel slices cut both alike)."""
+the weight and its scale always travel together (column-parallel slices cut both alike).
+Also the fp8 casts of activations (per token, or per tensor with a calibrated scale) and of the
+KV cache (one static scale per KV head)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ FP8_MAX = torch.finfo(FP8).max  # 448
 INT8_MAX = 127
 QUANTIZED_DTYPES = {"fp8": FP8, "int8wo": torch.int8}
 SCALE_SUFFIX = "_scale"
+INPUT_SCALE = "input_scale"  # a calibrated GEMM input scale, `<layer>.input_scale` beside `<layer>.weight`
+# Without calibration (as vLLM): keys and values of real models sit well inside E4M3's +-448.
+DEFAULT_KV_SCALE = 1.0
 
 
 def channel_scales(weight: torch.Tensor, limit: float) -> torch.Tensor:
@@ -41,3 +46,17 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = x.float().abs().amax(dim=-1, keepdim=True)
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def quantize_static_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale in E4M3 with a static float32 scale (broadcast over x); beyond 448 scales, saturated."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Keys or values [tokens, kv_heads, head_dim] to E4M3, one float32 scale per KV head."""
+    return quantize_static_fp8(x, scale[:, None])
+
+
+def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale[:, None]).to(dtype)

@@ -11,18 +11,22 @@ from dist_runtime.errors import EngineError
 from sharding.quantize import FP8, quantize_rows_fp8
 
 
-def check_device(weight_dtype: torch.dtype, device: torch.device) -> None:
-    """Refuse a format this device cannot run, before any work starts."""
-    if weight_dtype != FP8:
+def check_device(dtype: torch.dtype, device: torch.device, kv_cache: bool = False) -> None:
+    """Refuse a format this device cannot run, before any work starts: fp8 GEMMs need a GPU of
+    compute capability 8.9+; so does an fp8 KV cache on a GPU (Triton's E4M3 casts), while the
+    CPU reference runs one."""
+    if dtype != FP8 or (kv_cache and device.type == "cpu"):
         return
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         where = "the CPU"
         if device.type == "cuda":
             major, minor = torch.cuda.get_device_capability(device)
             where = f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
-        raise EngineError(f"this engine's GEMMs are fp8 (E4M3), which needs an NVIDIA GPU of compute capability "
-                          f"8.9 or newer (Ada, Hopper); this rank runs on {where}. Build it with --dtype int8wo "
-                          f"or bf16 for this hardware")
+        what, instead = (("KV cache is", "--kv-cache-dtype auto") if kv_cache
+                         else ("GEMMs are", "--dtype int8wo or bf16"))
+        raise EngineError(f"this engine's {what} fp8 (E4M3), which needs an NVIDIA GPU of compute capability "
+                          f"8.9 or newer (Ada, Hopper); this rank runs on {where}. Build it with {instead} for "
+                          f"this hardware")
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
