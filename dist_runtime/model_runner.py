@@ -19,7 +19,7 @@ from dist_runtime.models import build_model
 from dist_runtime.sampler import Sampled, sample
 from dist_runtime.step import Step
 from dist_runtime.tuning import KernelChoices, install
-from sharding.quantize import FP8, SCALE_SUFFIX
+from sharding.quantize import FP8, SCALE_SUFFIX, input_scale_name
 
 
 @dataclass
@@ -226,11 +226,11 @@ def _leading_decodes(query_start) -> int:
 def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], file) -> None:
     """Put the rank file's tensors in place of the meta parameters; a tied parameter is
     replaced everywhere it is used. A quantized GEMM weight comes with `<name>_scale`, which
-    goes to its layer's `weight_scale`."""
+    goes to its layer's `weight_scale`, and a calibrated fp8 one with `<layer>.input_scale`."""
     params = dict(model.named_parameters())
-    scales = {name[: -len(SCALE_SUFFIX)]: t for name, t in weights.items()
-              if name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] in params}
-    tensors = {name: t for name, t in weights.items() if name[: -len(SCALE_SUFFIX)] not in scales}
+    tensors = dict(weights)
+    scales = {name: tensors.pop(name + SCALE_SUFFIX) for name in params if name + SCALE_SUFFIX in tensors}
+    input_scales = {name: tensors.pop(input_scale_name(name)) for name in scales if input_scale_name(name) in tensors}
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
         raise EngineError(f"{file}: does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -250,4 +250,5 @@ def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], file) -> N
             if name in scales:
                 check_device(tensor.dtype, tensor.device)
                 setattr(module, f"{attr}_scale", scales[name])
+                module.input_scale = input_scales.get(name)
 

@@ -24,6 +24,16 @@ def channel_scales(weight: torch.Tensor, limit: float) -> torch.Tensor:
     return torch.where(amax > 0, amax / limit, torch.ones_like(amax))
 
 
+def static_scales(amax: torch.Tensor) -> torch.Tensor:
+    """Calibrated scales: the largest magnitude seen maps to 448 (one never seen nonzero, to 1)."""
+    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+
+
+def input_scale_name(weight_name: str) -> str:
+    """`<layer>.input_scale` beside `<layer>.weight`."""
+    return weight_name.removesuffix("weight") + INPUT_SCALE
+
+
 def quantize_weight(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(quantized weight, float32 scale per output row) for fmt "int8wo" or "fp8"."""
     if fmt == "int8wo":

@@ -14,12 +14,13 @@ from dist_runtime.layers.quantized import quantized_linear
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernels=None,
-           scale: torch.Tensor | None = None) -> torch.Tensor:
+           scale: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, or the Triton kernel for a few rows where the engine's tuning found it faster
     for this shape on this GPU (`kernels`: the runner's KernelChoices, None on the CPU); with a
-    `scale`, the weight is quantized (int8 or fp8, one scale per output row)."""
+    `scale`, the weight is quantized (int8 or fp8, one scale per output row), and an fp8 one may
+    come with a calibrated `input_scale`."""
     if scale is not None:
-        return quantized_linear(x, weight, scale, bias)
+        return quantized_linear(x, weight, scale, bias, input_scale)
     choice = kernels.gemm(x.numel() // x.shape[-1], *weight.shape) if kernels is not None else None
     if choice is None:
         return F.linear(x, weight, bias)
@@ -49,6 +50,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = declare(nn.Parameter(torch.empty(out)), self.parallel, self._shard) if bias else None
         self.kernels = None  # KernelChoices, set by a GPU runner
         self.weight_scale = None  # per output row, when the engine's weights are quantized
+        self.input_scale = None  # per tensor, when an fp8 engine was calibrated
 
     def local_piece_sizes(self, pieces: list[int], name: str) -> list[int]:
         for size in pieces:
@@ -63,7 +65,7 @@ class ColumnParallelLinear(nn.Module):
         return torch.cat([self.shard_piece(i, t) for i, t in enumerate(tensors)], dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.kernels, self.weight_scale)
+        return linear(x, self.weight, self.bias, self.kernels, self.weight_scale, self.input_scale)
 
 
 def kv_head_range(num_kv_heads: int, tp: int, tp_rank: int) -> range:
@@ -125,10 +127,11 @@ class RowParallelLinear(nn.Module):
         self.bias = declare(nn.Parameter(torch.empty(out_features)), "replicated", whole) if bias else None
         self.kernels = None  # KernelChoices, set by a GPU runner
         self.weight_scale = None  # per output row, when the engine's weights are quantized
+        self.input_scale = None  # per tensor, when an fp8 engine was calibrated
 
     def partial(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's share of the product, before the all-reduce and without the bias."""
-        return linear(x, self.weight, None, self.kernels, self.weight_scale)
+        return linear(x, self.weight, None, self.kernels, self.weight_scale, self.input_scale)
 
     def finish(self, partial_sum: torch.Tensor) -> torch.Tensor:
         """All-reduce partial sums (several layers' may be summed first) and add the bias."""
