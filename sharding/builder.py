@@ -45,9 +45,9 @@ def build_engine(checkpoint: str | Path, out: str | Path, tp: int = 1, pp: int =
     """`tune`: time the kernel candidates on this machine's GPU (if it has one) and record the
     winners in engine.json; the runner uses them as they are. `dist-runtime build` tunes
     unless told --no-tune; here it is asked for, as it holds the GPU for a while. `calib`: a
-    text file to calibrate static fp8 scales on (sharding/calibrate.py): the GEMM inputs' of an
-    fp8 engine, the KV cache's when it is fp8. Without, activations scale per token and the KV
-    cache takes DEFAULT_KV_SCALE."""
+    text file to calibrate static fp8 scales on (sharding/calibrate.py), for the GEMM inputs of
+    an fp8 engine and for an fp8 KV cache; without one, fp8 activations scale per token and an
+    fp8 KV cache takes DEFAULT_KV_SCALE."""
     if dtype not in BUILDABLE:
         raise EngineError(f"--dtype {dtype}: this build step writes {', '.join(BUILDABLE)} engines")
     ck = Checkpoint(checkpoint)

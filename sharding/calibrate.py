@@ -21,7 +21,7 @@ from dist_runtime.models import build_model
 from dist_runtime.models.base import CausalLM
 from dist_runtime.tokenizer import Tokenizer
 from sharding.checkpoint import Checkpoint
-from sharding.quantize import static_scales
+from sharding.quantize import scales_for
 
 
 @dataclasses.dataclass
@@ -33,11 +33,11 @@ class Ranges:
 
     def input_scales(self) -> dict[str, torch.Tensor]:
         """GEMM weight name -> its input's static scale, float32 [1]."""
-        return {name: static_scales(torch.tensor([amax])) for name, amax in self.inputs.items()}
+        return {name: scales_for(torch.tensor([amax])) for name, amax in self.inputs.items()}
 
     def kv_scales(self) -> dict[str, list[list[float]]]:
         """{"k": [layer][kv head], "v": the same}, as engine.json keeps them."""
-        return {"k": static_scales(self.keys).tolist(), "v": static_scales(self.values).tolist()}
+        return {"k": scales_for(self.keys).tolist(), "v": scales_for(self.values).tolist()}
 
 
 class _GemmInputs(TorchFunctionMode):

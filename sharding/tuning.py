@@ -130,8 +130,8 @@ def _tune_attention(shape: tuple, batches: list[int], plan: Plan, dtype: torch.d
             per_seq = -(-context // bs)
             block_bytes = 2 * bs * kv_heads * head_dim * plan.kv_dtype.itemsize
             pool = max(b * per_seq, L2_FLUSH_BYTES // block_bytes)
-            k_cache = torch.randn(pool, bs, kv_heads, head_dim, device="cuda").to(plan.kv_dtype)
-            v_cache = torch.randn(pool, bs, kv_heads, head_dim, device="cuda").to(plan.kv_dtype)
+            k_cache = torch.randn(pool, bs, kv_heads, head_dim, device="cuda", dtype=dtype).to(plan.kv_dtype)
+            v_cache = torch.randn_like(k_cache, dtype=dtype).to(plan.kv_dtype)
             q = torch.randn(b, heads, head_dim, device="cuda", dtype=dtype)
             lens = torch.full((b,), context, device="cuda", dtype=torch.int64)
             rotations = max(1, min(4, pool // (b * per_seq)))

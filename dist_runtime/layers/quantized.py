@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_runtime.errors import EngineError
-from sharding.quantize import FP8, dequantize_weight, quantize_rows_fp8, quantize_static_fp8
+from sharding.quantize import FP8, dequantize_weight, quantize_fp8, quantize_rows_fp8
 
 
 def check_device(dtype: torch.dtype, device: torch.device, kv_cache: bool = False) -> None:
@@ -40,7 +40,7 @@ def quantize_input(rows: torch.Tensor, input_scale: torch.Tensor | None) -> tupl
     only with per-row activation scales, so the static one is repeated."""
     if input_scale is None:
         return quantize_rows_fp8(rows)
-    return quantize_static_fp8(rows, input_scale), input_scale.expand(len(rows), 1).contiguous()
+    return quantize_fp8(rows, input_scale), input_scale.expand(len(rows), 1).contiguous()
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
