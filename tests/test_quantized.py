@@ -78,7 +78,7 @@ def test_quantized_gemm_matches_its_dequantized_reference(fmt, rows):
 
 
 def test_a_static_input_scale_is_as_close_as_per_token_scaling_and_saturates_past_its_range():
-    """fp8_linear's math, emulated in float32 (fp8 GEMMs need a GPU): with the per-tensor scale
+    """fp8_linear's math, in its float32 emulation: with the per-tensor scale
     calibrated on these activations, every row (ranges 100x apart) stays as close to the float
     GEMM as with per-token scales; with a scale calibrated on smaller ones, the excess saturates."""
     torch.manual_seed(0)
