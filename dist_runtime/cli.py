@@ -18,7 +18,8 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages (default 1)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16", "fp8", "int8wo"],
                    help="engine precision (default: the checkpoint's own)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="auto: the engine's dtype (default); fp8: E4M3 with a scale per KV head, half the bytes")
     p.add_argument("--layers", help="layers per PP stage, e.g. 10,11,11 (default: as even as possible)")
     p.add_argument("--max-batch-size", type=int, default=16, help="sequences running at once (default 16)")
     p.add_argument("--max-seq-len", type=int, help="tokens per sequence, prompt + output "
@@ -99,7 +100,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     dtype = args.dtype or _default_dtype(ModelConfig.from_dir(args.checkpoint))
     engine = build_engine(args.checkpoint, args.out, args.tp, args.pp, dtype, progress=sys.stderr.isatty(),
-                          tune=not args.no_tune, **_plan_kwargs(args))
+                          tune=not args.no_tune, calib=args.calib, **_plan_kwargs(args))
     size = sum(f["bytes"] for f in engine.files.values())
     print(f"built {args.out}: {engine.world_size} rank files (tp={args.tp} x pp={args.pp}, {dtype}), "
           f"{size / 2**20:.1f} MiB")
@@ -250,6 +251,8 @@ def parser() -> argparse.ArgumentParser:
     _add_plan_options(p)
     p.add_argument("--no-tune", action="store_true", help="skip timing kernel candidates on this GPU "
                    "(the runner then takes default launches and cuBLAS)")
+    p.add_argument("--calib", metavar="FILE", help="text to run through the float32 CPU reference for static fp8 "
+                   "scales: GEMM inputs (--dtype fp8; else per token) and KV heads (--kv-cache-dtype fp8; else 1.0)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("refit", help="replace an engine's weights with another checkpoint's (same shapes)")

@@ -9,6 +9,10 @@ class CheckpointError(DistRuntimeError):
     """A Hugging Face checkpoint is malformed, incomplete or of an unsupported kind."""
 
 
+class CalibrationError(DistRuntimeError):
+    """A calibration text is missing or empty, or the checkpoint has no tokenizer to read it."""
+
+
 class PlanError(DistRuntimeError):
     """A TP x PP layout is impossible for this model, or does not fit the memory given."""
 

@@ -14,13 +14,14 @@ from dist_runtime.comm.base import Communicator
 from dist_runtime.engine import Engine
 from dist_runtime.errors import EngineError
 from dist_runtime.layers.attention import AttentionMetadata
+from dist_runtime.layers.linear import kv_head_range
 from dist_runtime.layers.quantized import check_device
 from dist_runtime.mapping import Mapping
 from dist_runtime.models import build_model
 from dist_runtime.sampler import Sampled, sample
 from dist_runtime.step import Step
 from dist_runtime.tuning import KernelChoices, install
-from sharding.quantize import FP8, SCALE_SUFFIX
+from sharding.quantize import FP8, SCALE_SUFFIX, input_scale_name
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class ModelRunner:
         _load_weights(self.model, engine.load_rank_weights(mapping.rank, self.device, verify),
                       engine.rank_path(mapping.rank))
         self.model.to(self.device)  # the buffers (rotary frequencies) follow the weights
+        if plan.kv_cache_dtype == "fp8":
+            check_device(plan.kv_dtype, self.device, kv_cache=True)
+            self._set_kv_scales()
         # The kernel choices tuned at build for this engine's shapes; none on the CPU (the reference).
         self.kernels = KernelChoices.from_record(engine.tuning) if self.device.type == "cuda" else None
         install(self.model, self.kernels)
@@ -76,8 +80,15 @@ class ModelRunner:
         self.record_gpu_time = False  # the benchmark turns it on (GPU only) for its window
         self.gpu_step_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
+    def _set_kv_scales(self) -> None:
+        """This rank's KV heads' entries of engine.json's scales (per layer, per KV head)."""
+        scales, m = self.engine.build["kv_scales"], self.mapping
+        heads = list(kv_head_range(self.engine.config.num_kv_heads, m.tp, m.tp_rank))
+        for layer, attn in zip(self.engine.plan.layer_range(m.pp_rank), self.model.attention_layers()):
+            attn.k_scale, attn.v_scale = (torch.tensor(scales[kv][layer], device=self.device)[heads] for kv in "kv")
+
     def _block_bytes(self) -> int:
-        return sum(2 * self.block_size * a.num_kv_heads * a.head_dim * self.engine.dtype.itemsize
+        return sum(2 * self.block_size * a.num_kv_heads * a.head_dim * self.engine.plan.kv_dtype.itemsize
                    for a in self.model.attention_layers())
 
     def _blocks_that_fit(self) -> int:
@@ -107,8 +118,8 @@ class ModelRunner:
         """One spare block past `num_blocks`: padded rows of a CUDA graph write there."""
         for attn in self.model.attention_layers():
             shape = (num_blocks + 1, self.block_size, attn.num_kv_heads, attn.head_dim)
-            attn.k_cache = torch.zeros(shape, dtype=self.engine.dtype, device=self.device)
-            attn.v_cache = torch.zeros(shape, dtype=self.engine.dtype, device=self.device)
+            attn.k_cache = torch.zeros(shape, dtype=self.engine.plan.kv_dtype, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=self.engine.plan.kv_dtype, device=self.device)
 
     def allocate(self, num_blocks: int) -> None:
         """Allocate the KV cache (every rank the same number of blocks), then capture graphs."""
@@ -269,11 +280,11 @@ def _leading_decodes(query_start) -> int:
 def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], file) -> None:
     """Put the rank file's tensors in place of the meta parameters; a tied parameter is
     replaced everywhere it is used. A quantized GEMM weight comes with `<name>_scale`, which
-    goes to its layer's `weight_scale`."""
+    goes to its layer's `weight_scale`, and a calibrated fp8 one with `<layer>.input_scale`."""
     params = dict(model.named_parameters())
-    scales = {name[: -len(SCALE_SUFFIX)]: t for name, t in weights.items()
-              if name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] in params}
-    tensors = {name: t for name, t in weights.items() if name[: -len(SCALE_SUFFIX)] not in scales}
+    tensors = dict(weights)
+    scales = {name: tensors.pop(name + SCALE_SUFFIX) for name in params if name + SCALE_SUFFIX in tensors}
+    input_scales = {name: tensors.pop(input_scale_name(name)) for name in scales if input_scale_name(name) in tensors}
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
         raise EngineError(f"{file}: does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -293,4 +304,5 @@ def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], file) -> N
             if name in scales:
                 check_device(tensor.dtype, tensor.device)
                 setattr(module, f"{attr}_scale", scales[name])
+                module.input_scale = input_scales.get(name)
 

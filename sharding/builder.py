@@ -16,9 +16,10 @@ from dist_runtime.engine import TOKENIZER_FILES, Engine, rank_file_name
 from dist_runtime.errors import CheckpointError, EngineError
 from dist_runtime.models import build_model, checkpoint_layout
 from dist_runtime.tuning import skipped
+from sharding.calibrate import calibrate
 from sharding.checkpoint import Checkpoint
 from sharding.planner import DTYPES, Plan, make_plan
-from sharding.quantize import QUANTIZED_DTYPES, SCALE_SUFFIX, quantize_weight
+from sharding.quantize import DEFAULT_KV_SCALE, QUANTIZED_DTYPES, SCALE_SUFFIX, input_scale_name, quantize_weight
 from sharding.safetensors_writer import StreamingWriter, TensorSpec
 from sharding.tuning import tune_kernels
 
@@ -39,23 +40,38 @@ def check_checkpoint(ck: Checkpoint) -> None:
 
 
 def build_engine(checkpoint: str | Path, out: str | Path, tp: int = 1, pp: int = 1, dtype: str = "bf16",
-                 progress: bool = True, tune: bool = False, **plan_options) -> Engine:
+                 progress: bool = True, tune: bool = False, calib: str | Path | None = None,
+                 **plan_options) -> Engine:
     """`tune`: time the kernel candidates on this machine's GPU (if it has one) and record the
     winners in engine.json; the runner uses them as they are. `dist-runtime build` tunes
-    unless told --no-tune; here it is asked for, as it holds the GPU for a while."""
+    unless told --no-tune; here it is asked for, as it holds the GPU for a while. `calib`: a
+    text file to calibrate static fp8 scales on (sharding/calibrate.py), for the GEMM inputs of
+    an fp8 engine and for an fp8 KV cache; without one, fp8 activations scale per token and an
+    fp8 KV cache takes DEFAULT_KV_SCALE."""
     if dtype not in BUILDABLE:
         raise EngineError(f"--dtype {dtype}: this build step writes {', '.join(BUILDABLE)} engines")
     ck = Checkpoint(checkpoint)
     check_checkpoint(ck)
     plan = make_plan(ck.config, tp, pp, dtype, **plan_options)
+    ranges = None
+    if calib is not None:
+        if dtype != "fp8" and plan.kv_cache_dtype != "fp8":
+            raise EngineError(f"--calib {calib}: calibration sets fp8 scales, and a {dtype} engine with its KV "
+                              f"cache in {plan.kv_cache_dtype} has none; add --dtype fp8 or --kv-cache-dtype fp8")
+        ranges = calibrate(ck, calib, plan.max_seq_len, plan.block_size, progress)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    files = write_rank_files(ck, plan, out, progress)
+    files = write_rank_files(ck, plan, out, progress, ranges.input_scales() if ranges and dtype == "fp8" else None)
     for name in TOKENIZER_FILES:
         if (ck.path / name).is_file():
             shutil.copy(ck.path / name, out / name)
     build = {"dtype": dtype, "checkpoint": str(ck.path.resolve()), "checkpoint_dtype": ck.config.dtype,
              "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if ranges is not None:
+        build["calibration"] = {"text": str(Path(calib).resolve()), "tokens": ranges.tokens}
+    if plan.kv_cache_dtype == "fp8":  # {"k": [layer][kv head], "v": the same}
+        build["kv_scales"] = ranges.kv_scales() if ranges is not None else {
+            kv: [[DEFAULT_KV_SCALE] * ck.config.num_kv_heads] * ck.config.num_layers for kv in "kv"}
     tuning = tune_kernels(ck.config, plan) if tune else skipped("not asked for (--no-tune)")
     engine = Engine(out, ck.config, plan, build, files, tuning)
     engine.save()
@@ -65,6 +81,9 @@ def build_engine(checkpoint: str | Path, out: str | Path, tp: int = 1, pp: int =
 def refit_engine(engine_dir: str | Path, checkpoint: str | Path, progress: bool = True) -> Engine:
     """Swap in the weights of another checkpoint of the same architecture and shapes."""
     engine = Engine.load(engine_dir)
+    if "calibration" in engine.build:
+        raise EngineError(f"{engine_dir}: its fp8 scales were calibrated on the weights it has; rebuild it with "
+                          f"--calib for new weights")
     ck = Checkpoint(checkpoint)
     if _shape_fields(ck.config) != _shape_fields(engine.config):
         raise CheckpointError(f"{ck.path}: its config differs from the engine's in more than the dtype; "
@@ -83,8 +102,10 @@ def _shape_fields(config: ModelConfig) -> dict:
     return fields
 
 
-def write_rank_files(ck: Checkpoint, plan: Plan, out: Path, progress: bool) -> dict[str, dict]:
-    """Write every rank's file (to a temporary name, renamed when complete); return checksums."""
+def write_rank_files(ck: Checkpoint, plan: Plan, out: Path, progress: bool,
+                     input_scales: dict[str, torch.Tensor] | None = None) -> dict[str, dict]:
+    """Write every rank's file (to a temporary name, renamed when complete); return checksums.
+    `input_scales`: calibrated fp8 GEMM input scales by weight name, each beside its weight."""
     dtype = DTYPES[plan.dtype][0]
     total = sum(len(r.weights) for r in plan.ranks)
     bar = tqdm(total=total, unit="tensor", desc=f"build {out}", disable=not progress)
@@ -92,7 +113,8 @@ def write_rank_files(ck: Checkpoint, plan: Plan, out: Path, progress: bool) -> d
     for stage in range(plan.pp):
         mappings = [plan.mapping(stage * plan.tp + t) for t in range(plan.tp)]
         models = [build_model(ck.config, m, plan.layer_range(stage), dtype) for m in mappings]
-        writers = [StreamingWriter(out / (rank_file_name(m.rank) + ".tmp"), _specs(model, dtype, plan.dtype))
+        writers = [StreamingWriter(out / (rank_file_name(m.rank) + ".tmp"),
+                                   _specs(model, dtype, plan.dtype, input_scales is not None))
                    for m, model in zip(mappings, models)]
         params = [dict(model.named_parameters()) for model in models]
         for name in params[0]:
@@ -103,6 +125,8 @@ def write_rank_files(ck: Checkpoint, plan: Plan, out: Path, progress: bool) -> d
                     weight, scale = quantize_weight(param.shard_of(sources), plan.dtype)
                     writer.write(name, weight)
                     writer.write(name + SCALE_SUFFIX, scale)
+                    if input_scales is not None:
+                        writer.write(input_scale_name(name), input_scales[name])
                 else:
                     writer.write(name, param.shard_of(sources).to(dtype))
             bar.update(len(writers))
@@ -115,13 +139,16 @@ def write_rank_files(ck: Checkpoint, plan: Plan, out: Path, progress: bool) -> d
     return files
 
 
-def _specs(model, dtype: torch.dtype, fmt: str) -> list[TensorSpec]:
-    """The rank file's tensors in writing order; a quantized GEMM weight is followed by its scale."""
+def _specs(model, dtype: torch.dtype, fmt: str, input_scales: bool) -> list[TensorSpec]:
+    """The rank file's tensors in writing order; a quantized GEMM weight is followed by its scale
+    (and its input's, when calibrated)."""
     specs = []
     for name, param in model.named_parameters():
         if fmt in QUANTIZED_DTYPES and param.is_linear_weight:
             specs += [TensorSpec(name, tuple(param.shape), QUANTIZED_DTYPES[fmt]),
                       TensorSpec(name + SCALE_SUFFIX, (param.shape[0],), torch.float32)]
+            if input_scales:
+                specs.append(TensorSpec(input_scale_name(name), (1,), torch.float32))
         else:
             specs.append(TensorSpec(name, tuple(param.shape), dtype))
     return specs

@@ -13,6 +13,7 @@ from dist_runtime.errors import PlanError
 from dist_runtime.layers.embedding import padded_vocab
 from dist_runtime.mapping import Mapping
 from dist_runtime.models import build_model
+from sharding.quantize import FP8
 
 GiB = 2**30
 # Engine dtypes: (dtype of activations and unquantized weights, bytes per quantized GEMM weight or None)
@@ -20,7 +21,7 @@ DTYPES: dict[str, tuple[torch.dtype, int | None]] = {
     "fp32": (torch.float32, None), "fp16": (torch.float16, None), "bf16": (torch.bfloat16, None),
     "fp8": (torch.bfloat16, 1), "int8wo": (torch.bfloat16, 1),
 }
-KV_DTYPES = {"auto": None, "fp8": 1}
+KV_DTYPES = {"auto": None, "fp8": FP8}  # None: the activations' dtype
 RUNTIME_OVERHEAD = 1 * GiB  # CUDA context, cuBLAS/NCCL workspaces: counted only against --gpu-mem
 
 
@@ -71,6 +72,10 @@ class Plan:
 
     def mapping(self, rank: int = 0) -> Mapping:
         return Mapping(self.tp, self.pp, rank)
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        return KV_DTYPES[self.kv_cache_dtype] or DTYPES[self.dtype][0]
 
     @property
     def fits(self) -> bool:
@@ -134,7 +139,7 @@ def _plan_rank(config: ModelConfig, plan: Plan, mapping: Mapping) -> RankPlan:
         else:
             weight_bytes += param.numel() * act_dtype.itemsize
     attn = model.attention_layers()
-    kv_bytes = KV_DTYPES[plan.kv_cache_dtype] or act_dtype.itemsize
+    kv_bytes = plan.kv_dtype.itemsize
     kv_cache = sum(2 * plan.num_kv_blocks * plan.block_size * a.num_kv_heads * a.head_dim * kv_bytes for a in attn)
     memory = {"weights": weight_bytes, "kv_cache": kv_cache,
               "activations": _activation_bytes(config, plan, act_dtype.itemsize)}

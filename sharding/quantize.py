@@ -1,6 +1,8 @@
 """Weight quantization at build time, one scale per output channel, stored beside the weight
 as `<name>_scale` (float32). The runtime multiplies the scale back after the GEMM, so a row of
-the weight and its scale always travel together (column-parallel slices cut both alike)."""
+the weight and its scale always travel together (column-parallel slices cut both alike).
+Also the fp8 casts of activations (per token, or per tensor with a calibrated scale) and of the
+KV cache (one static scale per KV head)."""
 
 from __future__ import annotations
 
@@ -11,12 +13,24 @@ FP8_MAX = torch.finfo(FP8).max  # 448
 INT8_MAX = 127
 QUANTIZED_DTYPES = {"fp8": FP8, "int8wo": torch.int8}
 SCALE_SUFFIX = "_scale"
+INPUT_SCALE = "input_scale"  # a calibrated GEMM input scale, `<layer>.input_scale` beside `<layer>.weight`
+# Without calibration (as vLLM): keys and values of real models sit well inside E4M3's +-448.
+DEFAULT_KV_SCALE = 1.0
+
+
+def scales_for(amax: torch.Tensor, limit: float = FP8_MAX) -> torch.Tensor:
+    """Each largest magnitude maps to `limit` (an all-zero one gets scale 1)."""
+    return torch.where(amax > 0, amax / limit, torch.ones_like(amax))
 
 
 def channel_scales(weight: torch.Tensor, limit: float) -> torch.Tensor:
-    """Per output row: the largest magnitude maps to `limit` (an all-zero row gets scale 1)."""
-    amax = weight.float().abs().amax(dim=1)
-    return torch.where(amax > 0, amax / limit, torch.ones_like(amax))
+    """Per output row: the largest magnitude maps to `limit`."""
+    return scales_for(weight.float().abs().amax(dim=1), limit)
+
+
+def input_scale_name(weight_name: str) -> str:
+    """`<layer>.input_scale` beside `<layer>.weight`."""
+    return weight_name.removesuffix("weight") + INPUT_SCALE
 
 
 def quantize_weight(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,7 +40,7 @@ def quantize_weight(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch
         q = torch.round(weight.float() / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
     elif fmt == "fp8":
         scale = channel_scales(weight, FP8_MAX)
-        q = (weight.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        q = quantize_fp8(weight, scale[:, None])
     else:
         raise ValueError(f"unknown quantized format {fmt!r}; known: {sorted(QUANTIZED_DTYPES)}")
     return q, scale
@@ -38,6 +52,19 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype =
 
 def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token activation scaling: (x in E4M3, float32 scale [rows, 1])."""
-    amax = x.float().abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    scale = scales_for(x.float().abs().amax(dim=-1, keepdim=True))
+    return quantize_fp8(x, scale), scale
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale in E4M3 (the float32 scale broadcast over x), saturated at +-448."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Keys or values [tokens, kv_heads, head_dim] to E4M3, one float32 scale per KV head."""
+    return quantize_fp8(x, scale[:, None])
+
+
+def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale[:, None]).to(dtype)

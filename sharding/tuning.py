@@ -116,6 +116,8 @@ def _tune_attention(shape: tuple, batches: list[int], plan: Plan, dtype: torch.d
 
     heads, kv_heads, head_dim, window = shape
     bs = plan.block_size
+    ones = torch.ones(kv_heads, device="cuda")
+    kv_scales = {"k_scale": ones, "v_scale": ones} if plan.kv_cache_dtype == "fp8" else {}
     contexts = sorted({min(SHORT_CONTEXT, plan.max_seq_len), plan.max_seq_len})
     candidates = [dict(splits=s, block_n=n, num_warps=w) for s, n, w in itertools.product(SPLITS, BLOCK_NS, WARPS)]
     table = {}
@@ -126,17 +128,17 @@ def _tune_attention(shape: tuple, batches: list[int], plan: Plan, dtype: torch.d
             context = max(1, min(context, MAX_KV_TOKENS // b))
             used_contexts.append(context)
             per_seq = -(-context // bs)
-            block_bytes = 2 * bs * kv_heads * head_dim * dtype.itemsize
+            block_bytes = 2 * bs * kv_heads * head_dim * plan.kv_dtype.itemsize
             pool = max(b * per_seq, L2_FLUSH_BYTES // block_bytes)
-            k_cache = torch.randn(pool, bs, kv_heads, head_dim, device="cuda", dtype=dtype)
-            v_cache = torch.randn_like(k_cache)
+            k_cache = torch.randn(pool, bs, kv_heads, head_dim, device="cuda", dtype=dtype).to(plan.kv_dtype)
+            v_cache = torch.randn_like(k_cache, dtype=dtype).to(plan.kv_dtype)
             q = torch.randn(b, heads, head_dim, device="cuda", dtype=dtype)
             lens = torch.full((b,), context, device="cuda", dtype=torch.int64)
             rotations = max(1, min(4, pool // (b * per_seq)))
             tables = [torch.randperm(pool, device="cuda")[: b * per_seq].view(b, per_seq) for _ in range(rotations)]
             for i, c in enumerate(candidates):
                 times[i].append(_try_time([partial(paged_decode_attention, q, k_cache, v_cache, t, lens,
-                                                   head_dim**-0.5, window, **c) for t in tables]))
+                                                   head_dim**-0.5, window, **c, **kv_scales) for t in tables]))
         # the geometric mean over the contexts: each context weighs the same, however long
         score = {i: math.prod(t) for i, t in times.items()}
         best = min(score, key=score.get)

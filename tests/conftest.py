@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ from sharding.synth import write_checkpoint
 
 BIN = Path(sys.executable).parent
 PROMPTS = ["Hello, world!", "The quick brown fox jumps over the lazy dog", "a"]
+# Calibration text: the page the synthetic tokenizers learn from, so it reads in familiar pieces
+CALIB_TEXT = str(resources.files("dist_runtime").joinpath("data/corpus.txt"))
 SMALL_PLAN = dict(max_batch_size=4, max_seq_len=128)
 
 

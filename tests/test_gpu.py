@@ -1,5 +1,6 @@
-"""The GPU path against the CPU reference: the paged decode kernel over awkward shapes, and
-whole engines (float32: the same tokens; bfloat16: the same first tokens). Skipped without CUDA."""
+"""The GPU path against the CPU reference: the paged decode kernel over awkward shapes (with an
+fp8 cache too), and whole engines (float32: the same tokens; bfloat16: the same first tokens).
+Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -9,19 +10,30 @@ from conftest import PROMPTS
 
 from dist_runtime import LLM, SamplingParams
 from dist_runtime.layers.attention import AttentionMetadata, PagedAttention
+from sharding.quantize import FP8, FP8_MAX, quantize_kv
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+FP8_KV = pytest.param("fp8", marks=pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="Triton's fp8 (E4M3) casts need compute capability 8.9+"))
 
 
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("kv", ["auto", FP8_KV])
 @pytest.mark.parametrize("launch", [{}, {"splits": 3, "block_n": 32, "num_warps": 8},
                                     {"splits": 16, "block_n": 128, "num_warps": 4}])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,window", [
     (4, 4, 16, 16, None), (8, 2, 64, 16, None), (32, 8, 128, 16, None), (8, 1, 128, 8, None),
     (16, 16, 256, 32, None), (8, 2, 64, 16, 7)])
-def test_paged_decode_kernel_matches_the_reference(dtype, heads, kv_heads, head_dim, block_size, window, launch):
+def test_paged_decode_kernel_matches_the_reference(dtype, heads, kv_heads, head_dim, block_size, window, launch,
+                                                   kv):
     """Every launch the tuner may pick: one split, and flash-decoding splits (more splits than
-    a short context has chunks, so some are empty)."""
+    a short context has chunks, so some are empty). Each KV head has its own range; an fp8 cache
+    has a scale per KV head, and the kernel on it is also held to the unquantized reference."""
     from dist_runtime.kernels.paged_decode import paged_decode_attention
 
     torch.manual_seed(0)
@@ -29,22 +41,33 @@ def test_paged_decode_kernel_matches_the_reference(dtype, heads, kv_heads, head_
     max_blocks = -(-max(context) // block_size)
     num_blocks = len(context) * max_blocks + 3
     attn = PagedAttention(heads, kv_heads, head_dim, head_dim**-0.5, window)
-    attn.k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda", dtype=dtype)
-    attn.v_cache = torch.randn_like(attn.k_cache)
+    spread = torch.linspace(0.5, 4, kv_heads, device="cuda", dtype=dtype)[:, None]
+    attn.k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda", dtype=dtype) * spread
+    attn.v_cache = torch.randn_like(attn.k_cache) * spread
     tables = torch.randperm(num_blocks, device="cuda")[: len(context) * max_blocks].view(len(context), max_blocks)
     tables = tables.to(torch.int32)
     q = torch.randn(len(context), heads, head_dim, device="cuda", dtype=dtype)
     ctx = torch.tensor(context, device="cuda", dtype=torch.int32)
+    meta = AttentionMetadata(torch.empty(0), list(range(len(context) + 1)), context, tables.long())
+    if kv == "fp8":
+        unquantized = attn.reference(q, meta)
+        for name in ("k", "v"):
+            cache = getattr(attn, f"{name}_cache")
+            scale = cache.float().abs().amax(dim=(0, 1, 3)) / FP8_MAX
+            setattr(attn, f"{name}_scale", scale)
+            setattr(attn, f"{name}_cache", quantize_kv(cache.flatten(0, 1), scale).view(cache.shape))
     from triton.runtime.errors import OutOfResources
 
     try:
-        out = paged_decode_attention(q, attn.k_cache, attn.v_cache, tables, ctx, attn.scale, window, **launch)
+        out = paged_decode_attention(q, attn.k_cache, attn.v_cache, tables, ctx, attn.scale, window, **launch,
+                                     k_scale=attn.k_scale, v_scale=attn.v_scale)
     except OutOfResources:
         pytest.skip("this tile needs more shared memory than the GPU has (the tuner skips such launches too)")
-    meta = AttentionMetadata(torch.empty(0), list(range(len(context) + 1)), context, tables.long())
     ref = attn.reference(q.double(), meta) if dtype == torch.float32 else attn.reference(q, meta)
-    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+    err = rel_err(out, ref)
     assert err < (1e-5 if dtype == torch.float32 else 2e-2), err
+    if kv == "fp8":  # E4M3 keeps 3 mantissa bits: 3 to 6% off the unquantized attention
+        assert rel_err(out, unquantized) < 0.1
 
 
 @pytest.mark.parametrize("arch", ["llama", "gptj", "mistral"])
@@ -210,10 +233,12 @@ def test_sampling_noise_and_draws_are_the_same_on_gpu_and_cpu():
     assert torch.equal(uniform_noise(seeds, index, 1000), uniform_noise(seeds.cuda(), index.cuda(), 1000).cpu())
 
 
+@pytest.mark.parametrize("kv", ["auto", FP8_KV])
 @pytest.mark.parametrize("interleaved,rotary_dim", [(False, 64), (True, 16)])
-def test_fused_rotary_and_cache_write_match_the_cpu_path(interleaved, rotary_dim):
+def test_fused_rotary_and_cache_write_match_the_cpu_path(interleaved, rotary_dim, kv):
     """PagedAttention with its rotary on the GPU (one kernel rotates and caches) against the
-    same module on the CPU (rotate, then index_put), for decodes, a fresh prompt and a chunk."""
+    same module on the CPU (rotate, then index_put), for decodes, a fresh prompt and a chunk;
+    with an fp8 cache, both quantize with the KV heads' own scales."""
     from dist_runtime.layers.rotary import RotaryEmbedding
 
     torch.manual_seed(1)
@@ -227,11 +252,16 @@ def test_fused_rotary_and_cache_write_match_the_cpu_path(interleaved, rotary_dim
     positions = torch.tensor([p for new, ctx in seqs for p in range(ctx - new, ctx)])
     q, k, v = (torch.randn(starts[-1], h, dim) for h in (heads, kv_heads, kv_heads))
     cache = torch.randn(len(seqs) * 2, bs, kv_heads, dim)
+    if kv == "fp8":
+        cache = cache.to(FP8)
     results = []
     for device in ("cpu", "cuda"):
         rope = RotaryEmbedding(dim, rotary_dim, 10000.0, None, interleaved).to(device)
         attn = PagedAttention(heads, kv_heads, dim, dim**-0.5)
         attn.k_cache, attn.v_cache = cache.clone().to(device), cache.clone().to(device)
+        if kv == "fp8":  # k and v reach up to about 300 of E4M3's 448
+            attn.k_scale = torch.tensor([1 / 64, 1 / 80], device=device)
+            attn.v_scale = torch.tensor([1 / 32, 1 / 64], device=device)
         meta = AttentionMetadata(torch.tensor(slots, device=device), starts, [c for _, c in seqs],
                                  tables.to(device),
                                  torch.tensor([c for _, c in seqs], device=device, dtype=torch.int32),
@@ -239,5 +269,13 @@ def test_fused_rotary_and_cache_write_match_the_cpu_path(interleaved, rotary_dim
         out = attn(q.clone().to(device), k.clone().to(device), v.clone().to(device), meta, rope, positions.to(device))
         results.append((out.cpu(), attn.k_cache.cpu(), attn.v_cache.cpu()))
     (cpu_out, cpu_k, cpu_v), (gpu_out, gpu_k, gpu_v) = results
-    assert torch.allclose(gpu_k, cpu_k, atol=1e-5) and torch.equal(gpu_v, cpu_v)
-    assert torch.allclose(gpu_out, cpu_out, atol=1e-4)
+    if kv == "auto":
+        assert torch.allclose(gpu_k, cpu_k, atol=1e-5) and torch.equal(gpu_v, cpu_v)
+        assert torch.allclose(gpu_out, cpu_out, atol=1e-4)
+        return
+    # At most a step of E4M3 apart (a rounding the two sides may take differently): 1/8 of a
+    # normal value, 2^-9 below the normal range
+    for gpu, cpu in ((gpu_k, cpu_k), (gpu_v, cpu_v)):
+        assert ((gpu.float() - cpu.float()).abs() <= cpu.float().abs() / 8 + 2.0**-9).all()
+    # The GPU's fresh prompt attends over its own unrounded keys, the CPU's over the cache
+    assert rel_err(gpu_out, cpu_out) < 5e-2

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sharding.quantize import FP8_MAX, dequantize_weight, quantize_rows_fp8, quantize_weight
+from sharding.quantize import (
+    FP8,
+    FP8_MAX,
+    dequantize_kv,
+    dequantize_weight,
+    quantize_kv,
+    quantize_rows_fp8,
+    quantize_weight,
+)
 
 
 def weights() -> torch.Tensor:
@@ -41,6 +49,20 @@ def test_fp8_activation_rows_scale_to_the_format_limit():
     assert scale.shape == (5, 1)
     assert q[:4].float().abs().amax(dim=1).tolist() == [FP8_MAX] * 4
     assert ((q.float() * scale - x).abs() <= x.abs() / 16 + scale * 2.0**-10).all()
+
+
+def test_fp8_kv_round_trip_is_within_e4m3_precision_per_kv_head():
+    torch.manual_seed(0)
+    x = torch.randn(33, 3, 16) * torch.tensor([1e-2, 1.0, 50.0])[:, None]  # [tokens, kv_heads, head_dim]
+    scale = x.abs().amax(dim=(0, 2)) / FP8_MAX
+    q = quantize_kv(x, scale)
+    assert q.dtype == FP8 and q.shape == x.shape
+    err = (dequantize_kv(q, scale, torch.float32) - x).abs()
+    assert (err <= x.abs() / 16 + scale[:, None] * 2.0**-10).all()
+    # a scale too small for the values saturates them at 448 scales instead of overflowing to NaN
+    small = scale / 2
+    assert dequantize_kv(quantize_kv(x, small), small, torch.float32).abs().amax(dim=(0, 2)).tolist() == \
+        pytest.approx((small * FP8_MAX).tolist())
 
 
 def test_unknown_format_is_refused_by_name():

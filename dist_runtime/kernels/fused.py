@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sharding.quantize import FP8_MAX
+
 
 @triton.jit
 def _add_rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, n_cols, eps, HAS_RESIDUAL: tl.constexpr,
@@ -52,10 +54,11 @@ def _rotate_head(base, i, mask, cos, sin, HALF: tl.constexpr, INTERLEAVED: tl.co
 
 
 @triton.jit
-def _rotary_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, inv_freq_ptr, slots_ptr, k_cache, v_cache, stride_qt,
-                   stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, HQ: tl.constexpr, KVH: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, INTERLEAVED: tl.constexpr,
-                   WRITE_CACHE: tl.constexpr):
+def _rotary_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, inv_freq_ptr, slots_ptr, k_cache, v_cache, k_scale_ptr,
+                   v_scale_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, HQ: tl.constexpr,
+                   KVH: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+                   INTERLEAVED: tl.constexpr, WRITE_CACHE: tl.constexpr, KV_SCALED: tl.constexpr,
+                   FP8_MAX: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     i = tl.arange(0, HALF_PAD)
@@ -72,16 +75,22 @@ def _rotary_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, inv_freq_ptr, slots_ptr, 
             tl.debug_barrier()
             d = tl.arange(0, HEAD_DIM)
             dst = tl.load(slots_ptr + token) * (KVH * HEAD_DIM) + kv_head * HEAD_DIM + d
-            tl.store(k_cache + dst, tl.load(k_row + d).to(k_cache.dtype.element_ty))
+            k = tl.load(k_row + d)
             v = tl.load(v_ptr + token * stride_vt + kv_head * stride_vh + d)
+            if KV_SCALED:  # an fp8 cache: divided by the KV head's scale, saturated at the format's limit
+                k = tl.minimum(tl.maximum(k.to(tl.float32) / tl.load(k_scale_ptr + kv_head), -FP8_MAX), FP8_MAX)
+                v = tl.minimum(tl.maximum(v.to(tl.float32) / tl.load(v_scale_ptr + kv_head), -FP8_MAX), FP8_MAX)
+            tl.store(k_cache + dst, k.to(k_cache.dtype.element_ty))
             tl.store(v_cache + dst, v.to(v_cache.dtype.element_ty))
 
 
 def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, interleaved: bool,
             v: torch.Tensor | None = None, k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
-            slot_mapping: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            slot_mapping: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
+            v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [tokens, heads, head_dim] and k [tokens, kv_heads, head_dim] in place (the first
-    2 * len(inv_freq) dims of each head); given the caches, also write k and v to their slots."""
+    2 * len(inv_freq) dims of each head); given the caches, also write k and v to their slots
+    (an fp8 cache comes with float32 k_scale and v_scale [kv_heads], as quantize_kv takes)."""
     half = inv_freq.numel()
     tokens, heads, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -90,9 +99,10 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq:
     if tokens:
         _rotary_kernel[(tokens, heads + kv_heads)](
             q, k, v, positions, inv_freq, slot_mapping if write else positions, k_cache if write else k,
-            v_cache if write else k, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            HQ=heads, KVH=kv_heads, HEAD_DIM=head_dim, HALF=half, HALF_PAD=triton.next_power_of_2(half),
-            INTERLEAVED=interleaved, WRITE_CACHE=write)
+            v_cache if write else k, k if k_scale is None else k_scale, k if v_scale is None else v_scale,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), HQ=heads, KVH=kv_heads,
+            HEAD_DIM=head_dim, HALF=half, HALF_PAD=triton.next_power_of_2(half), INTERLEAVED=interleaved,
+            WRITE_CACHE=write, KV_SCALED=k_scale is not None, FP8_MAX=FP8_MAX)
     return q, k
 
 

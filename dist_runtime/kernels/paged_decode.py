@@ -5,7 +5,9 @@ heads that read that KV head (grouped-query attention), walking its share of the
 block table BLOCK_N tokens at a time with an online softmax. With one split it writes the
 output; with several (flash-decoding: a batch of one sequence has only kv_heads programs
 for 132 SMs otherwise) each split writes its partial maximum, sum and weighted values and a
-second kernel combines them. It takes only tensors, so a CUDA graph can capture it. The
+second kernel combines them. An fp8 cache is read as it is stored, cast to q's dtype; its
+per-KV-head scales fold into the softmax scale (keys) and the output (values), both uniform in
+a program. It takes only tensors, so a CUDA graph can capture it. The
 reference is `PagedAttention.reference` (layers/attention.py); the split count, BLOCK_N and
 num_warps are tuned per batch size at build time (sharding/tuning.py).
 """
@@ -20,11 +22,11 @@ DEFAULT = {"splits": 1, "block_n": 64, "num_warps": 4}
 
 
 @triton.jit
-def _paged_decode_kernel(q_ptr, k_cache, v_cache, block_tables, context_lens, out_ptr, acc_ptr, ml_ptr, scale,
-                         window, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot,
-                         stride_oh, HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                         PARTIAL: tl.constexpr):
+def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, block_tables, context_lens, out_ptr,
+                         acc_ptr, ml_ptr, scale, window, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
+                         stride_bt, stride_ot, stride_oh, HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                         IEEE: tl.constexpr, PARTIAL: tl.constexpr, KV_SCALED: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -35,6 +37,8 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, block_tables, context_lens, ou
     heads = kv_head * GROUP + g
     q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=(g < GROUP)[:, None],
                 other=0.0)
+    if KV_SCALED:
+        scale = scale * tl.load(k_scale_ptr + kv_head)
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     denom = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
@@ -49,7 +53,7 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, block_tables, context_lens, ou
         valid = (n < ctx) & (n >= first)
         block = tl.load(block_tables + seq * stride_bt + n // BLOCK_SIZE, mask=valid, other=0)
         offset = block.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
-        k = tl.load(k_cache + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        k = tl.load(k_cache + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -59,12 +63,14 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, block_tables, context_lens, ou
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m - m_new)
         denom = denom * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_cache + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
+    if KV_SCALED:
+        acc = acc * tl.load(v_scale_ptr + kv_head)
     if PARTIAL:  # [seqs, heads, splits] maxima and sums, [seqs, heads, splits, head_dim] weighted values
         row = (seq * HEADS + heads) * splits + split
         tl.store(acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=(g < GROUP)[:, None])
@@ -96,9 +102,11 @@ def _combine_kernel(acc_ptr, ml_ptr, out_ptr, splits, stride_ot, stride_oh, HEAD
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            sliding_window: int | None = None, splits: int = 1, block_n: int = 64,
-                           num_warps: int = 4) -> torch.Tensor:
-    """q: [seqs, heads, head_dim]; caches: [blocks, block_size, kv_heads, head_dim];
-    block_tables: [seqs, max_blocks] int32/64; context_lens: [seqs] (this token included)."""
+                           num_warps: int = 4, k_scale: torch.Tensor | None = None,
+                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [seqs, heads, head_dim]; caches: [blocks, block_size, kv_heads, head_dim] (q's dtype,
+    or fp8 with float32 k_scale and v_scale [kv_heads]); block_tables: [seqs, max_blocks]
+    int32/64; context_lens: [seqs] (this token included)."""
     seqs, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     group = heads // kv_heads
@@ -107,11 +115,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     acc = torch.empty(seqs, heads, splits, head_dim, dtype=torch.float32, device=q.device) if partial else out
     ml = torch.empty(seqs, heads, splits, 2, dtype=torch.float32, device=q.device) if partial else out
     _paged_decode_kernel[(seqs, kv_heads, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, acc, ml, scale, sliding_window or 0,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1), HEADS=heads, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, GROUP=group,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
-        PARTIAL=partial, num_warps=num_warps,
+        q, k_cache, v_cache, q if k_scale is None else k_scale, q if v_scale is None else v_scale, block_tables,
+        context_lens, out, acc, ml, scale, sliding_window or 0, q.stride(0), q.stride(1), k_cache.stride(0),
+        k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1), HEADS=heads,
+        BLOCK_SIZE=block_size, HEAD_DIM=head_dim, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=block_n, IEEE=q.dtype == torch.float32, PARTIAL=partial, KV_SCALED=k_scale is not None,
+        num_warps=num_warps,
     )
     if partial:
         _combine_kernel[(seqs, heads)](acc, ml, out, splits, out.stride(0), out.stride(1), HEADS=heads,

@@ -1,6 +1,7 @@
 """Attention over the paged KV cache. The torch reference (`reference`) is what the CPU runs
 and what every fast path is checked against; on a GPU, decode steps use the Triton kernel
-and prefill steps PyTorch's fused scaled-dot-product attention."""
+and prefill steps PyTorch's fused scaled-dot-product attention. An fp8 (E4M3) cache holds keys
+and values divided by one static scale per KV head; every reader multiplies it back."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sharding.quantize import dequantize_kv, quantize_kv
 
 
 @dataclasses.dataclass
@@ -35,6 +38,7 @@ class PagedAttention(nn.Module):
         self.scale, self.sliding_window = scale, sliding_window
         self.k_cache = torch.empty(0)  # [blocks, block_size, kv_heads, head_dim], set by the runner
         self.v_cache = torch.empty(0)
+        self.k_scale = self.v_scale = None  # [kv_heads] float32 when the cache is fp8, set by the runner
         self.kernels = None  # KernelChoices (the decode kernel's tuned launch), set by a GPU runner
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
@@ -45,18 +49,20 @@ class PagedAttention(nn.Module):
             from dist_runtime.kernels.fused import rotary_
 
             rotary_(q, k, positions, rotary.inv_freq, rotary.interleaved, v, self.k_cache, self.v_cache,
-                    meta.slot_mapping)
+                    meta.slot_mapping, self.k_scale, self.v_scale)
         else:
             if rotary is not None:
                 q, k = rotary(positions, q, k)
-            self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = k.to(self.k_cache.dtype)
-            self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = v.to(self.v_cache.dtype)
+            for cache, x, scale in ((self.k_cache, k, self.k_scale), (self.v_cache, v, self.v_scale)):
+                cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = (
+                    x.to(cache.dtype) if scale is None else quantize_kv(x, scale))
         if not q.is_cuda:
             return self.reference(q, meta).flatten(1)
         from dist_runtime.kernels.paged_decode import paged_decode_attention
 
         decodes = len(meta.context_lens_tensor) if meta.decode else meta.num_decodes
-        launch = self.kernels.attention(decodes) if self.kernels is not None else {}
+        launch = {"k_scale": self.k_scale, "v_scale": self.v_scale,
+                  **(self.kernels.attention(decodes) if self.kernels is not None else {})}
         if meta.decode:  # the kernel's output as it is: no copy (a graph node per layer) into `out`
             return paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens_tensor,
                                           self.scale, self.sliding_window, **launch).flatten(1)
@@ -69,24 +75,27 @@ class PagedAttention(nn.Module):
             out[decodes:] = self.prefill(q[decodes:], k[decodes:], v[decodes:], meta, first=decodes)
         return out.flatten(1)
 
-    def _context(self, i: int, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sequence i's cached keys and values, [context, kv_heads, head_dim] each."""
+    def _context(self, i: int, meta: AttentionMetadata, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequence i's cached keys and values, [context, kv_heads, head_dim] each, in `dtype`."""
         ctx = meta.context_lens[i]
         blocks = meta.block_tables[i, : -(-ctx // self.k_cache.shape[1])]
-        return self.k_cache[blocks].flatten(0, 1)[:ctx], self.v_cache[blocks].flatten(0, 1)[:ctx]
+        keys, values = self.k_cache[blocks].flatten(0, 1)[:ctx], self.v_cache[blocks].flatten(0, 1)[:ctx]
+        if self.k_scale is None:
+            return keys.to(dtype), values.to(dtype)
+        return dequantize_kv(keys, self.k_scale, dtype), dequantize_kv(values, self.v_scale, dtype)
 
     def reference(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         out = torch.empty_like(q)
         for i, ctx in enumerate(meta.context_lens):
             start, end = meta.query_start[i], meta.query_start[i + 1]
-            keys, values = self._context(i, meta)
+            keys, values = self._context(i, meta, torch.float32)
             out[start:end] = self._attend(q[start:end], keys, values, ctx)
         return out
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ctx: int) -> torch.Tensor:
         group = self.num_heads // self.num_kv_heads
-        keys = keys.repeat_interleave(group, dim=1).float()
-        values = values.repeat_interleave(group, dim=1).float()
+        keys = keys.repeat_interleave(group, dim=1)
+        values = values.repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q.float(), keys) * self.scale
         scores.masked_fill_(self._mask(q.shape[0], ctx, q.device), float("-inf"))
         return torch.einsum("hqk,khd->qhd", scores.softmax(-1), values).to(q.dtype)
@@ -120,7 +129,7 @@ class PagedAttention(nn.Module):
                 out[start:end] = self._fresh(q[start:end], k[start:end], v[start:end], run, length)
             else:
                 end = start + length
-                keys, values = self._context(i, meta)
+                keys, values = self._context(i, meta, q.dtype)
                 mask = ~self._mask(length, meta.context_lens[i], q.device)
                 out[start:end] = F.scaled_dot_product_attention(
                     q[start:end].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask,
@@ -129,7 +138,8 @@ class PagedAttention(nn.Module):
         return out
 
     def _fresh(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: int, length: int) -> torch.Tensor:
-        """Causal attention of `seqs` whole prompts of `length` tokens each, in one call."""
+        """Causal attention of `seqs` whole prompts of `length` tokens each, in one call (their
+        own keys and values, as computed: an fp8 cache's rounding does not reach them)."""
         def split(x: torch.Tensor) -> torch.Tensor:
             return x.view(seqs, length, -1, self.head_dim).transpose(1, 2)
 

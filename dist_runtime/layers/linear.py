@@ -14,12 +14,13 @@ from dist_runtime.layers.quantized import quantized_linear
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernels=None,
-           scale: torch.Tensor | None = None) -> torch.Tensor:
+           scale: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, or the Triton kernel for a few rows where the engine's tuning found it faster
     for this shape on this GPU (`kernels`: the runner's KernelChoices, None on the CPU); with a
-    `scale`, the weight is quantized (int8 or fp8, one scale per output row)."""
+    `scale`, the weight is quantized (int8 or fp8, one scale per output row), and an fp8 one may
+    come with a calibrated `input_scale`."""
     if scale is not None:
-        return quantized_linear(x, weight, scale, bias)
+        return quantized_linear(x, weight, scale, bias, input_scale)
     choice = kernels.gemm(x.numel() // x.shape[-1], *weight.shape) if kernels is not None else None
     if choice is None:
         return F.linear(x, weight, bias)
@@ -49,6 +50,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = declare(nn.Parameter(torch.empty(out)), self.parallel, self._shard) if bias else None
         self.kernels = None  # KernelChoices, set by a GPU runner
         self.weight_scale = None  # per output row, when the engine's weights are quantized
+        self.input_scale = None  # per tensor, when an fp8 engine was calibrated
 
     def local_piece_sizes(self, pieces: list[int], name: str) -> list[int]:
         for size in pieces:
@@ -63,7 +65,15 @@ class ColumnParallelLinear(nn.Module):
         return torch.cat([self.shard_piece(i, t) for i, t in enumerate(tensors)], dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.kernels, self.weight_scale)
+        return linear(x, self.weight, self.bias, self.kernels, self.weight_scale, self.input_scale)
+
+
+def kv_head_range(num_kv_heads: int, tp: int, tp_rank: int) -> range:
+    """The KV heads (global indices) TP rank `tp_rank` holds: its share while there are at least
+    as many heads as ranks, else the one head its query heads read (shared by tp // heads ranks)."""
+    local, replicas = max(1, num_kv_heads // tp), max(1, tp // num_kv_heads)
+    first = tp_rank // replicas * local
+    return range(first, first + local)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -79,8 +89,8 @@ class QKVParallelLinear(ColumnParallelLinear):
             raise PlanError(f"{num_kv_heads} KV heads neither divide by tp={tp} nor divide it")
         self.head_dim = head_dim
         self.num_heads = num_heads // tp
-        self.num_kv_heads = max(1, num_kv_heads // tp)
-        self.kv_replicas = max(1, tp // num_kv_heads)  # ranks sharing one KV head
+        self.kv_heads = kv_head_range(num_kv_heads, tp, tp_rank)
+        self.num_kv_heads = len(self.kv_heads)
         super().__init__(hidden, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim],
                          tp, tp_rank, bias, name="qkv_proj")
 
@@ -92,8 +102,7 @@ class QKVParallelLinear(ColumnParallelLinear):
     def shard_piece(self, index: int, tensor: torch.Tensor) -> torch.Tensor:
         if index == 0:
             return split(tensor, 0, self.tp, self.tp_rank)
-        kv_groups = self.tp // self.kv_replicas
-        return split(tensor, 0, kv_groups, self.tp_rank // self.kv_replicas)
+        return tensor[self.kv_heads.start * self.head_dim: self.kv_heads.stop * self.head_dim]
 
     def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = qkv.split(self.local_sizes, dim=-1)
@@ -118,10 +127,11 @@ class RowParallelLinear(nn.Module):
         self.bias = declare(nn.Parameter(torch.empty(out_features)), "replicated", whole) if bias else None
         self.kernels = None  # KernelChoices, set by a GPU runner
         self.weight_scale = None  # per output row, when the engine's weights are quantized
+        self.input_scale = None  # per tensor, when an fp8 engine was calibrated
 
     def partial(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's share of the product, before the all-reduce and without the bias."""
-        return linear(x, self.weight, None, self.kernels, self.weight_scale)
+        return linear(x, self.weight, None, self.kernels, self.weight_scale, self.input_scale)
 
     def finish(self, partial_sum: torch.Tensor) -> torch.Tensor:
         """All-reduce partial sums (several layers' may be summed first) and add the bias."""

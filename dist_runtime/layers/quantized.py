@@ -1,6 +1,6 @@
 """GEMMs with quantized weights (see sharding/quantize.py): int8 weight-only, and fp8 (E4M3)
-weights with activations scaled per token at run time. Each takes the weight's float32 scale
-per output row and returns activations in x's dtype."""
+weights with activations scaled per token at run time, or per tensor with a calibrated scale.
+Each takes the weight's float32 scale per output row and returns activations in x's dtype."""
 
 from __future__ import annotations
 
@@ -8,21 +8,25 @@ import torch
 import torch.nn.functional as F
 
 from dist_runtime.errors import EngineError
-from sharding.quantize import FP8, quantize_rows_fp8
+from sharding.quantize import FP8, dequantize_weight, quantize_fp8, quantize_rows_fp8
 
 
-def check_device(weight_dtype: torch.dtype, device: torch.device) -> None:
-    """Refuse a format this device cannot run, before any work starts."""
-    if weight_dtype != FP8:
+def check_device(dtype: torch.dtype, device: torch.device, kv_cache: bool = False) -> None:
+    """Refuse a format this device cannot run, before any work starts: fp8 GEMMs need a GPU of
+    compute capability 8.9+; so does an fp8 KV cache on a GPU (Triton's E4M3 casts), while the
+    CPU reference runs one."""
+    if dtype != FP8 or (kv_cache and device.type == "cpu"):
         return
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         where = "the CPU"
         if device.type == "cuda":
             major, minor = torch.cuda.get_device_capability(device)
             where = f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
-        raise EngineError(f"this engine's GEMMs are fp8 (E4M3), which needs an NVIDIA GPU of compute capability "
-                          f"8.9 or newer (Ada, Hopper); this rank runs on {where}. Build it with --dtype int8wo "
-                          f"or bf16 for this hardware")
+        what, instead = (("KV cache is", "--kv-cache-dtype auto") if kv_cache
+                         else ("GEMMs are", "--dtype int8wo or bf16"))
+        raise EngineError(f"this engine's {what} fp8 (E4M3), which needs an NVIDIA GPU of compute capability "
+                          f"8.9 or newer (Ada, Hopper); this rank runs on {where}. Build it with {instead} for "
+                          f"this hardware")
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -30,15 +34,34 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     return F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """W8A8: x quantized per token, one _scaled_mm that applies both scales (float32 accumulate)."""
+def quantize_input(rows: torch.Tensor, input_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows in E4M3, float32 scale [rows, 1]): per token, or the calibrated `input_scale` [1]
+    for every row, past which a value saturates. _scaled_mm pairs a weight's per-row scales
+    only with per-row activation scales, so the static one is repeated."""
+    if input_scale is None:
+        return quantize_rows_fp8(rows)
+    return quantize_fp8(rows, input_scale), input_scale.expand(len(rows), 1).contiguous()
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+               input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A8: x quantized (quantize_input), one _scaled_mm that applies both scales (float32 accumulate)."""
     rows = x.reshape(-1, x.shape[-1])
-    xq, x_scale = quantize_rows_fp8(rows)
+    xq, x_scale = quantize_input(rows, input_scale)
     out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale.view(1, -1), out_dtype=x.dtype)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def quantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                     bias: torch.Tensor | None) -> torch.Tensor:
-    out = fp8_linear(x, weight, scale) if weight.dtype == FP8 else int8_linear(x, weight, scale)
+def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                         input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """fp8_linear emulated in float32 on any device, the CPU too: the same E4M3 operands and scales."""
+    rows = x.reshape(-1, x.shape[-1])
+    xq, x_scale = quantize_input(rows, input_scale)
+    out = (xq.float() * x_scale) @ dequantize_weight(weight, scale).t()
+    return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+
+
+def quantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                     input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    out = fp8_linear(x, weight, scale, input_scale) if weight.dtype == FP8 else int8_linear(x, weight, scale)
     return out + bias if bias is not None else out
