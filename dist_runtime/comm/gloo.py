@@ -1,21 +1,21 @@
-"""The CPU communicator for ranks that meet over TCP (the local spawner, later Slurm and Ray):
-torch's gloo process groups on a store at the master address. It builds its own groups instead
-of torch.distributed's global default, so several engines can live in one process."""
+"""The CPU communicator for ranks that meet over TCP (the local spawner, Slurm, Ray): torch's
+gloo process groups on a store at the master address for tensors, and a socket Channel for
+control messages. It builds its own groups instead of torch.distributed's global default, so
+several engines can live in one process."""
 
 from __future__ import annotations
 
 import datetime
-import pickle
 import socket
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from dist_runtime.comm.base import Communicator, gather_last_dim, split_message, unpack_message
+from dist_runtime.comm.base import Communicator, gather_last_dim
+from dist_runtime.comm.channel import Channel
 from dist_runtime.mapping import Mapping
 
-_OBJECT_TAG = 1
 # A rank that dies or hangs is found by the liveness watch within seconds; gloo's own limit only
 # has to outlast the longest legitimate wait (an idle engine pings its ranks every minute).
 OP_TIMEOUT = datetime.timedelta(days=1)
@@ -43,6 +43,8 @@ class GlooCommunicator(Communicator):
         if mapping.tp > 1:
             self.tp_group = dist.ProcessGroupGloo(dist.PrefixStore(f"tp{mapping.pp_rank}", self.store),
                                                   mapping.tp_rank, mapping.tp, options)
+        # Steps and replies go over plain sockets: gloo's broadcast cost milliseconds a step
+        self.control = Channel(mapping.rank, mapping.world_size, self.store, local_address(master_addr))
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         self.tp_group.allreduce([tensor]).wait()
@@ -60,35 +62,12 @@ class GlooCommunicator(Communicator):
         self.world.recv([tensor], src, 0).wait()
         return tensor
 
-    def _broadcast(self, tensor: torch.Tensor) -> None:
-        options = dist.BroadcastOptions()
-        options.rootRank = 0
-        self.world.broadcast([tensor], options).wait()
-
     def broadcast_object(self, obj: Any) -> Any:
-        first, rest = split_message(obj if self.mapping.rank == 0 else None, self.mapping.rank == 0)
-        self._broadcast(first)
-        size, payload = unpack_message(first)
-        if size > len(payload):
-            rest = rest if rest is not None else torch.empty(size - len(payload), dtype=torch.uint8)
-            self._broadcast(rest)
-            payload = payload + rest.numpy().tobytes()
-        return obj if self.mapping.rank == 0 else pickle.loads(payload)
+        return self.control.broadcast_object(obj)
 
     def gather_object(self, obj: Any) -> list[Any] | None:
-        if self.mapping.rank != 0:
-            data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
-            self.world.send([torch.tensor([len(data)])], 0, _OBJECT_TAG).wait()
-            self.world.send([data], 0, _OBJECT_TAG).wait()
-            return None
-        out = [obj]
-        for src in range(1, self.mapping.world_size):
-            size = torch.empty(1, dtype=torch.int64)
-            self.world.recv([size], src, _OBJECT_TAG).wait()
-            data = torch.empty(int(size), dtype=torch.uint8)
-            self.world.recv([data], src, _OBJECT_TAG).wait()
-            out.append(pickle.loads(data.numpy().tobytes()))
-        return out
+        return self.control.gather_object(obj)
 
     def close(self) -> None:
+        self.control.close()
         self.tp_group = self.world = self.store = None
