@@ -7,15 +7,17 @@ from __future__ import annotations
 import datetime
 import pickle
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from dist_runtime.comm.base import Communicator, gather_last_dim, split_message, unpack_message
+from dist_runtime.comm.base import Communicator, gather_last_dim, receive_message, split_message
 from dist_runtime.mapping import Mapping
 
 _OBJECT_TAG = 1
+_CONTROL_TAG = 2
 # A rank that dies or hangs is found by the liveness watch within seconds; gloo's own limit only
 # has to outlast the longest legitimate wait (an idle engine pings its ranks every minute).
 OP_TIMEOUT = datetime.timedelta(days=1)
@@ -39,6 +41,7 @@ class GlooCommunicator(Communicator):
         options._timeout = OP_TIMEOUT
         self.world = dist.ProcessGroupGloo(dist.PrefixStore("world", self.store), mapping.rank, mapping.world_size,
                                            options)
+        self._sending: list[tuple[dist.Work, torch.Tensor]] = []  # rank 0's last control message, going out
         self.tp_group = None
         if mapping.tp > 1:
             self.tp_group = dist.ProcessGroupGloo(dist.PrefixStore(f"tp{mapping.pp_rank}", self.store),
@@ -60,20 +63,25 @@ class GlooCommunicator(Communicator):
         self.world.recv([tensor], src, 0).wait()
         return tensor
 
-    def _broadcast(self, tensor: torch.Tensor) -> None:
-        options = dist.BroadcastOptions()
-        options.rootRank = 0
-        self.world.broadcast([tensor], options).wait()
+    def recv_async(self, tensor: torch.Tensor, src: int) -> Callable[[], object]:
+        return self.world.recv([tensor], src, 0).wait
 
     def broadcast_object(self, obj: Any) -> Any:
-        first, rest = split_message(obj if self.mapping.rank == 0 else None, self.mapping.rank == 0)
-        self._broadcast(first)
-        size, payload = unpack_message(first)
-        if size > len(payload):
-            rest = rest if rest is not None else torch.empty(size - len(payload), dtype=torch.uint8)
-            self._broadcast(rest)
-            payload = payload + rest.numpy().tobytes()
-        return obj if self.mapping.rank == 0 else pickle.loads(payload)
+        # One send to each rank rather than a broadcast: gloo's broadcast is a tree whose sends
+        # each wait for the receiver, so a busy rank would hold back the ranks behind it.
+        if self.mapping.rank != 0:
+            return receive_message(lambda buffer: self.world.recv([buffer], 0, _CONTROL_TAG).wait())
+        self._finish_sending()
+        parts = split_message(obj)
+        self._sending = [(self.world.send([part], dst, _CONTROL_TAG), part)
+                         for dst in range(1, self.mapping.world_size) for part in parts]
+        return obj
+
+    def _finish_sending(self) -> None:
+        """Wait until every rank has taken rank 0's last control message."""
+        for work, _ in self._sending:
+            work.wait()
+        self._sending = []
 
     def gather_object(self, obj: Any) -> list[Any] | None:
         if self.mapping.rank != 0:
@@ -91,4 +99,5 @@ class GlooCommunicator(Communicator):
         return out
 
     def close(self) -> None:
+        self._finish_sending()
         self.tp_group = self.world = self.store = None
