@@ -100,6 +100,7 @@ def _report(llm: LLM, outputs: list, elapsed: float, isl: int, osl: int, concurr
         "tpot_ms": percentiles(tpot, 1e3),
         "steps": len(timings),
         "overlap": llm.coordinator.overlap,
+        "micro_batches": llm.coordinator.micro_batches,
         "steps_launched_ahead": sum(t.ahead for t in timings) / max(1, len(timings)),  # the share that overlapped
         "max_running": busiest,
         "step_overhead_ms": {
@@ -120,6 +121,8 @@ def _report(llm: LLM, outputs: list, elapsed: float, isl: int, osl: int, concurr
         "peak_memory_bytes": {f"rank{r['rank']}": r for r in stats["ranks"]},
         "idle_fraction": {f"rank{rank}": value for rank, value in idle.items()},
     }
+    if plan.pp > 1:  # the pipeline bubble: the ranks' idle shares, averaged
+        report["bubble_fraction"] = sum(idle.values()) / len(idle)
     if llm.device != "cpu":
         report["gpu_idle_fraction"] = idle[0]
     return report
