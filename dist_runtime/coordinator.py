@@ -65,7 +65,7 @@ class TokenUpdate:
 class StepTiming:
     running: int  # sequences in the step
     schedule_s: float  # scheduling and packing the Step
-    broadcast_s: float  # shipping it to every rank
+    broadcast_s: float  # handing it to the control plane (which does not wait for the ranks to take it)
     step_s: float  # the whole step, forward and sampling included (with overlap: launch to launch)
     ahead: bool  # launched before the previous step's tokens reached the host (or, with micro-batches, beside another)
 
