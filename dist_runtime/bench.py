@@ -37,9 +37,7 @@ def run_bench(llm: LLM, isl: int, osl: int, num_requests: int, concurrency: int 
     params = SamplingParams(max_tokens=osl, temperature=0.0, ignore_eos=True, detokenize=False)
     llm.generate([prompts.pop()], SamplingParams(max_tokens=2, temperature=0.0))  # warm up, shares no prefix
     llm.coordinator.timings.clear()  # the window measured starts here
-    runner = llm.coordinator.runner
-    runner.gpu_step_events.clear()
-    runner.record_gpu_time = llm.device != "cpu"
+    busy_before = {r["rank"]: r["busy_s"] for r in llm.stats()["ranks"]}
     limit = concurrency or num_requests
     bar = tqdm(total=num_requests, unit="req", desc="bench", disable=not progress)
     finished: queue.Queue = queue.Queue()
@@ -66,11 +64,7 @@ def run_bench(llm: LLM, isl: int, osl: int, num_requests: int, concurrency: int 
         with open(profile, "w") as f:
             f.write(prof.key_averages().table(sort_by="self_cuda_time_total" if llm.device != "cpu"
                                               else "self_cpu_time_total", row_limit=40))
-    report = _report(llm, outputs, elapsed, isl, osl, concurrency, request_rate)
-    if runner.record_gpu_time:
-        report["gpu_idle_fraction"] = 1 - runner.gpu_busy_seconds() / elapsed
-        runner.record_gpu_time = False
-    return report
+    return _report(llm, outputs, elapsed, isl, osl, concurrency, request_rate, busy_before)
 
 
 def _profiler(path: str | None):
@@ -84,7 +78,8 @@ def _profiler(path: str | None):
     return torch.profiler.profile(activities=activities)
 
 
-def _report(llm: LLM, outputs: list, elapsed: float, isl: int, osl: int, concurrency, request_rate) -> dict:
+def _report(llm: LLM, outputs: list, elapsed: float, isl: int, osl: int, concurrency, request_rate,
+            busy_before: dict[int, float]) -> dict:
     ttft = [o.first_token_time - o.arrival_time for o in outputs]
     tpot = [(o.finish_time - o.first_token_time) / (len(o.token_ids) - 1) for o in outputs if len(o.token_ids) > 1]
     generated = sum(len(o.token_ids) for o in outputs)
@@ -92,7 +87,9 @@ def _report(llm: LLM, outputs: list, elapsed: float, isl: int, osl: int, concurr
     busiest = max((t.running for t in timings), default=0)
     stats = llm.stats()
     plan = llm.engine.plan
-    return {
+    # The share of the window each rank spent neither in a forward nor sampling (ModelRunner.busy_s).
+    idle = {r["rank"]: 1 - (r.pop("busy_s") - busy_before[r["rank"]]) / elapsed for r in stats["ranks"]}
+    report = {
         "engine": str(llm.engine.path), "tp": plan.tp, "pp": plan.pp, "dtype": plan.dtype,
         "isl": isl, "osl": osl, "num_requests": len(outputs), "concurrency": concurrency,
         "request_rate": request_rate, "duration_s": elapsed,
@@ -103,6 +100,7 @@ def _report(llm: LLM, outputs: list, elapsed: float, isl: int, osl: int, concurr
         "tpot_ms": percentiles(tpot, 1e3),
         "steps": len(timings),
         "overlap": llm.coordinator.overlap,
+        "micro_batches": llm.coordinator.micro_batches,
         "steps_launched_ahead": sum(t.ahead for t in timings) / max(1, len(timings)),  # the share that overlapped
         "max_running": busiest,
         "step_overhead_ms": {
@@ -122,4 +120,10 @@ def _report(llm: LLM, outputs: list, elapsed: float, isl: int, osl: int, concurr
         "preemptions": stats["preemptions"],
         "prefix_cache_hit_tokens": stats["prefix_cache_hit_tokens"],
         "peak_memory_bytes": {f"rank{r['rank']}": r for r in stats["ranks"]},
+        "idle_fraction": {f"rank{rank}": value for rank, value in idle.items()},
     }
+    if plan.pp > 1:  # the pipeline bubble: the ranks' idle shares, averaged
+        report["bubble_fraction"] = sum(idle.values()) / len(idle)
+    if llm.device != "cpu":
+        report["gpu_idle_fraction"] = idle[0]
+    return report

@@ -9,6 +9,22 @@ ids, which stay on the device. A sequence that meets a stop token in step n has 
 row in step n+1; that row's token is dropped. Anything else waits for step n's tokens first.
 A sequence that ends gives its KV blocks back at once, though a step still running may
 write to them: a step that reuses them is launched later, so it runs later on the one stream.
+
+With pipeline stages (pp > 1), up to pp micro-batches are in flight, each over sequences the
+others do not hold: while the last stage runs micro-batch A, rank 0 runs B in the first. A
+micro-batch's tokens are applied before its sequences are scheduled again, so nothing runs one
+step late. Every rank runs the Steps in the order rank 0 sends them (on each rank a step runs
+after every step sent before it, which makes the early return of KV blocks safe here too).
+
+Why nothing deadlocks: between any two ranks both sides issue their point-to-point messages
+in Step order (and a TP group its collectives). Stage s sends hidden states to stage s+1 as it
+runs each Step, and stage s+1 receives them as it runs the same Steps; the last stage sends
+each Step's outputs to rank 0, which posts their receive (without waiting) when it launches
+that Step, before the next. Rank 0 waits only for (a) stage 1 to take B's hidden states, which
+it does once done with the steps before B, whose inputs were all sent already, and (b) A's
+outputs, which the last stage sends once it has run A, whose inputs were all sent before.
+Control messages go on their own tag (MPI, gloo), and rank 0 does not wait for them to be
+taken (see Communicator.broadcast_object).
 """
 
 from __future__ import annotations
@@ -52,9 +68,9 @@ class TokenUpdate:
 class StepTiming:
     running: int  # sequences in the step
     schedule_s: float  # scheduling and packing the Step
-    broadcast_s: float  # shipping it to every rank
+    broadcast_s: float  # handing it to the control plane (which does not wait for the ranks to take it)
     step_s: float  # the whole step, forward and sampling included (with overlap: also collecting the one before)
-    ahead: bool  # launched before the previous step's tokens reached the host
+    ahead: bool  # launched before the previous step's tokens reached the host (or, with micro-batches, beside another)
 
 
 @dataclass
@@ -88,6 +104,8 @@ class Coordinator:
         # sampled ids as the next inputs (the other TP ranks, PP stage 0).
         self.overlap = overlap and runner.mapping.world_size == 1
         self._in_flight: InFlight | None = None
+        self.micro_batches = runner.mapping.pp if overlap and runner.mapping.pp > 1 else 1
+        self._pipeline: deque[InFlight] = deque()  # micro-batches in flight, oldest first
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise RequestError for a request this engine cannot serve, before it is queued."""
@@ -111,13 +129,35 @@ class Coordinator:
         return seqs
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or self._in_flight is not None
+        return self.scheduler.has_work() or self._in_flight is not None or bool(self._pipeline)
 
     def step(self) -> list[TokenUpdate]:
         """Run one step on every rank; returns the tokens it produced. With overlap, it launches
-        one step and returns the tokens of the one before, which ran meanwhile."""
+        one step and returns the tokens of the one before, which ran meanwhile; with
+        micro-batches, those of the oldest in flight, if it had to collect them."""
         with self.activity:
-            return self._step()
+            return self._step() if self.micro_batches == 1 else self._pipelined_step()
+
+    def _pipelined_step(self) -> list[TokenUpdate]:
+        """Launch a micro-batch of sequences not in flight; first collect the oldest micro-batch
+        if every slot is taken, or if nothing else can run."""
+        start = time.perf_counter()
+        updates = []
+        if len(self._pipeline) == self.micro_batches:
+            updates = self._collect(self._pipeline.popleft())
+        scheduling = time.perf_counter()
+        batch = self.scheduler.schedule(exclude={seq for f in self._pipeline for seq, _ in f.batch})
+        if not batch:
+            return updates + (self._collect(self._pipeline.popleft()) if self._pipeline else [])
+        step, sampling = self._pack(batch)
+        packed = time.perf_counter()
+        self.comm.broadcast_object(step)
+        sent = time.perf_counter()
+        self._pipeline.append(InFlight(batch, sampling, step, self.runner.launch(step)))
+        self.peak_blocks_used = max(self.peak_blocks_used, self.blocks.num_used)
+        self.timings.append(StepTiming(len(batch), packed - scheduling, sent - packed, time.perf_counter() - start,
+                                       len(self._pipeline) > 1))
+        return updates
 
     def _step(self) -> list[TokenUpdate]:
         start = time.perf_counter()
@@ -269,7 +309,7 @@ class Coordinator:
         return step, sampling
 
     def rank_stats(self) -> list[dict]:
-        """Every rank's memory figures."""
+        """Every rank's memory figures and busy time (ModelRunner.stats)."""
         with self.activity:
             self.comm.broadcast_object(StatsRequest())
             return self.comm.gather_object(self.runner.stats())
@@ -280,9 +320,10 @@ class Coordinator:
     def shutdown(self) -> None:
         """Tell every other rank to leave its step loop, and let the device finish a step still
         running (its tokens are no one's now) before its memory is released."""
-        if self._in_flight is not None:
-            self.runner.collect(self._in_flight.launched)
-            self._in_flight = None
+        for done in [self._in_flight, *self._pipeline]:
+            if done is not None:
+                self.runner.collect(done.launched)
+        self._in_flight, self._pipeline = None, deque()
         self.comm.broadcast_object(None)
 
 

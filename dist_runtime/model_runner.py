@@ -5,6 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -39,8 +43,8 @@ class StepOutput:
 class Launched:
     """Rank 0's share of a step whose work is queued on the device: `collect` waits for it."""
 
-    token_ids: torch.Tensor  # int64 [rows] on the host (pinned on a GPU), valid once `ready` has passed
-    ready: torch.cuda.Event | None  # None on the CPU, where the work is done at launch
+    token_ids: torch.Tensor  # int64 [rows] on the host (pinned on a GPU), valid once every wait has returned
+    waits: list[Callable[[], object]]  # none on the CPU when rank 0 sampled: the work is done at launch
     logprobs: torch.Tensor | None = None
     logits: torch.Tensor | None = None
 
@@ -77,8 +81,8 @@ class ModelRunner:
         self.num_blocks = plan.num_kv_blocks if self.device.type == "cpu" else self._blocks_that_fit()
         self.graphs = None
         self.last_sampled: torch.Tensor | None = None  # the latest step's sampled ids, on the device (Step.prev_rows)
-        self.record_gpu_time = False  # the benchmark turns it on (GPU only) for its window
-        self.gpu_step_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.busy_s = 0.0  # time spent on forwards and sampling: the rest of the wall time, this rank idled
+        self._spans: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()  # GPU: not in busy_s yet
 
     def _set_kv_scales(self) -> None:
         """This rank's KV heads' entries of engine.json's scales (per layer, per KV head)."""
@@ -141,42 +145,19 @@ class ModelRunner:
         """Run this rank's part of `step`. Rank 0 gets the StepOutput; other ranks get None."""
         return self.collect(self.launch(step))
 
+    @torch.inference_mode()
     def launch(self, step: Step) -> Launched | None:
         """Queue this rank's part of `step` on the device and return without waiting for it;
-        rank 0 gets what `collect` turns into its StepOutput, other ranks None."""
-        if not self.record_gpu_time:
-            return self._launch(step)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        launched = self._launch(step)
-        end.record()
-        self.gpu_step_events.append((start, end))
-        return launched
-
-    def collect(self, launched: Launched | None) -> StepOutput | None:
-        """Wait for a launched step's sampled ids to reach the host."""
-        if launched is None:
-            return None
-        if launched.ready is not None:
-            launched.ready.synchronize()
-        return StepOutput(launched.token_ids.tolist(), launched.logprobs, launched.logits)
-
-    def gpu_busy_seconds(self) -> float:
-        """GPU time from the first to the last kernel of each recorded step, summed: what is
-        left of the wall time is the GPU idling between steps. A step launched while the one
-        before still runs starts its span where that one's ends: spans never overlap."""
-        torch.cuda.synchronize(self.device)
-        return sum(a.elapsed_time(b) for a, b in self.gpu_step_events) / 1e3
-
-    @torch.inference_mode()
-    def _launch(self, step: Step) -> Launched | None:
+        rank 0 gets what `collect` turns into its StepOutput, other ranks None. With stages
+        after rank 0's, the sampled ids are still on their way when this returns."""
         m = self.mapping
         prev = None if step.prev_rows is None else self.last_sampled
         if self.graphs is not None and self.graphs.fits(step):
-            logits, greedy = self.graphs.run(step, prev)
-            if len(step.sample_rows) < step.num_seqs:  # in a decode step every sequence samples, but be exact
-                rows = torch.from_numpy(step.sample_rows).to(self.device)
-                logits, greedy = logits[rows], greedy[rows]
+            with self._busy():
+                logits, greedy = self.graphs.run(step, prev)
+                if len(step.sample_rows) < step.num_seqs:  # in a decode step every sequence samples, but be exact
+                    rows = torch.from_numpy(step.sample_rows).to(self.device)
+                    logits, greedy = logits[rows], greedy[rows]
             return self._sample(step, logits, greedy)
         positions = torch.from_numpy(step.positions).to(self.device)
         meta = AttentionMetadata(
@@ -195,12 +176,51 @@ class ModelRunner:
         else:
             inputs = torch.empty(step.num_tokens, self.hidden_size, dtype=self.engine.dtype, device=self.device)
             self.comm.recv(inputs, m.prev_stage_rank())
-        hidden = self.model(inputs, positions, meta)
+        with self._busy():
+            hidden = self.model(inputs, positions, meta)
         if not m.is_last_stage:
             self.comm.send(hidden, m.next_stage_rank())
             return self._receive_output(step) if m.rank == 0 else None
-        last_tokens = torch.from_numpy(step.query_start[step.sample_rows + 1] - 1).to(self.device)
-        return self._sample(step, self.model.compute_logits(hidden[last_tokens]))
+        with self._busy():
+            last_tokens = torch.from_numpy(step.query_start[step.sample_rows + 1] - 1).to(self.device)
+            logits = self.model.compute_logits(hidden[last_tokens])
+        return self._sample(step, logits)
+
+    def collect(self, launched: Launched | None) -> StepOutput | None:
+        """Wait for a launched step's sampled ids to reach the host."""
+        if launched is None:
+            return None
+        for wait in launched.waits:
+            wait()
+        return StepOutput(launched.token_ids.tolist(), launched.logprobs, launched.logits)
+
+    @contextmanager
+    def _busy(self) -> Iterator[None]:
+        """Count the work inside as busy time: the host's on the CPU, the device's on a GPU
+        (spans on one stream never overlap; they are added up once they have run)."""
+        if self.device.type == "cpu":
+            start = time.perf_counter()
+            yield
+            self.busy_s += time.perf_counter() - start
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self._spans.append((start, end))
+        self._count_spans()
+
+    def _count_spans(self) -> None:
+        while self._spans and self._spans[0][1].query():
+            start, end = self._spans.popleft()
+            self.busy_s += start.elapsed_time(end) / 1e3
+
+    def busy_seconds(self) -> float:
+        """Time this rank has spent on forwards and sampling since it started."""
+        if self._spans:
+            torch.cuda.synchronize(self.device)
+            self._count_spans()
+        return self.busy_s
 
     def _sample(self, step: Step, logits: torch.Tensor, greedy: torch.Tensor | None = None) -> Launched | None:
         """On the last stage: sample, and get the tokens to rank 0. `greedy`, the logits'
@@ -208,7 +228,8 @@ class ModelRunner:
         m = self.mapping
         if m.rank != m.sampler_rank() or not len(step.sample_rows):
             return self._to_host(torch.empty(0, dtype=torch.int64)) if m.rank == 0 else None
-        sampled = Sampled(greedy, None) if greedy is not None and _plain_greedy(step) else sample(logits, step)
+        with self._busy():
+            sampled = Sampled(greedy, None) if greedy is not None and _plain_greedy(step) else sample(logits, step)
         # Perhaps a view of a graph's output, which the next replay overwrites: a step taking
         # its inputs from here gathers them before its own replay.
         self.last_sampled = sampled.token_ids
@@ -221,30 +242,33 @@ class ModelRunner:
         return None
 
     def _receive_output(self, step: Step) -> Launched:
-        """Rank 0, when another rank samples: the same tensors, in the order they are sent."""
+        """Rank 0, when another rank samples: the same tensors, in the order they are sent,
+        received without waiting (the next micro-batch may be launched meanwhile)."""
         rows, src = len(step.sample_rows), self.mapping.sampler_rank()
         if rows == 0:
             return self._to_host(torch.empty(0, dtype=torch.int64))
-        ids = self.comm.recv(torch.empty(rows, dtype=torch.int64, device=self.device), src)
+        ids = torch.empty(rows, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        waits = [self.comm.recv_async(ids, src)]
         logprobs = logits = None
         if len(step.num_logprobs) and step.num_logprobs.max() >= 0:
-            width = 1 + 2 * int(step.num_logprobs.max())
-            logprobs = self.comm.recv(torch.empty(rows, width, device=self.device), src)
+            logprobs = torch.empty(rows, 1 + 2 * int(step.num_logprobs.max()), device=self.device)
+            waits.append(self.comm.recv_async(logprobs, src))
         if step.return_logits:
-            logits = self.comm.recv(torch.empty(rows, self.engine.config.vocab_size, device=self.device), src)
-        return self._to_host(ids, logprobs, logits)
+            logits = torch.empty(rows, self.engine.config.vocab_size, device=self.device)
+            waits.append(self.comm.recv_async(logits, src))
+        return Launched(ids, waits, logprobs, logits)
 
     def _to_host(self, ids: torch.Tensor, logprobs: torch.Tensor | None = None,
                  logits: torch.Tensor | None = None) -> Launched:
         """Start copying the sampled ids to the host, behind the step's work on the stream: no
         sync here, `collect` waits for the event."""
         if ids.device.type == "cpu":
-            return Launched(ids, None, logprobs, logits)
+            return Launched(ids, [], logprobs, logits)
         host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)  # one per step: the last may not be read yet
         host.copy_(ids, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return Launched(host, ready, logprobs, logits)
+        return Launched(host, [ready.synchronize], logprobs, logits)
 
     def release(self) -> None:
         """Give back the KV cache and graphs (GPU memory) once this runner is done. Call it before
@@ -258,8 +282,9 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     def stats(self) -> dict:
-        """This rank's memory figures: peak resident memory, and peak GPU memory on a GPU."""
-        stats = {"rank": self.mapping.rank, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        """This rank's figures: peak resident memory, peak GPU memory on a GPU, busy time so far."""
+        stats = {"rank": self.mapping.rank, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                 "busy_s": self.busy_seconds()}
         if self.device.type == "cuda":
             stats["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(self.device)
         return stats

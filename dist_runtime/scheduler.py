@@ -11,6 +11,7 @@ cheap). No sequence is ever dropped.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Collection
 
 from dist_runtime.block_manager import BlockManager
 from dist_runtime.sequence import Sequence, Status
@@ -30,21 +31,25 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> list[tuple[Sequence, int]]:
-        """(sequence, tokens to run) pairs for the next step, with KV blocks reserved for them."""
+    def schedule(self, exclude: Collection[Sequence] = ()) -> list[tuple[Sequence, int]]:
+        """(sequence, tokens to run) pairs for the next step, with KV blocks reserved for them.
+        The running sequences in `exclude` (in a step still running) are neither scheduled nor
+        preempted, and do not count against the batch size."""
         batch: dict[Sequence, int] = {}  # insertion-ordered
-        decoding = [s for s in self.running if len(s) - s.num_cached == 1]
-        prefilling = [s for s in self.running if len(s) - s.num_cached > 1]
+        running = [s for s in self.running if s not in exclude]
+        excluded = len(self.running) - len(running)  # none of them leaves the running list here
+        decoding = [s for s in running if len(s) - s.num_cached == 1]
+        prefilling = [s for s in running if len(s) - s.num_cached > 1]
         budget = self.max_num_tokens
         for seq in decoding + prefilling:
             if seq.status is Status.RUNNING and budget > 0:  # not preempted earlier in this loop
                 n = min(len(seq) - seq.num_cached, budget)
-                ok, refund = self._reserve(seq, n, batch)
+                ok, refund = self._reserve(seq, n, batch, exclude)
                 budget += refund
                 if ok:
                     batch[seq] = n
                     budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
+        while self.waiting and budget > 0 and len(self.running) - excluded < self.max_batch_size:
             seq = self.waiting[0]
             self.blocks.take_cached_prefix(seq)
             n = min(len(seq) - seq.num_cached, budget)
@@ -59,13 +64,14 @@ class Scheduler:
             budget -= n
         return list(batch.items())
 
-    def _reserve(self, seq: Sequence, n: int, batch: dict[Sequence, int]) -> tuple[bool, int]:
+    def _reserve(self, seq: Sequence, n: int, batch: dict[Sequence, int],
+                 exclude: Collection[Sequence]) -> tuple[bool, int]:
         """Blocks for `n` more tokens of a running sequence, preempting the newest running
-        sequences (and unscheduling them) while there are not enough. Returns whether `seq`
-        stays, and the budget given back by unscheduled victims."""
+        sequences not excluded (and unscheduling them) while there are not enough; `seq` is
+        one of them. Returns whether `seq` stays, and the budget given back by unscheduled victims."""
         refund = 0
         while not self.blocks.can_grow(seq, seq.num_cached + n):
-            victim = self.running[-1]
+            victim = next(s for s in reversed(self.running) if s not in exclude)
             refund += batch.pop(victim, 0)
             self.preempt(victim)
             if victim is seq:

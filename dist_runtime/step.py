@@ -53,7 +53,7 @@ class Step:
 
 @dataclasses.dataclass
 class StatsRequest:
-    """Asks every rank for its memory figures (answered through gather_object)."""
+    """Asks every rank for its memory figures and busy time (answered through gather_object)."""
 
 
 @dataclasses.dataclass

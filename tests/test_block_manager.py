@@ -161,3 +161,38 @@ def test_a_pool_too_small_for_all_preempts_and_still_finishes_all():
                     sched.finish(seq, "length")
     assert sched.num_preemptions > 0
     assert all(s.output_ids == list(range(12)) for s in seqs)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=12), st.integers(8, 24), st.integers(1, 3))
+def test_micro_batches_in_flight_are_never_scheduled_or_preempted_and_every_request_finishes(
+        prompt_lens, num_blocks, depth):
+    """As the fake model above, with up to `depth` steps in flight, each applied only when it
+    leaves the pipeline (as PP micro-batches are): a step never holds a sequence in flight."""
+    max_len = num_blocks * BS
+    bm = BlockManager(num_blocks, BS)
+    sched = Scheduler(bm, max_batch_size=4, max_num_tokens=16)
+    seqs = [Sequence(i, list(range(min(n, max_len - 6))), SamplingParams(max_tokens=5), 0)
+            for i, n in enumerate(prompt_lens)]
+    for seq in seqs:
+        sched.add(seq)
+    pipeline: list[list] = []
+    for _ in range(4000):
+        if not (sched.has_work() or pipeline):
+            break
+        in_flight = {s: list(s.block_table) for batch in pipeline for s, _ in batch}
+        batch = sched.schedule(exclude=in_flight)
+        assert not {s for s, _ in batch} & set(in_flight) and len(batch) <= 4
+        assert all(s in sched.running and s.block_table == table for s, table in in_flight.items())
+        if batch:
+            pipeline.append(batch)
+        if len(pipeline) > depth or (pipeline and not batch):
+            for seq, n in pipeline.pop(0):
+                seq.num_cached += n
+                bm.register_full_blocks(seq)
+                if seq.num_cached == len(seq):
+                    seq.tokens.append(seq.num_output)
+                    if seq.num_output == 5:
+                        sched.finish(seq, "length")
+    assert all(s.output_ids == [0, 1, 2, 3, 4] for s in seqs)
+    assert bm.num_free == num_blocks

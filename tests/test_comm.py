@@ -1,5 +1,6 @@
 """Both CPU communicators between real ranks (MPI under mpirun, gloo over TCP): collectives
-over TP groups, stage-to-stage tensors and control messages, in float32 and bfloat16."""
+over TP groups, stage-to-stage tensors, sampled ids received without waiting, and control
+messages, in float32 and bfloat16."""
 
 import os
 import subprocess
@@ -34,6 +35,15 @@ PROGRAM = textwrap.dedent("""
         else:
             got = comm.recv(torch.empty(5, dtype=dtype), m.prev_stage_rank())
             assert got.equal(torch.arange(5, dtype=dtype) + m.prev_stage_rank())
+    if rank == m.sampler_rank():  # sampled ids back to rank 0, which posts both receives before waiting
+        for i in range(2):
+            comm.send(torch.full((3,), i, dtype=torch.int64), 0)
+    if rank == 0:
+        ids = [torch.empty(3, dtype=torch.int64) for _ in range(2)]
+        waits = [comm.recv_async(t, m.sampler_rank()) for t in ids]
+        for wait in waits:
+            wait()
+        assert ids[0].eq(0).all() and ids[1].eq(1).all(), ids
     for message in ({"tokens": [1, 2, 3]}, list(range(50_000))):  # one buffer, then two
         assert comm.broadcast_object(message if rank == 0 else None) == message
     gathered = comm.gather_object(f"rank {rank} ok")

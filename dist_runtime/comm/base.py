@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pickle
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,8 +34,16 @@ class Communicator(ABC):
         """Into `tensor`, from global rank `src`; returns `tensor`."""
 
     @abstractmethod
+    def recv_async(self, tensor: torch.Tensor, src: int) -> Callable[[], object]:
+        """Start receiving into `tensor` from global rank `src` and return at once; call the
+        returned function to wait until `tensor` holds the message. Messages from one rank
+        arrive in the order sent, whether received with `recv` or this."""
+
+    @abstractmethod
     def broadcast_object(self, obj: Any) -> Any:
-        """Control plane: rank 0's `obj` (picklable) to every rank; others pass None."""
+        """Control plane: rank 0's `obj` (picklable) to every rank; others pass None. Rank 0
+        does not wait for the others to take it (a rank still busy with an earlier step must
+        hold back neither rank 0 nor the rest), but it is theirs before rank 0's next message."""
 
     @abstractmethod
     def gather_object(self, obj: Any) -> list[Any] | None:
@@ -48,27 +57,33 @@ def gather_last_dim(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-# A control message travels as one fixed-size broadcast holding its length and, when it fits
+# A control message travels as one fixed-size message holding its length and, when it fits
 # (as a decode step for hundreds of sequences does), the whole pickle; a larger one needs a
-# second broadcast for the rest. Receivers learn the size from the first.
+# second message for the rest. Receivers learn the size from the first.
 FIRST_MESSAGE_BYTES = 1 << 16
 
 
-def split_message(obj: Any, is_root: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The root's (first buffer, remainder or None); other ranks get an empty first buffer."""
+def split_message(obj: Any) -> list[torch.Tensor]:
+    """The first buffer and, when the pickle does not fit in it, the remainder."""
     first = torch.zeros(FIRST_MESSAGE_BYTES, dtype=torch.uint8)
-    if not is_root:
-        return first, None
     payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     room = FIRST_MESSAGE_BYTES - 8
     first[:8] = torch.tensor([len(payload)], dtype=torch.int64).view(torch.uint8)
     head = payload[:room]
     first[8:8 + len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
-    rest = torch.frombuffer(bytearray(payload[room:]), dtype=torch.uint8) if len(payload) > room else None
-    return first, rest
+    if len(payload) <= room:
+        return [first]
+    return [first, torch.frombuffer(bytearray(payload[room:]), dtype=torch.uint8)]
 
 
-def unpack_message(first: torch.Tensor) -> tuple[int, bytes]:
-    """(total size, the part of the payload the first buffer holds)."""
+def receive_message(recv: Callable[[torch.Tensor], object]) -> Any:
+    """The object whose parts `recv` (which fills a buffer) takes, as split_message made them."""
+    first = torch.empty(FIRST_MESSAGE_BYTES, dtype=torch.uint8)
+    recv(first)
     size = int(first[:8].view(torch.int64)[0])
-    return size, first[8:8 + min(size, FIRST_MESSAGE_BYTES - 8)].numpy().tobytes()
+    payload = first[8:8 + min(size, FIRST_MESSAGE_BYTES - 8)].numpy().tobytes()
+    if size > len(payload):
+        rest = torch.empty(size - len(payload), dtype=torch.uint8)
+        recv(rest)
+        payload += rest.numpy().tobytes()
+    return pickle.loads(payload)

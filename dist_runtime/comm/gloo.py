@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -61,6 +62,9 @@ class GlooCommunicator(Communicator):
     def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         self.world.recv([tensor], src, 0).wait()
         return tensor
+
+    def recv_async(self, tensor: torch.Tensor, src: int) -> Callable[[], object]:
+        return self.world.recv([tensor], src, 0).wait
 
     def broadcast_object(self, obj: Any) -> Any:
         return self.control.broadcast_object(obj)

@@ -6,20 +6,22 @@ speed, which starves the working ranks when there are more ranks than cores.
 
 from __future__ import annotations
 
-import pickle
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
-from dist_runtime.comm.base import Communicator, gather_last_dim, split_message, unpack_message
+from dist_runtime.comm.base import Communicator, gather_last_dim, receive_message, split_message
 from dist_runtime.mapping import Mapping
 
 SPIN_POLLS = 200  # polls before the first sleep: short waits stay fast
 MAX_SLEEP_S = 2e-4
 _GATHER_TAG = 77
+_CONTROL_TAG = 78
+_TENSOR_TAG = 0
 
 
 def wait(request: MPI.Request) -> Any:
@@ -49,6 +51,7 @@ class MpiCommunicator(Communicator):
         super().__init__(mapping)
         self.world = world or MPI.COMM_WORLD
         self.tp_comm = self.world.Split(color=mapping.pp_rank, key=mapping.tp_rank)
+        self._sending: list[tuple[MPI.Request, torch.Tensor]] = []  # rank 0's last control message, going out
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         # MPI has no bfloat16 sum; reduce in float32 and write back.
@@ -66,22 +69,32 @@ class MpiCommunicator(Communicator):
         return gather_last_dim(list(out.unbind(0)))
 
     def send(self, tensor: torch.Tensor, dst: int) -> None:
-        wait(self.world.Isend(_wire(tensor.contiguous()), dest=dst))
+        wait(self.world.Isend(_wire(tensor.contiguous()), dest=dst, tag=_TENSOR_TAG))
 
     def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
-        wait(self.world.Irecv(_wire(tensor), source=src))
+        wait(self.world.Irecv(_wire(tensor), source=src, tag=_TENSOR_TAG))
         return tensor
 
+    def recv_async(self, tensor: torch.Tensor, src: int) -> Callable[[], object]:
+        request = self.world.Irecv(_wire(tensor), source=src, tag=_TENSOR_TAG)
+        return lambda: wait(request)
+
     def broadcast_object(self, obj: Any) -> Any:
-        root = self.world.rank == 0
-        first, rest = split_message(obj if root else None, root)
-        wait(self.world.Ibcast(first.numpy(), root=0))
-        size, payload = unpack_message(first)
-        if size > len(payload):
-            rest = rest if rest is not None else torch.empty(size - len(payload), dtype=torch.uint8)
-            wait(self.world.Ibcast(rest.numpy(), root=0))
-            payload = payload + rest.numpy().tobytes()
-        return obj if root else pickle.loads(payload)
+        # One send to each rank rather than a broadcast, which may wait for every receiver
+        # (large messages go by rendezvous): a busy rank must not hold back the others.
+        if self.world.rank != 0:
+            return receive_message(lambda buffer: wait(self.world.Irecv(buffer.numpy(), source=0, tag=_CONTROL_TAG)))
+        self._finish_sending()
+        parts = split_message(obj)
+        self._sending = [(self.world.Isend(part.numpy(), dest=dst, tag=_CONTROL_TAG), part)
+                         for dst in range(1, self.world.size) for part in parts]
+        return obj
+
+    def _finish_sending(self) -> None:
+        """Wait until every rank has taken rank 0's last control message."""
+        for request, _ in self._sending:
+            wait(request)
+        self._sending = []
 
     def gather_object(self, obj: Any) -> list[Any] | None:
         if self.world.rank != 0:
@@ -93,4 +106,5 @@ class MpiCommunicator(Communicator):
         return out
 
     def close(self) -> None:
+        self._finish_sending()
         self.tp_comm.Free()

@@ -1,11 +1,19 @@
 """The GPU communicator: NCCL through CuPy on torch's current stream, so its collectives can
 be captured in CUDA graphs. Control messages (Steps, the NCCL ids themselves) go through the
-CPU communicator it wraps (MPI or gloo)."""
+CPU communicator it wraps (MPI or gloo).
+
+Rank 0's receive of the last stage's output is posted on rank 0's own stream, in Step order,
+like every other point-to-point operation: so with micro-batches the host does not wait, but
+the device runs the next micro-batch's first stage only once the last one's output is in. A
+receive on a stream and communicator of its own would let the stages overlap on the device;
+it has not run on several GPUs yet, so it is not here.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,9 +22,9 @@ from cupy.cuda import nccl
 from dist_runtime.comm.base import Communicator, gather_last_dim
 from dist_runtime.mapping import Mapping
 
-# NCCL's own enum values (ncclDataType_t), for CuPy builds that name fewer of them
 log = logging.getLogger(__name__)
 
+# NCCL's own enum values (ncclDataType_t), for CuPy builds that name fewer of them
 _NCCL_TYPES = {torch.float32: 7, torch.float16: 6, torch.bfloat16: 9, torch.int64: 4, torch.int32: 2,
                torch.uint8: 1, torch.float64: 8}
 
@@ -92,6 +100,17 @@ class NcclCommunicator(Communicator):
     def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         self.world.recv(tensor.data_ptr(), tensor.numel(), _NCCL_TYPES[tensor.dtype], src, _stream())
         return tensor
+
+    def recv_async(self, tensor: torch.Tensor, src: int) -> Callable[[], object]:
+        """Posted on the current stream (see the module). `tensor` may be in host memory: it
+        then arrives through a device buffer, copied on the same stream."""
+        buffer = tensor if tensor.is_cuda else torch.empty_like(tensor, device="cuda")
+        self.recv(buffer, src)
+        if buffer is not tensor:
+            tensor.copy_(buffer, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return done.synchronize
 
     def broadcast_object(self, obj: Any) -> Any:
         return self.control.broadcast_object(obj)

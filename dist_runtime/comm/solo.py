@@ -1,5 +1,6 @@
 """The communicator of a world of one rank: nothing to exchange."""
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,6 +19,9 @@ class SoloCommunicator(Communicator):
         raise RuntimeError("a world of one rank has no one to send to")
 
     def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        raise RuntimeError("a world of one rank has no one to receive from")
+
+    def recv_async(self, tensor: torch.Tensor, src: int) -> Callable[[], object]:
         raise RuntimeError("a world of one rank has no one to receive from")
 
     def broadcast_object(self, obj: Any) -> Any:
