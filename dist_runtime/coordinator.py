@@ -23,8 +23,8 @@ each Step's outputs to rank 0, which posts their receive (without waiting) when 
 that Step, before the next. Rank 0 waits only for (a) stage 1 to take B's hidden states, which
 it does once done with the steps before B, whose inputs were all sent already, and (b) A's
 outputs, which the last stage sends once it has run A, whose inputs were all sent before.
-Control messages go on their own tag (MPI, gloo), and rank 0 does not wait for them to be
-taken (see Communicator.broadcast_object).
+Control messages go on their own tag (MPI) or their own sockets (ranks met over TCP), and
+rank 0 does not wait for them to be taken (see Communicator.broadcast_object).
 """
 
 from __future__ import annotations
@@ -150,6 +150,7 @@ class Coordinator:
         if not batch:
             return updates + (self._collect(self._pipeline.popleft()) if self._pipeline else [])
         step, sampling = self._pack(batch)
+        log.debug("micro-batch of %d sequences, %d tokens", step.num_seqs, step.num_tokens)
         packed = time.perf_counter()
         self.comm.broadcast_object(step)
         sent = time.perf_counter()

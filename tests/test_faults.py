@@ -150,31 +150,43 @@ def test_sigterm_or_ctrl_c_on_rank_0_of_a_server_stops_every_rank_within_10_s(en
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_or_ctrl_c_on_generate_stops_every_rank_within_10_s(engine, sig):
-    proc, ranks = start_generate(engine)
+    proc, ranks, _ = start_generate(engine)
     proc.send_signal(sig)
     start = time.monotonic()
     assert proc.wait(10) == 128 + sig
     wait_gone(ranks.values(), 10 - (time.monotonic() - start))
 
 
-def start_generate(engine) -> tuple[subprocess.Popen, dict[int, int]]:
-    """A long `generate` on spawned ranks, a few seconds into its work."""
+def start_generate(engine) -> tuple[subprocess.Popen, dict[int, int], list[str]]:
+    """A long `generate` on spawned ranks, a second into its steps (every rank has loaded);
+    its stderr lines, read as they come."""
     proc = subprocess.Popen([tool("dist-runtime"), "generate", str(engine), "--max-tokens", "400", "--ignore-eos",
                              *[a for i in range(16) for a in ("--prompt", f"prompt {i}")]],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while len(ranks := ranks_of(proc.pid)) < 3:
-        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
-        time.sleep(0.1)
-    time.sleep(3)
-    return proc, ranks
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "DIST_RUNTIME_LOG": "info"})
+    lines, ready = [], threading.Event()
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("[rank 0]") and "ready with" in line:
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    assert ready.wait(60), "".join(lines)
+    ranks = ranks_of(proc.pid)
+    assert len(ranks) == 3, ranks
+    time.sleep(1)
+    return proc, ranks, lines
 
 
 def test_a_killed_rank_fails_generate_with_its_name(engine):
-    proc, ranks = start_generate(engine)
+    proc, ranks, stderr = start_generate(engine)
     os.kill(ranks[2], signal.SIGKILL)
     start = time.monotonic()
-    _, err = proc.communicate(timeout=30)
+    proc.wait(30)
+    time.sleep(0.5)  # the reader takes the last lines
+    err = "".join(stderr)
     assert proc.returncode == 1 and "error: rank 2 lost: its process ended" in err, err[-2000:]
     assert time.monotonic() - start < 10
     wait_gone(ranks.values(), 10)
