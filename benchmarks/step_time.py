@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from dist_runtime.config import ModelConfig
-from dist_runtime.cuda_graphs import DecodeGraphs
+from dist_runtime.cuda_graphs import DecodeGraphs, replay_ms
 from dist_runtime.mapping import Mapping
 from dist_runtime.models import build_model
 from dist_runtime.presets import preset_config
@@ -46,16 +46,7 @@ def step_ms(graphs: DecodeGraphs, b: int, context: int, block_size: int, num_blo
     positions.fill_(context - 1)
     lens.fill_(context)
     slots.copy_(blocks[:, -1] * block_size + (context - 1) % block_size)
-    graph = graphs.graphs[b][0]
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / replays
+    return replay_ms(graphs.graphs[b][0], replays)
 
 
 def main() -> None:

@@ -20,6 +20,18 @@ from dist_runtime.step import Step
 log = logging.getLogger(__name__)
 
 
+def replay_ms(graph: torch.cuda.CUDAGraph, replays: int) -> float:
+    """Milliseconds per replay of `graph`, after one replay to warm up (for benchmarks and tuners)."""
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / replays
+
+
 def buckets(max_batch: int) -> list[int]:
     sizes = [1, 2, 4, 8] + list(range(16, 129, 16)) + list(range(160, 1025, 32))
     return [b for b in sizes if b < max_batch] + [max_batch]

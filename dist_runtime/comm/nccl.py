@@ -133,15 +133,10 @@ class NcclCommunicator(Communicator):
 
 def _graph_us(all_reduce, x: torch.Tensor, ops: int = 20, replays: int = 5) -> float:
     """Microseconds per all-reduce of `x`, replayed from a CUDA graph of `ops` of them."""
+    from dist_runtime.cuda_graphs import replay_ms
+
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(ops):
             all_reduce(x)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / (ops * replays)
+    return replay_ms(graph, replays) * 1e3 / ops
