@@ -158,18 +158,18 @@ def test_sigterm_or_ctrl_c_on_generate_stops_every_rank_within_10_s(engine, sig)
 
 
 def start_generate(engine) -> tuple[subprocess.Popen, dict[int, int], list[str]]:
-    """A long `generate` on spawned ranks, a second into its steps (every rank has loaded);
+    """A long `generate` on spawned ranks, a second into its steps (rank 0 has logged one);
     its stderr lines, read as they come."""
     proc = subprocess.Popen([tool("dist-runtime"), "generate", str(engine), "--max-tokens", "400", "--ignore-eos",
                              *[a for i in range(16) for a in ("--prompt", f"prompt {i}")]],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "DIST_RUNTIME_LOG": "info"})
+                            env={**os.environ, "DIST_RUNTIME_LOG": "debug"})
     lines, ready = [], threading.Event()
 
     def read() -> None:
         for line in proc.stderr:
             lines.append(line)
-            if line.startswith("[rank 0]") and "ready with" in line:
+            if line.startswith("[rank 0]") and "dist_runtime.coordinator" in line:
                 ready.set()
 
     threading.Thread(target=read, daemon=True).start()
