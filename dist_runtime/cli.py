@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import threading
 
 from dist_runtime import logs
 from dist_runtime.errors import DistRuntimeError
@@ -335,13 +336,24 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def _terminated(signum: int, frame) -> None:
-    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: every rank is stopped on the way out
+STOP_GRACE_S = 5.0  # a requested stop that has not ended the process by then ends it
+
+
+def _stop_requested(signum: int, frame) -> None:
+    """SIGTERM and Ctrl-C unwind the same way (every rank is stopped on the way out), and a
+    backstop ends this process if the unwinding hangs."""
+    timer = threading.Timer(STOP_GRACE_S, os._exit, args=(128 + signum,))
+    timer.daemon = True
+    timer.start()
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGTERM, _stop_requested)
+    signal.signal(signal.SIGINT, _stop_requested)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` shows where a stuck rank is
     from launch.rank_info import from_environment
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
 from collections.abc import Iterator
 
 import torch
@@ -51,8 +52,12 @@ class RequestHandle:
         self._raise()
 
     def result(self, timeout: float | None = None) -> RequestOutput:
-        if not self.done.wait(timeout):
-            raise TimeoutError(f"request {self.request_id} still running after {timeout} s")
+        # In slices: a signal that lands on another thread wakes no one blocked for good, and
+        # the main thread runs Python's handlers (Ctrl-C) only when it wakes.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.done.wait(0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))):
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"request {self.request_id} still running after {timeout} s")
         self._raise()
         return self.output()
 
