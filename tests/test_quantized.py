@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import CALIB_TEXT, SMALL_PLAN, cli
 from safetensors import safe_open
 
@@ -98,13 +99,13 @@ def test_a_static_input_scale_is_as_close_as_per_token_scaling_and_saturates_pas
 def _cpu_runs_scaled_mm() -> bool:
     e4m3 = torch.zeros(16, 16).to(torch.float8_e4m3fn)
     try:
-        torch._scaled_mm(e4m3, e4m3.t(), torch.ones(()), torch.ones(()), out_dtype=torch.bfloat16)
+        torch._scaled_mm(e4m3, e4m3.t(), torch.ones(16, 1), torch.ones(1, 16), out_dtype=torch.bfloat16)  # per row
     except (RuntimeError, NotImplementedError):
         return False
     return True
 
 
-# torch 2.13's CPU build runs fp8 _scaled_mm; 2.11's (the GPU machine's) failed these tests there
+# torch 2.13's CPU build runs fp8 _scaled_mm with per-row scales; 2.11's (the GPU machine's) only per tensor
 CPU_FP8 = pytest.mark.skipif(not _cpu_runs_scaled_mm(), reason="this torch build has no fp8 _scaled_mm on the CPU")
 
 
@@ -121,6 +122,39 @@ def test_fp8_gemm_matches_its_float32_emulation(rows, static, device):
     ref = fp8_linear_reference(x.float(), q, scale, input_scale)
     # the same E4M3 operands and scales: only the summation order and the bf16 output differ
     assert (quantized_linear(x, q, scale, None, input_scale).float() - ref).abs().max() / ref.abs().max() < 1e-2
+
+
+def assert_quantized_alike(got, unfused: torch.Tensor, input_scale: torch.Tensor | None) -> None:
+    """`got` (Fp8Rows from a fused kernel) holds what quantize_input makes of the unfused
+    result, but where the two roundings of that result (exp, rsqrt) differ by an ulp."""
+    values, scale = quantize_input(unfused, input_scale)
+    assert got.values.dtype == torch.float8_e4m3fn and got.dtype == unfused.dtype
+    assert torch.allclose(got.scale, scale, rtol=1e-2)
+    same = (got.values.float() == values.float()).float().mean().item()
+    assert same > 0.99, f"only {same:.1%} of the E4M3 values agree"
+
+
+@FP8_GPU
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("rows,size", [(1, 64), (7, 4096), (33, 5000), (3, 14336)])
+def test_fused_fp8_input_quantization_matches_quantize_input(rows, size, static):
+    """RMSNorm and SiLU-and-mul quantize the next GEMM's input in their own kernel, and the
+    GEMM's own pass is one kernel: all give what quantize_input gives on the unfused result."""
+    from dist_runtime.kernels.fused import add_rmsnorm, fp8_rows
+    from dist_runtime.layers.norm import RMSNorm
+
+    input_scale = torch.tensor([0.01], device="cuda") if static else None
+    norm = RMSNorm(size, 1e-5).cuda().bfloat16()
+    torch.nn.init.normal_(norm.weight, 1.0, 0.1)
+    x, residual = (torch.randn(rows, size, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    unfused, summed = norm.reference(x, residual.clone())
+    got = add_rmsnorm(x, norm.weight, 1e-5, residual, fp8=True, input_scale=input_scale)
+    assert torch.equal(residual, summed)
+    assert_quantized_alike(got, unfused, input_scale)
+    gate_up = torch.randn(rows, 2 * size, device="cuda", dtype=torch.bfloat16)
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert_quantized_alike(fp8_rows(gate_up, input_scale, silu_mul=True), F.silu(gate) * up, input_scale)
+    assert_quantized_alike(fp8_rows(x, input_scale), x, input_scale)
 
 
 @FP8_GPU

@@ -8,12 +8,32 @@ import torch
 import triton
 import triton.language as tl
 
-from sharding.quantize import FP8_MAX
+from dist_runtime.layers.quantized import Fp8Rows
+from sharding.quantize import FP8, FP8_MAX
 
 
 @triton.jit
-def _add_rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, n_cols, eps, HAS_RESIDUAL: tl.constexpr,
-                        BLOCK: tl.constexpr):
+def _to_fp8(y, scale, FP8_MAX: tl.constexpr):
+    """y / scale (correctly rounded, as torch divides) saturated at the format's limit, in E4M3."""
+    return tl.minimum(tl.maximum(tl.math.div_rn(y.to(tl.float32), scale), -FP8_MAX), FP8_MAX).to(tl.float8e4nv)
+
+
+@triton.jit
+def _fp8_scale(amax, static_ptr, row, scale_ptr, STATIC: tl.constexpr, FP8_MAX: tl.constexpr):
+    """A row's scale, stored for _scaled_mm: the calibrated one, or the row's largest magnitude
+    mapped to FP8_MAX (an all-zero row gets 1), as sharding.quantize.scales_for computes it."""
+    if STATIC:
+        scale = tl.load(static_ptr)
+    else:
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, FP8_MAX), 1.0)
+    tl.store(scale_ptr + row, scale)
+    return scale
+
+
+@triton.jit
+def _add_rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr, static_ptr, n_cols, eps,
+                        HAS_RESIDUAL: tl.constexpr, FP8_OUT: tl.constexpr, STATIC: tl.constexpr,
+                        FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -24,19 +44,28 @@ def _add_rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, n_cols, eps, H
     x32 = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x32 * x32, 0) / n_cols + eps)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
-    tl.store(out_ptr + row * n_cols + cols, w * (x32 * rstd).to(x.dtype), mask=mask)
+    y = w * (x32 * rstd).to(x.dtype)
+    if FP8_OUT:  # the next GEMM's input, quantized here instead of in a pass of its own
+        scale = _fp8_scale(tl.max(tl.abs(y.to(tl.float32)), 0), static_ptr, row, scale_ptr, STATIC, FP8_MAX)
+        y = _to_fp8(y, scale, FP8_MAX)
+    tl.store(out_ptr + row * n_cols + cols, y, mask=mask)
 
 
-def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
-                ) -> torch.Tensor:
-    """RMSNorm(x + residual) (or of x); with a residual, it is updated in place to x + residual."""
+def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                fp8: bool = False, input_scale: torch.Tensor | None = None) -> torch.Tensor | Fp8Rows:
+    """RMSNorm(x + residual) (or of x); with a residual, it is updated in place to x + residual.
+    With `fp8`, the result comes quantized for an fp8 GEMM (per row, or by the calibrated
+    `input_scale`), as quantize_input would quantize it."""
     x = x.contiguous()
-    out = torch.empty_like(x)
     n = x.shape[-1]
-    _add_rmsnorm_kernel[(x.numel() // n,)](x, residual if residual is not None else x, weight, out, n, eps,
-                                           HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n),
-                                           num_warps=8 if n >= 4096 else 4)
-    return out
+    rows = x.numel() // n
+    out = torch.empty_like(x, dtype=FP8 if fp8 else x.dtype)
+    scale = torch.empty(rows, 1, device=x.device, dtype=torch.float32) if fp8 else out
+    _add_rmsnorm_kernel[(rows,)](x, residual if residual is not None else x, weight, out, scale,
+                                 input_scale if input_scale is not None else scale, n, eps,
+                                 HAS_RESIDUAL=residual is not None, FP8_OUT=fp8, STATIC=input_scale is not None,
+                                 FP8_MAX=FP8_MAX, BLOCK=triton.next_power_of_2(n), num_warps=8 if n >= 4096 else 4)
+    return Fp8Rows(out.view(rows, n), scale, x.dtype) if fp8 else out
 
 
 @triton.jit
@@ -107,14 +136,19 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq:
 
 
 @triton.jit
+def _silu_mul(row_ptr, cols, mask, n_cols):
+    """SiLU(gate) * up for some columns of one [gate | up] row, rounded as the unfused model does."""
+    gate = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(row_ptr + n_cols + cols, mask=mask, other=0.0)
+    return (gate / (1.0 + tl.exp(-gate))).to(up.dtype) * up
+
+
+@triton.jit
 def _silu_mul_kernel(gate_up_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
-    gate = tl.load(gate_up_ptr + row * 2 * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(gate_up_ptr + row * 2 * n_cols + n_cols + cols, mask=mask, other=0.0)
-    silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
-    tl.store(out_ptr + row * n_cols + cols, silu * up, mask=mask)
+    tl.store(out_ptr + row * n_cols + cols, _silu_mul(gate_up_ptr + row * 2 * n_cols, cols, mask, n_cols), mask=mask)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -125,3 +159,49 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     block = 1024
     _silu_mul_kernel[(gate_up.numel() // (2 * n), triton.cdiv(n, block))](gate_up, out, n, BLOCK=block)
     return out
+
+
+@triton.jit
+def _row_values(row_ptr, cols, mask, n_cols, SILU_MUL: tl.constexpr):
+    if SILU_MUL:
+        values = _silu_mul(row_ptr, cols, mask, n_cols)
+    else:
+        values = tl.load(row_ptr + cols, mask=mask, other=0.0)
+    return values
+
+
+@triton.jit
+def _fp8_rows_kernel(x_ptr, out_ptr, scale_ptr, static_ptr, n_cols, SILU_MUL: tl.constexpr, STATIC: tl.constexpr,
+                     FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per row: a pass for the row's largest magnitude (unless the scale is
+    static), then a pass that quantizes; the second reads the row back from cache."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = x_ptr + row * n_cols * (2 if SILU_MUL else 1)
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    if not STATIC:
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            values = _row_values(row_ptr, cols, cols < n_cols, n_cols, SILU_MUL)
+            amax = tl.maximum(amax, tl.abs(values.to(tl.float32)))
+    scale = _fp8_scale(tl.max(amax, 0), static_ptr, row, scale_ptr, STATIC, FP8_MAX)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        values = _row_values(row_ptr, cols, mask, n_cols, SILU_MUL)
+        tl.store(out_ptr + row * n_cols + cols, _to_fp8(values, scale, FP8_MAX), mask=mask)
+
+
+def fp8_rows(x: torch.Tensor, input_scale: torch.Tensor | None = None, silu_mul: bool = False) -> Fp8Rows:
+    """x [tokens, n] quantized for an fp8 GEMM in one kernel (per row, or by the calibrated
+    `input_scale`), as quantize_input quantizes it; with `silu_mul`, x is a fused [gate | up]
+    [tokens, 2 * n] and SiLU(gate) * up is what gets quantized."""
+    x = x.contiguous()
+    n = x.shape[-1] // 2 if silu_mul else x.shape[-1]
+    rows = x.numel() // x.shape[-1]
+    out = torch.empty(rows, n, device=x.device, dtype=FP8)
+    scale = torch.empty(rows, 1, device=x.device, dtype=torch.float32)
+    if rows:
+        _fp8_rows_kernel[(rows,)](x, out, scale, input_scale if input_scale is not None else scale, n,
+                                  SILU_MUL=silu_mul, STATIC=input_scale is not None, FP8_MAX=FP8_MAX,
+                                  BLOCK=min(triton.next_power_of_2(n), 4096), num_warps=8 if n >= 4096 else 4)
+    return Fp8Rows(out, scale, x.dtype)

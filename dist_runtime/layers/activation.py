@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_runtime.errors import CheckpointError
+from dist_runtime.layers.quantized import feeds_fp8
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -22,11 +23,14 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return ACTIVATIONS[name]
 
 
-def gated(act: Callable[[torch.Tensor], torch.Tensor], gate_up: torch.Tensor) -> torch.Tensor:
-    """act(gate) * up over a fused [gate | up] tensor (SiLU-and-mul for Llama; one kernel on a GPU)."""
+def gated(act: Callable[[torch.Tensor], torch.Tensor], gate_up: torch.Tensor, feeds=None):
+    """act(gate) * up over a fused [gate | up] tensor (SiLU-and-mul for Llama; one kernel on a
+    GPU, which also quantizes the result when the linear layer it `feeds` has fp8 weights)."""
     if gate_up.is_cuda and act is F.silu:
-        from dist_runtime.kernels.fused import silu_and_mul
+        from dist_runtime.kernels.fused import fp8_rows, silu_and_mul
 
+        if feeds_fp8(feeds):
+            return fp8_rows(gate_up.reshape(-1, gate_up.shape[-1]), feeds.input_scale, silu_mul=True)
         return silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return act(gate) * up

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_runtime.layers import declare, whole
+from dist_runtime.layers.quantized import feeds_fp8
 
 
 class RMSNorm(nn.Module):
@@ -16,14 +17,18 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = declare(nn.Parameter(torch.empty(size)), "replicated", whole)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, feeds=None):
+        """`feeds`: the linear layer the output goes to; on a GPU, one with fp8 weights gets
+        its input quantized in the same kernel (an Fp8Rows)."""
         if x.is_cuda:
             from dist_runtime.kernels.fused import add_rmsnorm
 
+            fp8 = feeds_fp8(feeds)
+            input_scale = feeds.input_scale if fp8 else None
             if residual is None:
-                return add_rmsnorm(x, self.weight, self.eps)
+                return add_rmsnorm(x, self.weight, self.eps, fp8=fp8, input_scale=input_scale)
             residual = residual.contiguous()
-            return add_rmsnorm(x, self.weight, self.eps, residual), residual
+            return add_rmsnorm(x, self.weight, self.eps, residual, fp8, input_scale), residual
         return self.reference(x, residual)
 
     def reference(self, x: torch.Tensor, residual: torch.Tensor | None = None):

@@ -4,6 +4,8 @@ Each takes the weight's float32 scale per output row and returns activations in 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +31,20 @@ def check_device(dtype: torch.dtype, device: torch.device, kv_cache: bool = Fals
                           f"this hardware")
 
 
+class Fp8Rows(NamedTuple):
+    """A GEMM input already quantized for fp8_linear (on a GPU, by the kernel before it:
+    RMSNorm or SiLU-and-mul), so that the GEMM does not quantize it in a pass of its own."""
+    values: torch.Tensor  # [tokens, n] E4M3
+    scale: torch.Tensor  # [tokens, 1] float32
+    dtype: torch.dtype  # of the activations before quantization, and of the GEMM's output
+
+
+def feeds_fp8(layer) -> bool:
+    """Whether `layer` (a linear layer, or None) multiplies by fp8 weights: then the kernel
+    before it may hand it an Fp8Rows."""
+    return layer is not None and layer.weight.dtype == FP8
+
+
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Weight-only int8: dequantize to x's dtype (exact: |w| <= 127) and GEMM, scale after."""
     return F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
@@ -43,13 +59,23 @@ def quantize_input(rows: torch.Tensor, input_scale: torch.Tensor | None) -> tupl
     return quantize_fp8(rows, input_scale), input_scale.expand(len(rows), 1).contiguous()
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+def fp8_input(rows: torch.Tensor, input_scale: torch.Tensor | None) -> Fp8Rows:
+    """quantize_input's result, from one Triton kernel on a GPU."""
+    if rows.is_cuda:
+        from dist_runtime.kernels.fused import fp8_rows
+
+        return fp8_rows(rows, input_scale)
+    return Fp8Rows(*quantize_input(rows, input_scale), rows.dtype)
+
+
+def fp8_linear(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, scale: torch.Tensor,
                input_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """W8A8: x quantized (quantize_input), one _scaled_mm that applies both scales (float32 accumulate)."""
-    rows = x.reshape(-1, x.shape[-1])
-    xq, x_scale = quantize_input(rows, input_scale)
-    out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale.view(1, -1), out_dtype=x.dtype)
-    return out.view(*x.shape[:-1], weight.shape[0])
+    """W8A8: x quantized (unless it comes as Fp8Rows), then one _scaled_mm that applies both
+    scales (float32 accumulate)."""
+    if not isinstance(x, Fp8Rows):
+        rows = fp8_input(x.reshape(-1, x.shape[-1]), input_scale)
+        return fp8_linear(rows, weight, scale).view(*x.shape[:-1], weight.shape[0])
+    return torch._scaled_mm(x.values, weight.t(), scale_a=x.scale, scale_b=scale.view(1, -1), out_dtype=x.dtype)
 
 
 def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,

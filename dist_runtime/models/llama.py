@@ -42,7 +42,7 @@ class LlamaMLP(nn.Module):
         self.act = activation(c.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gated(self.act, self.gate_up_proj(x)))
+        return self.down_proj(gated(self.act, self.gate_up_proj(x), feeds=self.down_proj))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -57,11 +57,12 @@ class LlamaDecoderLayer(nn.Module):
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's output, the residual stream before it): their sum is the hidden state.
         Each norm adds the pending residual first, in one kernel on a GPU."""
+        qkv, gate_up = self.self_attn.qkv_proj, self.mlp.gate_up_proj
         if residual is None:
-            h, residual = self.input_layernorm(x), x
+            h, residual = self.input_layernorm(x, feeds=qkv), x
         else:
-            h, residual = self.input_layernorm(x, residual)
-        h, residual = self.post_attention_layernorm(self.self_attn(h, positions, meta), residual)
+            h, residual = self.input_layernorm(x, residual, feeds=qkv)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, positions, meta), residual, feeds=gate_up)
         return self.mlp(h), residual
 
 
