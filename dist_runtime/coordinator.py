@@ -3,9 +3,9 @@
 It owns the scheduler and the KV-cache block manager, packs each step's batch into a Step,
 broadcasts it, runs rank 0's own share of the step, and applies the sampled tokens.
 
-With overlap (one rank), step n+1 is packed and launched while the device still runs step
-n, whenever it is a plain decode of step n's sequences: its input tokens are step n's sampled
-ids, which stay on the device. A sequence that meets a stop token in step n has already a
+With overlap (one pipeline stage), step n+1 is packed and launched while the device still
+runs step n, whenever it is a plain decode of step n's sequences: its input tokens are step n's
+sampled ids, which stay on the device (on the other TP ranks too, after greedy steps). A sequence that meets a stop token in step n has already a
 row in step n+1; that row's token is dropped. Anything else waits for step n's tokens first.
 A sequence that ends gives its KV blocks back at once, though a step still running may
 write to them: a step that reuses them is launched later, so it runs later on the one stream.
@@ -43,7 +43,7 @@ from dist_runtime.comm.base import Communicator
 from dist_runtime.engine import Engine
 from dist_runtime.errors import RequestError
 from dist_runtime.liveness import Activity
-from dist_runtime.model_runner import Launched, ModelRunner, StepOutput
+from dist_runtime.model_runner import Launched, ModelRunner, StepOutput, plain_greedy
 from dist_runtime.sampler import draw_seed
 from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.scheduler import Scheduler
@@ -100,9 +100,9 @@ class Coordinator:
         self.return_logits = False
         self.timings: deque[StepTiming] = deque(maxlen=TIMINGS_KEPT)  # bounded: a server runs for weeks
         self.peak_blocks_used = 0
-        # One rank only: with more, the rank that samples is not every rank that needs the
-        # sampled ids as the next inputs (the other TP ranks, PP stage 0).
-        self.overlap = overlap and runner.mapping.world_size == 1
+        # One stage only: stage 0 has not got the sampled ids it would take as inputs. The other
+        # TP ranks have them after plain greedy steps (see _follow).
+        self.overlap = overlap and runner.mapping.pp == 1
         self._in_flight: InFlight | None = None
         self.micro_batches = runner.mapping.pp if overlap and runner.mapping.pp > 1 else 1
         self._pipeline: deque[InFlight] = deque()  # micro-batches in flight, oldest first
@@ -196,6 +196,8 @@ class Coordinator:
         logits are wanted (the next graph replay overwrites them); or the blocks are short."""
         if prev is None or self.scheduler.waiting or prev.step.return_logits:
             return None
+        if self.runner.mapping.tp > 1 and not plain_greedy(prev.step):
+            return None  # only the sampling rank has prev's ids; its TP peers take the argmax
         rows = {seq: row for row, seq in enumerate(prev.sampling)}
         if any(seq not in rows for seq in self.scheduler.running):
             return None

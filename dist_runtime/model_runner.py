@@ -227,9 +227,13 @@ class ModelRunner:
         argmax from the graph, is the sample itself when every row is plain greedy."""
         m = self.mapping
         if m.rank != m.sampler_rank() or not len(step.sample_rows):
+            if m.is_last_stage and len(step.sample_rows) and plain_greedy(step):
+                # A TP peer of the sampler: the gathered logits are the same bits here, so the
+                # argmax is the sampler's, and a next step may take it as its inputs.
+                self.last_sampled = greedy if greedy is not None else logits.argmax(-1)
             return self._to_host(torch.empty(0, dtype=torch.int64)) if m.rank == 0 else None
         with self._busy():
-            sampled = Sampled(greedy, None) if greedy is not None and _plain_greedy(step) else sample(logits, step)
+            sampled = Sampled(greedy, None) if greedy is not None and plain_greedy(step) else sample(logits, step)
         # Perhaps a view of a graph's output, which the next replay overwrites: a step taking
         # its inputs from here gathers them before its own replay.
         self.last_sampled = sampled.token_ids
@@ -290,7 +294,7 @@ class ModelRunner:
         return stats
 
 
-def _plain_greedy(step: Step) -> bool:
+def plain_greedy(step: Step) -> bool:
     """Every row takes the argmax of the raw logits: no temperature, penalties or logprobs."""
     return not step.temperature.any() and not len(step.history) and bool((step.num_logprobs < 0).all())
 

@@ -134,3 +134,19 @@ def test_cli_no_overlap_gives_the_same_tokens_and_bench_reports_it(engine):
         reports.append(json.loads(proc.stdout))
     assert reports[0]["overlap"] and reports[0]["steps_launched_ahead"] > 0
     assert not reports[1]["overlap"] and reports[1]["steps_launched_ahead"] == 0
+
+
+def test_tp2_ranks_launch_greedy_decodes_ahead_and_wait_for_sampled_ids(engines):
+    """Every rank of a TP group holds the same gathered logits, so after a greedy step each
+    takes their argmax as the next inputs and rank 0 goes ahead; after a sampling step only
+    rank 0 has the ids, and the next step waits for them. Tokens as with overlap off."""
+    tp2 = str(engines("llama", 2, 1, max_seq_len=256, max_num_tokens=32))
+    sampled = [SamplingParams(max_tokens=12, temperature=0.8, top_k=40, seed=i, ignore_eos=True)
+               for i in range(len(MIXED))]
+    with LLM(tp2) as llm:
+        c = llm.coordinator
+        assert c.overlap
+        ahead = [(_outputs(llm, params), _steps_ahead(llm)) for params in (GREEDY, sampled)]
+        c.overlap = False
+        assert [o for o, _ in ahead] == [_outputs(llm, params) for params in (GREEDY, sampled)]
+    assert ahead[0][1] > 0 and ahead[1][1] == 0
