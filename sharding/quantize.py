@@ -19,8 +19,11 @@ DEFAULT_KV_SCALE = 1.0
 
 
 def scales_for(amax: torch.Tensor, limit: float = FP8_MAX) -> torch.Tensor:
-    """Each largest magnitude maps to `limit` (an all-zero one gets scale 1)."""
-    return torch.where(amax > 0, amax / limit, torch.ones_like(amax))
+    """Each largest magnitude maps to `limit` (an all-zero one gets scale 1). Times the float32
+    reciprocal, as torch divides by a number on a GPU and the fused kernels do, so that every
+    path gets the same bits: with bf16 inputs many values land exactly between two E4M3 values,
+    and the scale's last bit decides which way they round."""
+    return torch.where(amax > 0, amax * (1.0 / limit), torch.ones_like(amax))
 
 
 def channel_scales(weight: torch.Tensor, limit: float) -> torch.Tensor:

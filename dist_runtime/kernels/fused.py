@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from dist_runtime.layers.quantized import Fp8Rows
 from sharding.quantize import FP8, FP8_MAX
@@ -14,18 +15,26 @@ from sharding.quantize import FP8, FP8_MAX
 
 @triton.jit
 def _to_fp8(y, scale, FP8_MAX: tl.constexpr):
-    """y / scale (correctly rounded, as torch divides) saturated at the format's limit, in E4M3."""
-    return tl.minimum(tl.maximum(tl.math.div_rn(y.to(tl.float32), scale), -FP8_MAX), FP8_MAX).to(tl.float8e4nv)
+    """y / scale (correctly rounded, as torch divides) saturated at the format's limit, in E4M3.
+    The rounding to E4M3's grid is done here, in float32: Triton's cast goes through float16
+    and so rounds twice, which put 0.1% of values one step away from torch's."""
+    v = tl.minimum(tl.maximum(tl.math.div_rn(y.to(tl.float32), scale), -FP8_MAX), FP8_MAX)
+    biased_exponent = (v.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    # 3 bits after the leading one; below 2^-6 (subnormals) the step stays 2^-9
+    step_exponent = tl.maximum(biased_exponent, 127 - 6) - 3
+    step = (step_exponent << 23).to(tl.float32, bitcast=True)
+    inverse_step = ((254 - step_exponent) << 23).to(tl.float32, bitcast=True)  # both exact powers of two
+    return (libdevice.rint(v * inverse_step) * step).to(tl.float8e4nv)
 
 
 @triton.jit
 def _fp8_scale(amax, static_ptr, row, scale_ptr, STATIC: tl.constexpr, FP8_MAX: tl.constexpr):
     """A row's scale, stored for _scaled_mm: the calibrated one, or the row's largest magnitude
-    mapped to FP8_MAX (an all-zero row gets 1), as sharding.quantize.scales_for computes it."""
+    mapped to FP8_MAX (an all-zero row gets 1), computed as sharding.quantize.scales_for does."""
     if STATIC:
         scale = tl.load(static_ptr)
     else:
-        scale = tl.where(amax > 0, tl.math.div_rn(amax, FP8_MAX), 1.0)
+        scale = tl.where(amax > 0, amax * (1.0 / FP8_MAX), 1.0)
     tl.store(scale_ptr + row, scale)
     return scale
 
