@@ -28,14 +28,28 @@ def percentiles(values: list[float], scale: float = 1.0) -> dict[str, float]:
             "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
 
 
+def _warm_up(llm: LLM, first: list[int], second: list[int]) -> None:
+    """Run each kind of step once before the clock starts: a prefill, decodes, and a step that
+    mixes decodes with a prefill (Triton compiles a kernel at its first launch, which once cost
+    the first measured run a second). The prompts share no prefix with those measured."""
+    warm = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, detokenize=False)
+    decoding = llm.submit(first, warm)
+    deadline = time.monotonic() + 60
+    while not (decoding.seqs and decoding.seqs[0].num_output) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    joining = llm.submit(second, warm)
+    decoding.result(timeout=60)
+    joining.result(timeout=60)
+
+
 def run_bench(llm: LLM, isl: int, osl: int, num_requests: int, concurrency: int | None = None,
               request_rate: float | None = None, seed: int = 0, progress: bool = False,
               profile: str | None = None) -> dict:
     rng = random.Random(seed)
     vocab = llm.engine.config.vocab_size
-    prompts = [[rng.randrange(vocab) for _ in range(isl)] for _ in range(num_requests + 1)]
+    prompts = [[rng.randrange(vocab) for _ in range(isl)] for _ in range(num_requests + 2)]
     params = SamplingParams(max_tokens=osl, temperature=0.0, ignore_eos=True, detokenize=False)
-    llm.generate([prompts.pop()], SamplingParams(max_tokens=2, temperature=0.0))  # warm up, shares no prefix
+    _warm_up(llm, prompts.pop(), prompts.pop())
     llm.coordinator.timings.clear()  # the window measured starts here
     busy_before = {r["rank"]: r["busy_s"] for r in llm.stats()["ranks"]}
     limit = concurrency or num_requests
