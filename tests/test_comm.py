@@ -1,6 +1,6 @@
-"""Both CPU communicators between real ranks (MPI under mpirun, gloo over TCP): collectives
-over TP groups, stage-to-stage tensors, sampled ids received without waiting, and control
-messages, in float32 and bfloat16."""
+"""Both CPU communicators between real ranks (MPI under mpirun, gloo and sockets over TCP):
+collectives over TP groups (small and large), stage-to-stage tensors, sampled ids received
+without waiting, and control messages, in float32 and bfloat16."""
 
 import os
 import subprocess
@@ -30,6 +30,11 @@ PROGRAM = textwrap.dedent("""
         assert x.eq(sum(r + 1 for r in m.tp_group())).all(), (rank, x)
         g = comm.all_gather(torch.full((2, 3), float(rank), dtype=dtype))
         assert g.shape == (2, 6) and g[:, :3].eq(m.tp_group()[0]).all() and g[:, 3:].eq(m.tp_group()[1]).all()
+        big = torch.full((600, 1024), float(rank + 1), dtype=dtype)  # past the size that takes sockets over TCP
+        assert comm.all_reduce(big).eq(sum(r + 1 for r in m.tp_group())).all(), rank
+        big = torch.full((600, 1024), float(rank + 1), dtype=dtype)
+        assert comm.all_gather(big)[:, 1024:].eq(m.tp_group()[1] + 1).all(), rank
+        assert comm.all_reduce(torch.empty(0, 4, dtype=dtype)).shape == (0, 4)
         if m.is_first_stage:
             comm.send(torch.arange(5, dtype=dtype) + rank, m.next_stage_rank())
         else:
