@@ -1,6 +1,7 @@
 """Fused elementwise kernels for the GPU path, each replacing several torch ops (and their
 memory round trips and launches) with one pass. References: RMSNorm.reference,
-RotaryEmbedding.reference and activation.gated, which the tests compare them with."""
+RotaryEmbedding.reference, activation.gated and, for the fp8 GEMM inputs that RMSNorm and
+SiLU-and-mul may write quantized, layers.quantized.quantize_input; the tests compare them."""
 
 from __future__ import annotations
 
