@@ -3,7 +3,6 @@ tensors between PP stages, and the control plane (rank 0 -> everyone) for Steps.
 
 from __future__ import annotations
 
-import pickle
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
@@ -55,35 +54,3 @@ class Communicator(ABC):
 
 def gather_last_dim(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
-
-
-# A control message travels as one fixed-size message holding its length and, when it fits
-# (as a decode step for hundreds of sequences does), the whole pickle; a larger one needs a
-# second message for the rest. Receivers learn the size from the first.
-FIRST_MESSAGE_BYTES = 1 << 16
-
-
-def split_message(obj: Any) -> list[torch.Tensor]:
-    """The first buffer and, when the pickle does not fit in it, the remainder."""
-    first = torch.zeros(FIRST_MESSAGE_BYTES, dtype=torch.uint8)
-    payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    room = FIRST_MESSAGE_BYTES - 8
-    first[:8] = torch.tensor([len(payload)], dtype=torch.int64).view(torch.uint8)
-    head = payload[:room]
-    first[8:8 + len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
-    if len(payload) <= room:
-        return [first]
-    return [first, torch.frombuffer(bytearray(payload[room:]), dtype=torch.uint8)]
-
-
-def receive_message(recv: Callable[[torch.Tensor], object]) -> Any:
-    """The object whose parts `recv` (which fills a buffer) takes, as split_message made them."""
-    first = torch.empty(FIRST_MESSAGE_BYTES, dtype=torch.uint8)
-    recv(first)
-    size = int(first[:8].view(torch.int64)[0])
-    payload = first[8:8 + min(size, FIRST_MESSAGE_BYTES - 8)].numpy().tobytes()
-    if size > len(payload):
-        rest = torch.empty(size - len(payload), dtype=torch.uint8)
-        recv(rest)
-        payload += rest.numpy().tobytes()
-    return pickle.loads(payload)

@@ -6,6 +6,7 @@ speed, which starves the working ranks when there are more ranks than cores.
 
 from __future__ import annotations
 
+import pickle
 import time
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from dist_runtime.comm.base import Communicator, gather_last_dim, receive_message, split_message
+from dist_runtime.comm.base import Communicator, gather_last_dim
 from dist_runtime.mapping import Mapping
 
 SPIN_POLLS = 200  # polls before the first sleep: short waits stay fast
@@ -22,6 +23,38 @@ MAX_SLEEP_S = 2e-4
 _GATHER_TAG = 77
 _CONTROL_TAG = 78
 _TENSOR_TAG = 0
+
+
+# A control message travels as one fixed-size message holding its length and, when it fits
+# (as a decode step for hundreds of sequences does), the whole pickle; a larger one needs a
+# second message for the rest. Receivers learn the size from the first.
+FIRST_MESSAGE_BYTES = 1 << 16
+
+
+def split_message(obj: Any) -> list[torch.Tensor]:
+    """The first buffer and, when the pickle does not fit in it, the remainder."""
+    first = torch.zeros(FIRST_MESSAGE_BYTES, dtype=torch.uint8)
+    payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    room = FIRST_MESSAGE_BYTES - 8
+    first[:8] = torch.tensor([len(payload)], dtype=torch.int64).view(torch.uint8)
+    head = payload[:room]
+    first[8:8 + len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+    if len(payload) <= room:
+        return [first]
+    return [first, torch.frombuffer(bytearray(payload[room:]), dtype=torch.uint8)]
+
+
+def receive_message(recv: Callable[[torch.Tensor], object]) -> Any:
+    """The object whose parts `recv` (which fills a buffer) takes, as split_message made them."""
+    first = torch.empty(FIRST_MESSAGE_BYTES, dtype=torch.uint8)
+    recv(first)
+    size = int(first[:8].view(torch.int64)[0])
+    payload = first[8:8 + min(size, FIRST_MESSAGE_BYTES - 8)].numpy().tobytes()
+    if size > len(payload):
+        rest = torch.empty(size - len(payload), dtype=torch.uint8)
+        recv(rest)
+        payload += rest.numpy().tobytes()
+    return pickle.loads(payload)
 
 
 def wait(request: MPI.Request) -> Any:
