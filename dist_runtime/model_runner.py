@@ -227,9 +227,10 @@ class ModelRunner:
         argmax from the graph, is the sample itself when every row is plain greedy."""
         m = self.mapping
         if m.rank != m.sampler_rank() or not len(step.sample_rows):
-            if m.is_last_stage and len(step.sample_rows) and plain_greedy(step):
-                # A TP peer of the sampler: the gathered logits are the same bits here, so the
-                # argmax is the sampler's, and a next step may take it as its inputs.
+            if m.pp == 1 and len(step.sample_rows) and plain_greedy(step):
+                # A TP peer of the sampler in a one-stage engine (where overlap runs): the gathered
+                # logits are the same bits here, so the argmax is the sampler's, and a next step
+                # may take it as its inputs.
                 self.last_sampled = greedy if greedy is not None else logits.argmax(-1)
             return self._to_host(torch.empty(0, dtype=torch.int64)) if m.rank == 0 else None
         with self._busy():
