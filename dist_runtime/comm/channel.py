@@ -108,14 +108,19 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.contiguous().view(torch.uint8).numpy().tobytes()
 
 
+def _recv_message(sock: socket.socket) -> bytearray:
+    """The next length-prefixed message's bytes (_send_bytes's counterpart)."""
+    (size,) = _LENGTH.unpack(_recv_exactly(sock, _LENGTH.size))
+    return _recv_exactly(sock, size)
+
+
 def _recv_tensor(sock: socket.socket, like: torch.Tensor) -> torch.Tensor:
     """The next message, a tensor of `like`'s shape and dtype."""
-    (size,) = _LENGTH.unpack(_recv_exactly(sock, _LENGTH.size))
-    if not size:
+    data = _recv_message(sock)
+    if not data:
         return torch.empty(like.shape, dtype=like.dtype)
-    return torch.frombuffer(_recv_exactly(sock, size), dtype=like.dtype).view(like.shape)
+    return torch.frombuffer(data, dtype=like.dtype).view(like.shape)
 
 
 def _recv_object(sock: socket.socket) -> Any:
-    (size,) = _LENGTH.unpack(_recv_exactly(sock, _LENGTH.size))
-    return pickle.loads(_recv_exactly(sock, size))
+    return pickle.loads(_recv_message(sock))
