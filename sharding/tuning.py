@@ -4,8 +4,10 @@ this machine's GPU and return the winners with their measured times, for engine.
 
 - Decode attention: the split count (flash-decoding), BLOCK_N and num_warps of the paged
   kernel, per batch-size bucket, over a short and the longest context.
-- GEMMs of decode batches up to 16 rows: cuBLAS (F.linear) against the Triton skinny kernel's
-  configurations. Larger batches have no Triton alternative here and take cuBLAS.
+- GEMMs of decode batches up to 16 rows: cuBLAS (F.linear; for int8 weights, dequantize and
+  F.linear) against the Triton skinny kernel's configurations (for int8 weights, reading them
+  as they are). Larger batches have no Triton alternative here and take cuBLAS, and fp8
+  engines' GEMMs always take _scaled_mm: nothing to tune.
 
 Every time comes from replaying a CUDA graph of repeated calls (the runner replays graphs, so
 launch overhead is not what is being chosen between), over rotated inputs of at least
@@ -23,13 +25,13 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from dist_runtime.config import ModelConfig
 from dist_runtime.cuda_graphs import buckets
 from dist_runtime.models import build_model
 from dist_runtime.tuning import gemm_key, skipped
 from sharding.planner import DTYPES, Plan
+from sharding.quantize import quantize_weight
 
 L2_FLUSH_BYTES = 256 << 20
 MAX_KV_TOKENS = 1 << 20  # per attention timing: a batch of 512 is timed at contexts of up to 2048
@@ -54,7 +56,7 @@ def tune_kernels(config: ModelConfig, plan: Plan) -> dict[str, Any]:
         record = {"tuned": True, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                   "triton": triton.__version__,
                   "decode_attention": _tune_attention(attention, batches, plan, dtype),
-                  "gemm": _tune_gemms(gemms, [b for b in batches if b <= 16], dtype)}
+                  "gemm": _tune_gemms(gemms, [b for b in batches if b <= 16], dtype, plan.dtype)}
     torch.cuda.empty_cache()
     record["seconds"] = round(time.perf_counter() - start, 1)
     return record
@@ -148,22 +150,31 @@ def _tune_attention(shape: tuple, batches: list[int], plan: Plan, dtype: torch.d
     return table
 
 
-def _tune_gemms(shapes: set, rows: list[int], dtype: torch.dtype) -> dict[str, Any]:
-    from dist_runtime.kernels.skinny_gemm import CONFIGS, ROW_CONFIGS, skinny_linear
+def _random_weight(n: int, k: int, dtype: torch.dtype, fmt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, scale per row): an int8 one with its scales for int8wo, else (dtype, None)."""
+    weight = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
+    return quantize_weight(weight, fmt) if fmt == "int8wo" else (weight, None)
 
-    if dtype not in (torch.bfloat16, torch.float16) or not rows:
+
+def _tune_gemms(shapes: set, rows: list[int], dtype: torch.dtype, fmt: str) -> dict[str, Any]:
+    from dist_runtime.kernels.skinny_gemm import CONFIGS, ROW_CONFIGS, skinny_linear
+    from dist_runtime.layers.linear import linear
+
+    if fmt == "fp8" or dtype not in (torch.bfloat16, torch.float16) or not rows:
         return {}  # Triton's float32 dot is tf32 unless made exact, and then slow: cuBLAS it is
+    weight_bytes = 1 if fmt == "int8wo" else dtype.itemsize
     table = {}
     for n, k, has_bias in sorted(shapes):
-        copies = min(CALLS, -(-L2_FLUSH_BYTES // (n * k * dtype.itemsize)))
-        weights = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(copies)]
+        copies = min(CALLS, -(-L2_FLUSH_BYTES // (n * k * weight_bytes)))
+        weights = [_random_weight(n, k, dtype, fmt) for _ in range(copies)]
         bias = torch.randn(n, device="cuda", dtype=dtype) if has_bias else None
         entry = {}
         for m in rows:
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             configs = CONFIGS + ROW_CONFIGS if m == 1 else CONFIGS
-            cublas = _try_time([partial(F.linear, x, w, bias) for w in weights])
-            triton_times = [_try_time([partial(skinny_linear, x, w, bias, *c) for w in weights]) for c in configs]
+            cublas = _try_time([partial(linear, x, w, bias, scale=s) for w, s in weights])
+            triton_times = [_try_time([partial(skinny_linear, x, w, bias, *c, scale=s) for w, s in weights])
+                            for c in configs]
             best = min(range(len(configs)), key=triton_times.__getitem__)
             choice = {"kernel": "cublas", "us": _us([cublas])[0]}
             if triton_times[best] < TRITON_MARGIN * cublas:

@@ -164,6 +164,34 @@ def test_skinny_gemm_matches_f_linear(dtype, rows, out_features, in_features, bi
     assert not y.isnan().any() and err < (1e-5 if dtype == torch.float32 else 1e-2), err
 
 
+@pytest.mark.parametrize("rows,out_features,in_features,bias", [(1, 4096, 4096, False), (3, 17, 100, True),
+                                                              (16, 1000, 14336, False)])
+@pytest.mark.parametrize("config", [(16, 256, 4, 4), (32, 512, 8, 3), (8, 512, 4, 3)])
+def test_skinny_gemm_reads_int8_weights_as_dequantizing_them_first_does(rows, out_features, in_features, bias,
+                                                                        config):
+    """Int8 weight-only: the weight converted in registers, each column scaled at the end, the
+    bias after; against the dequantized weight in float64, and as the engine dispatches it."""
+    from dist_runtime.kernels.skinny_gemm import skinny_linear
+    from dist_runtime.layers.linear import linear
+    from dist_runtime.tuning import KernelChoices
+    from sharding.quantize import dequantize_weight, quantize_weight
+
+    if config[0] < 16 and rows > 1:
+        pytest.skip("block_n < 16 is the one-row kernel")
+    torch.manual_seed(0)
+    q, scale = quantize_weight(torch.randn(out_features, in_features, device="cuda") / in_features**0.5, "int8wo")
+    x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(out_features, device="cuda", dtype=torch.bfloat16) if bias else None
+    ref = x.double() @ dequantize_weight(q, scale).double().t() + (0 if b is None else b.double())
+    got = skinny_linear(x, q, b, *config, scale=scale)
+    assert ((got.double() - ref).norm() / ref.norm()).item() < 1e-2
+    block_n, block_k, num_warps, num_stages = config
+    choice = {"kernel": "triton", "block_n": block_n, "block_k": block_k, "num_warps": num_warps,
+              "num_stages": num_stages}
+    kernels = KernelChoices({"tuned": True, "gemm": {f"{out_features}x{in_features}": {"16": choice}}})
+    assert torch.equal(linear(x, q, b, kernels, scale), got)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens,size", [(1, 64), (7, 4096), (33, 5000)])
 def test_fused_add_rmsnorm_matches_the_reference(dtype, tokens, size):

@@ -69,13 +69,15 @@ def test_build_records_no_tune_and_a_build_without_gpu(checkpoints, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to tune and run kernels")
-def test_tuned_and_forced_kernels_give_the_untuned_outputs(checkpoints, tmp_path, monkeypatch):
-    """bf16 engine tuned on this GPU; then the same engine with every GEMM forced to Triton and
-    attention to 4 splits, and with no tuning: the same first tokens, logits within bf16 rounding."""
+@pytest.mark.parametrize("dtype", ["bf16", "int8wo"])
+def test_tuned_and_forced_kernels_give_the_untuned_outputs(checkpoints, tmp_path, monkeypatch, dtype):
+    """An engine tuned on this GPU (int8wo: the Triton kernel reads the int8 weights); then the
+    same engine with every GEMM forced to Triton and attention to 4 splits, and with no tuning:
+    the same first tokens, logits within bf16 rounding."""
     import dist_runtime.kernels.skinny_gemm as skinny
     from sharding.builder import build_engine
 
-    tuned = build_engine(checkpoints["llama"], tmp_path / "tuned", dtype="bf16", progress=False, tune=True,
+    tuned = build_engine(checkpoints["llama"], tmp_path / "tuned", dtype=dtype, progress=False, tune=True,
                          max_batch_size=4, max_seq_len=128)
     record = tuned.tuning
     assert record["tuned"] and record["gpu"] == torch.cuda.get_device_name()

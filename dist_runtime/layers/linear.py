@@ -11,6 +11,7 @@ from torch import nn
 from dist_runtime.errors import PlanError
 from dist_runtime.layers import declare, split, whole
 from dist_runtime.layers.quantized import quantized_linear
+from sharding.quantize import FP8
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernels=None,
@@ -18,15 +19,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ker
     """F.linear, or the Triton kernel for a few rows where the engine's tuning found it faster
     for this shape on this GPU (`kernels`: the runner's KernelChoices, None on the CPU); with a
     `scale`, the weight is quantized (int8 or fp8, one scale per output row), and an fp8 one may
-    come with a calibrated `input_scale`."""
-    if scale is not None:
-        return quantized_linear(x, weight, scale, bias, input_scale)
-    choice = kernels.gemm(x.numel() // x.shape[-1], *weight.shape) if kernels is not None else None
+    come with a calibrated `input_scale`. The tuning's choices hold for int8 weights too, which
+    the Triton kernel reads as they are; fp8 GEMMs always take _scaled_mm."""
+    choice = None
+    if kernels is not None and weight.dtype != FP8:
+        choice = kernels.gemm(x.numel() // x.shape[-1], *weight.shape)
     if choice is None:
-        return F.linear(x, weight, bias)
+        return F.linear(x, weight, bias) if scale is None else quantized_linear(x, weight, scale, bias, input_scale)
     from dist_runtime.kernels.skinny_gemm import skinny_linear
 
-    return skinny_linear(x, weight, bias, **choice)
+    return skinny_linear(x, weight, bias, scale=scale, **choice)
 
 
 class ColumnParallelLinear(nn.Module):
