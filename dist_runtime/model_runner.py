@@ -23,7 +23,7 @@ from dist_runtime.layers.quantized import check_device
 from dist_runtime.mapping import Mapping
 from dist_runtime.models import build_model
 from dist_runtime.sampler import Sampled, sample
-from dist_runtime.step import Step
+from dist_runtime.step import Step, to_device
 from dist_runtime.tuning import KernelChoices, install
 from sharding.quantize import FP8, SCALE_SUFFIX, input_scale_name
 
@@ -156,23 +156,25 @@ class ModelRunner:
             with self._busy():
                 logits, greedy = self.graphs.run(step, prev)
                 if len(step.sample_rows) < step.num_seqs:  # in a decode step every sequence samples, but be exact
-                    rows = torch.from_numpy(step.sample_rows).to(self.device)
+                    rows = to_device(step.sample_rows, self.device)
                     logits, greedy = logits[rows], greedy[rows]
             return self._sample(step, logits, greedy)
-        positions = torch.from_numpy(step.positions).to(self.device)
+        device = self.device
+        positions = to_device(step.positions, device)
         meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(step.slot_mapping).to(self.device),
+            slot_mapping=to_device(step.slot_mapping, device),
             query_start=step.query_start.tolist(),
             context_lens=step.context_lens.tolist(),
-            block_tables=torch.from_numpy(step.block_tables).to(self.device),
-            context_lens_tensor=torch.from_numpy(step.context_lens).to(self.device, torch.int32),
+            block_tables=to_device(step.block_tables, device),
+            context_lens_tensor=to_device(step.context_lens, device, torch.int32),
             decode=step.num_tokens == step.num_seqs,
             num_decodes=_leading_decodes(step.query_start),
         )
+        last_tokens = to_device(step.query_start[step.sample_rows + 1] - 1, device) if m.is_last_stage else None
         if prev is not None:
-            inputs = prev[torch.from_numpy(step.prev_rows).to(self.device)]
+            inputs = prev[to_device(step.prev_rows, device)]
         elif m.is_first_stage:
-            inputs = torch.from_numpy(step.token_ids).to(self.device)
+            inputs = to_device(step.token_ids, device)
         else:
             inputs = torch.empty(step.num_tokens, self.hidden_size, dtype=self.engine.dtype, device=self.device)
             self.comm.recv(inputs, m.prev_stage_rank())
@@ -182,7 +184,6 @@ class ModelRunner:
             self.comm.send(hidden, m.next_stage_rank())
             return self._receive_output(step) if m.rank == 0 else None
         with self._busy():
-            last_tokens = torch.from_numpy(step.query_start[step.sample_rows + 1] - 1).to(self.device)
             logits = self.model.compute_logits(hidden[last_tokens])
         return self._sample(step, logits)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dist_runtime.step import Step
+from dist_runtime.step import Step, to_device
 
 
 def _i64(constant: int) -> int:
@@ -90,7 +90,7 @@ def sample(logits: torch.Tensor, step: Step) -> Sampled:
     """One token per row of `logits` [rows, vocab] (float32, rows as in step.sample_rows)."""
     raw = logits
     for r in np.flatnonzero(step.history_start[1:] > step.history_start[:-1]):
-        history = torch.from_numpy(step.history[step.history_start[r]:step.history_start[r + 1]]).to(logits.device)
+        history = to_device(step.history[step.history_start[r]:step.history_start[r + 1]], logits.device)
         rep, presence, frequency = step.penalties[r].tolist()
         if logits is raw:
             logits = raw.clone()
@@ -99,8 +99,8 @@ def sample(logits: torch.Tensor, step: Step) -> Sampled:
     rows = np.flatnonzero(step.temperature > 0)
     if len(rows):
         device = logits.device
-        pick = torch.from_numpy(rows).to(device)
-        param = lambda a: torch.from_numpy(a[rows]).to(device)  # noqa: E731
+        pick = to_device(rows, device)
+        param = lambda a: to_device(a[rows], device)  # noqa: E731
         scaled = logits[pick] / param(step.temperature)[:, None]
         scaled = filter_logits(scaled, param(step.top_k), param(step.top_p), param(step.min_p))
         gumbel = -torch.log(-torch.log(uniform_noise(param(step.seeds), param(step.sample_index), scaled.shape[-1])))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import torch
 
 
 @dataclasses.dataclass
@@ -59,3 +60,14 @@ class StatsRequest:
 @dataclasses.dataclass
 class Ping:
     """Sent by an idle rank 0 now and then, so that no transport times out a rank waiting for work."""
+
+
+def to_device(array: np.ndarray, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One of a Step's arrays on `device`, queued behind the work before it. A copy from pageable
+    memory would wait for that work to finish (and so would the host), which kept a step from
+    being launched while the one before it ran; pinned memory is not reused until its copy has
+    run."""
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, dtype, non_blocking=True)
