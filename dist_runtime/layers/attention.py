@@ -7,17 +7,22 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from dist_runtime.step import to_device
 from sharding.quantize import dequantize_kv, quantize_kv
 
 # Whole prompts take FlashAttention first. cuDNN, which PyTorch prefers on Hopper, builds an
 # execution plan for each new shape: 40 to 70 ms at each new count of prompts in a step.
 FRESH_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                   SDPBackend.MATH]
+# Prompt parts that read cached keys come with a mask, which FlashAttention does not take.
+CACHED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+CACHED_BATCH_ELEMENTS = 1 << 24  # padded query rows x keys in one call of those (its mask: x query heads per KV head)
 
 
 @dataclasses.dataclass
@@ -81,11 +86,14 @@ class PagedAttention(nn.Module):
             out[decodes:] = self.prefill(q[decodes:], k[decodes:], v[decodes:], meta, first=decodes)
         return out.flatten(1)
 
-    def _context(self, i: int, meta: AttentionMetadata, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sequence i's cached keys and values, [context, kv_heads, head_dim] each, in `dtype`."""
-        ctx = meta.context_lens[i]
-        blocks = meta.block_tables[i, : -(-ctx // self.k_cache.shape[1])]
-        keys, values = self.k_cache[blocks].flatten(0, 1)[:ctx], self.v_cache[blocks].flatten(0, 1)[:ctx]
+    def _context(self, seqs: list[int], meta: AttentionMetadata, length: int, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `length` cached keys and values of sequences `seqs`, [seqs, length, kv_heads,
+        head_dim] each, in `dtype` (past a sequence's own context: whatever its table points at)."""
+        rows = to_device(np.asarray(seqs), meta.block_tables.device)
+        blocks = meta.block_tables[rows, : -(-length // self.k_cache.shape[1])]
+        keys = self.k_cache[blocks].flatten(1, 2)[:, :length]
+        values = self.v_cache[blocks].flatten(1, 2)[:, :length]
         if self.k_scale is None:
             return keys.to(dtype), values.to(dtype)
         return dequantize_kv(keys, self.k_scale, dtype), dequantize_kv(values, self.v_scale, dtype)
@@ -94,8 +102,8 @@ class PagedAttention(nn.Module):
         out = torch.empty_like(q)
         for i, ctx in enumerate(meta.context_lens):
             start, end = meta.query_start[i], meta.query_start[i + 1]
-            keys, values = self._context(i, meta, torch.float32)
-            out[start:end] = self._attend(q[start:end], keys, values, ctx)
+            keys, values = self._context([i], meta, ctx, torch.float32)
+            out[start:end] = self._attend(q[start:end], keys[0], values[0], ctx)
         return out
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ctx: int) -> torch.Tensor:
@@ -119,29 +127,59 @@ class PagedAttention(nn.Module):
                 first: int = 0) -> torch.Tensor:
         """Prefill of sequences `first`.. (whose tokens q, k, v hold) with fused attention. A run
         of fresh prompts of one length (their keys are this step's own) goes in a single call;
-        a chunk that continues a prompt, or follows a cached prefix, reads its keys from the cache."""
+        chunks that continue a prompt, or follow a cached prefix, read their keys from the
+        cache, batched too."""
         out = torch.empty_like(q)
         base = meta.query_start[first]
+        cached = []
         i, n = first, len(meta.context_lens)
         while i < n:
             start = meta.query_start[i] - base
             length = meta.query_start[i + 1] - meta.query_start[i]
+            if self.sliding_window is not None or meta.context_lens[i] != length:
+                cached.append(i)
+                i += 1
+                continue
             run = 1
-            if self.sliding_window is None and meta.context_lens[i] == length:
-                while (i + run < n and meta.context_lens[i + run] == length
-                       and meta.query_start[i + run + 1] - meta.query_start[i + run] == length):
-                    run += 1
-                end = start + run * length
-                out[start:end] = self._fresh(q[start:end], k[start:end], v[start:end], run, length)
-            else:
-                end = start + length
-                keys, values = self._context(i, meta, q.dtype)
-                mask = ~self._mask(length, meta.context_lens[i], q.device)
-                out[start:end] = F.scaled_dot_product_attention(
-                    q[start:end].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask,
-                    scale=self.scale, enable_gqa=True).transpose(0, 1)
+            while (i + run < n and meta.context_lens[i + run] == length
+                   and meta.query_start[i + run + 1] - meta.query_start[i + run] == length):
+                run += 1
+            end = start + run * length
+            out[start:end] = self._fresh(q[start:end], k[start:end], v[start:end], run, length)
             i += run
+        for group in _batches(cached, meta):
+            self._from_cache(q, out, meta, group, base)
         return out
+
+    def _from_cache(self, q: torch.Tensor, out: torch.Tensor, meta: AttentionMetadata, seqs: list[int],
+                    base: int) -> None:
+        """Attention of sequences `seqs` over their cached keys, written into their rows of `out`:
+        one call over their queries padded to the longest (a pad repeats the last query, and is
+        dropped). The query heads sharing a KV head ride in the query dimension, so the call
+        is plain multi-head attention with a mask, which the fused kernels take."""
+        starts = np.array([meta.query_start[i] - base for i in seqs])
+        new = np.array([meta.query_start[i + 1] - meta.query_start[i] for i in seqs])
+        ctx = np.array([meta.context_lens[i] for i in seqs])
+        rows, width = int(new.max()), int(ctx.max())
+        kv_heads, group = self.num_kv_heads, self.num_heads // self.num_kv_heads
+        j = np.arange(rows)
+        tokens = starts[:, None] + np.minimum(j, new[:, None] - 1)  # [seqs, rows] rows of q
+        device = q.device
+        queries = q[to_device(tokens.ravel(), device)].view(len(seqs), rows, kv_heads, group, -1)
+        queries = queries.transpose(1, 2).flatten(2, 3)  # [seqs, kv_heads, rows * group, head_dim]
+        position = to_device(ctx[:, None] - new[:, None] + j, device)[:, :, None]  # each row's place in its sequence
+        key_position = torch.arange(width, device=device)
+        visible = key_position <= position
+        if self.sliding_window is not None:
+            visible &= key_position > position - self.sliding_window
+        keys, values = self._context(seqs, meta, width, q.dtype)
+        with sdpa_kernel(CACHED_BACKENDS, set_priority=True):
+            attended = F.scaled_dot_product_attention(
+                queries, keys.transpose(1, 2), values.transpose(1, 2),
+                attn_mask=visible.repeat_interleave(group, dim=1)[:, None], scale=self.scale)
+        attended = attended.unflatten(2, (rows, group)).transpose(1, 2).flatten(0, 1).flatten(1, 2)
+        kept = (j < new[:, None]).ravel()
+        out[to_device(tokens.ravel()[kept], device)] = attended[to_device(np.flatnonzero(kept), device)]
 
     def _fresh(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: int, length: int) -> torch.Tensor:
         """Causal attention of `seqs` whole prompts of `length` tokens each, in one call (their
@@ -153,3 +191,19 @@ class PagedAttention(nn.Module):
             out = F.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=True, scale=self.scale,
                                                  enable_gqa=True)
         return out.transpose(1, 2).reshape(q.shape)
+
+
+def _batches(seqs: list[int], meta: AttentionMetadata) -> list[list[int]]:
+    """Sequences `seqs` by context length, cut into batches whose padded queries x keys stay
+    within CACHED_BATCH_ELEMENTS (a sequence larger than that alone)."""
+    batches, rows, width = [], 0, 0
+    for i in sorted(seqs, key=lambda i: meta.context_lens[i]):
+        new = meta.query_start[i + 1] - meta.query_start[i]
+        grown_rows, grown_width = max(rows, new), max(width, meta.context_lens[i])
+        if batches and (len(batches[-1]) + 1) * grown_rows * grown_width <= CACHED_BATCH_ELEMENTS:
+            batches[-1].append(i)
+            rows, width = grown_rows, grown_width
+        else:
+            batches.append([i])
+            rows, width = new, meta.context_lens[i]
+    return batches
