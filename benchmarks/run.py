@@ -4,6 +4,8 @@ transformers `generate`) on the same shapes, and the physical limit; write JSON 
 dated row per figure to BENCHMARKS.md.
 
     python benchmarks/run.py --preset llama-3-8b --out $OUT
+    python benchmarks/run.py --preset llama-3-8b --dtype fp8 --kv-cache-dtype fp8 --max-batch-size 1024 \
+        --runs throughput,throughput-128-2048,throughput-2048-128,batch1 --skip-hf --out $OUT   # issue 7's table
 """
 
 from __future__ import annotations
@@ -62,6 +64,17 @@ def hf_generate(ckpt: Path, batch: int, isl: int, osl: int) -> float:
     return rate
 
 
+# name: (input tokens, output tokens, requests at a time: None for all at once, max throughput)
+RUNS = {"batch1": (128, 128, 1), "throughput": (128, 128, None), "ttft": (2048, 1, 1),
+        "throughput-128-2048": (128, 2048, None), "throughput-2048-128": (2048, 128, None)}
+
+
+def bench_options(isl: int, osl: int, concurrency: int | None, max_requests: int) -> list[str]:
+    pace = ["--num-requests", "4", "--concurrency", str(concurrency)] if concurrency else [
+        "--num-requests", str(max_requests)]
+    return ["--isl", str(isl), "--osl", str(osl), *pace]
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="llama-3-8b")
@@ -72,17 +85,26 @@ def main() -> int:
     p.add_argument("--skip-ours", action="store_true", help="only the peer and the physical limit")
     p.add_argument("--max-batch-size", type=int, default=256, help="of the engine built (default 256)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp8", "int8wo"], help="of the engine built")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="of the engine built")
+    p.add_argument("--max-seq-len", type=int, default=2304, help="of the engine built (default 2304)")
+    p.add_argument("--runs", default="batch1,throughput,ttft", help=f"comma-separated, of: {', '.join(RUNS)}")
     p.add_argument("--skip-profile", action="store_true")
     args = p.parse_args()
+    unknown = set(args.runs.split(",")) - set(RUNS)
+    if unknown:
+        p.error(f"unknown runs {sorted(unknown)}; known: {', '.join(RUNS)}")
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "bench.log", "a")  # noqa: SIM115
-    ckpt, engine = work / f"ckpt-{args.preset}", work / f"eng-{args.preset}-{args.dtype}-b{args.max_batch_size}"
+    kv = "" if args.kv_cache_dtype == "auto" else f"-kv{args.kv_cache_dtype}"
+    ckpt = work / f"ckpt-{args.preset}"
+    engine = work / f"eng-{args.preset}-{args.dtype}{kv}-b{args.max_batch_size}-s{args.max_seq_len}"
     if not (ckpt / "config.json").exists():
         sh([*CLI, "synth", "--preset", args.preset, "--out", str(ckpt), "--device", "cuda"], log)
     if not args.skip_ours and not (engine / "engine.json").exists():
-        sh([*CLI, "build", str(ckpt), "--dtype", args.dtype, "--out", str(engine), "--max-batch-size",
-            str(args.max_batch_size), "--max-seq-len", "2304", "--max-num-tokens", "8192"], log)
+        sh([*CLI, "build", str(ckpt), "--dtype", args.dtype, "--kv-cache-dtype", args.kv_cache_dtype, "--out",
+            str(engine), "--max-batch-size", str(args.max_batch_size), "--max-seq-len", str(args.max_seq_len),
+            "--max-num-tokens", "8192"], log)
     gpu = torch.cuda.get_device_name()
     # the bytes a batch-1 step reads: the engine's (quantized weights are smaller) once it is built
     weights = sum(f.stat().st_size for f in (engine if engine.exists() else ckpt).glob("*.safetensors"))
@@ -93,18 +115,15 @@ def main() -> int:
 
         results["tuning"] = tuning = json.loads((engine / "engine.json").read_text())["tuning"]
         rows.append(("kernel tuning at build", f"{tuning.get('seconds', 0)} s", summary(tuning)))
-    runs = {
-        "batch 1, 128/128": ["--isl", "128", "--osl", "128", "--num-requests", "4", "--concurrency", "1"],
-        "max throughput, 128/128": ["--isl", "128", "--osl", "128", "--num-requests", str(args.max_requests)],
-        "TTFT, one 2048-token prompt": ["--isl", "2048", "--osl", "1", "--num-requests", "4", "--concurrency", "1"],
-    }
+    runs = {name: bench_options(*RUNS[name], args.max_requests) for name in args.runs.split(",")}
     for name, extra in ({} if args.skip_ours else runs).items():
         cmd = [*CLI, "bench", str(engine), "--device", "cuda", "--json", "--no-verify", *extra]  # build hashed them
         report = json.loads(sh(cmd, log))
         results[name] = report
-        figure = (f"{report['ttft_ms']['p50']:.1f} ms TTFT p50" if name.startswith("TTFT")
+        figure = (f"{report['ttft_ms']['p50']:.1f} ms TTFT p50" if name == "ttft"
                   else f"{report['output_tokens_per_s']:.1f} output tok/s")
-        rows.append((f"dist-runtime {args.dtype} {name}", figure, "dist-runtime bench " + " ".join(extra)))
+        what = f"dist-runtime {args.dtype}{' fp8 KV' if kv else ''} {name}"
+        rows.append((what, figure, "dist-runtime bench " + " ".join(extra)))
         (out / "bench.json").write_text(json.dumps(results, indent=1))
     profiles = {"batch1": ["--isl", "128", "--osl", "32", "--num-requests", "1", "--concurrency", "1"],
                 "throughput": ["--isl", "128", "--osl", "16", "--num-requests", "256"]}
