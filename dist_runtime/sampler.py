@@ -67,22 +67,24 @@ def apply_penalties(logits: torch.Tensor, history: torch.Tensor, prompt_len: int
     return logits
 
 
-def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
-                  ) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray) -> torch.Tensor:
     """[rows, vocab] logits with -inf outside each row's top-k (0 = all), outside the smallest
-    set whose probability reaches top_p, and below min_p x the likeliest token's probability."""
-    vocab = logits.shape[-1]
-    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+    set whose probability reaches top_p, and below min_p x the likeliest token's probability.
+    Which filters run is decided from the host's arrays: a test of device values would wait for
+    the step's forward, and keep the next step from being queued meanwhile."""
+    vocab, device = logits.shape[-1], logits.device
+    if (top_k > 0).any() or (top_p < 1).any():
         ordered, order = logits.sort(dim=-1, descending=True)
-        rank = torch.arange(vocab, device=logits.device)
-        k = torch.where(top_k > 0, top_k, vocab)[:, None]
+        rank = torch.arange(vocab, device=device)
+        k = to_device(np.where(top_k > 0, top_k, vocab), device)[:, None]
         probs = ordered.softmax(-1)
         # drop a token past the k-th, or when the tokens before it already reach top_p (the first stays)
-        drop = (rank >= k) | (probs.cumsum(-1) - probs >= top_p[:, None])
+        drop = (rank >= k) | (probs.cumsum(-1) - probs >= to_device(top_p, device)[:, None])
         logits = logits.masked_fill(torch.empty_like(drop).scatter_(1, order, drop), float("-inf"))
-    if bool((min_p > 0).any()):
+    if (min_p > 0).any():
         probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, float("-inf"))
+        floor = to_device(min_p, device)[:, None] * probs.max(-1, keepdim=True).values
+        logits = logits.masked_fill(probs < floor, float("-inf"))
     return logits
 
 
@@ -102,7 +104,7 @@ def sample(logits: torch.Tensor, step: Step) -> Sampled:
         pick = to_device(rows, device)
         param = lambda a: to_device(a[rows], device)  # noqa: E731
         scaled = logits[pick] / param(step.temperature)[:, None]
-        scaled = filter_logits(scaled, param(step.top_k), param(step.top_p), param(step.min_p))
+        scaled = filter_logits(scaled, step.top_k[rows], step.top_p[rows], step.min_p[rows])
         gumbel = -torch.log(-torch.log(uniform_noise(param(step.seeds), param(step.sample_index), scaled.shape[-1])))
         ids[pick] = (scaled + gumbel).argmax(-1)
     return Sampled(ids, _logprobs(raw, ids, step.num_logprobs))

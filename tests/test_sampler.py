@@ -33,7 +33,8 @@ def test_greedy_takes_the_largest_logit():
 def _kept(logits, top_k=0, top_p=1.0, min_p=0.0) -> list[bool]:
     """Which tokens of one row survive the filters (run as a batch of two different rows)."""
     rows = torch.stack([logits, torch.zeros_like(logits)])
-    out = filter_logits(rows, torch.tensor([top_k, 0]), torch.tensor([top_p, 1.0]), torch.tensor([min_p, 0.0]))
+    f32 = np.float32
+    out = filter_logits(rows, np.array([top_k, 0]), np.array([top_p, 1.0], f32), np.array([min_p, 0.0], f32))
     assert torch.isfinite(out[1]).all()  # the other row keeps everything
     return torch.isfinite(out[0]).tolist()
 
