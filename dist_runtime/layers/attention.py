@@ -134,13 +134,12 @@ class PagedAttention(nn.Module):
         cached = []
         i, n = first, len(meta.context_lens)
         while i < n:
-            start = meta.query_start[i] - base
             length = meta.query_start[i + 1] - meta.query_start[i]
             if self.sliding_window is not None or meta.context_lens[i] != length:
                 cached.append(i)
                 i += 1
                 continue
-            run = 1
+            start, run = meta.query_start[i] - base, 1
             while (i + run < n and meta.context_lens[i + run] == length
                    and meta.query_start[i + run + 1] - meta.query_start[i + run] == length):
                 run += 1
