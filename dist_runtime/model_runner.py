@@ -176,7 +176,7 @@ class ModelRunner:
         elif m.is_first_stage:
             inputs = to_device(step.token_ids, device)
         else:
-            inputs = torch.empty(step.num_tokens, self.hidden_size, dtype=self.engine.dtype, device=self.device)
+            inputs = torch.empty(step.num_tokens, self.hidden_size, dtype=self.engine.dtype, device=device)
             self.comm.recv(inputs, m.prev_stage_rank())
         with self._busy():
             hidden = self.model(inputs, positions, meta)
