@@ -190,12 +190,16 @@ class Coordinator:
         return updates
 
     def _follow(self, prev: InFlight | None) -> tuple[list[tuple[Sequence, int]], list[int]] | None:
-        """The decode step that can be launched before `prev`'s tokens reach the host: (batch,
-        each sequence's row among prev's sampled ids), with KV blocks for the token it adds.
-        None when the host needs those tokens first: something waits to join, or did not
-        sample in prev (a prompt part-way through prefill); penalties read them; prev's
-        logits are wanted (the next graph replay overwrites them); or the blocks are short."""
-        if prev is None or self.scheduler.waiting or prev.step.return_logits:
+        """The step that can be launched before `prev`'s tokens reach the host: (batch, each
+        sequence's row among prev's sampled ids, -1 for one whose tokens the host has), with KV
+        blocks for what it adds. Every running sequence decodes the token prev sampled for it;
+        waiting ones join with their prompts while the budget and the blocks allow. None when
+        the host needs prev's tokens first: a running sequence did not sample in prev (a
+        prompt part-way through prefill); penalties read them; prev's logits are wanted (the
+        next graph replay overwrites them); the blocks are short; or sequences wait while
+        others stop at a length limit (the places those free go to the waiting first, so the
+        steps stay those of the synchronous path)."""
+        if prev is None or prev.step.return_logits:
             return None
         if self.runner.mapping.tp > 1 and not plain_greedy(prev.step):
             return None  # only the sampling rank has prev's ids; its TP peers take the argmax
@@ -208,11 +212,15 @@ class Coordinator:
                 if s.num_output + 1 < s.params.max_tokens and len(s) + 1 < self.max_seq_len]
         if not seqs or any(s.params.has_penalties for s in seqs):
             return None
+        if self.scheduler.waiting and len(seqs) < len(self.scheduler.running):
+            return None  # the stopping ones free their places first, for the waiting to take
         if sum(self.blocks.blocks_for(len(s) + 1) - len(s.block_table) for s in seqs) > self.blocks.num_free:
             return None  # the scheduler preempts
         for seq in seqs:
             self.blocks.grow(seq, len(seq) + 1)
-        return [(s, 1) for s in seqs], [rows[s] for s in seqs]
+        batch = dict.fromkeys(seqs, 1)
+        self.scheduler.admit(batch, self.scheduler.max_num_tokens - len(seqs))
+        return list(batch.items()), [rows[s] for s in seqs] + [-1] * (len(batch) - len(seqs))
 
     def _collect(self, done: InFlight) -> list[TokenUpdate]:
         """Wait for a launched step's tokens and apply them, but to no sequence that ended
@@ -261,20 +269,21 @@ class Coordinator:
 
     def _pack(self, batch: list[tuple[Sequence, int]], prev_rows: list[int] | None = None
               ) -> tuple[Step, list[Sequence]]:
-        """The Step for `batch`, and the sequences that sample in it (in row order). With
-        `prev_rows` (see Step), each sequence runs the one token past those the host has."""
-        ahead = int(prev_rows is not None)
+        """The Step for `batch`, and the sequences that sample in it (in row order). A sequence
+        with a row in `prev_rows` (see Step) runs the one token past those the host has."""
+        rows = prev_rows or [-1] * len(batch)
         tokens, positions, slots, starts, context = [], [], [], [0], []
-        sample_rows, sampling = [], []
+        sample_rows, sampling, ahead = [], [], []
         for i, (seq, n) in enumerate(batch):
-            start = len(seq) if ahead else seq.num_cached
+            ahead.append(int(rows[i] >= 0))
+            start = len(seq) if ahead[i] else seq.num_cached
             end = start + n
-            tokens += seq.tokens[start:end]
+            tokens += [0] if ahead[i] else seq.tokens[start:end]
             positions += range(start, end)
             slots += self.blocks.slots(seq, start, end)
             starts.append(starts[-1] + n)
             context.append(end)
-            if end == len(seq) + ahead:
+            if end == len(seq) + ahead[i]:
                 sample_rows.append(i)
                 sampling.append(seq)
         tables = np.zeros((len(batch), max((len(s.block_table) for s, _ in batch), default=0)), dtype=np.int32)
@@ -288,7 +297,7 @@ class Coordinator:
             history_start.append(len(history))
             prompt_lens.append(seq.num_prompt)
         step = Step(
-            token_ids=np.array(tokens, dtype=np.int64) if not ahead else np.zeros(len(batch), dtype=np.int64),
+            token_ids=np.array(tokens, dtype=np.int64),
             positions=np.array(positions, dtype=np.int64),
             slot_mapping=np.array(slots, dtype=np.int64),
             query_start=np.array(starts, dtype=np.int64),
@@ -300,7 +309,7 @@ class Coordinator:
             top_p=np.array([p.top_p for p in params], dtype=np.float32),
             min_p=np.array([p.min_p for p in params], dtype=np.float32),
             seeds=np.array([s.seed for s in sampling], dtype=np.int64),
-            sample_index=np.array([s.num_output + ahead for s in sampling], dtype=np.int64),
+            sample_index=np.array([s.num_output + ahead[i] for i, s in zip(sample_rows, sampling)], dtype=np.int64),
             num_logprobs=np.array([-1 if p.logprobs is None else p.logprobs for p in params], dtype=np.int64),
             penalties=np.array([(p.repetition_penalty, p.presence_penalty, p.frequency_penalty) for p in params],
                                dtype=np.float32).reshape(-1, 3),
@@ -308,7 +317,7 @@ class Coordinator:
             history_start=np.array(history_start, dtype=np.int64),
             history_prompt_len=np.array(prompt_lens, dtype=np.int64),
             return_logits=self.return_logits,
-            prev_rows=np.array(prev_rows, dtype=np.int64) if ahead else None,
+            prev_rows=np.array(prev_rows, dtype=np.int64) if prev_rows is not None else None,
         )
         return step, sampling
 

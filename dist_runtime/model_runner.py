@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -152,7 +153,8 @@ class ModelRunner:
         after rank 0's, the sampled ids are still on their way when this returns."""
         m = self.mapping
         prev = None if step.prev_rows is None else self.last_sampled
-        if self.graphs is not None and self.graphs.fits(step):
+        # a decode step's graph takes its inputs all from prev's ids or all from the host
+        if self.graphs is not None and self.graphs.fits(step) and (prev is None or (step.prev_rows >= 0).all()):
             with self._busy():
                 logits, greedy = self.graphs.run(step, prev)
                 if len(step.sample_rows) < step.num_seqs:  # in a decode step every sequence samples, but be exact
@@ -171,10 +173,11 @@ class ModelRunner:
             num_decodes=_leading_decodes(step.query_start),
         )
         last_tokens = to_device(step.query_start[step.sample_rows + 1] - 1, device) if m.is_last_stage else None
-        if prev is not None:
-            inputs = prev[to_device(step.prev_rows, device)]
-        elif m.is_first_stage:
+        if m.is_first_stage:
             inputs = to_device(step.token_ids, device)
+            if prev is not None:
+                ahead = np.flatnonzero(step.prev_rows >= 0)
+                inputs[to_device(step.query_start[ahead], device)] = prev[to_device(step.prev_rows[ahead], device)]
         else:
             inputs = torch.empty(step.num_tokens, self.hidden_size, dtype=self.engine.dtype, device=device)
             self.comm.recv(inputs, m.prev_stage_rank())

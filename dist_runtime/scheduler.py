@@ -49,6 +49,13 @@ class Scheduler:
                 if ok:
                     batch[seq] = n
                     budget -= n
+        self.admit(batch, budget, excluded)
+        return list(batch.items())
+
+    def admit(self, batch: dict[Sequence, int], budget: int, excluded: int = 0) -> None:
+        """Waiting sequences join `batch` (sequence: tokens) in order, with their cached prefix,
+        while `budget` tokens, the batch size (less `excluded` running sequences) and the KV
+        blocks allow; a long prompt takes what budget is left."""
         while self.waiting and budget > 0 and len(self.running) - excluded < self.max_batch_size:
             seq = self.waiting[0]
             self.blocks.take_cached_prefix(seq)
@@ -62,7 +69,6 @@ class Scheduler:
             self.running.append(seq)
             batch[seq] = n
             budget -= n
-        return list(batch.items())
 
     def _reserve(self, seq: Sequence, n: int, batch: dict[Sequence, int],
                  exclude: Collection[Sequence]) -> tuple[bool, int]:

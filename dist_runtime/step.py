@@ -6,8 +6,8 @@ Sequence i's new tokens are `token_ids[query_start[i]:query_start[i + 1]]`. Only
 sequences in `sample_rows` (those whose step reaches their last token) get logits and a
 sampled token; the per-row arrays below are indexed by position in `sample_rows`.
 
-A decode step launched before the previous step's sampled ids reach rank 0's host (the
-overlap, one rank only) names where its input tokens are instead: `prev_rows`.
+A step launched before the previous step's sampled ids reach rank 0's host (the overlap) names
+where its decoding sequences' input tokens are instead: `prev_rows`.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ class Step:
     history_start: np.ndarray  # int64 [rows + 1]: each row's slice of `history` (empty if unpenalised)
     history_prompt_len: np.ndarray  # int64 [rows]: where the output starts in that slice
     return_logits: bool = False
-    # int64 [seqs]: sequence i's one input token is the previous step's sampled id at row
-    # prev_rows[i], still on the device (token_ids then holds zeros); None: token_ids holds them
+    # int64 [seqs]: where prev_rows[i] >= 0, sequence i's one input token is the previous
+    # step's sampled id at that row, still on the device (token_ids holds a 0 in its place);
+    # -1, or None for every sequence: token_ids holds them
     prev_rows: np.ndarray | None = None
 
     @property

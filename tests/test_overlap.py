@@ -150,3 +150,22 @@ def test_tp2_ranks_launch_greedy_decodes_ahead_and_wait_for_sampled_ids(engines)
         c.overlap = False
         assert [o for o, _ in ahead] == [_outputs(llm, params) for params in (GREEDY, sampled)]
     assert ahead[0][1] > 0 and ahead[1][1] == 0
+
+
+def test_requests_join_a_step_launched_ahead_of_the_tokens_before(on, off):
+    """Prompts arriving while a sequence decodes join the next step, which is launched before
+    the previous step's tokens reach the host; the tokens are the synchronous ones."""
+    on.coordinator.return_logits = False  # a generate before may have asked for logits, which wait
+    first = on.submit(MIXED[-1], SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+    deadline = time.time() + 30
+    while not (first.seqs and first.seqs[0].num_output >= 2) and time.time() < deadline:
+        time.sleep(0.001)
+    on.coordinator.timings.clear()
+    joining = [on.submit(prompt, GREEDY) for prompt in PROMPTS[:3]]
+    got = [h.result(timeout=60).token_ids for h in [first, *joining]]
+    timings = list(on.coordinator.timings)
+    expected = [o.token_ids for o in off.generate([MIXED[-1], *PROMPTS[:3]],
+                                                  [SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True),
+                                                   *[GREEDY] * 3])]
+    assert got == expected
+    assert any(t.ahead and t.running > before.running for before, t in zip(timings, timings[1:]))
