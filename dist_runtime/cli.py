@@ -51,7 +51,7 @@ def _launch_kwargs(args: argparse.Namespace) -> dict:
 
 def _add_overlap_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-overlap", action="store_true", help="schedule each step only after the one before has "
-                   "finished (by default, with one pipeline stage, the next decode step is scheduled while the "
+                   "finished (by default, with one pipeline stage, the next step is scheduled while the "
                    "device runs, and with pp > 1, each stage runs a micro-batch of its own)")
 
 

@@ -4,10 +4,11 @@ It owns the scheduler and the KV-cache block manager, packs each step's batch in
 broadcasts it, runs rank 0's own share of the step, and applies the sampled tokens.
 
 With overlap (one pipeline stage), step n+1 is packed and launched while the device still
-runs step n, whenever it is a plain decode of step n's sequences: its input tokens are step n's
-sampled ids, which stay on the device (on the other TP ranks too, after greedy steps). A
-sequence that meets a stop token in step n has already a row in step n+1; that row's token is
-dropped. Anything else waits for step n's tokens first.
+runs step n, whenever each of step n's sequences decodes in it: their input tokens are step
+n's sampled ids, which stay on the device (on the other TP ranks too, after greedy steps), and
+waiting requests may join with their prompts. A sequence that meets a stop token in step n has
+already a row in step n+1; that row's token is dropped. Anything else (see _follow) waits for
+step n's tokens first.
 A sequence that ends gives its KV blocks back at once, though a step still running may
 write to them: a step that reuses them is launched later, so it runs later on the one stream.
 

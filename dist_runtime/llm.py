@@ -30,7 +30,7 @@ class LLM:
     `num_kv_blocks` and `prefix_caching` override the engine's KV-cache settings (a small
     pool shows preemption at work). A rank that dies, or is silent or stuck in one step for
     `rank_timeout_s`, ends the engine: every request in flight gets a RankLostError naming it.
-    `overlap` schedules each decode step while the device runs the one before (pp = 1), or
+    `overlap` schedules each step while the device runs the one before (pp = 1), or
     keeps one micro-batch in flight per pipeline stage (pp > 1); the tokens are the same without it."""
 
     def __init__(self, engine_dir: str, device: str = "cpu", verify: bool = True, num_kv_blocks: int | None = None,
