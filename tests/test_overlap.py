@@ -1,5 +1,6 @@
-"""Overlap on one rank: a decode step is scheduled and launched before the tokens of the step
-before reach the host. Whatever the workload, the tokens must be those of the synchronous path."""
+"""Overlap with one pipeline stage: a step whose sequences decode (and which requests may join)
+is scheduled and launched before the tokens of the step before reach the host. Whatever the
+workload, the tokens must be those of the synchronous path."""
 
 from __future__ import annotations
 
