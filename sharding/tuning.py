@@ -5,9 +5,9 @@ this machine's GPU and return the winners with their measured times, for engine.
 - Decode attention: the split count (flash-decoding), BLOCK_N and num_warps of the paged
   kernel, per batch-size bucket, over a short and the longest context.
 - GEMMs of decode batches up to 16 rows: cuBLAS (F.linear; for int8 weights, dequantize and
-  F.linear) against the Triton skinny kernel's configurations (for int8 weights, reading them
-  as they are). Larger batches have no Triton alternative here and take cuBLAS, and fp8
-  engines' GEMMs always take _scaled_mm: nothing to tune.
+  F.linear; for fp8 ones, _scaled_mm on rows already quantized, as the fused kernel before it
+  hands them over) against the Triton skinny kernel's configurations (for quantized weights,
+  reading them as they are). Larger batches have no Triton alternative here and take cuBLAS.
 
 Every time comes from replaying a CUDA graph of repeated calls (the runner replays graphs, so
 launch overhead is not what is being chosen between), over rotated inputs of at least
@@ -31,7 +31,7 @@ from dist_runtime.cuda_graphs import buckets
 from dist_runtime.models import build_model
 from dist_runtime.tuning import gemm_key, skipped
 from sharding.planner import DTYPES, Plan
-from sharding.quantize import quantize_weight
+from sharding.quantize import QUANTIZED_DTYPES, quantize_weight
 
 L2_FLUSH_BYTES = 256 << 20
 MAX_KV_TOKENS = 1 << 20  # per attention timing: a batch of 512 is timed at contexts of up to 2048
@@ -151,18 +151,19 @@ def _tune_attention(shape: tuple, batches: list[int], plan: Plan, dtype: torch.d
 
 
 def _random_weight(n: int, k: int, dtype: torch.dtype, fmt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight, scale per row): an int8 one with its scales for int8wo, else (dtype, None)."""
+    """(weight, scale per row): a quantized one with its scales for int8wo and fp8, else (dtype, None)."""
     weight = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
-    return quantize_weight(weight, fmt) if fmt == "int8wo" else (weight, None)
+    return quantize_weight(weight, fmt) if fmt in QUANTIZED_DTYPES else (weight, None)
 
 
 def _tune_gemms(shapes: set, rows: list[int], dtype: torch.dtype, fmt: str) -> dict[str, Any]:
     from dist_runtime.kernels.skinny_gemm import CONFIGS, ROW_CONFIGS, skinny_linear
     from dist_runtime.layers.linear import linear
+    from dist_runtime.layers.quantized import fp8_input
 
-    if fmt == "fp8" or dtype not in (torch.bfloat16, torch.float16) or not rows:
+    if dtype not in (torch.bfloat16, torch.float16) or not rows:
         return {}  # Triton's float32 dot is tf32 unless made exact, and then slow: cuBLAS it is
-    weight_bytes = 1 if fmt == "int8wo" else dtype.itemsize
+    weight_bytes = 1 if fmt in QUANTIZED_DTYPES else dtype.itemsize
     table = {}
     for n, k, has_bias in sorted(shapes):
         copies = min(CALLS, -(-L2_FLUSH_BYTES // (n * k * weight_bytes)))
@@ -172,7 +173,8 @@ def _tune_gemms(shapes: set, rows: list[int], dtype: torch.dtype, fmt: str) -> d
         for m in rows:
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             configs = CONFIGS + ROW_CONFIGS if m == 1 else CONFIGS
-            cublas = _try_time([partial(linear, x, w, bias, scale=s) for w, s in weights])
+            rows_in = fp8_input(x, None) if fmt == "fp8" else x
+            cublas = _try_time([partial(linear, rows_in, w, bias, scale=s) for w, s in weights])
             triton_times = [_try_time([partial(skinny_linear, x, w, bias, *c, scale=s) for w, s in weights])
                             for c in configs]
             best = min(range(len(configs)), key=triton_times.__getitem__)

@@ -167,10 +167,12 @@ def test_skinny_gemm_matches_f_linear(dtype, rows, out_features, in_features, bi
 @pytest.mark.parametrize("rows,out_features,in_features,bias", [(1, 4096, 4096, False), (3, 17, 100, True),
                                                               (16, 1000, 14336, False)])
 @pytest.mark.parametrize("config", [(16, 256, 4, 4), (32, 512, 8, 3), (8, 512, 4, 3)])
-def test_skinny_gemm_reads_int8_weights_as_dequantizing_them_first_does(rows, out_features, in_features, bias,
-                                                                        config):
-    """Int8 weight-only: the weight converted in registers, each column scaled at the end, the
-    bias after; against the dequantized weight in float64, and as the engine dispatches it."""
+@pytest.mark.parametrize("fmt", ["int8wo", "fp8"])
+def test_skinny_gemm_reads_quantized_weights_as_dequantizing_them_first_does(rows, out_features, in_features, bias,
+                                                                             config, fmt):
+    """Int8 and fp8 weights: converted in registers, each column scaled at the end, the bias
+    after; against the dequantized weight in float64, and as the engine dispatches it (an fp8
+    weight with x unquantized: weight-only)."""
     from dist_runtime.kernels.skinny_gemm import skinny_linear
     from dist_runtime.layers.linear import linear
     from dist_runtime.tuning import KernelChoices
@@ -179,7 +181,9 @@ def test_skinny_gemm_reads_int8_weights_as_dequantizing_them_first_does(rows, ou
     if config[0] < 16 and rows > 1:
         pytest.skip("block_n < 16 is the one-row kernel")
     torch.manual_seed(0)
-    q, scale = quantize_weight(torch.randn(out_features, in_features, device="cuda") / in_features**0.5, "int8wo")
+    if fmt == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("E4M3 casts need compute capability 8.9+")
+    q, scale = quantize_weight(torch.randn(out_features, in_features, device="cuda") / in_features**0.5, fmt)
     x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(out_features, device="cuda", dtype=torch.bfloat16) if bias else None
     ref = x.double() @ dequantize_weight(q, scale).double().t() + (0 if b is None else b.double())

@@ -8,9 +8,11 @@ kernel instead (no tensor-core tile to fill), giving more, smaller programs to s
 the SMs. The build times them per shape on the target GPU (sharding/tuning.py) and the
 engine records which to use. The reference is F.linear.
 
-Int8 weight-only engines use the same kernels: the int8 weight is converted to x's dtype in
-registers (exact: |w| <= 127) and each output column multiplied by its scale at the end, so
-the step reads one byte per weight instead of dequantizing the whole matrix first.
+Quantized engines use the same kernels: an int8 or fp8 (E4M3) weight is converted to x's dtype
+in registers (exact: |w| <= 127, and E4M3 has fewer mantissa bits than bf16) and each output
+column multiplied by its scale at the end, so the step reads one byte per weight instead of
+dequantizing the whole matrix first. x stays unquantized: fp8 weights are then weight-only,
+where at large batches _scaled_mm quantizes x too.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride
         else:
             x = tl.load(x_rows + kk[None, :], mask=(rm < M)[:, None] & (kk < K)[None, :], other=0.0)
             w = tl.load(w_rows + kk[None, :], mask=(rn < N)[:, None] & (kk < K)[None, :], other=0.0)
-        w = w.to(x.dtype)  # an int8 weight becomes x's dtype here; a no-op otherwise
+        w = w.to(x.dtype)  # a quantized weight becomes x's dtype here; a no-op otherwise
         if IEEE:
             acc += tl.dot(x, tl.trans(w), input_precision="ieee")
         else:
@@ -85,7 +87,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   block_k: int = 256, num_warps: int = 4, num_stages: int = 3,
                   scale: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for x of at most MAX_ROWS rows (leading dims flattened); with a
-    float32 `scale` per output row, `weight` is int8 and the product is scaled before the bias."""
+    float32 `scale` per output row, `weight` is int8 or fp8 and the product is scaled before the bias."""
     n, k = weight.shape
     rows = x.reshape(-1, k)
     if rows.stride(-1) != 1:

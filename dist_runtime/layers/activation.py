@@ -29,7 +29,7 @@ def gated(act: Callable[[torch.Tensor], torch.Tensor], gate_up: torch.Tensor, fe
     if gate_up.is_cuda and act is F.silu:
         from dist_runtime.kernels.fused import fp8_rows, silu_and_mul
 
-        if feeds_fp8(feeds):
+        if feeds_fp8(feeds, gate_up.numel() // gate_up.shape[-1]):
             return fp8_rows(gate_up.reshape(-1, gate_up.shape[-1]), feeds.input_scale, silu_mul=True)
         return silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)

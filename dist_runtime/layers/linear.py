@@ -10,8 +10,7 @@ from torch import nn
 
 from dist_runtime.errors import PlanError
 from dist_runtime.layers import declare, split, whole
-from dist_runtime.layers.quantized import quantized_linear
-from sharding.quantize import FP8
+from dist_runtime.layers.quantized import Fp8Rows, quantized_linear
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernels=None,
@@ -19,10 +18,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ker
     """F.linear, or the Triton kernel for a few rows where the engine's tuning found it faster
     for this shape on this GPU (`kernels`: the runner's KernelChoices, None on the CPU); with a
     `scale`, the weight is quantized (int8 or fp8, one scale per output row), and an fp8 one may
-    come with a calibrated `input_scale`. The tuning's choices hold for int8 weights too, which
-    the Triton kernel reads as they are; fp8 GEMMs always take _scaled_mm."""
+    come with a calibrated `input_scale`. The tuning's choices hold for quantized weights too,
+    which the Triton kernel reads as they are: fp8 ones then multiply x unquantized (weight-only,
+    for decode batches where reading the weight is the whole cost), while _scaled_mm quantizes x
+    (or takes it quantized, an Fp8Rows) with `input_scale` or per token."""
     choice = None
-    if kernels is not None and weight.dtype != FP8:
+    if kernels is not None and not isinstance(x, Fp8Rows):
         choice = kernels.gemm(x.numel() // x.shape[-1], *weight.shape)
     if choice is None:
         return F.linear(x, weight, bias) if scale is None else quantized_linear(x, weight, scale, bias, input_scale)

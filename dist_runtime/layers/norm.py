@@ -23,7 +23,7 @@ class RMSNorm(nn.Module):
         if x.is_cuda:
             from dist_runtime.kernels.fused import add_rmsnorm
 
-            fp8 = feeds_fp8(feeds)
+            fp8 = feeds_fp8(feeds, x.numel() // x.shape[-1])
             input_scale = feeds.input_scale if fp8 else None
             if residual is None:
                 return add_rmsnorm(x, self.weight, self.eps, fp8=fp8, input_scale=input_scale)

@@ -39,10 +39,13 @@ class Fp8Rows(NamedTuple):
     dtype: torch.dtype  # of the activations before quantization, and of the GEMM's output
 
 
-def feeds_fp8(layer) -> bool:
-    """Whether `layer` (a linear layer, or None) multiplies by fp8 weights: then the kernel
-    before it may hand it an Fp8Rows."""
-    return layer is not None and layer.weight.dtype == FP8
+def feeds_fp8(layer, rows: int) -> bool:
+    """Whether `layer` (a linear layer, or None) multiplies `rows` rows by fp8 weights with
+    _scaled_mm: then the kernel before it may hand it an Fp8Rows. Not where the engine's tuning
+    picked the Triton kernel for that many rows, which reads x unquantized."""
+    if layer is None or layer.weight.dtype != FP8:
+        return False
+    return layer.kernels is None or layer.kernels.gemm(rows, *layer.weight.shape) is None
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
