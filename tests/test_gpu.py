@@ -214,13 +214,16 @@ def test_fused_add_rmsnorm_matches_the_reference(dtype, tokens, size):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim,rotary_dim,interleaved", [(16, 16, False), (128, 128, False), (16, 8, True),
                                                              (256, 64, True)])
-def test_fused_rotary_matches_the_reference(dtype, head_dim, rotary_dim, interleaved):
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (5, 3)])
+def test_fused_rotary_matches_the_reference(dtype, head_dim, rotary_dim, interleaved, heads, kv_heads):
+    """One program rotates all of a token's heads (head counts that are not powers of two are
+    padded inside it)."""
     from dist_runtime.layers.rotary import RotaryEmbedding
 
     rope = RotaryEmbedding(head_dim, rotary_dim, 500000.0, None, interleaved).cuda()
     positions = torch.randint(0, 8000, (9,), device="cuda")
-    q = torch.randn(9, 4, head_dim, device="cuda", dtype=dtype)
-    k = torch.randn(9, 2, head_dim, device="cuda", dtype=dtype)
+    q = torch.randn(9, heads, head_dim, device="cuda", dtype=dtype)
+    k = torch.randn(9, kv_heads, head_dim, device="cuda", dtype=dtype)
     ref_q, ref_k = rope.reference(positions, q.clone(), k.clone())
     got_q, got_k = rope(positions, q.clone(), k.clone())
     tol = 1e-4 if dtype == torch.float32 else 2e-2
@@ -274,7 +277,7 @@ def test_fused_rotary_and_cache_write_match_the_cpu_path(interleaved, rotary_dim
     from dist_runtime.layers.rotary import RotaryEmbedding
 
     torch.manual_seed(1)
-    heads, kv_heads, dim, bs = 8, 2, 64, 16
+    heads, kv_heads, dim, bs = 6, 3, 64, 16
     seqs = [(1, 20), (1, 3), (12, 12), (5, 30)]  # (new tokens, context)
     starts, slots = [0], []
     tables = torch.arange(len(seqs) * 2).view(len(seqs), 2)
@@ -292,8 +295,8 @@ def test_fused_rotary_and_cache_write_match_the_cpu_path(interleaved, rotary_dim
         attn = PagedAttention(heads, kv_heads, dim, dim**-0.5)
         attn.k_cache, attn.v_cache = cache.clone().to(device), cache.clone().to(device)
         if kv == "fp8":  # k and v reach up to about 300 of E4M3's 448
-            attn.k_scale = torch.tensor([1 / 64, 1 / 80], device=device)
-            attn.v_scale = torch.tensor([1 / 32, 1 / 64], device=device)
+            attn.k_scale = torch.tensor([1 / 64, 1 / 80, 1 / 72], device=device)
+            attn.v_scale = torch.tensor([1 / 32, 1 / 64, 1 / 48], device=device)
         meta = AttentionMetadata(torch.tensor(slots, device=device), starts, [c for _, c in seqs],
                                  tables.to(device),
                                  torch.tensor([c for _, c in seqs], device=device, dtype=torch.int32),

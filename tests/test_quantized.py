@@ -136,7 +136,7 @@ def assert_quantized_alike(got, unfused: torch.Tensor, input_scale: torch.Tensor
 
 @FP8_GPU
 @pytest.mark.parametrize("static", [False, True])
-@pytest.mark.parametrize("rows,size", [(1, 64), (7, 4096), (33, 5000), (3, 14336)])
+@pytest.mark.parametrize("rows,size", [(1, 64), (7, 4096), (33, 5000), (3, 14336), (2, 20000)])
 def test_fused_fp8_input_quantization_matches_quantize_input(rows, size, static):
     """RMSNorm and SiLU-and-mul quantize the next GEMM's input in their own kernel, and the
     GEMM's own pass is one kernel: all give what quantize_input gives on the unfused result,

@@ -79,48 +79,56 @@ def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: tor
 
 
 @triton.jit
-def _rotate_head(base, i, mask, cos, sin, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """Rotate one head's rotary dims in place: pairs (2i, 2i + 1) for GPT-J, halves for Llama."""
+def _rotate_heads(row, stride_h, i, mask, cos, sin, HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
+                  HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Rotate the rotary dims of a token's heads in place: pairs (2i, 2i + 1) for GPT-J, halves
+    for Llama. cos and sin [HALF_PAD] are the token's, shared by every head."""
+    h = tl.arange(0, HEADS_PAD)
+    heads = row + h[:, None] * stride_h
+    mask = (h < HEADS)[:, None] & mask[None, :]
     if INTERLEAVED:
-        a_ptr, b_ptr = base + 2 * i, base + 2 * i + 1
+        a_ptr, b_ptr = heads + 2 * i[None, :], heads + 2 * i[None, :] + 1
     else:
-        a_ptr, b_ptr = base + i, base + i + HALF
+        a_ptr, b_ptr = heads + i[None, :], heads + i[None, :] + HALF
     a = tl.load(a_ptr, mask=mask, other=0.0)
     b = tl.load(b_ptr, mask=mask, other=0.0)
     a32, b32 = a.to(tl.float32), b.to(tl.float32)
-    tl.store(a_ptr, (a32 * cos - b32 * sin).to(a.dtype), mask=mask)
-    tl.store(b_ptr, (b32 * cos + a32 * sin).to(a.dtype), mask=mask)
+    tl.store(a_ptr, (a32 * cos[None, :] - b32 * sin[None, :]).to(a.dtype), mask=mask)
+    tl.store(b_ptr, (b32 * cos[None, :] + a32 * sin[None, :]).to(a.dtype), mask=mask)
 
 
 @triton.jit
 def _rotary_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, inv_freq_ptr, slots_ptr, k_cache, v_cache, k_scale_ptr,
                    v_scale_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, HQ: tl.constexpr,
-                   KVH: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
-                   INTERLEAVED: tl.constexpr, WRITE_CACHE: tl.constexpr, KV_SCALED: tl.constexpr,
-                   FP8_MAX: tl.constexpr):
+                   HQ_PAD: tl.constexpr, KVH: tl.constexpr, KVH_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   HALF: tl.constexpr, HALF_PAD: tl.constexpr, INTERLEAVED: tl.constexpr, WRITE_CACHE: tl.constexpr,
+                   KV_SCALED: tl.constexpr, FP8_MAX: tl.constexpr):
+    """One program per token, for all its heads: cos and sin are computed once, and a prefill
+    of 8,192 tokens launches 8,192 programs (one per token and head, it launched 327,680 for
+    Llama-3-8B, and the launches cost more than the work)."""
     token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
     i = tl.arange(0, HALF_PAD)
     mask = i < HALF
     freq = tl.load(positions_ptr + token).to(tl.float32) * tl.load(inv_freq_ptr + i, mask=mask, other=0.0)
     cos, sin = tl.cos(freq), tl.sin(freq)
-    if head < HQ:
-        _rotate_head(q_ptr + token * stride_qt + head * stride_qh, i, mask, cos, sin, HALF, INTERLEAVED)
-    else:
-        kv_head = head - HQ
-        k_row = k_ptr + token * stride_kt + kv_head * stride_kh
-        _rotate_head(k_row, i, mask, cos, sin, HALF, INTERLEAVED)
-        if WRITE_CACHE:  # the rotated key and the value go straight to the token's cache slot
-            tl.debug_barrier()
-            d = tl.arange(0, HEAD_DIM)
-            dst = tl.load(slots_ptr + token) * (KVH * HEAD_DIM) + kv_head * HEAD_DIM + d
-            k = tl.load(k_row + d)
-            v = tl.load(v_ptr + token * stride_vt + kv_head * stride_vh + d)
-            if KV_SCALED:  # an fp8 cache: divided by the KV head's scale, saturated at the format's limit
-                k = tl.minimum(tl.maximum(k.to(tl.float32) / tl.load(k_scale_ptr + kv_head), -FP8_MAX), FP8_MAX)
-                v = tl.minimum(tl.maximum(v.to(tl.float32) / tl.load(v_scale_ptr + kv_head), -FP8_MAX), FP8_MAX)
-            tl.store(k_cache + dst, k.to(k_cache.dtype.element_ty))
-            tl.store(v_cache + dst, v.to(v_cache.dtype.element_ty))
+    _rotate_heads(q_ptr + token * stride_qt, stride_qh, i, mask, cos, sin, HQ, HQ_PAD, HALF, INTERLEAVED)
+    k_row = k_ptr + token * stride_kt
+    _rotate_heads(k_row, stride_kh, i, mask, cos, sin, KVH, KVH_PAD, HALF, INTERLEAVED)
+    if WRITE_CACHE:  # the rotated keys and the values go straight to the token's cache slot
+        tl.debug_barrier()  # the rotated keys, stored above by other threads, are read back whole
+        h = tl.arange(0, KVH_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        valid = (h < KVH)[:, None]
+        dst = tl.load(slots_ptr + token) * (KVH * HEAD_DIM) + h[:, None] * HEAD_DIM + d[None, :]
+        k = tl.load(k_row + h[:, None] * stride_kh + d[None, :], mask=valid)
+        v = tl.load(v_ptr + token * stride_vt + h[:, None] * stride_vh + d[None, :], mask=valid)
+        if KV_SCALED:  # an fp8 cache: divided by the KV head's scale, saturated at the format's limit
+            k_scale = tl.load(k_scale_ptr + h, mask=h < KVH, other=1.0)[:, None]
+            v_scale = tl.load(v_scale_ptr + h, mask=h < KVH, other=1.0)[:, None]
+            k = tl.minimum(tl.maximum(k.to(tl.float32) / k_scale, -FP8_MAX), FP8_MAX)
+            v = tl.minimum(tl.maximum(v.to(tl.float32) / v_scale, -FP8_MAX), FP8_MAX)
+        tl.store(k_cache + dst, k.to(k_cache.dtype.element_ty), mask=valid)
+        tl.store(v_cache + dst, v.to(v_cache.dtype.element_ty), mask=valid)
 
 
 def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, interleaved: bool,
@@ -136,10 +144,11 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq:
     write = k_cache is not None
     v = v if write else k
     if tokens:
-        _rotary_kernel[(tokens, heads + kv_heads)](
+        _rotary_kernel[(tokens,)](
             q, k, v, positions, inv_freq, slot_mapping if write else positions, k_cache if write else k,
             v_cache if write else k, k if k_scale is None else k_scale, k if v_scale is None else v_scale,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), HQ=heads, KVH=kv_heads,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), HQ=heads,
+            HQ_PAD=triton.next_power_of_2(heads), KVH=kv_heads, KVH_PAD=triton.next_power_of_2(kv_heads),
             HEAD_DIM=head_dim, HALF=half, HALF_PAD=triton.next_power_of_2(half), INTERLEAVED=interleaved,
             WRITE_CACHE=write, KV_SCALED=k_scale is not None, FP8_MAX=FP8_MAX)
     return q, k
@@ -183,22 +192,38 @@ def _row_values(row_ptr, cols, mask, n_cols, SILU_MUL: tl.constexpr):
 @triton.jit
 def _fp8_rows_kernel(x_ptr, out_ptr, scale_ptr, static_ptr, n_cols, SILU_MUL: tl.constexpr, STATIC: tl.constexpr,
                      FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
-    """One program per row: a pass for the row's largest magnitude (unless the scale is
-    static), then a pass that quantizes; the second reads the row back from cache."""
+    """One program per row. A row that fits in one BLOCK is read once and held in registers;
+    a longer one takes a pass for its largest magnitude (unless the scale is static), then a
+    pass that quantizes, reading the row back from cache."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = x_ptr + row * n_cols * (2 if SILU_MUL else 1)
-    amax = tl.zeros([BLOCK], dtype=tl.float32)
-    if not STATIC:
-        for start in range(0, n_cols, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            values = _row_values(row_ptr, cols, cols < n_cols, n_cols, SILU_MUL)
-            amax = tl.maximum(amax, tl.abs(values.to(tl.float32)))
-    scale = _fp8_scale(tl.max(amax, 0), static_ptr, row, scale_ptr, STATIC, FP8_MAX)
-    for start in range(0, n_cols, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
+    if n_cols <= BLOCK:
+        cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         values = _row_values(row_ptr, cols, mask, n_cols, SILU_MUL)
+        scale = _fp8_scale(tl.max(tl.abs(values.to(tl.float32)), 0), static_ptr, row, scale_ptr, STATIC, FP8_MAX)
         tl.store(out_ptr + row * n_cols + cols, _to_fp8(values, scale, FP8_MAX), mask=mask)
+    else:
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        if not STATIC:
+            for start in range(0, n_cols, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                values = _row_values(row_ptr, cols, cols < n_cols, n_cols, SILU_MUL)
+                amax = tl.maximum(amax, tl.abs(values.to(tl.float32)))
+        scale = _fp8_scale(tl.max(amax, 0), static_ptr, row, scale_ptr, STATIC, FP8_MAX)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            values = _row_values(row_ptr, cols, mask, n_cols, SILU_MUL)
+            tl.store(out_ptr + row * n_cols + cols, _to_fp8(values, scale, FP8_MAX), mask=mask)
+
+
+ROW_BLOCK = 16384  # a row of up to this many values is held in registers (Llama-3-8B's MLP: 14,336)
+
+
+def _warps(n: int) -> int:
+    """Enough threads that a row held whole takes at most 32 values each."""
+    return max(4, min(16, triton.next_power_of_2(n) // 1024))
 
 
 def fp8_rows(x: torch.Tensor, input_scale: torch.Tensor | None = None, silu_mul: bool = False) -> Fp8Rows:
@@ -213,5 +238,5 @@ def fp8_rows(x: torch.Tensor, input_scale: torch.Tensor | None = None, silu_mul:
     if rows:
         _fp8_rows_kernel[(rows,)](x, out, scale, input_scale if input_scale is not None else scale, n,
                                   SILU_MUL=silu_mul, STATIC=input_scale is not None, FP8_MAX=FP8_MAX,
-                                  BLOCK=min(triton.next_power_of_2(n), 4096), num_warps=8 if n >= 4096 else 4)
+                                  BLOCK=min(triton.next_power_of_2(n), ROW_BLOCK), num_warps=_warps(n))
     return Fp8Rows(out, scale, x.dtype)
