@@ -32,9 +32,10 @@ def _warm_up(llm: LLM, first: list[int], second: list[int], crowd: list[list[int
     """Run each kind of step once before the clock starts: a prefill, decodes, and a step that
     mixes decodes with a prefill (Triton compiles a kernel at its first launch, which once cost
     the first measured run a second); then `crowd`, short prompts as many at a time as the
-    measured run will hold, so that its batch sizes have been seen too (a cold first run of
-    1,024 requests measured 23,121 output tok/s, and 30,845 once warm, in one process). No
-    prompt shares a prefix with those measured."""
+    measured run will hold, so that its batch sizes have been seen too (see BENCHMARKS.md: a
+    first run of 1,024 requests in a process spent 2.2 s to its median first token with the
+    two-request warm-up alone, 1.2 s with this one). No prompt shares a prefix with those
+    measured: a repeated prompt would be served from the prefix cache."""
     warm = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, detokenize=False)
     decoding = llm.submit(first, warm)
     deadline = time.monotonic() + 60
