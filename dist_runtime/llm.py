@@ -101,14 +101,19 @@ class LLM:
 
     def generate(self, prompts: list[Prompt] | str, params: SamplingParams | list[SamplingParams] | None = None,
                  return_logits: bool = False) -> list[RequestOutput]:
-        """Run every prompt (text or token ids) to the end; outputs in prompt order."""
+        """Run every prompt (text or token ids) to the end; outputs in prompt order. With
+        `return_logits`, each output carries its logits; steps run meanwhile (other callers'
+        too) then wait for their tokens before the next is launched, until this call returns."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise RequestError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
         self.coordinator.return_logits = return_logits
-        handles = [self.submit(p, sp) for p, sp in zip(prompts, params)]
-        return [h.result() for h in handles]
+        try:
+            handles = [self.submit(p, sp) for p, sp in zip(prompts, params)]
+            return [h.result() for h in handles]
+        finally:
+            self.coordinator.return_logits = False
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamChunk]:
         """Chunks of new tokens and text as they come; leaving the loop early aborts the request."""

@@ -153,10 +153,19 @@ def test_tp2_ranks_launch_greedy_decodes_ahead_and_wait_for_sampled_ids(engines)
     assert ahead[0][1] > 0 and ahead[1][1] == 0
 
 
+def test_logits_asked_for_by_one_generate_are_not_kept_for_later_requests(on):
+    """Logits are the asking call's: requests submitted after it get none, and their steps
+    launch ahead again (a step whose logits are wanted keeps the next one waiting)."""
+    assert all(o.outputs[0].logits is not None for o in on.generate(PROMPTS[:2], GREEDY, return_logits=True))
+    on.coordinator.timings.clear()
+    later = [on.submit(prompt, GREEDY) for prompt in PROMPTS[:2]]
+    assert all(h.result().outputs[0].logits is None for h in later)
+    assert _steps_ahead(on) > 0
+
+
 def test_requests_join_a_step_launched_ahead_of_the_tokens_before(on, off):
     """Prompts arriving while a sequence decodes join the next step, which is launched before
     the previous step's tokens reach the host; the tokens are the synchronous ones."""
-    on.coordinator.return_logits = False  # a generate before may have asked for logits, which wait
     first = on.submit(MIXED[-1], SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
     deadline = time.time() + 30
     while not (first.seqs and first.seqs[0].num_output >= 2) and time.time() < deadline:
