@@ -63,8 +63,8 @@ def tune_kernels(config: ModelConfig, plan: Plan) -> dict[str, Any]:
 
 
 def _shapes(config: ModelConfig, plan: Plan, dtype: torch.dtype) -> tuple[set, tuple]:
-    """GEMM shapes (out, in, has bias) of every stage, and the attention shape (our models'
-    layers share one)."""
+    """GEMM shapes (out, in, has bias, quantized in a quantized engine: not the LM head) of every
+    stage, and the attention shape (our models' layers share one)."""
     gemms, attention = set(), None
     for stage in range(plan.pp):
         model = build_model(config, plan.mapping(stage * plan.tp), plan.layer_range(stage), dtype, "meta")
@@ -74,7 +74,7 @@ def _shapes(config: ModelConfig, plan: Plan, dtype: torch.dtype) -> tuple[set, t
             if hasattr(module, "k_cache"):
                 attention = (module.num_heads, module.num_kv_heads, module.head_dim, module.sliding_window)
             else:
-                gemms.add((*module.weight.shape, module.bias is not None))
+                gemms.add((*module.weight.shape, module.bias is not None, module.weight.is_linear_weight))
     return gemms, attention
 
 
@@ -150,7 +150,7 @@ def _tune_attention(shape: tuple, batches: list[int], plan: Plan, dtype: torch.d
     return table
 
 
-def _random_weight(n: int, k: int, dtype: torch.dtype, fmt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _random_weight(n: int, k: int, dtype: torch.dtype, fmt: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight, scale per row): a quantized one with its scales for int8wo and fp8, else (dtype, None)."""
     weight = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
     return quantize_weight(weight, fmt) if fmt in QUANTIZED_DTYPES else (weight, None)
@@ -163,17 +163,18 @@ def _tune_gemms(shapes: set, rows: list[int], dtype: torch.dtype, fmt: str) -> d
 
     if dtype not in (torch.bfloat16, torch.float16) or not rows:
         return {}  # Triton's float32 dot is tf32 unless made exact, and then slow: cuBLAS it is
-    weight_bytes = 1 if fmt in QUANTIZED_DTYPES else dtype.itemsize
     table = {}
-    for n, k, has_bias in sorted(shapes):
+    for n, k, has_bias, quantizable in sorted(shapes):
+        weight_fmt = fmt if quantizable else None  # the LM head stays in dtype
+        weight_bytes = 1 if weight_fmt in QUANTIZED_DTYPES else dtype.itemsize
         copies = min(CALLS, -(-L2_FLUSH_BYTES // (n * k * weight_bytes)))
-        weights = [_random_weight(n, k, dtype, fmt) for _ in range(copies)]
+        weights = [_random_weight(n, k, dtype, weight_fmt) for _ in range(copies)]
         bias = torch.randn(n, device="cuda", dtype=dtype) if has_bias else None
         entry = {}
         for m in rows:
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             configs = CONFIGS + ROW_CONFIGS if m == 1 else CONFIGS
-            rows_in = fp8_input(x, None) if fmt == "fp8" else x
+            rows_in = fp8_input(x, None) if weight_fmt == "fp8" else x
             cublas = _try_time([partial(linear, rows_in, w, bias, scale=s) for w, s in weights])
             triton_times = [_try_time([partial(skinny_linear, x, w, bias, *c, scale=s) for w, s in weights])
                             for c in configs]

@@ -71,6 +71,18 @@ def test_fp8_layers_take_their_input_quantized_only_where_scaled_mm_runs():
     assert not feeds_fp8(None, 1)
 
 
+def test_the_tuning_times_the_lm_head_unquantized(engines):
+    """In an int8 or fp8 engine every GEMM weight is quantized but the LM head's: the build
+    times each GEMM with the weights the engine will hold."""
+    from sharding.tuning import _shapes
+
+    engine = Engine.load(engines("llama", 1, 1))
+    gemms, _ = _shapes(engine.config, engine.plan, torch.bfloat16)
+    c = engine.config
+    assert {(n, k) for n, k, _, quantized in gemms if not quantized} == {(c.vocab_size, c.hidden_size)}
+    assert len(gemms) == 5  # qkv, o, gate_up, down, and the LM head
+
+
 def test_build_records_no_tune_and_a_build_without_gpu(checkpoints, tmp_path):
     out = cli("build", str(checkpoints["llama"]), "--out", str(tmp_path / "a"), "--no-tune", "--max-batch-size", "4")
     assert out.returncode == 0, out.stderr
