@@ -19,6 +19,9 @@ from pathlib import Path
 
 import torch
 
+from dist_runtime.config import ModelConfig
+from dist_runtime.presets import preset_config
+
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "dist_runtime.cli"]
 
@@ -97,10 +100,14 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "bench.log", "a")  # noqa: SIM115
     kv = "" if args.kv_cache_dtype == "auto" else f"-kv{args.kv_cache_dtype}"
-    ckpt = work / f"ckpt-{args.preset}"
-    engine = work / f"eng-{args.preset}-{args.dtype}{kv}-b{args.max_batch_size}-s{args.max_seq_len}"
+    # A model with fewer positions than --max-seq-len (GPT-J 6B: 2,048) gets that many in its
+    # config, as TensorRT-LLM's GPT-J 2048/128 figure runs past them; the rows say so.
+    raise_positions = args.max_seq_len > ModelConfig.from_hf(preset_config(args.preset)).max_position_embeddings
+    ckpt = work / f"ckpt-{args.preset}{f'-p{args.max_seq_len}' if raise_positions else ''}"
+    engine = work / f"eng-{ckpt.name[5:]}-{args.dtype}{kv}-b{args.max_batch_size}-s{args.max_seq_len}"
     if not (ckpt / "config.json").exists():
-        sh([*CLI, "synth", "--preset", args.preset, "--out", str(ckpt), "--device", "cuda"], log)
+        sh([*CLI, "synth", "--preset", args.preset, "--out", str(ckpt), "--device", "cuda",
+            *(["--max-positions", str(args.max_seq_len)] if raise_positions else [])], log)
     if not args.skip_ours and not (engine / "engine.json").exists():
         sh([*CLI, "build", str(ckpt), "--dtype", args.dtype, "--kv-cache-dtype", args.kv_cache_dtype, "--out",
             str(engine), "--max-batch-size", str(args.max_batch_size), "--max-seq-len", str(args.max_seq_len),
@@ -109,7 +116,8 @@ def main() -> int:
     # the bytes a batch-1 step reads: the engine's (quantized weights are smaller) once it is built
     weights = sum(f.stat().st_size for f in (engine if engine.exists() else ckpt).glob("*.safetensors"))
     bw = copy_bandwidth()
-    rows, results = [], {"gpu": gpu, "preset": args.preset, "copy_bandwidth_Bps": bw, "weight_bytes": weights}
+    rows, results = [], {"gpu": gpu, "preset": args.preset, "copy_bandwidth_Bps": bw, "weight_bytes": weights,
+                         "positions_raised_to": args.max_seq_len if raise_positions else None}
     if not args.skip_ours:
         from dist_runtime.tuning import summary
 
@@ -123,6 +131,8 @@ def main() -> int:
         figure = (f"{report['ttft_ms']['p50']:.1f} ms TTFT p50" if name == "ttft"
                   else f"{report['output_tokens_per_s']:.1f} output tok/s")
         what = f"dist-runtime {args.dtype}{' fp8 KV' if kv else ''} {name}"
+        if raise_positions:
+            what += f" (positions raised to {args.max_seq_len})"
         rows.append((what, figure, "dist-runtime bench " + " ".join(extra)))
         (out / "bench.json").write_text(json.dumps(results, indent=1))
     profiles = {"batch1": ["--isl", "128", "--osl", "32", "--num-requests", "1", "--concurrency", "1"],

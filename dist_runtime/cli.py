@@ -64,6 +64,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from sharding.synth import write_checkpoint
 
     config = preset_config(args.preset, args.arch)
+    if args.max_positions:  # GPT-J's field, or Llama's
+        config["n_positions" if "n_positions" in config else "max_position_embeddings"] = args.max_positions
     if args.layout == 5:
         config = to_transformers5_layout(config)
     out = write_checkpoint(config, args.out, seed=args.seed, dtype=args.dtype, device=args.device,
@@ -235,6 +237,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", type=int, choices=[4, 5], default=4, help="config.json as transformers 4 or 5 writes it")
     p.add_argument("--shard-gb", type=float, default=5.0, help="largest safetensors shard (default 5 GiB)")
     p.add_argument("--device", default="cpu", help="where random numbers are drawn (cuda is faster for 8B)")
+    p.add_argument("--max-positions", type=int, help="positions in config.json instead of the preset's (GPT-J "
+                   "6B has 2,048: a 2,048-token prompt and its output need more)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("plan", help="how a model splits over tp x pp ranks, and whether it fits")

@@ -103,3 +103,15 @@ def test_plan_refusal_is_an_error_message_not_a_traceback(checkpoints):
     proc = cli("plan", str(checkpoints["llama"]), "--tp", "3")
     assert proc.returncode == 1
     assert proc.stderr.strip() == "error: 4 attention heads do not divide by tp=3"
+
+
+def test_synth_can_give_a_model_more_positions_than_its_preset(tmp_path):
+    """GPT-J 6B has 2,048 positions: a benchmark of 2,048-token prompts needs a checkpoint with
+    more, and the planner holds a build to the checkpoint's count."""
+    out = cli("synth", "--arch", "gptj", "--preset", "tiny", "--max-positions", "1024", "--out", str(tmp_path / "ck"))
+    assert out.returncode == 0, out.stderr
+    config = ModelConfig.from_hf(json.loads((tmp_path / "ck" / "config.json").read_text()))
+    assert config.max_position_embeddings == 1024
+    assert make_plan(config, max_seq_len=1024).max_seq_len == 1024
+    with pytest.raises(PlanError, match="max_seq_len 1024 exceeds the model's 512 positions"):
+        make_plan(ModelConfig.from_hf(preset_config("tiny", "gptj")), max_seq_len=1024)
