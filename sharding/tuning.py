@@ -3,7 +3,8 @@ shapes (one rank's slices; every rank of a plan has the same), time the candidat
 this machine's GPU and return the winners with their measured times, for engine.json.
 
 - Decode attention: the split count (flash-decoding), BLOCK_N and num_warps of the paged
-  kernel, per batch-size bucket, over a short and the longest context.
+  kernel, per batch-size bucket, over a short and the longest context; with one query head
+  per KV head, its vector variant too.
 - GEMMs of decode batches up to 16 rows: cuBLAS (F.linear; for int8 weights, dequantize and
   F.linear; for fp8 ones, _scaled_mm on rows already quantized, as the fused kernel before it
   hands them over) against the Triton skinny kernel's configurations (for quantized weights,
@@ -37,6 +38,7 @@ L2_FLUSH_BYTES = 256 << 20
 MAX_KV_TOKENS = 1 << 20  # per attention timing: a batch of 512 is timed at contexts of up to 2048
 SHORT_CONTEXT = 256
 SPLITS, BLOCK_NS, WARPS = (1, 2, 4, 8, 16), (32, 64, 128), (4, 8)
+VECTOR_BLOCK_NS = (16, 32, 64)  # the vector kernel (one query head per KV head) holds [BLOCK_N, head_dim] in float32
 TRITON_MARGIN = 0.97  # Triton must beat cuBLAS by 3%: a smaller gap is within the timing spread
 CALLS = 16  # per graph
 REPLAYS = 3
@@ -122,6 +124,9 @@ def _tune_attention(shape: tuple, batches: list[int], plan: Plan, dtype: torch.d
     kv_scales = {"k_scale": ones, "v_scale": ones} if plan.kv_cache_dtype == "fp8" else {}
     contexts = sorted({min(SHORT_CONTEXT, plan.max_seq_len), plan.max_seq_len})
     candidates = [dict(splits=s, block_n=n, num_warps=w) for s, n, w in itertools.product(SPLITS, BLOCK_NS, WARPS)]
+    if heads == kv_heads:
+        candidates += [dict(splits=s, block_n=n, num_warps=w, vector=True)
+                       for s, n, w in itertools.product(SPLITS, VECTOR_BLOCK_NS, WARPS)]
     table = {}
     for b in batches:
         times: dict[int, list[float]] = {i: [] for i in range(len(candidates))}

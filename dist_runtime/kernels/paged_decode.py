@@ -9,7 +9,9 @@ second kernel combines them. An fp8 cache is read as it is stored, cast to q's d
 per-KV-head scales fold into the softmax scale (keys) and the output (values), both uniform in
 a program. It takes only tensors, so a CUDA graph can capture it. The
 reference is `PagedAttention.reference` (layers/attention.py); the split count, BLOCK_N and
-num_warps are tuned per batch size at build time (sharding/tuning.py).
+num_warps are tuned per batch size at build time (sharding/tuning.py). With one query head per
+KV head (GPT-J), the tensor-core tile would be 15/16 padding, and the tuning may pick the
+`vector` kernel: multiply-adds over [BLOCK_N, head_dim] tiles, summed over keys once at the end.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
                          acc_ptr, ml_ptr, scale, window, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
                          stride_bt, stride_ot, stride_oh, HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                          HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                         IEEE: tl.constexpr, PARTIAL: tl.constexpr, KV_SCALED: tl.constexpr):
+                         IEEE: tl.constexpr, PARTIAL: tl.constexpr, KV_SCALED: tl.constexpr, VECTOR: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -48,27 +50,46 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
     lo = (first // BLOCK_N) * BLOCK_N
     chunk = tl.cdiv(tl.cdiv(ctx - lo, splits), BLOCK_N) * BLOCK_N
     begin = lo + split * chunk
-    for start in range(begin, tl.minimum(begin + chunk, ctx), BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        valid = (n < ctx) & (n >= first)
-        block = tl.load(block_tables + seq * stride_bt + n // BLOCK_SIZE, mask=valid, other=0)
-        offset = block.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
-        k = tl.load(k_cache + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(valid[None, :], s * scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        denom = denom * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+    if VECTOR:  # one query head per KV head (GPT-J): multiply-adds on [BLOCK_N, HEAD_DIM] tiles
+        qv = tl.sum(q.to(tl.float32), 0)  # [HEAD_DIM]; GROUP_PAD is 1
+        weighted = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)  # summed over keys once, after the loop
+        for start in range(begin, tl.minimum(begin + chunk, ctx), BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            valid = (n < ctx) & (n >= first)
+            block = tl.load(block_tables + seq * stride_bt + n // BLOCK_SIZE, mask=valid, other=0)
+            offset = block.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
+            k = tl.load(k_cache + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            s = tl.where(valid, tl.sum(k * qv[None, :], 1) * scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 0))
+            p = tl.exp(s - m_new)
+            alpha = tl.exp(m - m_new)
+            denom = denom * alpha + tl.sum(p, 0)
+            v = tl.load(v_cache + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            weighted = weighted * alpha[:, None] + p[:, None] * v
+            m = m_new
+        acc = tl.sum(weighted, 0)[None, :]
+    else:
+        for start in range(begin, tl.minimum(begin + chunk, ctx), BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            valid = (n < ctx) & (n >= first)
+            block = tl.load(block_tables + seq * stride_bt + n // BLOCK_SIZE, mask=valid, other=0)
+            offset = block.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
+            k = tl.load(k_cache + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(valid[None, :], s * scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            denom = denom * alpha + tl.sum(p, 1)
+            v = tl.load(v_cache + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
     if KV_SCALED:
         acc = acc * tl.load(v_scale_ptr + kv_head)
     if PARTIAL:  # [seqs, heads, splits] maxima and sums, [seqs, heads, splits, head_dim] weighted values
@@ -102,14 +123,17 @@ def _combine_kernel(acc_ptr, ml_ptr, out_ptr, splits, stride_ot, stride_oh, HEAD
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            sliding_window: int | None = None, splits: int = 1, block_n: int = 64,
-                           num_warps: int = 4, k_scale: torch.Tensor | None = None,
+                           num_warps: int = 4, vector: bool = False, k_scale: torch.Tensor | None = None,
                            v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q: [seqs, heads, head_dim]; caches: [blocks, block_size, kv_heads, head_dim] (q's dtype,
     or fp8 with float32 k_scale and v_scale [kv_heads]); block_tables: [seqs, max_blocks]
-    int32/64; context_lens: [seqs] (this token included)."""
+    int32/64; context_lens: [seqs] (this token included). `vector`: for one query head per KV
+    head only, products on the CUDA cores instead of a tensor-core tile padded to 16 rows."""
     seqs, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     group = heads // kv_heads
+    if vector and group != 1:
+        raise ValueError(f"the vector kernel takes one query head per KV head, not {group}")
     out = torch.empty_like(q)
     partial = splits > 1
     acc = torch.empty(seqs, heads, splits, head_dim, dtype=torch.float32, device=q.device) if partial else out
@@ -118,9 +142,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, q if k_scale is None else k_scale, q if v_scale is None else v_scale, block_tables,
         context_lens, out, acc, ml, scale, sliding_window or 0, q.stride(0), q.stride(1), k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1), HEADS=heads,
-        BLOCK_SIZE=block_size, HEAD_DIM=head_dim, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        BLOCK_SIZE=block_size, HEAD_DIM=head_dim, GROUP=group,
+        GROUP_PAD=1 if vector else max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n, IEEE=q.dtype == torch.float32, PARTIAL=partial, KV_SCALED=k_scale is not None,
-        num_warps=num_warps,
+        VECTOR=vector, num_warps=num_warps,
     )
     if partial:
         _combine_kernel[(seqs, heads)](acc, ml, out, splits, out.stride(0), out.stride(1), HEADS=heads,
