@@ -216,6 +216,19 @@ def test_fused_add_rmsnorm_matches_the_reference(dtype, tokens, size):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,size", [(1, 64), (7, 4096), (33, 5000)])
+def test_fused_layernorm_matches_the_reference(dtype, tokens, size):
+    from dist_runtime.layers.norm import LayerNorm
+
+    norm = LayerNorm(size, 1e-5).cuda().to(dtype)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.1)
+    torch.nn.init.normal_(norm.bias, 0.0, 0.1)
+    x = torch.randn(tokens, size, device="cuda", dtype=dtype) * 3 + 1  # an offset that the mean removes
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(norm(x), norm.reference(x), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim,rotary_dim,interleaved", [(16, 16, False), (128, 128, False), (16, 8, True),
                                                              (256, 64, True)])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (5, 3)])

@@ -111,17 +111,19 @@ CPU_FP8 = pytest.mark.skipif(not _cpu_runs_scaled_mm(), reason="this torch build
 
 @pytest.mark.parametrize("device", [pytest.param("cpu", marks=CPU_FP8), pytest.param("cuda", marks=FP8_GPU)])
 @pytest.mark.parametrize("static", [False, True])
-@pytest.mark.parametrize("rows", [1, 7, 300])
-def test_fp8_gemm_matches_its_float32_emulation(rows, static, device):
+@pytest.mark.parametrize("rows,bias", [(1, False), (7, True), (300, False), (300, True)])
+def test_fp8_gemm_matches_its_float32_emulation(rows, bias, static, device):
     """torch's CPU build runs _scaled_mm too (the runtime still refuses fp8 engines there: the
-    GPU is the point), which checks the call itself where no GPU is."""
+    GPU is the point), which checks the call itself where no GPU is. A bias goes into the
+    GEMM (_scaled_mm adds it before its one rounding to bf16)."""
     torch.manual_seed(0)
     q, scale = quantize_weight(torch.randn(384, 256, device=device), "fp8")
     x = torch.randn(rows, 256, device=device, dtype=torch.bfloat16)
+    b = torch.randn(384, device=device, dtype=torch.bfloat16) * 10 if bias else None
     input_scale = x.float().abs().max().view(1) / FP8_MAX if static else None
-    ref = fp8_linear_reference(x.float(), q, scale, input_scale)
+    ref = fp8_linear_reference(x.float(), q, scale, input_scale) + (b.float() if bias else 0)
     # the same E4M3 operands and scales: only the summation order and the bf16 output differ
-    assert (quantized_linear(x, q, scale, None, input_scale).float() - ref).abs().max() / ref.abs().max() < 1e-2
+    assert (quantized_linear(x, q, scale, b, input_scale).float() - ref).abs().max() / ref.abs().max() < 1e-2
 
 
 def assert_quantized_alike(got, unfused: torch.Tensor, input_scale: torch.Tensor | None) -> None:
@@ -138,11 +140,11 @@ def assert_quantized_alike(got, unfused: torch.Tensor, input_scale: torch.Tensor
 @pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("rows,size", [(1, 64), (7, 4096), (33, 5000), (3, 14336), (2, 20000)])
 def test_fused_fp8_input_quantization_matches_quantize_input(rows, size, static):
-    """RMSNorm and SiLU-and-mul quantize the next GEMM's input in their own kernel, and the
+    """RMSNorm, LayerNorm, SiLU-and-mul and GELU quantize the next GEMM's input in their own kernel, and the
     GEMM's own pass is one kernel: all give what quantize_input gives on the unfused result,
     the plain pass bit for bit (E4M3 rounding ties included)."""
-    from dist_runtime.kernels.fused import add_rmsnorm, fp8_rows
-    from dist_runtime.layers.norm import RMSNorm
+    from dist_runtime.kernels.fused import add_rmsnorm, fp8_rows, layernorm
+    from dist_runtime.layers.norm import LayerNorm, RMSNorm
 
     input_scale = torch.tensor([0.01], device="cuda") if static else None
     norm = RMSNorm(size, 1e-5).cuda().bfloat16()
@@ -154,14 +156,22 @@ def test_fused_fp8_input_quantization_matches_quantize_input(rows, size, static)
     assert_quantized_alike(got, unfused, input_scale)
     gate_up = torch.randn(rows, 2 * size, device="cuda", dtype=torch.bfloat16)
     gate, up = gate_up.chunk(2, dim=-1)
-    assert_quantized_alike(fp8_rows(gate_up, input_scale, silu_mul=True), F.silu(gate) * up, input_scale)
+    assert_quantized_alike(fp8_rows(gate_up, input_scale, act="silu_mul"), F.silu(gate) * up, input_scale)
+    assert_quantized_alike(fp8_rows(x, input_scale, act="gelu_tanh"), F.gelu(x, approximate="tanh"), input_scale)
+    layer_norm = LayerNorm(size, 1e-5).cuda().bfloat16()
+    torch.nn.init.normal_(layer_norm.weight, 1.0, 0.1)
+    torch.nn.init.normal_(layer_norm.bias, 0.0, 0.1)
+    assert_quantized_alike(layernorm(x, layer_norm.weight, layer_norm.bias, 1e-5, fp8=True, input_scale=input_scale),
+                           layer_norm.reference(x), input_scale)
     plain, (values, scale) = fp8_rows(x, input_scale), quantize_input(x, input_scale)
     assert torch.equal(plain.values.float(), values.float()) and torch.equal(plain.scale, scale)
 
 
 @FP8_GPU
-def test_fp8_engine_on_the_gpu_stays_close_to_bf16(engines):
-    report = compare(str(engines("llama", 1, 1, "bf16", **ROOM)), str(engines("llama", 1, 1, "fp8", **ROOM)),
+@pytest.mark.parametrize("name", ["llama", "gptj"])
+def test_fp8_engine_on_the_gpu_stays_close_to_bf16(engines, name):
+    """GPT-J's fp8 path fuses differently (LayerNorm and GELU quantize, biases go into _scaled_mm)."""
+    report = compare(str(engines(name, 1, 1, "bf16", **ROOM)), str(engines(name, 1, 1, "fp8", **ROOM)),
                      device="cuda")
     assert report["logit_cosine_mean"] > 0.99 and report["top1_agreement"] > 0.8, report
 

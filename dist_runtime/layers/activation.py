@@ -8,9 +8,14 @@ import torch.nn.functional as F
 from dist_runtime.errors import CheckpointError
 from dist_runtime.layers.quantized import feeds_fp8
 
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": gelu_tanh,  # activate() recognises it for the fused kernel
+    "gelu_pytorch_tanh": gelu_tanh,
     "gelu": F.gelu,
     "relu": F.relu,
     "silu": F.silu,  # gated() recognises it for the fused kernel
@@ -30,7 +35,17 @@ def gated(act: Callable[[torch.Tensor], torch.Tensor], gate_up: torch.Tensor, fe
         from dist_runtime.kernels.fused import fp8_rows, silu_and_mul
 
         if feeds_fp8(feeds, gate_up.numel() // gate_up.shape[-1]):
-            return fp8_rows(gate_up.reshape(-1, gate_up.shape[-1]), feeds.input_scale, silu_mul=True)
+            return fp8_rows(gate_up.reshape(-1, gate_up.shape[-1]), feeds.input_scale, act="silu_mul")
         return silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return act(gate) * up
+
+
+def activate(act: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, feeds=None):
+    """act(x); on a GPU, GELU (tanh) comes quantized from one kernel when the linear layer it
+    `feeds` has fp8 weights (GPT-J's fc_out)."""
+    if x.is_cuda and act is gelu_tanh and feeds_fp8(feeds, x.numel() // x.shape[-1]):
+        from dist_runtime.kernels.fused import fp8_rows
+
+        return fp8_rows(x.reshape(-1, x.shape[-1]), feeds.input_scale, act="gelu_tanh")
+    return act(x)

@@ -47,5 +47,17 @@ class LayerNorm(nn.Module):
         self.weight = declare(nn.Parameter(torch.empty(size)), "replicated", whole)
         self.bias = declare(nn.Parameter(torch.empty(size)), "replicated", whole)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, feeds: tuple = ()):
+        """`feeds`: the linear layers the output goes to (GPT-J: qkv_proj and fc_in, the same
+        input); on a GPU, when every one has fp8 weights, they get it quantized in the same
+        kernel, one Fp8Rows for all (a calibrated scale is the same for each: same input)."""
+        if x.is_cuda:
+            from dist_runtime.kernels.fused import layernorm
+
+            rows = x.numel() // x.shape[-1]
+            fp8 = bool(feeds) and all(feeds_fp8(layer, rows) for layer in feeds)
+            return layernorm(x, self.weight, self.bias, self.eps, fp8, feeds[0].input_scale if fp8 else None)
+        return self.reference(x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), self.bias.float(), self.eps).to(x.dtype)

@@ -72,13 +72,16 @@ def fp8_input(rows: torch.Tensor, input_scale: torch.Tensor | None) -> Fp8Rows:
 
 
 def fp8_linear(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, scale: torch.Tensor,
-               input_scale: torch.Tensor | None = None) -> torch.Tensor:
+               input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """W8A8: x quantized (unless it comes as Fp8Rows), then one _scaled_mm that applies both
-    scales (float32 accumulate)."""
+    scales (float32 accumulate) and adds the bias, which it takes in x's dtype but float32."""
     if not isinstance(x, Fp8Rows):
         rows = fp8_input(x.reshape(-1, x.shape[-1]), input_scale)
-        return fp8_linear(rows, weight, scale).view(*x.shape[:-1], weight.shape[0])
-    return torch._scaled_mm(x.values, weight.t(), scale_a=x.scale, scale_b=scale.view(1, -1), out_dtype=x.dtype)
+        return fp8_linear(rows, weight, scale, bias=bias).view(*x.shape[:-1], weight.shape[0])
+    fused_bias = bias if x.dtype != torch.float32 else None
+    out = torch._scaled_mm(x.values, weight.t(), scale_a=x.scale, scale_b=scale.view(1, -1), bias=fused_bias,
+                           out_dtype=x.dtype)
+    return out + bias if bias is not None and fused_bias is None else out
 
 
 def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -92,5 +95,7 @@ def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Ten
 
 def quantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                      input_scale: torch.Tensor | None = None) -> torch.Tensor:
-    out = fp8_linear(x, weight, scale, input_scale) if weight.dtype == FP8 else int8_linear(x, weight, scale)
+    if weight.dtype == FP8:
+        return fp8_linear(x, weight, scale, input_scale, bias)
+    out = int8_linear(x, weight, scale)
     return out + bias if bias is not None else out

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from dist_runtime.config import ModelConfig
-from dist_runtime.layers.activation import activation
+from dist_runtime.layers.activation import activate, activation
 from dist_runtime.layers.attention import AttentionMetadata, PagedAttention
 from dist_runtime.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from dist_runtime.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -41,7 +41,7 @@ class GPTJMLP(nn.Module):
         self.act = activation(c.hidden_act)
 
     def partial(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc_out.partial(self.act(self.fc_in(x)))
+        return self.fc_out.partial(activate(self.act, self.fc_in(x), feeds=self.fc_out))
 
 
 class GPTJBlock(nn.Module):
@@ -52,7 +52,7 @@ class GPTJBlock(nn.Module):
         self.mlp = GPTJMLP(c, m, comm)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        h = self.ln_1(x)
+        h = self.ln_1(x, feeds=(self.attn.qkv_proj, self.mlp.fc_in))
         # Attention and MLP read the same input, so their partial sums share one all-reduce.
         partial = self.attn.partial(h, positions, meta) + self.mlp.partial(h)
         return x + self.mlp.fc_out.finish(partial)
