@@ -226,8 +226,8 @@ def _row_values(row_ptr, cols, mask, n_cols, ACT: tl.constexpr):
         values = _silu_mul(row_ptr, cols, mask, n_cols)
     else:
         values = tl.load(row_ptr + cols, mask=mask, other=0.0)
-        if ACT == 2:  # GELU, tanh form, in float32 and in the order torch computes it (x sigmoid(2u),
-            x = values.to(tl.float32)  # equal and more accurate, rounds 7% of bf16 results otherwise)
+        if ACT == 2:  # GELU (tanh) in float32, in torch's order: x * sigmoid(2u), equal in exact
+            x = values.to(tl.float32)  # arithmetic, rounds 7% of bf16 results differently from torch
             u = 0.7978845608028654 * (x + 0.044715 * (x * x * x))
             values = (0.5 * x * (1.0 + libdevice.tanh(u))).to(values.dtype)
     return values

@@ -74,7 +74,8 @@ def fp8_input(rows: torch.Tensor, input_scale: torch.Tensor | None) -> Fp8Rows:
 def fp8_linear(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, scale: torch.Tensor,
                input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """W8A8: x quantized (unless it comes as Fp8Rows), then one _scaled_mm that applies both
-    scales (float32 accumulate) and adds the bias, which it takes in x's dtype but float32."""
+    scales (float32 accumulate) and adds the bias: inside the GEMM, but for a float32 output
+    (_scaled_mm refuses a bias there)."""
     if not isinstance(x, Fp8Rows):
         rows = fp8_input(x.reshape(-1, x.shape[-1]), input_scale)
         return fp8_linear(rows, weight, scale, bias=bias).view(*x.shape[:-1], weight.shape[0])
