@@ -53,6 +53,11 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
     if VECTOR:  # one query head per KV head (GPT-J): multiply-adds on [BLOCK_N, HEAD_DIM] tiles
         qv = tl.sum(q.to(tl.float32), 0)  # [HEAD_DIM]; GROUP_PAD is 1
         weighted = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)  # summed over keys once, after the loop
+        # The exponentials are taken against `ref`, which moves only when a score passes it by
+        # more than e^8: the running maximum settles within a few tiles, and every other tile
+        # then skips rescaling the whole [BLOCK_N, HEAD_DIM] sum (weights stay below e^8).
+        ref = tl.max(m, 0)
+        total = tl.sum(denom, 0)
         for start in range(begin, tl.minimum(begin + chunk, ctx), BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             valid = (n < ctx) & (n >= first)
@@ -60,14 +65,19 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
             offset = block.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
             k = tl.load(k_cache + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
             s = tl.where(valid, tl.sum(k * qv[None, :], 1) * scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 0))
-            p = tl.exp(s - m_new)
-            alpha = tl.exp(m - m_new)
-            denom = denom * alpha + tl.sum(p, 0)
+            tile_max = tl.max(s, 0)
+            if tile_max > ref + 8.0:
+                alpha = tl.exp(ref - tile_max)
+                weighted = weighted * alpha
+                total = total * alpha
+                ref = tile_max
+            p = tl.exp(s - ref)
+            total += tl.sum(p, 0)
             v = tl.load(v_cache + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-            weighted = weighted * alpha[:, None] + p[:, None] * v
-            m = m_new
+            weighted += p[:, None] * v
         acc = tl.sum(weighted, 0)[None, :]
+        m = tl.zeros([GROUP_PAD], tl.float32) + ref
+        denom = tl.zeros([GROUP_PAD], tl.float32) + total
     else:
         for start in range(begin, tl.minimum(begin + chunk, ctx), BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
