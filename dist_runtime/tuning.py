@@ -46,11 +46,11 @@ class KernelChoices:
 
     def attention(self, num_seqs: int) -> dict[str, int]:
         """Keyword arguments of paged_decode_attention: splits, block_n, num_warps, and vector
-        where the tuning picked that kernel."""
+        or f16 where the tuning picked that variant."""
         if not self._attention:
             return {}
         choice = _pick(self._attention, num_seqs, self._attention[-1][1])
-        return {key: choice[key] for key in ("splits", "block_n", "num_warps", "vector") if key in choice}
+        return {key: choice[key] for key in ("splits", "block_n", "num_warps", "vector", "f16") if key in choice}
 
     def gemm(self, rows: int, out_features: int, in_features: int) -> dict[str, int] | None:
         """skinny_linear's keyword arguments where the Triton kernel won, else None (cuBLAS)."""

@@ -124,6 +124,8 @@ def _tune_attention(shape: tuple, batches: list[int], plan: Plan, dtype: torch.d
     kv_scales = {"k_scale": ones, "v_scale": ones} if plan.kv_cache_dtype == "fp8" else {}
     contexts = sorted({min(SHORT_CONTEXT, plan.max_seq_len), plan.max_seq_len})
     candidates = [dict(splits=s, block_n=n, num_warps=w) for s, n, w in itertools.product(SPLITS, BLOCK_NS, WARPS)]
+    if plan.kv_cache_dtype == "fp8" and dtype == torch.bfloat16:  # the products in float16 too
+        candidates += [dict(c, f16=True) for c in candidates]
     if heads == kv_heads:
         candidates += [dict(splits=s, block_n=n, num_warps=w, vector=True)
                        for s, n, w in itertools.product(SPLITS, VECTOR_BLOCK_NS, WARPS)]

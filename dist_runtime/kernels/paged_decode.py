@@ -28,7 +28,8 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
                          acc_ptr, ml_ptr, scale, window, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
                          stride_bt, stride_ot, stride_oh, HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                          HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                         IEEE: tl.constexpr, PARTIAL: tl.constexpr, KV_SCALED: tl.constexpr, VECTOR: tl.constexpr):
+                         IEEE: tl.constexpr, PARTIAL: tl.constexpr, KV_SCALED: tl.constexpr, VECTOR: tl.constexpr,
+                         F16: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -39,6 +40,8 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
     heads = kv_head * GROUP + g
     q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=(g < GROUP)[:, None],
                 other=0.0)
+    if F16:  # keys and values (E4M3, exact in float16) then convert in one instruction per two
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     if KV_SCALED:
         scale = scale * tl.load(k_scale_ptr + kv_head)
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
@@ -133,17 +136,22 @@ def _combine_kernel(acc_ptr, ml_ptr, out_ptr, splits, stride_ot, stride_oh, HEAD
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            sliding_window: int | None = None, splits: int = 1, block_n: int = 64,
-                           num_warps: int = 4, vector: bool = False, k_scale: torch.Tensor | None = None,
-                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                           num_warps: int = 4, vector: bool = False, f16: bool = False,
+                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q: [seqs, heads, head_dim]; caches: [blocks, block_size, kv_heads, head_dim] (q's dtype,
     or fp8 with float32 k_scale and v_scale [kv_heads]); block_tables: [seqs, max_blocks]
     int32/64; context_lens: [seqs] (this token included). `vector`: for one query head per KV
-    head only, products on the CUDA cores instead of a tensor-core tile padded to 16 rows."""
+    head only, products on the CUDA cores instead of a tensor-core tile padded to 16 rows. `f16`:
+    for an fp8 cache, the tensor-core products in float16, not q's dtype (E4M3 converts to
+    float16 in one instruction per two values, to bfloat16 in three; float16 holds q's values
+    to 65,504 with more precision, and is clamped there)."""
     seqs, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     group = heads // kv_heads
     if vector and group != 1:
         raise ValueError(f"the vector kernel takes one query head per KV head, not {group}")
+    if f16 and (k_scale is None or vector or q.dtype != torch.bfloat16):
+        raise ValueError("f16 is for the tensor-core kernel over an fp8 cache, with bfloat16 queries")
     out = torch.empty_like(q)
     partial = splits > 1
     acc = torch.empty(seqs, heads, splits, head_dim, dtype=torch.float32, device=q.device) if partial else out
@@ -155,7 +163,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, GROUP=group,
         GROUP_PAD=1 if vector else max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n, IEEE=q.dtype == torch.float32, PARTIAL=partial, KV_SCALED=k_scale is not None,
-        VECTOR=vector, num_warps=num_warps,
+        VECTOR=vector, F16=f16, num_warps=num_warps,
     )
     if partial:
         _combine_kernel[(seqs, heads)](acc, ml, out, splits, out.stride(0), out.stride(1), HEADS=heads,
