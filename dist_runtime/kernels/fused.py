@@ -11,6 +11,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from dist_runtime.kernels import pdl
+from dist_runtime.kernels.pdl import wait_for_inputs
 from dist_runtime.layers.quantized import Fp8Rows
 from sharding.quantize import FP8, FP8_MAX
 
@@ -44,7 +46,8 @@ def _fp8_scale(amax, static_ptr, row, scale_ptr, STATIC: tl.constexpr, FP8_MAX: 
 @triton.jit
 def _add_rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr, static_ptr, n_cols, eps,
                         HAS_RESIDUAL: tl.constexpr, FP8_OUT: tl.constexpr, STATIC: tl.constexpr,
-                        FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
+                        FP8_MAX: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -75,13 +78,16 @@ def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: tor
     _add_rmsnorm_kernel[(rows,)](x, residual if residual is not None else x, weight, out, scale,
                                  input_scale if input_scale is not None else scale, n, eps,
                                  HAS_RESIDUAL=residual is not None, FP8_OUT=fp8, STATIC=input_scale is not None,
-                                 FP8_MAX=FP8_MAX, BLOCK=triton.next_power_of_2(n), num_warps=8 if n >= 4096 else 4)
+                                 FP8_MAX=FP8_MAX, BLOCK=triton.next_power_of_2(n), num_warps=8 if n >= 4096 else 4,
+                                 **pdl.launch(x))
     return Fp8Rows(out.view(rows, n), scale, x.dtype) if fp8 else out
 
 
 @triton.jit
 def _layernorm_kernel(x_ptr, weight_ptr, bias_ptr, out_ptr, scale_ptr, static_ptr, n_cols, eps,
-                      FP8_OUT: tl.constexpr, STATIC: tl.constexpr, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
+                      FP8_OUT: tl.constexpr, STATIC: tl.constexpr, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr,
+                      PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -111,7 +117,8 @@ def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: fl
     if rows:
         _layernorm_kernel[(rows,)](x, weight, bias, out, scale, input_scale if input_scale is not None else scale, n,
                                    eps, FP8_OUT=fp8, STATIC=input_scale is not None, FP8_MAX=FP8_MAX,
-                                   BLOCK=triton.next_power_of_2(n), num_warps=8 if n >= 4096 else 4)
+                                   BLOCK=triton.next_power_of_2(n), num_warps=8 if n >= 4096 else 4,
+                                   **pdl.launch(x))
     return Fp8Rows(out.view(rows, n), scale, x.dtype) if fp8 else out
 
 
@@ -139,10 +146,11 @@ def _rotary_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, inv_freq_ptr, slots_ptr, 
                    v_scale_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, HQ: tl.constexpr,
                    HQ_PAD: tl.constexpr, KVH: tl.constexpr, KVH_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    HALF: tl.constexpr, HALF_PAD: tl.constexpr, INTERLEAVED: tl.constexpr, WRITE_CACHE: tl.constexpr,
-                   KV_SCALED: tl.constexpr, FP8_MAX: tl.constexpr):
+                   KV_SCALED: tl.constexpr, FP8_MAX: tl.constexpr, PDL: tl.constexpr):
     """One program per token, for all its heads: cos and sin are computed once, and a prefill
     of 8,192 tokens launches 8,192 programs (one per token and head, it launched 327,680 for
     Llama-3-8B, and the launches cost more than the work)."""
+    wait_for_inputs(PDL)
     token = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, HALF_PAD)
     mask = i < HALF
@@ -187,7 +195,7 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq:
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), HQ=heads,
             HQ_PAD=triton.next_power_of_2(heads), KVH=kv_heads, KVH_PAD=triton.next_power_of_2(kv_heads),
             HEAD_DIM=head_dim, HALF=half, HALF_PAD=triton.next_power_of_2(half), INTERLEAVED=interleaved,
-            WRITE_CACHE=write, KV_SCALED=k_scale is not None, FP8_MAX=FP8_MAX)
+            WRITE_CACHE=write, KV_SCALED=k_scale is not None, FP8_MAX=FP8_MAX, **pdl.launch(q))
     return q, k
 
 
@@ -200,7 +208,8 @@ def _silu_mul(row_ptr, cols, mask, n_cols):
 
 
 @triton.jit
-def _silu_mul_kernel(gate_up_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gate_up_ptr, out_ptr, n_cols, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -213,7 +222,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     n = gate_up.shape[-1] // 2
     out = gate_up.new_empty(*gate_up.shape[:-1], n)
     block = 1024
-    _silu_mul_kernel[(gate_up.numel() // (2 * n), triton.cdiv(n, block))](gate_up, out, n, BLOCK=block)
+    _silu_mul_kernel[(gate_up.numel() // (2 * n), triton.cdiv(n, block))](gate_up, out, n, BLOCK=block,
+                                                                                  **pdl.launch(gate_up))
     return out
 
 
@@ -235,10 +245,11 @@ def _row_values(row_ptr, cols, mask, n_cols, ACT: tl.constexpr):
 
 @triton.jit
 def _fp8_rows_kernel(x_ptr, out_ptr, scale_ptr, static_ptr, n_cols, ACT: tl.constexpr, STATIC: tl.constexpr,
-                     FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
+                     FP8_MAX: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """One program per row. A row that fits in one BLOCK is read once and held in registers;
     a longer one takes a pass for its largest magnitude (unless the scale is static), then a
     pass that quantizes, reading the row back from cache."""
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     row_ptr = x_ptr + row * n_cols * (2 if ACT == 1 else 1)
     if n_cols <= BLOCK:
@@ -287,5 +298,6 @@ def fp8_rows(x: torch.Tensor, input_scale: torch.Tensor | None = None, act: str 
     if rows:
         _fp8_rows_kernel[(rows,)](x, out, scale, input_scale if input_scale is not None else scale, n,
                                   ACT=ACTS[act], STATIC=input_scale is not None, FP8_MAX=FP8_MAX,
-                                  BLOCK=min(triton.next_power_of_2(n), ROW_BLOCKS[act]), num_warps=_warps(n))
+                                  BLOCK=min(triton.next_power_of_2(n), ROW_BLOCKS[act]), num_warps=_warps(n),
+                                  **pdl.launch(x))
     return Fp8Rows(out, scale, x.dtype)

@@ -20,6 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+from dist_runtime.kernels import pdl
+from dist_runtime.kernels.pdl import wait_for_inputs
+
 DEFAULT = {"splits": 1, "block_n": 64, "num_warps": 4}
 
 
@@ -29,7 +32,8 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
                          stride_bt, stride_ot, stride_oh, HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                          HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                          IEEE: tl.constexpr, PARTIAL: tl.constexpr, KV_SCALED: tl.constexpr, VECTOR: tl.constexpr,
-                         F16: tl.constexpr):
+                         F16: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -118,7 +122,8 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
 
 @triton.jit
 def _combine_kernel(acc_ptr, ml_ptr, out_ptr, splits, stride_ot, stride_oh, HEADS: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     s = tl.arange(0, SPLITS_PAD)
@@ -163,9 +168,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, GROUP=group,
         GROUP_PAD=1 if vector else max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n, IEEE=q.dtype == torch.float32, PARTIAL=partial, KV_SCALED=k_scale is not None,
-        VECTOR=vector, F16=f16, num_warps=num_warps,
+        VECTOR=vector, F16=f16, num_warps=num_warps, **pdl.launch(q),
     )
     if partial:
         _combine_kernel[(seqs, heads)](acc, ml, out, splits, out.stride(0), out.stride(1), HEADS=heads,
-                                       HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(splits))
+                                       HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(splits),
+                                       **pdl.launch(q))
     return out

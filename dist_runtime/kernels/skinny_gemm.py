@@ -21,6 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
+from dist_runtime.kernels import pdl
+from dist_runtime.kernels.pdl import wait_for_inputs
+
 MAX_ROWS = 16  # rows of x one program holds; larger batches use cuBLAS
 CONFIGS = [  # (block_n, block_k, num_warps, num_stages), the candidates the build times
     (16, 256, 4, 4), (16, 512, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 8, 3),
@@ -31,7 +34,8 @@ ROW_CONFIGS = [(4, 1024, 4, 3), (8, 512, 4, 3), (8, 1024, 4, 4)]  # one row only
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr):
+                   BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
@@ -61,7 +65,8 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride
 
 @triton.jit
 def _row_kernel(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr, N, K, stride_wn, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + rn[:, None].to(tl.int64) * stride_wn
@@ -98,7 +103,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     extra = (bias if bias is not None else weight, scale if scale is not None else weight)
     flags = dict(HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-                 EVEN_K=k % block_k == 0, num_warps=num_warps, num_stages=num_stages)
+                 EVEN_K=k % block_k == 0, num_warps=num_warps, num_stages=num_stages, **pdl.launch(x))
     if block_n < 16:
         if m != 1:
             raise ValueError(f"block_n {block_n} is the one-row kernel's; x has {m} rows")
