@@ -166,7 +166,10 @@ def test_logits_asked_for_by_one_generate_are_not_kept_for_later_requests(on):
 def test_requests_join_a_step_launched_ahead_of_the_tokens_before(on, off):
     """Prompts arriving while a sequence decodes join the next step, which is launched before
     the previous step's tokens reach the host; the tokens are the synchronous ones."""
-    first = on.submit(MIXED[-1], SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+    # The first sequence decodes long enough that the others arrive while it runs, even when
+    # this thread is descheduled for a while on a busy machine (with 30, one CI run saw no step join).
+    long = SamplingParams(max_tokens=160, temperature=0.0, ignore_eos=True)
+    first = on.submit(MIXED[-1], long)
     deadline = time.time() + 30
     while not (first.seqs and first.seqs[0].num_output >= 2) and time.time() < deadline:
         time.sleep(0.001)
@@ -174,8 +177,6 @@ def test_requests_join_a_step_launched_ahead_of_the_tokens_before(on, off):
     joining = [on.submit(prompt, GREEDY) for prompt in PROMPTS[:3]]
     got = [h.result(timeout=60).token_ids for h in [first, *joining]]
     timings = list(on.coordinator.timings)
-    expected = [o.token_ids for o in off.generate([MIXED[-1], *PROMPTS[:3]],
-                                                  [SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True),
-                                                   *[GREEDY] * 3])]
+    expected = [o.token_ids for o in off.generate([MIXED[-1], *PROMPTS[:3]], [long, *[GREEDY] * 3])]
     assert got == expected
     assert any(t.ahead and t.running > before.running for before, t in zip(timings, timings[1:]))
