@@ -71,6 +71,7 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
             block = tl.load(block_tables + seq * stride_bt + n // BLOCK_SIZE, mask=valid, other=0)
             offset = block.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
             k = tl.load(k_cache + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            v = tl.load(v_cache + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0)  # in flight with k
             s = tl.where(valid, tl.sum(k * qv[None, :], 1) * scale, float("-inf"))
             tile_max = tl.max(s, 0)
             if tile_max > ref + 8.0:
@@ -80,8 +81,7 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
                 ref = tile_max
             p = tl.exp(s - ref)
             total += tl.sum(p, 0)
-            v = tl.load(v_cache + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-            weighted += p[:, None] * v
+            weighted += p[:, None] * v.to(tl.float32)
         acc = tl.sum(weighted, 0)[None, :]
         m = tl.zeros([GROUP_PAD], tl.float32) + ref
         denom = tl.zeros([GROUP_PAD], tl.float32) + total
@@ -92,6 +92,7 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
             block = tl.load(block_tables + seq * stride_bt + n // BLOCK_SIZE, mask=valid, other=0)
             offset = block.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
             k = tl.load(k_cache + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
+            v = tl.load(v_cache + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0)  # in flight with k
             if IEEE:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -101,11 +102,10 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m - m_new)
             denom = denom * alpha + tl.sum(p, 1)
-            v = tl.load(v_cache + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
             if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+                acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
             else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
             m = m_new
     if KV_SCALED:
         acc = acc * tl.load(v_scale_ptr + kv_head)
