@@ -57,12 +57,20 @@ class DecodeGraphs:
         torch.cuda.synchronize(device)
         self.memory_bytes = torch.cuda.memory_allocated(device) - before
 
+    @staticmethod
+    def _rows(b: int) -> int:
+        """Room for one input of bucket b: even, so that every input starts 16-byte aligned like an
+        eager step's tensors. Triton specializes kernels on alignment: eager steps would compile
+        kernels mid-run that the graphs' capture did not."""
+        return b + b % 2
+
     def _size(self, b: int) -> int:
-        return b * (4 + self.width)
+        return 4 * self._rows(b) + b * self.width
 
     def _views(self, buffer, b: int):
         """(ids, positions, slots, context lens, block tables [b, width]) of bucket b in `buffer`."""
-        return (*buffer[: 4 * b].reshape(4, b), buffer[4 * b: self._size(b)].reshape(b, self.width))
+        rows = self._rows(b)
+        return (*buffer[: 4 * rows].reshape(4, rows)[:, :b], buffer[4 * rows: self._size(b)].reshape(b, self.width))
 
     def _forward(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids, positions, slots, context_lens, tables = self._views(self.inputs, b)

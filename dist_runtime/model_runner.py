@@ -167,8 +167,9 @@ class ModelRunner:
             slot_mapping=to_device(step.slot_mapping, device),
             query_start=step.query_start.tolist(),
             context_lens=step.context_lens.tolist(),
-            block_tables=to_device(step.block_tables, device),
-            context_lens_tensor=to_device(step.context_lens, device, torch.int32),
+            # int64, as the decode graphs' inputs: other types would compile decode kernels mid-run
+            block_tables=to_device(step.block_tables, device, torch.int64),
+            context_lens_tensor=to_device(step.context_lens, device),
             decode=step.num_tokens == step.num_seqs,
             num_decodes=_leading_decodes(step.query_start),
         )

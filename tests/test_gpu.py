@@ -10,6 +10,7 @@ from conftest import PROMPTS
 
 from dist_runtime import LLM, SamplingParams
 from dist_runtime.layers.attention import AttentionMetadata, PagedAttention
+from dist_runtime.model_runner import _leading_decodes
 from sharding.quantize import FP8, FP8_MAX, quantize_kv
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -127,6 +128,40 @@ def test_gpu_overlap_with_cuda_graphs_gives_the_synchronous_tokens(engines):
             idle.append(report["gpu_idle_fraction"])
     assert results[0] == results[1]
     print(f"GPU idle fraction at batch 1: {idle[0]:.1%} without overlap, {idle[1]:.1%} with")
+
+
+def test_mixed_steps_compile_no_decode_attention_kernel_the_graphs_lack(engines):
+    """A prompt's chunk beside decoding sequences runs eagerly; its decode attention must find
+    the kernel compiled when the decode graphs were captured, or every request waits for a
+    compile in the middle of a run (3 such compiles showed in one Llama-3-8B bench)."""
+    from dist_runtime.kernels import paged_decode
+
+    engine = str(engines("llama", 1, 1, dtype="bf16", max_seq_len=256, max_num_tokens=32))
+    kernels = (paged_decode._paged_decode_kernel, paged_decode._combine_kernel)
+
+    def compiled() -> int:
+        return sum(len(cache[0]) for kernel in kernels for cache in kernel.device_caches.values())
+
+    decode = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    with LLM(engine, device="cuda") as llm:
+        captured = compiled()
+        runner, mixed = llm.coordinator.runner, []
+
+        def launch(step, original=runner.launch):  # notes the steps with decodes before a prompt's chunk
+            if step.num_tokens > step.num_seqs and _leading_decodes(step.query_start):
+                mixed.append(step.num_seqs)
+            return original(step)
+
+        runner.launch = launch
+        for decoding in (1, 3):  # bucket 1 had its inputs misaligned; 3 takes bucket 4's kernel
+            first = [llm.submit(p, decode) for p in PROMPTS[:decoding]]
+            while not all(h.seqs and h.seqs[0].num_output >= 2 for h in first):
+                pass
+            joining = llm.submit(list(range(10, 110)), SamplingParams(max_tokens=2, ignore_eos=True))
+            for handle in [*first, joining]:
+                handle.result(timeout=120)
+    assert mixed, "no step had a prompt's chunk beside decoding sequences"
+    assert compiled() == captured
 
 
 @pytest.mark.parametrize("arch", ["llama", "gptj"])

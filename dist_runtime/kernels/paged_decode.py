@@ -26,7 +26,9 @@ from dist_runtime.kernels.pdl import wait_for_inputs
 DEFAULT = {"splits": 1, "block_n": 64, "num_warps": 4}
 
 
-@triton.jit
+# A table's row stride is the longest context's block count in an eager step; specialized on
+# (divisible by 16 or not), each mixed step could compile a kernel the decode graphs lack.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, block_tables, context_lens, out_ptr,
                          acc_ptr, ml_ptr, scale, window, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
                          stride_bt, stride_ot, stride_oh, HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
