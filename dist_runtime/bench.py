@@ -16,6 +16,7 @@ from contextlib import nullcontext
 import numpy as np
 from tqdm import tqdm
 
+from dist_runtime.kernels import compiled_variants
 from dist_runtime.llm import LLM
 from dist_runtime.sampling_params import SamplingParams
 
@@ -61,6 +62,7 @@ def run_bench(llm: LLM, isl: int, osl: int, num_requests: int, concurrency: int 
                                                  for _ in range(crowd)])
     llm.coordinator.timings.clear()  # the window measured starts here
     busy_before = {r["rank"]: r["busy_s"] for r in llm.stats()["ranks"]}
+    compiled_before = compiled_variants()
     limit = concurrency or num_requests
     bar = tqdm(total=num_requests, unit="req", desc="bench", disable=not progress)
     finished: queue.Queue = queue.Queue()
@@ -87,7 +89,11 @@ def run_bench(llm: LLM, isl: int, osl: int, num_requests: int, concurrency: int 
         with open(profile, "w") as f:
             f.write(prof.key_averages().table(sort_by="self_cuda_time_total" if llm.device != "cpu"
                                               else "self_cpu_time_total", row_limit=40))
-    return _report(llm, outputs, elapsed, isl, osl, concurrency, request_rate, busy_before)
+    report = _report(llm, outputs, elapsed, isl, osl, concurrency, request_rate, busy_before)
+    # rank 0's process only: other ranks compile the same kernels, at the same steps
+    report["kernels_compiled_in_run"] = {name: n - compiled_before.get(name, 0) for name, n in
+                                         compiled_variants().items() if n > compiled_before.get(name, 0)}
+    return report
 
 
 def _profiler(path: str | None):

@@ -193,6 +193,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"rank-0 step overhead {o['total_at_max_running']:.3f} ms at {report['max_running']} running "
               f"({100 * o['share_of_step_time']:.1f}% of step time); KV peak {report['kv_cache']['peak_usage']:.0%} "
               f"of {report['kv_cache']['blocks']} blocks; {report['preemptions']} preemptions")
+    if report["kernels_compiled_in_run"]:  # on stderr, so that it shows with --json too
+        print(f"warning: kernels compiled inside the timed run (their compile time is in the figures): "
+              f"{report['kernels_compiled_in_run']}", file=sys.stderr)
     return 0
 
 

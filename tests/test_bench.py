@@ -23,9 +23,11 @@ def test_bench_reports_throughput_latency_memory_and_kv_usage(engines, mode):
     assert sorted(report["peak_memory_bytes"]) == ["rank0", "rank1", "rank2", "rank3"]
     assert all(r["peak_rss_bytes"] > 10 * 2**20 for r in report["peak_memory_bytes"].values())
     assert report["preemptions"] == 0
+    assert report["kernels_compiled_in_run"] == {}  # CPU ranks run no Triton kernel
 
 
 def test_bench_prints_a_summary_without_json(engines):
     proc = cli("bench", str(engines("llama", 1, 1)), "--isl", "8", "--osl", "4", "--num-requests", "4")
     assert proc.returncode == 0, proc.stderr
     assert "output tokens/s" in proc.stdout and "TTFT p50/p90/p99" in proc.stdout
+    assert "compiled inside the timed run" not in proc.stderr

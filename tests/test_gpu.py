@@ -125,6 +125,7 @@ def test_gpu_overlap_with_cuda_graphs_gives_the_synchronous_tokens(engines):
             results.append(outs)
             report = run_bench(llm, isl=16, osl=32, num_requests=4, concurrency=1)
             assert report["overlap"] == overlap and 0 <= report["gpu_idle_fraction"] < 1
+            assert not any(k.startswith("paged_decode.") for k in report["kernels_compiled_in_run"])
             idle.append(report["gpu_idle_fraction"])
     assert results[0] == results[1]
     print(f"GPU idle fraction at batch 1: {idle[0]:.1%} without overlap, {idle[1]:.1%} with")
@@ -134,13 +135,12 @@ def test_mixed_steps_compile_no_decode_attention_kernel_the_graphs_lack(engines)
     """A prompt's chunk beside decoding sequences runs eagerly; its decode attention must find
     the kernel compiled when the decode graphs were captured, or every request waits for a
     compile in the middle of a run (3 such compiles showed in one Llama-3-8B bench)."""
-    from dist_runtime.kernels import paged_decode
+    from dist_runtime.kernels import compiled_variants
 
     engine = str(engines("llama", 1, 1, dtype="bf16", max_seq_len=256, max_num_tokens=32))
-    kernels = (paged_decode._paged_decode_kernel, paged_decode._combine_kernel)
 
-    def compiled() -> int:
-        return sum(len(cache[0]) for kernel in kernels for cache in kernel.device_caches.values())
+    def compiled() -> dict[str, int]:
+        return {name: n for name, n in compiled_variants().items() if name.startswith("paged_decode.")}
 
     decode = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
     with LLM(engine, device="cuda") as llm:
