@@ -26,6 +26,22 @@ from dist_runtime.kernels.pdl import wait_for_inputs
 DEFAULT = {"splits": 1, "block_n": 64, "num_warps": 4}
 
 
+@triton.jit
+def _kv_tile(k_cache, v_cache, block_tables, seq, kv_head, start, first, ctx, stride_bt, stride_kb, stride_ks,
+             stride_kh, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Keys and values, as stored, of a sequence's tokens [start, start + BLOCK_N), found through
+    its block table; `valid` marks those in [first, ctx). Both loads are issued before either is
+    used, so they are in flight together."""
+    n = start + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, HEAD_DIM)
+    valid = (n < ctx) & (n >= first)
+    block = tl.load(block_tables + seq * stride_bt + n // BLOCK_SIZE, mask=valid, other=0)
+    rows = block.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
+    k = tl.load(k_cache + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+    v = tl.load(v_cache + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+    return valid, k, v
+
+
 # A table's row stride is the longest context's block count in an eager step; specialized on
 # (divisible by 16 or not), each mixed step could compile a kernel the decode graphs lack.
 @triton.jit(do_not_specialize=["stride_bt"])
@@ -68,13 +84,9 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
         ref = tl.max(m, 0)
         total = tl.sum(denom, 0)
         for start in range(begin, tl.minimum(begin + chunk, ctx), BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            valid = (n < ctx) & (n >= first)
-            block = tl.load(block_tables + seq * stride_bt + n // BLOCK_SIZE, mask=valid, other=0)
-            offset = block.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
-            k = tl.load(k_cache + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-            v = tl.load(v_cache + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0)  # in flight with k
-            s = tl.where(valid, tl.sum(k * qv[None, :], 1) * scale, float("-inf"))
+            valid, k, v = _kv_tile(k_cache, v_cache, block_tables, seq, kv_head, start, first, ctx, stride_bt,
+                                   stride_kb, stride_ks, stride_kh, BLOCK_SIZE, BLOCK_N, HEAD_DIM)
+            s = tl.where(valid, tl.sum(k.to(tl.float32) * qv[None, :], 1) * scale, float("-inf"))
             tile_max = tl.max(s, 0)
             if tile_max > ref + 8.0:
                 alpha = tl.exp(ref - tile_max)
@@ -89,16 +101,12 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
         denom = tl.zeros([GROUP_PAD], tl.float32) + total
     else:
         for start in range(begin, tl.minimum(begin + chunk, ctx), BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            valid = (n < ctx) & (n >= first)
-            block = tl.load(block_tables + seq * stride_bt + n // BLOCK_SIZE, mask=valid, other=0)
-            offset = block.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
-            k = tl.load(k_cache + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
-            v = tl.load(v_cache + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0)  # in flight with k
+            valid, k, v = _kv_tile(k_cache, v_cache, block_tables, seq, kv_head, start, first, ctx, stride_bt,
+                                   stride_kb, stride_ks, stride_kh, BLOCK_SIZE, BLOCK_N, HEAD_DIM)
             if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+                s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
             else:
-                s = tl.dot(q, tl.trans(k))
+                s = tl.dot(q, tl.trans(k.to(q.dtype)))
             s = tl.where(valid[None, :], s * scale, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
             p = tl.exp(s - m_new[:, None])
