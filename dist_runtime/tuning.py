@@ -45,12 +45,13 @@ class KernelChoices:
         return cls(record) if record and record.get("tuned") else None
 
     def attention(self, num_seqs: int) -> dict[str, int]:
-        """Keyword arguments of paged_decode_attention: splits, block_n, num_warps, and vector
-        or f16 where the tuning picked that variant."""
+        """Keyword arguments of paged_decode_attention: splits, block_n, num_warps, and vector,
+        f16 or num_stages where the tuning picked that variant."""
         if not self._attention:
             return {}
         choice = _pick(self._attention, num_seqs, self._attention[-1][1])
-        return {key: choice[key] for key in ("splits", "block_n", "num_warps", "vector", "f16") if key in choice}
+        keys = ("splits", "block_n", "num_warps", "vector", "f16", "num_stages")
+        return {key: choice[key] for key in keys if key in choice}
 
     def gemm(self, rows: int, out_features: int, in_features: int) -> dict[str, int] | None:
         """skinny_linear's keyword arguments where the Triton kernel won, else None (cuBLAS)."""

@@ -28,7 +28,9 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
                                     {"splits": 16, "block_n": 128, "num_warps": 4},
                                     {"vector": True, "block_n": 16}, {"vector": True, "splits": 3, "block_n": 64,
                                                                        "num_warps": 8},
-                                    {"f16": True}, {"f16": True, "splits": 3, "block_n": 32, "num_warps": 8}])
+                                    {"f16": True}, {"f16": True, "splits": 3, "block_n": 32, "num_warps": 8},
+                                    {"f16": True, "num_stages": 2, "block_n": 128},
+                                    {"num_stages": 1, "splits": 3, "block_n": 64}])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,window", [
     (4, 4, 16, 16, None), (8, 2, 64, 16, None), (32, 8, 128, 16, None), (8, 1, 128, 8, None),

@@ -151,7 +151,7 @@ def _combine_kernel(acc_ptr, ml_ptr, out_ptr, splits, stride_ot, stride_oh, HEAD
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            sliding_window: int | None = None, splits: int = 1, block_n: int = 64,
-                           num_warps: int = 4, vector: bool = False, f16: bool = False,
+                           num_warps: int = 4, vector: bool = False, f16: bool = False, num_stages: int | None = None,
                            k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q: [seqs, heads, head_dim]; caches: [blocks, block_size, kv_heads, head_dim] (q's dtype,
     or fp8 with float32 k_scale and v_scale [kv_heads]); block_tables: [seqs, max_blocks]
@@ -159,7 +159,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     head only, products on the CUDA cores instead of a tensor-core tile padded to 16 rows. `f16`:
     for an fp8 cache, the tensor-core products in float16, not q's dtype (E4M3 converts to
     float16 in one instruction per two values, to bfloat16 in three; float16 holds q's values
-    to 65,504 with more precision, and is clamped there)."""
+    to 65,504 with more precision, and is clamped there). `num_stages`: how deep Triton pipelines
+    the tensor-core loop's loads (1: not at all; None: Triton's default, 3 on Hopper)."""
     seqs, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     group = heads // kv_heads
@@ -178,7 +179,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, GROUP=group,
         GROUP_PAD=1 if vector else max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n, IEEE=q.dtype == torch.float32, PARTIAL=partial, KV_SCALED=k_scale is not None,
-        VECTOR=vector, F16=f16, num_warps=num_warps, **pdl.launch(q),
+        VECTOR=vector, F16=f16, num_warps=num_warps, **({"num_stages": num_stages} if num_stages else {}),
+        **pdl.launch(q),
     )
     if partial:
         _combine_kernel[(seqs, heads)](acc, ml, out, splits, out.stride(0), out.stride(1), HEADS=heads,
