@@ -43,7 +43,8 @@ SPLITS, BLOCK_NS, WARPS = (1, 2, 4, 8, 16), (32, 64, 128), (4, 8)
 VECTOR_BLOCK_NS, VECTOR_WARPS = (16, 32, 64), (2, 4)
 # The tensor-core loop is software-pipelined 3 deep by default. Alone on an H200 (Llama-3-8B, fp8
 # cache), 2 deep at 128 tokens and 4 warps was 17-22% faster at contexts of 1,152-2,110 and slower
-# at 192; 1 (no pipelining) takes the fewest registers. The tuning weighs them.
+# at 192; 1 (no pipelining) takes the fewest registers. The tuning weighs them (for Llama-3-8B it
+# picks 2 deep from batch 256 up: 2048/128 ran 8.5% faster, BENCHMARKS.md).
 PIPELINE_DEPTHS, PIPELINED_BLOCK_NS = (1, 2), (64, 128)
 TRITON_MARGIN = 0.97  # Triton must beat cuBLAS by 3%: a smaller gap is within the timing spread
 CALLS = 16  # per graph
