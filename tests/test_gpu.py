@@ -4,6 +4,8 @@ Skipped without CUDA."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from conftest import PROMPTS
@@ -157,8 +159,9 @@ def test_mixed_steps_compile_no_decode_attention_kernel_the_graphs_lack(engines)
         runner.launch = launch
         for decoding in (1, 3):  # bucket 1 had its inputs misaligned; 3 takes bucket 4's kernel
             first = [llm.submit(p, decode) for p in PROMPTS[:decoding]]
-            while not all(h.seqs and h.seqs[0].num_output >= 2 for h in first):
-                pass
+            deadline = time.time() + 60  # polled with sleeps, as in test_overlap: a bare spin starves the engine thread
+            while not all(h.seqs and h.seqs[0].num_output >= 2 for h in first) and time.time() < deadline:
+                time.sleep(0.001)
             joining = llm.submit(list(range(10, 110)), SamplingParams(max_tokens=2, ignore_eos=True))
             for handle in [*first, joining]:
                 handle.result(timeout=120)
