@@ -179,4 +179,6 @@ def test_requests_join_a_step_launched_ahead_of_the_tokens_before(on, off):
     timings = list(on.coordinator.timings)
     expected = [o.token_ids for o in off.generate([MIXED[-1], *PROMPTS[:3]], [long, *[GREEDY] * 3])]
     assert got == expected
-    assert any(t.ahead and t.running > before.running for before, t in zip(timings, timings[1:]))
+    # One sequence ran when the timings were cleared; the joiners may already ride the first step after
+    running_before = [1, *(t.running for t in timings)]
+    assert any(t.ahead and t.running > before for before, t in zip(running_before, timings))
