@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dist_runtime.block_manager import BlockManager
@@ -34,6 +34,7 @@ ops = st.lists(st.tuples(st.sampled_from(["add", "run", "free"]), st.integers(0,
 
 @settings(max_examples=300, deadline=None)
 @given(ops)
+@example([("add", 0, 1), ("add", 0, 1), ("add", 0, 4), ("add", 0, 1), *[("run", 2, 1)] * 5])  # a full cache
 def test_blocks_are_never_double_owned_and_all_return(operations):
     bm = BlockManager(12, BS)
     held: list[Sequence] = []
@@ -53,6 +54,9 @@ def test_blocks_are_never_double_owned_and_all_return(operations):
             seq.tokens.append(7)
             if bm.can_grow(seq, len(seq)):
                 bm.grow(seq, len(seq))
+            else:  # the scheduler preempts it: no sequence runs with a token that has no block
+                held.remove(seq)
+                bm.free(seq)
         elif op == "free" and held:
             bm.free(held.pop(which % len(held)))
         _check(bm, held)
