@@ -111,7 +111,7 @@ class ModelRunner:
                       else torch.zeros(tokens, self.hidden_size, dtype=self.engine.dtype, device=self.device))
             hidden = self.model(inputs, torch.arange(tokens, device=self.device), meta)
             if self.mapping.is_last_stage:
-                self.model.compute_logits(hidden[-plan.max_batch_size:])
+                self.model.compute_logits(hidden[-plan.max_batch_size:]).float()  # as sampling takes them
         torch.cuda.synchronize()
         activations = torch.cuda.max_memory_allocated() - base
         self._allocate_kv(0)
@@ -238,8 +238,11 @@ class ModelRunner:
                 # may take it as its inputs.
                 self.last_sampled = greedy if greedy is not None else logits.argmax(-1)
             return self._to_host(torch.empty(0, dtype=torch.int64)) if m.rank == 0 else None
+        plain = greedy is not None and plain_greedy(step)
         with self._busy():
-            sampled = Sampled(greedy, None) if greedy is not None and plain_greedy(step) else sample(logits, step)
+            if not plain or step.return_logits:
+                logits = logits.float()
+            sampled = Sampled(greedy, None) if plain else sample(logits, step)
         # Perhaps a view of a graph's output, which the next replay overwrites: a step taking
         # its inputs from here gathers them before its own replay.
         self.last_sampled = sampled.token_ids
