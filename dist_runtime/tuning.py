@@ -61,6 +61,14 @@ class KernelChoices:
             return None
         return {key: choice[key] for key in ("block_n", "block_k", "num_warps", "num_stages")}
 
+    def fast_accumulate(self, rows: int, out_features: int, in_features: int) -> bool:
+        """Whether an fp8 _scaled_mm of this shape accumulates fast: where the tuning found
+        that faster for the bucket of `rows` (past the largest bucket, the largest's choice)."""
+        table = self._gemm.get(gemm_key(out_features, in_features))
+        if not table:
+            return False
+        return _pick(table, rows, table[-1][1]).get("fast_accumulate", False)
+
 
 def install(model: nn.Module, choices: KernelChoices | None) -> None:
     """Hand `choices` (None: the defaults) to every layer of `model` that launches a tuned kernel."""
@@ -79,6 +87,11 @@ def summary(record: dict[str, Any] | None) -> str:
         return f"kernel tuning skipped: {record['reason'] if record else 'no record'}"
     splits = ", ".join(f"{b}: {c['splits']}" for b, c in _by_bucket(record["decode_attention"]))
     gemms = [c for table in record["gemm"].values() for c in table.values()]
-    triton = sum(c["kernel"] == "triton" for c in gemms)
-    return (f"kernels tuned on {record['gpu']} in {record['seconds']} s: decode-attention splits by batch "
-            f"{{{splits}}}; Triton GEMM faster than cuBLAS for {triton} of {len(gemms)} (shape, rows) cases")
+    raced = [c for c in gemms if "best_triton_us" in c]
+    triton = sum(c["kernel"] == "triton" for c in raced)
+    line = (f"kernels tuned on {record['gpu']} in {record['seconds']} s: decode-attention splits by batch "
+            f"{{{splits}}}; Triton GEMM faster than cuBLAS for {triton} of {len(raced)} (shape, rows) cases")
+    fp8 = [c for c in gemms if "cublas_fast_us" in c]
+    if fp8:
+        line += f"; fp8 GEMMs accumulate fast in {sum(c.get('fast_accumulate', False) for c in fp8)} of {len(fp8)}"
+    return line

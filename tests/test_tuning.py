@@ -25,7 +25,9 @@ RECORD = {
                                "default_us": [5.0]}},
     "gemm": {gemm_key(96, 64): {"1": {"kernel": "triton", "block_n": 16, "block_k": 256, "num_warps": 4,
                                       "num_stages": 4, "us": 2.0, "cublas_us": 3.0, "best_triton_us": 2.0},
-                                "4": {"kernel": "cublas", "us": 2.0, "cublas_us": 2.0, "best_triton_us": 2.5}}},
+                                "4": {"kernel": "cublas", "us": 2.0, "cublas_us": 2.0, "best_triton_us": 2.5},
+                                "64": {"kernel": "cublas", "fast_accumulate": True, "us": 5.0, "cublas_fast_us": 5.0,
+                                       "cublas_us": 6.0}}},
 }
 
 
@@ -43,7 +45,10 @@ def test_engine_json_keeps_the_tuned_choices_and_the_runner_reads_them(engines, 
         "splits": 2, "block_n": 64, "num_warps": 8, "vector": True}
     assert choices.gemm(1, 96, 64) == {"block_n": 16, "block_k": 256, "num_warps": 4, "num_stages": 4}
     assert choices.gemm(2, 96, 64) is None  # cuBLAS won at 4 rows
-    assert choices.gemm(5, 96, 64) is None and choices.gemm(1, 64, 64) is None  # untuned: cuBLAS
+    assert choices.gemm(5, 96, 64) is None and choices.gemm(1, 64, 64) is None  # cuBLAS: timed so, untuned
+    # an fp8 _scaled_mm accumulates fast where the tuning timed that faster (past the largest bucket too)
+    assert not choices.fast_accumulate(4, 96, 64) and not choices.fast_accumulate(64, 64, 64)
+    assert choices.fast_accumulate(5, 96, 64) and choices.fast_accumulate(9000, 96, 64)
 
 
 def test_every_layer_with_a_kernel_choice_gets_the_engines(engines):
@@ -116,6 +121,9 @@ def test_tuned_and_forced_kernels_give_the_untuned_outputs(checkpoints, tmp_path
     record = tuned.tuning
     assert record["tuned"] and record["gpu"] == torch.cuda.get_device_name()
     assert sorted(int(b) for b in record["decode_attention"]) == [1, 2, 4] and record["gemm"]
+    if dtype == "fp8":  # each fp8 GEMM chose how to accumulate at every count, a prefill chunk's (512) too
+        fp8_tables = [table for table in record["gemm"].values() if "512" in table]
+        assert fp8_tables and all("fast_accumulate" in c for t in fp8_tables for c in t.values())
     forced = {**record, "decode_attention": {"4": {"splits": 4, "block_n": 32, "num_warps": 4}},
               "gemm": {shape: {"4": {"kernel": "triton", "block_n": 32, "block_k": 128, "num_warps": 4,
                                      "num_stages": 3}} for shape in record["gemm"]}}

@@ -19,16 +19,15 @@ from sharding.quantize import FP8, FP8_MAX
 
 @triton.jit
 def _to_fp8(y, scale, FP8_MAX: tl.constexpr):
-    """y / scale (correctly rounded, as torch divides) saturated at the format's limit, in E4M3.
-    The rounding to E4M3's grid is done here, in float32: Triton's cast goes through float16
-    and so rounds twice, which put 0.1% of values one step away from torch's."""
+    """y / scale (correctly rounded, as torch divides) saturated at the format's limit, in E4M3,
+    rounded to nearest even by the hardware's conversion (compute capability 8.9 and up, which
+    fp8 needs anyway): one instruction per two values. Triton's own cast from float32 goes
+    through float16 and so rounds twice, which put 0.1% of values one step away from torch's;
+    rounding in float32 arithmetic instead cost a tenth of SiLU-and-mul's quantizing kernel."""
     v = tl.minimum(tl.maximum(tl.math.div_rn(y.to(tl.float32), scale), -FP8_MAX), FP8_MAX)
-    biased_exponent = (v.to(tl.int32, bitcast=True) >> 23) & 0xFF
-    # 3 bits after the leading one; below 2^-6 (subnormals) the step stays 2^-9
-    step_exponent = tl.maximum(biased_exponent, 127 - 6) - 3
-    step = (step_exponent << 23).to(tl.float32, bitcast=True)
-    inverse_step = ((254 - step_exponent) << 23).to(tl.float32, bitcast=True)  # both exact powers of two
-    return (libdevice.rint(v * inverse_step) * step).to(tl.float8e4nv)
+    pairs = tl.inline_asm_elementwise("cvt.rn.satfinite.e4m3x2.f32 $0, $2, $1;", "=h,r,r", [v], dtype=tl.int8,
+                                      is_pure=True, pack=2)
+    return pairs.to(tl.float8e4nv, bitcast=True)
 
 
 @triton.jit

@@ -21,12 +21,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ker
     come with a calibrated `input_scale`. The tuning's choices hold for quantized weights too,
     which the Triton kernel reads as they are: fp8 ones then multiply x unquantized (weight-only,
     for decode batches where reading the weight is the whole cost), while _scaled_mm quantizes x
-    (or takes it quantized, an Fp8Rows) with `input_scale` or per token."""
+    (or takes it quantized, an Fp8Rows) with `input_scale` or per token, accumulating fast
+    where the tuning found that faster."""
+    values = x.values if isinstance(x, Fp8Rows) else x
+    rows = values.numel() // values.shape[-1]
     choice = None
     if kernels is not None and not isinstance(x, Fp8Rows):
-        choice = kernels.gemm(x.numel() // x.shape[-1], *weight.shape)
+        choice = kernels.gemm(rows, *weight.shape)
     if choice is None:
-        return F.linear(x, weight, bias) if scale is None else quantized_linear(x, weight, scale, bias, input_scale)
+        if scale is None:
+            return F.linear(x, weight, bias)
+        fast = kernels is not None and kernels.fast_accumulate(rows, *weight.shape)
+        return quantized_linear(x, weight, scale, bias, input_scale, fast)
     from dist_runtime.kernels.skinny_gemm import skinny_linear
 
     return skinny_linear(x, weight, bias, scale=scale, **choice)
