@@ -23,7 +23,10 @@ def _to_fp8(y, scale, FP8_MAX: tl.constexpr):
     rounded to nearest even by the hardware's conversion (compute capability 8.9 and up, which
     fp8 needs anyway): one instruction per two values. Triton's own cast from float32 goes
     through float16 and so rounds twice, which put 0.1% of values one step away from torch's;
-    rounding in float32 arithmetic instead cost a tenth of SiLU-and-mul's quantizing kernel."""
+    the rounding done in float32 arithmetic before took about a dozen instructions per value
+    (on an H200, SiLU-and-mul quantizing [8192, 14336]: 270 us then, 250 with the conversion
+    done one value per instruction). The division stays exact: Markstein's correction of
+    y * (1 / scale), 10% faster again, gave other E4M3 values for 4% of a GELU's outputs."""
     v = tl.minimum(tl.maximum(tl.math.div_rn(y.to(tl.float32), scale), -FP8_MAX), FP8_MAX)
     pairs = tl.inline_asm_elementwise("cvt.rn.satfinite.e4m3x2.f32 $0, $2, $1;", "=h,r,r", [v], dtype=tl.int8,
                                       is_pure=True, pack=2)

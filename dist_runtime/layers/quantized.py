@@ -84,8 +84,17 @@ def fp8_linear(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, scale: torch.Ten
         out = fp8_linear(rows, weight, scale, bias=bias, fast_accumulate=fast_accumulate)
         return out.view(*x.shape[:-1], weight.shape[0])
     fused_bias = bias if x.dtype != torch.float32 else None
-    out = torch._scaled_mm(x.values, weight.t(), scale_a=x.scale, scale_b=scale.view(1, -1), bias=fused_bias,
-                           out_dtype=x.dtype, use_fast_accum=fast_accumulate)
+
+    def scaled_mm(fast: bool) -> torch.Tensor:
+        return torch._scaled_mm(x.values, weight.t(), scale_a=x.scale, scale_b=scale.view(1, -1), bias=fused_bias,
+                                out_dtype=x.dtype, use_fast_accum=fast)
+
+    try:
+        out = scaled_mm(fast_accumulate)
+    except RuntimeError:  # cuBLAS lacks a fast-accumulating kernel for some row counts (seen on an
+        if not fast_accumulate:  # H200: 16 rows, a bias, 16,384 inputs): there, float32 it is
+            raise
+        out = scaled_mm(False)
     return out + bias if bias is not None and fused_bias is None else out
 
 
