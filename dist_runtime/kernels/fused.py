@@ -21,12 +21,12 @@ from sharding.quantize import FP8, FP8_MAX
 def _to_fp8(y, scale, FP8_MAX: tl.constexpr):
     """y / scale (correctly rounded, as torch divides) saturated at the format's limit, in E4M3,
     rounded to nearest even by the hardware's conversion (compute capability 8.9 and up, which
-    fp8 needs anyway): one instruction per two values. Triton's own cast from float32 goes
-    through float16 and so rounds twice, which put 0.1% of values one step away from torch's;
-    the rounding done in float32 arithmetic before took about a dozen instructions per value
+    fp8 needs anyway): one instruction per two values, spelled out because Triton's cast has
+    gone through float16 (rounding twice: 0.1% of values a step off torch's) in some versions.
+    The rounding done in float32 arithmetic before took about a dozen instructions per value
     (on an H200, SiLU-and-mul quantizing [8192, 14336]: 270 us then, 250 with the conversion
     done one value per instruction). The division stays exact: Markstein's correction of
-    y * (1 / scale), 10% faster again, gave other E4M3 values for 4% of a GELU's outputs."""
+    y * (1 / scale), 8% faster there, gave other E4M3 values for 4% of a GELU's outputs."""
     v = tl.minimum(tl.maximum(tl.math.div_rn(y.to(tl.float32), scale), -FP8_MAX), FP8_MAX)
     pairs = tl.inline_asm_elementwise("cvt.rn.satfinite.e4m3x2.f32 $0, $2, $1;", "=h,r,r", [v], dtype=tl.int8,
                                       is_pure=True, pack=2)
