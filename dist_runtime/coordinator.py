@@ -4,9 +4,10 @@ It owns the scheduler and the KV-cache block manager, packs each step's batch in
 broadcasts it, runs rank 0's own share of the step, and applies the sampled tokens.
 
 With overlap (one pipeline stage), step n+1 is packed and launched while the device still
-runs step n, whenever each of step n's sequences decodes in it: their input tokens are step
-n's sampled ids, which stay on the device (on the other TP ranks too, after greedy steps), and
-waiting requests may join with their prompts. A sequence that meets a stop token in step n has
+runs step n, whenever each of step n's sequences decodes in it or runs its prompt's next
+chunk: the decodes' input tokens are step n's sampled ids, which stay on the device (on the
+other TP ranks too, after greedy steps), a prompt's are on the host, and waiting requests
+may join with their prompts. A sequence that meets a stop token in step n has
 already a row in step n+1; that row's token is dropped. Anything else (see _follow) waits for
 step n's tokens first.
 A sequence that ends gives its KV blocks back at once, though a step still running may
@@ -172,8 +173,8 @@ class Coordinator:
             if not self.scheduler.has_work():
                 return updates
         scheduling = start if follow else time.perf_counter()
-        batch, prev_rows = follow or (self.scheduler.schedule(), None)
-        step, sampling = self._pack(batch, prev_rows)
+        batch, prev_rows, in_flight = follow or (self.scheduler.schedule(), None, None)
+        step, sampling = self._pack(batch, prev_rows, in_flight)
         log.debug("step of %d sequences, %d tokens", step.num_seqs, step.num_tokens)
         packed = time.perf_counter()
         self.comm.broadcast_object(step)
@@ -190,38 +191,47 @@ class Coordinator:
                                        follow is not None))
         return updates
 
-    def _follow(self, prev: InFlight | None) -> tuple[list[tuple[Sequence, int]], list[int]] | None:
+    def _follow(self, prev: InFlight | None
+                ) -> tuple[list[tuple[Sequence, int]], list[int], dict[Sequence, int]] | None:
         """The step that can be launched before `prev`'s tokens reach the host: (batch, each
-        sequence's row among prev's sampled ids, -1 for one whose tokens the host has), with KV
-        blocks for what it adds. Every running sequence decodes the token prev sampled for it;
-        waiting ones join with their prompts while the budget and the blocks allow. None when
-        the host needs prev's tokens first: a running sequence did not sample in prev (a
-        prompt part-way through prefill); penalties read them; prev's logits are wanted (the
-        next graph replay overwrites them); the blocks are short; or sequences wait while
-        others stop at a length limit (the places those free go to the waiting first, so the
-        steps stay those of the synchronous path)."""
+        sequence's row among prev's sampled ids, -1 for one whose tokens the host has, and the
+        prompt tokens prev computes for sequences part-way through prefill), with KV blocks
+        for what it adds. Every running sequence decodes the token prev sampled for it, or
+        takes its prompt's next chunk; waiting ones join with their prompts while the budget
+        and the blocks allow. None when the host needs prev's tokens first: penalties read
+        them; prev's logits are wanted (the next graph replay overwrites them); the blocks are
+        short; a running sequence was left out of prev; or sequences wait while others stop at
+        a length limit (the places those free go to the waiting first, so the steps stay those
+        of the synchronous path)."""
         if prev is None or prev.step.return_logits:
             return None
         if self.runner.mapping.tp > 1 and not plain_greedy(prev.step):
             return None  # only the sampling rank has prev's ids; its TP peers take the argmax
         rows = {seq: row for row, seq in enumerate(prev.sampling)}
-        if any(seq not in rows for seq in self.scheduler.running):
+        in_flight = {seq: n for seq, n in prev.batch if seq not in rows}  # prompt chunks, sampling nothing
+        if any(seq not in rows and seq not in in_flight for seq in self.scheduler.running):
             return None
         # Those that prev's token takes to a length limit stop there (the rest of prev's
         # sequences finished while it ran).
-        seqs = [s for s in self.scheduler.running
-                if s.num_output + 1 < s.params.max_tokens and len(s) + 1 < self.max_seq_len]
-        if not seqs or any(s.params.has_penalties for s in seqs):
+        decoding = [s for s in self.scheduler.running if s in rows
+                    and s.num_output + 1 < s.params.max_tokens and len(s) + 1 < self.max_seq_len]
+        prefilling = [s for s in self.scheduler.running if s in in_flight]
+        if not decoding + prefilling or any(s.params.has_penalties for s in decoding):
             return None
-        if self.scheduler.waiting and len(seqs) < len(self.scheduler.running):
+        if self.scheduler.waiting and len(decoding) + len(prefilling) < len(self.scheduler.running):
             return None  # the stopping ones free their places first, for the waiting to take
-        if sum(self.blocks.blocks_for(len(s) + 1) - len(s.block_table) for s in seqs) > self.blocks.num_free:
+        batch, budget = dict.fromkeys(decoding, 1), self.scheduler.max_num_tokens - len(decoding)
+        for seq in prefilling:  # the next chunk, as the scheduler would cut it
+            if budget > 0:
+                batch[seq] = min(len(seq) - seq.num_cached - in_flight[seq], budget)
+                budget -= batch[seq]
+        ends = {seq: len(seq) + 1 if seq in rows else seq.num_cached + in_flight[seq] + n for seq, n in batch.items()}
+        if sum(self.blocks.blocks_for(end) - len(s.block_table) for s, end in ends.items()) > self.blocks.num_free:
             return None  # the scheduler preempts
-        for seq in seqs:
-            self.blocks.grow(seq, len(seq) + 1)
-        batch = dict.fromkeys(seqs, 1)
-        self.scheduler.admit(batch, self.scheduler.max_num_tokens - len(seqs))
-        return list(batch.items()), [rows[s] for s in seqs] + [-1] * (len(batch) - len(seqs))
+        for seq, end in ends.items():
+            self.blocks.grow(seq, end)
+        self.scheduler.admit(batch, budget)
+        return list(batch.items()), [rows.get(s, -1) for s in batch], in_flight
 
     def _collect(self, done: InFlight) -> list[TokenUpdate]:
         """Wait for a launched step's tokens and apply them, but to no sequence that ended
@@ -268,16 +278,18 @@ class Coordinator:
         if not seq.is_finished:
             self.scheduler.finish(seq, reason)
 
-    def _pack(self, batch: list[tuple[Sequence, int]], prev_rows: list[int] | None = None
-              ) -> tuple[Step, list[Sequence]]:
+    def _pack(self, batch: list[tuple[Sequence, int]], prev_rows: list[int] | None = None,
+              in_flight: dict[Sequence, int] | None = None) -> tuple[Step, list[Sequence]]:
         """The Step for `batch`, and the sequences that sample in it (in row order). A sequence
-        with a row in `prev_rows` (see Step) runs the one token past those the host has."""
+        with a row in `prev_rows` (see Step) runs the one token past those the host has; one
+        in `in_flight` starts past the prompt tokens the step before is computing for it."""
         rows = prev_rows or [-1] * len(batch)
+        in_flight = in_flight or {}
         tokens, positions, slots, starts, context = [], [], [], [0], []
         sample_rows, sampling, ahead = [], [], []
         for i, (seq, n) in enumerate(batch):
             ahead.append(int(rows[i] >= 0))
-            start = len(seq) if ahead[i] else seq.num_cached
+            start = len(seq) if ahead[i] else seq.num_cached + in_flight.get(seq, 0)
             end = start + n
             tokens += [0] if ahead[i] else seq.tokens[start:end]
             positions += range(start, end)

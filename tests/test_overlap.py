@@ -163,6 +163,20 @@ def test_logits_asked_for_by_one_generate_are_not_kept_for_later_requests(on):
     assert _steps_ahead(on) > 0
 
 
+def test_a_prompt_in_chunks_has_each_next_chunk_launched_ahead(on, off):
+    """A prompt longer than a step's 32 tokens prefills over several steps. The host has its
+    tokens, so each chunk after the first is launched while the one before runs, as are the
+    decodes after it; the tokens are the synchronous ones."""
+    prompt = "Chunked: " + MIXED[-2] * 3  # no cached prefix from other tests
+    on.coordinator.timings.clear()
+    got = on.generate([prompt], GREEDY)[0].outputs[0].token_ids
+    timings = list(on.coordinator.timings)
+    assert got == off.generate([prompt], GREEDY)[0].outputs[0].token_ids
+    chunks = -(-len(on.tokenizer.encode(prompt)) // 32)
+    assert chunks >= 3 and len(timings) == chunks + GREEDY.max_tokens - 1
+    assert [t.ahead for t in timings[:chunks + 1]] == [False] + [True] * chunks
+
+
 def test_requests_join_a_step_launched_ahead_of_the_tokens_before(on, off):
     """Prompts arriving while a sequence decodes join the next step, which is launched before
     the previous step's tokens reach the host; the tokens are the synchronous ones."""
