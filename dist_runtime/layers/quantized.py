@@ -91,9 +91,11 @@ def fp8_linear(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, scale: torch.Ten
 
     try:
         out = scaled_mm(fast_accumulate)
-    except RuntimeError:  # cuBLAS lacks a fast-accumulating kernel for some row counts (seen on an
-        if not fast_accumulate:  # H200: 16 rows, a bias, 16,384 inputs): there, float32 it is
+    except RuntimeError:
+        if not fast_accumulate:
             raise
+        # cuBLAS lacks a fast-accumulating kernel for some row counts (seen on an H200: 16 rows,
+        # a bias, 16,384 inputs), and a step's rows may fall between the buckets tuned
         out = scaled_mm(False)
     return out + bias if bias is not None and fused_bias is None else out
 
