@@ -10,6 +10,8 @@ import time
 import pytest
 from conftest import PROMPTS, cli, json_lines, mpirun, tool
 
+from dist_runtime import LLM, SamplingParams
+
 SAMPLED = ["--temperature", "0.9", "--top-k", "50", "--top-p", "0.9", "--seed", "7", "--max-tokens", "10",
            "--ignore-eos", "--json"]
 
@@ -25,13 +27,14 @@ def test_spawned_ranks_give_the_same_tokens_as_mpirun(engines):
 
 
 def test_batched_prompts_equal_each_prompt_alone(engines):
+    """The command's batch against each prompt alone, run through one LLM (its ranks started once)."""
     engine = str(engines("gptj", 2, 1))
     batch = json_lines(cli("generate", engine, "--temperature", "0", "--max-tokens", "8", "--json",
                            *_prompts(*PROMPTS)))
-    for prompt, out in zip(PROMPTS, batch):
-        alone = json_lines(cli("generate", engine, "--temperature", "0", "--max-tokens", "8", "--json",
-                               *_prompts(prompt)))
-        assert alone == [out]
+    with LLM(engine) as llm:
+        alone = [llm.generate([p], SamplingParams(temperature=0.0, max_tokens=8))[0].outputs[0] for p in PROMPTS]
+    assert [(o["token_ids"], o["text"], o["finish_reason"]) for o in batch] == [
+        (c.token_ids, c.text, c.finish_reason) for c in alone]
 
 
 def test_same_seed_same_tokens_whatever_the_layout(engines):
