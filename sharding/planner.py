@@ -123,7 +123,15 @@ def make_plan(config: ModelConfig, tp: int = 1, pp: int = 1, dtype: str = "bf16"
     plan = Plan(tp, pp, dtype, kv_cache_dtype, counts, max_batch_size, max_seq_len, max_num_tokens, block_size,
                 num_kv_blocks=max_batch_size * -(-max_seq_len // block_size),
                 gpu_mem_bytes=None if gpu_mem_gib is None else int(gpu_mem_gib * GiB), ranks=[])
-    plan.ranks = [_plan_rank(config, plan, m) for m in Mapping(tp, pp).all_ranks()]
+    # The TP ranks of a stage hold slices of one shape (sizes divide evenly, or a KV head is
+    # replicated whole): one model build per stage, not per rank (a 405B search built 128).
+    stages: dict[int, RankPlan] = {}
+    for m in Mapping(tp, pp).all_ranks():
+        if m.pp_rank not in stages:
+            stages[m.pp_rank] = _plan_rank(config, plan, m)
+        stage = stages[m.pp_rank]
+        plan.ranks.append(dataclasses.replace(stage, rank=m.rank, tp_rank=m.tp_rank, memory=dict(stage.memory),
+                                              weights=list(stage.weights)))
     return plan
 
 
