@@ -84,7 +84,7 @@ def test_ray_actor_ranks_give_the_same_tokens_as_mpirun(engines, ray_head):
 
 def test_more_ranks_than_the_cluster_has_cpus_is_a_clear_error(engines, ray_head):
     engine = str(engines("llama", 4, 2))  # 8 ranks on 4 CPUs
-    env = {**os.environ, "DIST_RUNTIME_RAY_TIMEOUT_S": "10"}
+    env = {**os.environ, "DIST_RUNTIME_RAY_TIMEOUT_S": "2"}
     started = time.monotonic()
     proc = subprocess.run([tool("dist-runtime"), "generate", engine, "--launcher", "ray", "--ray-address", ray_head,
                            "--prompt", "hi"], capture_output=True, text=True, timeout=300, env=env)
