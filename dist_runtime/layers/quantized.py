@@ -78,25 +78,15 @@ def fp8_linear(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, scale: torch.Ten
     scales and adds the bias: inside the GEMM, but for a float32 output (_scaled_mm refuses a
     bias there). It accumulates in float32, or with `fast_accumulate` in the tensor cores' own
     narrower sums, promoted less often: faster at some shapes, a little less exact (the
-    build's tuning picks it per shape and rows only where it was measurably faster)."""
+    build's tuning picks it per shape and rows only where it was measurably faster), and
+    a RuntimeError where cuBLAS has no such kernel (quantized_linear falls back)."""
     if not isinstance(x, Fp8Rows):
         rows = fp8_input(x.reshape(-1, x.shape[-1]), input_scale)
         out = fp8_linear(rows, weight, scale, bias=bias, fast_accumulate=fast_accumulate)
         return out.view(*x.shape[:-1], weight.shape[0])
     fused_bias = bias if x.dtype != torch.float32 else None
-
-    def scaled_mm(fast: bool) -> torch.Tensor:
-        return torch._scaled_mm(x.values, weight.t(), scale_a=x.scale, scale_b=scale.view(1, -1), bias=fused_bias,
-                                out_dtype=x.dtype, use_fast_accum=fast)
-
-    try:
-        out = scaled_mm(fast_accumulate)
-    except RuntimeError:
-        if not fast_accumulate:
-            raise
-        # cuBLAS lacks a fast-accumulating kernel for some row counts (seen on an H200: 16 rows,
-        # a bias, 16,384 inputs), and a step's rows may fall between the buckets tuned
-        out = scaled_mm(False)
+    out = torch._scaled_mm(x.values, weight.t(), scale_a=x.scale, scale_b=scale.view(1, -1), bias=fused_bias,
+                           out_dtype=x.dtype, use_fast_accum=fast_accumulate)
     return out + bias if bias is not None and fused_bias is None else out
 
 
@@ -112,6 +102,13 @@ def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Ten
 def quantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                      input_scale: torch.Tensor | None = None, fast_accumulate: bool = False) -> torch.Tensor:
     if weight.dtype == FP8:
-        return fp8_linear(x, weight, scale, input_scale, bias, fast_accumulate)
+        try:
+            return fp8_linear(x, weight, scale, input_scale, bias, fast_accumulate)
+        except RuntimeError:
+            if not fast_accumulate:
+                raise
+            # cuBLAS lacks a fast-accumulating kernel for some row counts (seen on an H200: 16 rows,
+            # a bias, 16,384 inputs), and a step's rows may fall between the buckets tuned
+            return fp8_linear(x, weight, scale, input_scale, bias)
     out = int8_linear(x, weight, scale)
     return out + bias if bias is not None else out
