@@ -216,7 +216,7 @@ class Coordinator:
         decoding = [s for s in self.scheduler.running if s in rows
                     and s.num_output + 1 < s.params.max_tokens and len(s) + 1 < self.max_seq_len]
         prefilling = [s for s in self.scheduler.running if s in in_flight]
-        if not decoding + prefilling or any(s.params.has_penalties for s in decoding):
+        if not (decoding or prefilling) or any(s.params.has_penalties for s in decoding):
             return None
         if self.scheduler.waiting and len(decoding) + len(prefilling) < len(self.scheduler.running):
             return None  # the stopping ones free their places first, for the waiting to take
