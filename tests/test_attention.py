@@ -40,6 +40,14 @@ def test_prefill_matches_the_reference_for_mixed_sequences(window, batch_element
     expected = attn.reference(q, meta)
     got = attn.prefill(q[2:], k[2:], v[2:], meta, first=2)
     assert torch.allclose(got, expected[2:], atol=1e-5)  # the reference computes in float32
+    # A second layer reuses the step's index tensors (derived by the first), with its own keys.
+    derived = dict(meta.derived)
+    attn.k_cache, attn.v_cache = torch.randn_like(attn.k_cache), torch.randn_like(attn.v_cache)
+    attn.k_cache.view(-1, kv_heads, dim)[meta.slot_mapping] = k
+    attn.v_cache.view(-1, kv_heads, dim)[meta.slot_mapping] = v
+    got = attn.prefill(q[2:], k[2:], v[2:], meta, first=2)
+    assert torch.allclose(got, attn.reference(q, meta)[2:], atol=1e-5)
+    assert meta.derived.keys() == derived.keys() and len(derived) > 1
 
 
 def test_chunks_after_cached_keys_are_batched_within_the_budget(monkeypatch):

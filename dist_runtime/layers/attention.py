@@ -6,6 +6,8 @@ and values divided by one static scale per KV head; every reader multiplies it b
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -36,6 +38,28 @@ class AttentionMetadata:
     context_lens_tensor: torch.Tensor | None = None  # the same on the device (the decode kernel reads it)
     decode: bool = False  # every sequence brings exactly one token
     num_decodes: int = 0  # the leading sequences that bring one token each (the scheduler puts them first)
+    # What every layer of the step derives alike (the prefill's batches, their index tensors):
+    # derived by the first layer that needs it, not again in each of the others
+    derived: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def once(self, key: tuple, derive: Callable[[], object]) -> object:
+        """derive(), computed by the first layer that asks for `key` and kept for the others."""
+        if key not in self.derived:
+            self.derived[key] = derive()
+        return self.derived[key]
+
+
+@dataclasses.dataclass
+class CachedBatch:
+    """Index tensors of one batch of prompt parts that read cached keys, the same in every layer."""
+
+    rows: int  # queries per sequence, padded to the longest (a pad repeats the sequence's last query)
+    width: int  # keys per sequence, the longest context
+    queries: torch.Tensor  # [seqs * rows] each padded query's row of q
+    blocks: torch.Tensor  # [seqs, width in blocks] the cache blocks holding their keys
+    mask: torch.Tensor  # [seqs, 1, rows * group, width] True where a query sees a key
+    kept: torch.Tensor  # rows among the padded queries that are not pads
+    out_rows: torch.Tensor  # and the rows of `out` they go to
 
 
 class PagedAttention(nn.Module):
@@ -86,12 +110,10 @@ class PagedAttention(nn.Module):
             out[decodes:] = self.prefill(q[decodes:], k[decodes:], v[decodes:], meta, first=decodes)
         return out.flatten(1)
 
-    def _context(self, seqs: list[int], meta: AttentionMetadata, length: int, dtype: torch.dtype
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `length` cached keys and values of sequences `seqs`, [seqs, length, kv_heads,
-        head_dim] each, in `dtype` (past a sequence's own context: whatever its table points at)."""
-        rows = to_device(np.asarray(seqs), meta.block_tables.device)
-        blocks = meta.block_tables[rows, : -(-length // self.k_cache.shape[1])]
+    def _context(self, blocks: torch.Tensor, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `length` cached keys and values of the sequences whose blocks are `blocks`,
+        [seqs, length, kv_heads, head_dim] each, in `dtype` (past a sequence's own context:
+        whatever its table points at)."""
         keys = self.k_cache[blocks].flatten(1, 2)[:, :length]
         values = self.v_cache[blocks].flatten(1, 2)[:, :length]
         if self.k_scale is None:
@@ -102,7 +124,8 @@ class PagedAttention(nn.Module):
         out = torch.empty_like(q)
         for i, ctx in enumerate(meta.context_lens):
             start, end = meta.query_start[i], meta.query_start[i + 1]
-            keys, values = self._context([i], meta, ctx, torch.float32)
+            blocks = meta.block_tables[i: i + 1, : -(-ctx // self.k_cache.shape[1])]
+            keys, values = self._context(blocks, ctx, torch.float32)
             out[start:end] = self._attend(q[start:end], keys[0], values[0], ctx)
         return out
 
@@ -130,55 +153,55 @@ class PagedAttention(nn.Module):
         chunks that continue a prompt, or follow a cached prefix, read their keys from the
         cache, batched too."""
         out = torch.empty_like(q)
-        base = meta.query_start[first]
-        cached = []
-        i, n = first, len(meta.context_lens)
-        while i < n:
-            length = meta.query_start[i + 1] - meta.query_start[i]
-            if self.sliding_window is not None or meta.context_lens[i] != length:
-                cached.append(i)
-                i += 1
-                continue
-            start, run = meta.query_start[i] - base, 1
-            while (i + run < n and meta.context_lens[i + run] == length
-                   and meta.query_start[i + run + 1] - meta.query_start[i + run] == length):
-                run += 1
-            end = start + run * length
-            out[start:end] = self._fresh(q[start:end], k[start:end], v[start:end], run, length)
-            i += run
-        for group in _batches(cached, meta):
-            self._from_cache(q, out, meta, group, base)
+        windowed = self.sliding_window is not None
+        runs, cached = meta.once(("prefill", first, windowed), lambda: _prefill_batches(meta, first, windowed))
+        for start, seqs, length in runs:
+            end = start + seqs * length
+            out[start:end] = self._fresh(q[start:end], k[start:end], v[start:end], seqs, length)
+        group = self.num_heads // self.num_kv_heads
+        for seqs in cached:
+            batch = meta.once(("cached", first, tuple(seqs), group, self.sliding_window),
+                              functools.partial(self._cached_batch, meta, seqs, meta.query_start[first], q.device))
+            self._from_cache(q, out, batch)
         return out
 
-    def _from_cache(self, q: torch.Tensor, out: torch.Tensor, meta: AttentionMetadata, seqs: list[int],
-                    base: int) -> None:
-        """Attention of sequences `seqs` over their cached keys, written into their rows of `out`:
-        one call over their queries padded to the longest (a pad repeats the last query, and is
-        dropped). The query heads sharing a KV head ride in the query dimension, so the call
-        is plain multi-head attention with a mask, which the fused kernels take."""
+    def _cached_batch(self, meta: AttentionMetadata, seqs: list[int], base: int, device: torch.device
+                      ) -> CachedBatch:
+        """The index tensors of `_from_cache` for sequences `seqs`, whose tokens start at row
+        `base` of the step."""
         starts = np.array([meta.query_start[i] - base for i in seqs])
         new = np.array([meta.query_start[i + 1] - meta.query_start[i] for i in seqs])
         ctx = np.array([meta.context_lens[i] for i in seqs])
         rows, width = int(new.max()), int(ctx.max())
-        kv_heads, group = self.num_kv_heads, self.num_heads // self.num_kv_heads
         j = np.arange(rows)
-        tokens = starts[:, None] + np.minimum(j, new[:, None] - 1)  # [seqs, rows] rows of q
-        device = q.device
-        queries = q[to_device(tokens.ravel(), device)].view(len(seqs), rows, kv_heads, group, -1)
-        queries = queries.transpose(1, 2).flatten(2, 3)  # [seqs, kv_heads, rows * group, head_dim]
+        tokens = (starts[:, None] + np.minimum(j, new[:, None] - 1)).ravel()  # [seqs * rows] rows of q
         position = to_device(ctx[:, None] - new[:, None] + j, device)[:, :, None]  # each row's place in its sequence
         key_position = torch.arange(width, device=device)
         visible = key_position <= position
         if self.sliding_window is not None:
             visible &= key_position > position - self.sliding_window
-        keys, values = self._context(seqs, meta, width, q.dtype)
-        with sdpa_kernel(CACHED_BACKENDS, set_priority=True):
-            attended = F.scaled_dot_product_attention(
-                queries, keys.transpose(1, 2), values.transpose(1, 2),
-                attn_mask=visible.repeat_interleave(group, dim=1)[:, None], scale=self.scale)
-        attended = attended.unflatten(2, (rows, group)).transpose(1, 2).flatten(0, 1).flatten(1, 2)
         kept = (j < new[:, None]).ravel()
-        out[to_device(tokens.ravel()[kept], device)] = attended[to_device(np.flatnonzero(kept), device)]
+        blocks = meta.block_tables[to_device(np.asarray(seqs), device), : -(-width // self.k_cache.shape[1])]
+        group = self.num_heads // self.num_kv_heads
+        return CachedBatch(rows, width, to_device(tokens, device), blocks,
+                           visible.repeat_interleave(group, dim=1)[:, None],
+                           to_device(np.flatnonzero(kept), device), to_device(tokens[kept], device))
+
+    def _from_cache(self, q: torch.Tensor, out: torch.Tensor, batch: CachedBatch) -> None:
+        """Attention of a batch's sequences over their cached keys, written into their rows of
+        `out`: one call over their queries padded to the longest, pads dropped. The query heads
+        sharing a KV head ride in the query dimension, so the call is plain multi-head attention
+        with a mask, which the fused kernels take."""
+        seqs = batch.blocks.shape[0]
+        kv_heads, group = self.num_kv_heads, self.num_heads // self.num_kv_heads
+        queries = q[batch.queries].view(seqs, batch.rows, kv_heads, group, -1)
+        queries = queries.transpose(1, 2).flatten(2, 3)  # [seqs, kv_heads, rows * group, head_dim]
+        keys, values = self._context(batch.blocks, batch.width, q.dtype)
+        with sdpa_kernel(CACHED_BACKENDS, set_priority=True):
+            attended = F.scaled_dot_product_attention(queries, keys.transpose(1, 2), values.transpose(1, 2),
+                                                      attn_mask=batch.mask, scale=self.scale)
+        attended = attended.unflatten(2, (batch.rows, group)).transpose(1, 2).flatten(0, 1).flatten(1, 2)
+        out[batch.out_rows] = attended[batch.kept]
 
     def _fresh(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: int, length: int) -> torch.Tensor:
         """Causal attention of `seqs` whole prompts of `length` tokens each, in one call (their
@@ -190,6 +213,29 @@ class PagedAttention(nn.Module):
             out = F.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=True, scale=self.scale,
                                                  enable_gqa=True)
         return out.transpose(1, 2).reshape(q.shape)
+
+
+def _prefill_batches(meta: AttentionMetadata, first: int, windowed: bool
+                     ) -> tuple[list[tuple[int, int, int]], list[list[int]]]:
+    """How `prefill` splits sequences `first`..: runs of fresh prompts of one length, as (first
+    row counted from sequence `first`'s, prompts, length), and batches of those that read cached
+    keys (all of them with a sliding window)."""
+    runs, cached = [], []
+    base = meta.query_start[first]
+    i, n = first, len(meta.context_lens)
+    while i < n:
+        length = meta.query_start[i + 1] - meta.query_start[i]
+        if windowed or meta.context_lens[i] != length:
+            cached.append(i)
+            i += 1
+            continue
+        run = 1
+        while (i + run < n and meta.context_lens[i + run] == length
+               and meta.query_start[i + run + 1] - meta.query_start[i + run] == length):
+            run += 1
+        runs.append((meta.query_start[i] - base, run, length))
+        i += run
+    return runs, _batches(cached, meta)
 
 
 def _batches(seqs: list[int], meta: AttentionMetadata) -> list[list[int]]:
