@@ -26,10 +26,11 @@ def _to_fp8(y, scale, FP8_MAX: tl.constexpr):
 
     The division is y times the row's reciprocal, corrected once (Markstein): with the
     reciprocal correctly rounded, that is the correctly rounded quotient (emulated exactly on
-    the CPU: every bf16 significand against 2M random float32 scales, no difference). A correctly
+    the CPU: every bf16 significand against 2M random float32 scales, no difference; on an H200,
+    the same bits as `div_rn` from every quantizing kernel at 1,024 and 8,192 rows). A correctly
     rounded division per value (`div_rn`) expands to a long sequence with a slow path for tiny
     values, which GELU's negative tail takes often: on an H200, GELU quantizing [8192, 16384]
-    took 621 us with it and 357 us without. Zeros skip the correction, which would turn -0 into
+    took 613 us with it and 370 us without. Zeros skip the correction, which would turn -0 into
     +0, and so do quotients past twice the limit (saturated anyway), where it could make a NaN."""
     y = y.to(tl.float32)
     inverse = tl.math.div_rn(1.0, scale)  # one per row
