@@ -201,8 +201,9 @@ class Coordinator:
         and the blocks allow. None when the host needs prev's tokens first: penalties read
         them; prev's logits are wanted (the next graph replay overwrites them); the blocks are
         short; a running sequence was left out of prev; or sequences wait while others stop at
-        a length limit (the places those free go to the waiting first, so the steps stay those
-        of the synchronous path)."""
+        a length limit and the free blocks might not cover what the waiting could take (the
+        synchronous path would have the stopping ones' blocks too, and the steps must stay its
+        steps). The stopping ones' places go to the waiting as there."""
         if prev is None or prev.step.return_logits:
             return None
         if self.runner.mapping.tp > 1 and not plain_greedy(prev.step):
@@ -218,19 +219,23 @@ class Coordinator:
         prefilling = [s for s in self.scheduler.running if s in in_flight]
         if not (decoding or prefilling) or any(s.params.has_penalties for s in decoding):
             return None
-        if self.scheduler.waiting and len(decoding) + len(prefilling) < len(self.scheduler.running):
-            return None  # the stopping ones free their places first, for the waiting to take
+        stopping = len(self.scheduler.running) - len(decoding) - len(prefilling)
         batch, budget = dict.fromkeys(decoding, 1), self.scheduler.max_num_tokens - len(decoding)
         for seq in prefilling:  # the next chunk, as the scheduler would cut it
             if budget > 0:
                 batch[seq] = min(len(seq) - seq.num_cached - in_flight[seq], budget)
                 budget -= batch[seq]
         ends = {seq: len(seq) + 1 if seq in rows else seq.num_cached + in_flight[seq] + n for seq, n in batch.items()}
-        if sum(self.blocks.blocks_for(end) - len(s.block_table) for s, end in ends.items()) > self.blocks.num_free:
-            return None  # the scheduler preempts
+        needed = sum(self.blocks.blocks_for(end) - len(s.block_table) for s, end in ends.items())
+        if stopping and self.scheduler.waiting and budget > 0:
+            # the most that the joining ones can take, each from a whole block on
+            joining = min(len(self.scheduler.waiting), self.scheduler.max_batch_size)
+            needed += self.blocks.blocks_for(budget) + joining
+        if needed > self.blocks.num_free:
+            return None  # the scheduler preempts, or (with the stopping ones' blocks) admits more
         for seq, end in ends.items():
             self.blocks.grow(seq, end)
-        self.scheduler.admit(batch, budget)
+        self.scheduler.admit(batch, budget, excluded=stopping)
         return list(batch.items()), [rows.get(s, -1) for s in batch], in_flight
 
     def _collect(self, done: InFlight) -> list[TokenUpdate]:

@@ -61,6 +61,21 @@ def test_sequences_ending_at_different_steps_get_the_synchronous_tokens(on, off)
     assert _steps_ahead(on) > 0 and _steps_ahead(off) == 0
 
 
+def test_sequences_stopping_while_others_wait_leave_the_next_step_launched_ahead(on, off):
+    """Short requests stop at their length limits, at different steps, while others still wait
+    for the step's token budget: those join a step launched ahead of the stopping ones' last
+    tokens (the blocks are plenty), so every step but the first is launched ahead; the tokens
+    are the synchronous ones."""
+    prompts = [MIXED[-1]] + [f"Request {i}: count to ten." for i in range(12)]
+    params = [SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)] + [
+        SamplingParams(max_tokens=2 + i, temperature=0.0, ignore_eos=True) for i in range(12)]
+    on.coordinator.timings.clear()
+    got = [o.outputs[0].token_ids for o in on.generate(prompts, params)]
+    timings = list(on.coordinator.timings)
+    assert got == [o.outputs[0].token_ids for o in off.generate(prompts, params)]
+    assert [t.ahead for t in timings] == [False] + [True] * (len(timings) - 1)
+
+
 def test_a_stop_token_seen_one_step_late_ends_the_sequence_where_it_ends_without_overlap(on, off, greedy):
     params = _stop_tokens(greedy)
     got = _outputs(on, params)
