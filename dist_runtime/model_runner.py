@@ -98,31 +98,26 @@ class ModelRunner:
 
     def _blocks_that_fit(self) -> int:
         """Blocks in `kv_cache_fraction` of the memory free after a forward of the largest step."""
-        self._allocate_kv(-(-self.engine.plan.max_num_tokens // self.block_size))
+        plan = self.engine.plan
+        tokens = plan.max_num_tokens
+        self._allocate_kv(-(-tokens // self.block_size))
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        self._forward_largest_step()
+        with torch.inference_mode():
+            meta = AttentionMetadata(torch.arange(tokens, device=self.device), [0, tokens], [tokens],
+                                     torch.arange(-(-tokens // self.block_size), device=self.device)[None])
+            inputs = (torch.zeros(tokens, dtype=torch.int64, device=self.device) if self.mapping.is_first_stage
+                      else torch.zeros(tokens, self.hidden_size, dtype=self.engine.dtype, device=self.device))
+            hidden = self.model(inputs, torch.arange(tokens, device=self.device), meta)
+            if self.mapping.is_last_stage:
+                self.model.compute_logits(hidden[-plan.max_batch_size:]).float()  # as sampling takes them
         torch.cuda.synchronize()
         activations = torch.cuda.max_memory_allocated() - base
         self._allocate_kv(0)
         torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info()
         return max(1, int(self.kv_cache_fraction * (free - activations)) // self._block_bytes())
-
-    @torch.inference_mode()
-    def _forward_largest_step(self) -> None:
-        """A forward of the largest step the plan lets in: max_num_tokens of one prompt, its keys
-        and values in the KV cache's first blocks, and the logits of max_batch_size rows as
-        sampling takes them."""
-        plan, tokens, device = self.engine.plan, self.engine.plan.max_num_tokens, self.device
-        meta = AttentionMetadata(torch.arange(tokens, device=device), [0, tokens], [tokens],
-                                 torch.arange(-(-tokens // self.block_size), device=device)[None])
-        inputs = (torch.zeros(tokens, dtype=torch.int64, device=device) if self.mapping.is_first_stage
-                  else torch.zeros(tokens, self.hidden_size, dtype=self.engine.dtype, device=device))
-        hidden = self.model(inputs, torch.arange(tokens, device=device), meta)
-        if self.mapping.is_last_stage:
-            self.model.compute_logits(hidden[-plan.max_batch_size:]).float()
 
     def _allocate_kv(self, num_blocks: int) -> None:
         """One spare block past `num_blocks`: padded rows of a CUDA graph write there."""
@@ -146,11 +141,6 @@ class ModelRunner:
             with torch.inference_mode():
                 self.graphs = DecodeGraphs(self.model, plan.max_batch_size, -(-plan.max_seq_len // self.block_size),
                                            num_blocks, self.block_size, self.device)
-        if self.device.type == "cuda" and num_blocks * self.block_size >= self.engine.plan.max_num_tokens:
-            # The caching allocator keeps the segments of the largest step, which later eager steps
-            # split: otherwise each step whose logits outgrow the last calls cudaMalloc (16 times
-            # in a Llama-3-8B fp8 128/128 bench on an H200; twice with this).
-            self._forward_largest_step()
 
     def run(self, step: Step) -> StepOutput | None:
         """Run this rank's part of `step`. Rank 0 gets the StepOutput; other ranks get None."""
