@@ -154,7 +154,8 @@ class PagedAttention(nn.Module):
         cache, batched too."""
         out = torch.empty_like(q)
         windowed = self.sliding_window is not None
-        runs, cached = meta.once(("prefill", first, windowed), lambda: _prefill_batches(meta, first, windowed))
+        split = functools.partial(_prefill_batches, meta, first, windowed)
+        runs, cached = meta.once(("prefill", first, windowed), split)
         for start, seqs, length in runs:
             end = start + seqs * length
             out[start:end] = self._fresh(q[start:end], k[start:end], v[start:end], seqs, length)
