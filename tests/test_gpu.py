@@ -32,7 +32,10 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
                                                                        "num_warps": 8},
                                     {"f16": True}, {"f16": True, "splits": 3, "block_n": 32, "num_warps": 8},
                                     {"f16": True, "num_stages": 2, "block_n": 128},
-                                    {"num_stages": 1, "splits": 3, "block_n": 64}])
+                                    {"num_stages": 1, "splits": 3, "block_n": 64},
+                                    {"f16": True, "convert_on_load": True, "num_stages": 1},
+                                    {"f16": True, "convert_on_load": True, "splits": 3, "block_n": 128,
+                                     "num_stages": 2}])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,window", [
     (4, 4, 16, 16, None), (8, 2, 64, 16, None), (32, 8, 128, 16, None), (8, 1, 128, 8, None),

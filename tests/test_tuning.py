@@ -19,8 +19,8 @@ from dist_runtime.tuning import KernelChoices, gemm_key, install
 
 RECORD = {
     "tuned": True, "gpu": "test", "seconds": 1.0,
-    "decode_attention": {"1": {"splits": 8, "block_n": 32, "num_warps": 4, "f16": True, "us": [3.0],
-                               "default_us": [6.0]},
+    "decode_attention": {"1": {"splits": 8, "block_n": 32, "num_warps": 4, "f16": True, "convert_on_load": True,
+                               "num_stages": 1, "us": [3.0], "default_us": [6.0]},
                          "4": {"splits": 2, "block_n": 64, "num_warps": 8, "vector": True, "us": [4.0],
                                "default_us": [5.0]}},
     "gemm": {gemm_key(96, 64): {"1": {"kernel": "triton", "block_n": 16, "block_k": 256, "num_warps": 4,
@@ -40,7 +40,8 @@ def test_engine_json_keeps_the_tuned_choices_and_the_runner_reads_them(engines, 
     choices = KernelChoices.from_record(Engine.load(engine_dir).tuning)
     assert choices.record == RECORD
     # a step takes the smallest tuned bucket that holds it; past the largest, the largest
-    assert choices.attention(1) == {"splits": 8, "block_n": 32, "num_warps": 4, "f16": True}
+    assert choices.attention(1) == {"splits": 8, "block_n": 32, "num_warps": 4, "f16": True, "convert_on_load": True,
+                                    "num_stages": 1}
     assert choices.attention(3) == choices.attention(4) == choices.attention(300) == {
         "splits": 2, "block_n": 64, "num_warps": 8, "vector": True}
     assert choices.gemm(1, 96, 64) == {"block_n": 16, "block_k": 256, "num_warps": 4, "num_stages": 4}

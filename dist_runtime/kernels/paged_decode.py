@@ -27,6 +27,17 @@ DEFAULT = {"splits": 1, "block_n": 64, "num_warps": 4}
 
 
 @triton.jit
+def _e4m3_to_f16(x):
+    """E4M3 to float16 (exact), four values in one 32-bit register, converted in the registers the
+    load left them in. Triton's own conversion (pure) is moved past the shared-memory copy that
+    lays a tile out for the tensor cores, where that layout reads the values back a byte at a
+    time; an inline conversion not marked pure stays where it is written."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+        "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4)
+
+
+@triton.jit
 def _kv_tile(k_cache, v_cache, block_tables, seq, kv_head, start, first, ctx, stride_bt, stride_kb, stride_ks,
              stride_kh, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Keys and values, as stored, of a sequence's tokens [start, start + BLOCK_N), found through
@@ -50,7 +61,7 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
                          stride_bt, stride_ot, stride_oh, HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                          HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                          IEEE: tl.constexpr, PARTIAL: tl.constexpr, KV_SCALED: tl.constexpr, VECTOR: tl.constexpr,
-                         F16: tl.constexpr, PDL: tl.constexpr):
+                         F16: tl.constexpr, CONVERT_ON_LOAD: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -103,6 +114,9 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
         for start in range(begin, tl.minimum(begin + chunk, ctx), BLOCK_N):
             valid, k, v = _kv_tile(k_cache, v_cache, block_tables, seq, kv_head, start, first, ctx, stride_bt,
                                    stride_kb, stride_ks, stride_kh, BLOCK_SIZE, BLOCK_N, HEAD_DIM)
+            if CONVERT_ON_LOAD:
+                k = _e4m3_to_f16(k)
+                v = _e4m3_to_f16(v)
             if IEEE:
                 s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
             else:
@@ -151,15 +165,19 @@ def _combine_kernel(acc_ptr, ml_ptr, out_ptr, splits, stride_ot, stride_oh, HEAD
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            sliding_window: int | None = None, splits: int = 1, block_n: int = 64,
-                           num_warps: int = 4, vector: bool = False, f16: bool = False, num_stages: int | None = None,
-                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                           num_warps: int = 4, vector: bool = False, f16: bool = False, convert_on_load: bool = False,
+                           num_stages: int | None = None, k_scale: torch.Tensor | None = None,
+                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q: [seqs, heads, head_dim]; caches: [blocks, block_size, kv_heads, head_dim] (q's dtype,
     or fp8 with float32 k_scale and v_scale [kv_heads]); block_tables: [seqs, max_blocks]
     int32/64; context_lens: [seqs] (this token included). `vector`: for one query head per KV
     head only, products on the CUDA cores instead of a tensor-core tile padded to 16 rows. `f16`:
     for an fp8 cache, the tensor-core products in float16, not q's dtype (E4M3 converts to
     float16 in one instruction per two values, to bfloat16 in three; float16 holds q's values
-    to 65,504 with more precision, and is clamped there). `num_stages`: how deep Triton pipelines
+    to 65,504 with more precision, and is clamped there). `convert_on_load`: with f16, each tile
+    converted as loaded, before the shared-memory copy that lays it out for the tensor cores
+    (fewer instructions and registers; Triton converts after it, which takes half the shared
+    memory when the loads are pipelined). `num_stages`: how deep Triton pipelines
     the tensor-core loop's loads (1: not at all; None: Triton's default, 3 on Hopper)."""
     seqs, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
@@ -168,6 +186,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"the vector kernel takes one query head per KV head, not {group}")
     if f16 and (k_scale is None or vector or q.dtype != torch.bfloat16):
         raise ValueError("f16 is for the tensor-core kernel over an fp8 cache, with bfloat16 queries")
+    if convert_on_load and not f16:
+        raise ValueError("convert_on_load is for f16 products")
     out = torch.empty_like(q)
     partial = splits > 1
     acc = torch.empty(seqs, heads, splits, head_dim, dtype=torch.float32, device=q.device) if partial else out
@@ -179,7 +199,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, GROUP=group,
         GROUP_PAD=1 if vector else max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n, IEEE=q.dtype == torch.float32, PARTIAL=partial, KV_SCALED=k_scale is not None,
-        VECTOR=vector, F16=f16, num_warps=num_warps, **({"num_stages": num_stages} if num_stages else {}),
+        VECTOR=vector, F16=f16, CONVERT_ON_LOAD=convert_on_load, num_warps=num_warps,
+        **({"num_stages": num_stages} if num_stages else {}),
         **pdl.launch(q),
     )
     if partial:
