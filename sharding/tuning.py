@@ -50,7 +50,7 @@ VECTOR_BLOCK_NS, VECTOR_WARPS = (16, 32, 64), (2, 4)
 # picks 2 deep from batch 256 up: 2048/128 ran 8.5% faster, BENCHMARKS.md).
 PIPELINE_DEPTHS, PIPELINED_BLOCK_NS = (1, 2), (64, 128)
 # E4M3 converted as loaded (convert_on_load), alone on an H200 (Llama-3-8B): at batch 1024 and
-# contexts of 192-320, 9-11% faster than the best launch without; at 1,152-2,110, 3-9% slower than
+# contexts of 192-320, 9-11% faster than the best launch without; at 1,152-2,110, 8-10% slower than
 # 128 tokens pipelined 2 deep without. The tuning weighs both.
 TRITON_MARGIN = 0.97  # Triton must beat cuBLAS by 3%: a smaller gap is within the timing spread
 FAST_MARGIN = 0.97  # and fp8's fast accumulation the float32 one, which is a little more exact
