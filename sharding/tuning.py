@@ -149,11 +149,9 @@ def _tune_attention(shape: tuple, batches: list[int], plan: Plan, dtype: torch.d
     f16 = {"f16": True} if plan.kv_cache_dtype == "fp8" and dtype == torch.bfloat16 else {}
     candidates = [DEFAULT] * bool(f16) + [dict(splits=s, block_n=n, num_warps=w, **f16)
                                           for s, n, w in itertools.product(SPLITS, BLOCK_NS, WARPS)]
-    candidates += [dict(splits=s, block_n=n, num_warps=4, num_stages=d, **f16)
-                   for s, n, d in itertools.product(SPLITS, PIPELINED_BLOCK_NS, PIPELINE_DEPTHS)]
-    if f16:
-        candidates += [dict(splits=s, block_n=n, num_warps=4, num_stages=d, convert_on_load=True, **f16)
-                       for s, n, d in itertools.product(SPLITS, PIPELINED_BLOCK_NS, PIPELINE_DEPTHS)]
+    conversions = [{}, {"convert_on_load": True}] if f16 else [{}]
+    candidates += [dict(splits=s, block_n=n, num_warps=4, num_stages=d, **f16, **c)
+                   for s, n, d, c in itertools.product(SPLITS, PIPELINED_BLOCK_NS, PIPELINE_DEPTHS, conversions)]
     if heads == kv_heads:
         candidates += [dict(splits=s, block_n=n, num_warps=w, vector=True)
                        for s, n, w in itertools.product(SPLITS, VECTOR_BLOCK_NS, VECTOR_WARPS)]
