@@ -1,8 +1,9 @@
 """Decode attention over the paged KV cache (one new token per sequence), in Triton.
 
-One program per (sequence, KV head, split) loads each key and value once for all the query
+One program per (KV head, sequence, split) loads each key and value once for all the query
 heads that read that KV head (grouped-query attention), walking its share of the sequence's
-block table BLOCK_N tokens at a time with an online softmax. With one split it writes the
+block table BLOCK_N tokens at a time with an online softmax. KV heads vary fastest, so a
+sequence's heads run side by side and read each cached token's row together. With one split it writes the
 output; with several (flash-decoding: a batch of one sequence has only kv_heads programs
 for 132 SMs otherwise) each split writes its partial maximum, sum and weighted values and a
 second kernel combines them. An fp8 cache is read as it is stored, cast to q's dtype; its
@@ -63,8 +64,8 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
                          IEEE: tl.constexpr, PARTIAL: tl.constexpr, KV_SCALED: tl.constexpr, VECTOR: tl.constexpr,
                          F16: tl.constexpr, CONVERT_ON_LOAD: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    kv_head = tl.program_id(0)
+    seq = tl.program_id(1)
     split = tl.program_id(2)
     splits = tl.num_programs(2)
     ctx = tl.load(context_lens + seq)
@@ -192,7 +193,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     partial = splits > 1
     acc = torch.empty(seqs, heads, splits, head_dim, dtype=torch.float32, device=q.device) if partial else out
     ml = torch.empty(seqs, heads, splits, 2, dtype=torch.float32, device=q.device) if partial else out
-    _paged_decode_kernel[(seqs, kv_heads, splits)](
+    _paged_decode_kernel[(kv_heads, seqs, splits)](
         q, k_cache, v_cache, q if k_scale is None else k_scale, q if v_scale is None else v_scale, block_tables,
         context_lens, out, acc, ml, scale, sliding_window or 0, q.stride(0), q.stride(1), k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1), HEADS=heads,
