@@ -20,6 +20,8 @@ _MAX_BLOCKS = 32
 # Every rank sums the buffers in rank order, so every rank gets the same bits. Each block
 # meets only the same block of its peers, which copied the same slices; the buffer halves
 # alternate by epoch, so a rank that runs ahead writes the half its peers finished reading.
+# The flag's release store publishes the whole block's copy (the barrier orders it before the
+# store, and a release is cumulative); a system-wide fence before it cost 0.6 us per call.
 _SOURCE = r"""
 struct BF16 { typedef unsigned short T;
   static __device__ float to(T x) { return __uint_as_float(((unsigned int)x) << 16); }
@@ -48,7 +50,6 @@ __device__ void one_shot(const uint4* in, uint4* out, uint4* const* buffers, uns
   for (long long v = first; v < nvec; v += stride) buffers[rank][base + v] = in[v];
   __syncthreads();
   if (threadIdx.x < world && threadIdx.x != rank) {
-    __threadfence_system();
     unsigned long long* theirs = signals[threadIdx.x] + b * world + rank;
     asm volatile("st.release.sys.global.u64 [%0], %1;" :: "l"(theirs), "l"(epoch) : "memory");
     unsigned long long* mine = signals[rank] + b * world + threadIdx.x;
