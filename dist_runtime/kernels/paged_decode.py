@@ -2,11 +2,11 @@
 
 One program per (KV head, sequence, split) loads each key and value once for all the query
 heads that read that KV head (grouped-query attention), walking its share of the sequence's
-block table BLOCK_N tokens at a time with an online softmax. KV heads vary fastest, so a
-sequence's heads run side by side and read each cached token's row together. With one split it writes the
-output; with several (flash-decoding: a batch of one sequence has only kv_heads programs
-for 132 SMs otherwise) each split writes its partial maximum, sum and weighted values and a
-second kernel combines them. An fp8 cache is read as it is stored, cast to q's dtype; its
+block table BLOCK_N tokens at a time with an online softmax. KV heads vary fastest in the
+grid, so a sequence's heads run side by side and read each cached token's row together. With
+one split it writes the output; with several (flash-decoding: a batch of one sequence has only
+kv_heads programs for 132 SMs otherwise) each split writes its partial maximum, sum and
+weighted values and a second kernel combines them. An fp8 cache is read as it is stored, cast to q's dtype; its
 per-KV-head scales fold into the softmax scale (keys) and the output (values), both uniform in
 a program. It takes only tensors, so a CUDA graph can capture it. The
 reference is `PagedAttention.reference` (layers/attention.py); the split count, BLOCK_N and
@@ -193,6 +193,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     partial = splits > 1
     acc = torch.empty(seqs, heads, splits, head_dim, dtype=torch.float32, device=q.device) if partial else out
     ml = torch.empty(seqs, heads, splits, 2, dtype=torch.float32, device=q.device) if partial else out
+    # sequences on the grid's y axis, which holds 65,535: a decode batch is far smaller
     _paged_decode_kernel[(kv_heads, seqs, splits)](
         q, k_cache, v_cache, q if k_scale is None else k_scale, q if v_scale is None else v_scale, block_tables,
         context_lens, out, acc, ml, scale, sliding_window or 0, q.stride(0), q.stride(1), k_cache.stride(0),
