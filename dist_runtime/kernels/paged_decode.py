@@ -6,9 +6,9 @@ block table BLOCK_N tokens at a time with an online softmax. KV heads vary faste
 grid, so a sequence's heads run side by side and read each cached token's row together. With
 one split it writes the output; with several (flash-decoding: a batch of one sequence has only
 kv_heads programs for 132 SMs otherwise) each split writes its partial maximum, sum and
-weighted values and a second kernel combines them. An fp8 cache is read as it is stored, cast to q's dtype; its
-per-KV-head scales fold into the softmax scale (keys) and the output (values), both uniform in
-a program. It takes only tensors, so a CUDA graph can capture it. The
+weighted values and a second kernel combines them. An fp8 cache is read as it is stored,
+cast to q's dtype; its per-KV-head scales fold into the softmax scale (keys) and the output
+(values), both uniform in a program. It takes only tensors, so a CUDA graph can capture it. The
 reference is `PagedAttention.reference` (layers/attention.py); the split count, BLOCK_N and
 num_warps are tuned per batch size at build time (sharding/tuning.py). With one query head per
 KV head (GPT-J), the tensor-core tile would be 15/16 padding, and the tuning may pick the
