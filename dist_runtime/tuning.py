@@ -46,11 +46,11 @@ class KernelChoices:
 
     def attention(self, num_seqs: int) -> dict[str, int]:
         """Keyword arguments of paged_decode_attention: splits, block_n, num_warps, and vector,
-        f16, convert_on_load or num_stages where the tuning picked that variant."""
+        f16, convert_on_load, fp8_products or num_stages where the tuning picked that variant."""
         if not self._attention:
             return {}
         choice = _pick(self._attention, num_seqs, self._attention[-1][1])
-        keys = ("splits", "block_n", "num_warps", "vector", "f16", "convert_on_load", "num_stages")
+        keys = ("splits", "block_n", "num_warps", "vector", "f16", "convert_on_load", "fp8_products", "num_stages")
         return {key: choice[key] for key in keys if key in choice}
 
     def gemm(self, rows: int, out_features: int, in_features: int) -> dict[str, int] | None:

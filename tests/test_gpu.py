@@ -35,7 +35,9 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
                                     {"num_stages": 1, "splits": 3, "block_n": 64},
                                     {"f16": True, "convert_on_load": True, "num_stages": 1},
                                     {"f16": True, "convert_on_load": True, "splits": 3, "block_n": 128,
-                                     "num_stages": 2}])
+                                     "num_stages": 2},
+                                    {"fp8_products": True, "num_stages": 1},
+                                    {"fp8_products": True, "splits": 3, "block_n": 128, "num_stages": 2}])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,window", [
     (4, 4, 16, 16, None), (8, 2, 64, 16, None), (32, 8, 128, 16, None), (8, 1, 128, 8, None),
@@ -45,12 +47,14 @@ def test_paged_decode_kernel_matches_the_reference(dtype, heads, kv_heads, head_
     """Every launch the tuner may pick: one split, and flash-decoding splits (more splits than
     a short context has chunks, so some are empty). Each KV head has its own range; an fp8 cache
     has a scale per KV head, and the kernel on it is also held to the unquantized reference."""
-    from dist_runtime.kernels.paged_decode import paged_decode_attention
+    from dist_runtime.kernels.paged_decode import fp8_products_fit, paged_decode_attention
 
     if launch.get("vector") and heads != kv_heads:
         pytest.skip("the vector kernel takes one query head per KV head")
     if launch.get("f16") and (kv != "fp8" or dtype != torch.bfloat16):
         pytest.skip("float16 products are for an fp8 cache and bfloat16 queries")
+    if launch.get("fp8_products") and not fp8_products_fit(dtype, heads // kv_heads, head_dim, kv == "fp8"):
+        pytest.skip("fp8 products are for an fp8 cache, bfloat16 queries, groups of 4 or fewer, heads of 32+")
     torch.manual_seed(0)
     context = [1, 2, block_size - 1, block_size, block_size + 1, 100, 257]
     max_blocks = -(-max(context) // block_size)

@@ -22,7 +22,9 @@ RECORD = {
     "decode_attention": {"1": {"splits": 8, "block_n": 32, "num_warps": 4, "f16": True, "convert_on_load": True,
                                "num_stages": 1, "us": [3.0], "default_us": [6.0]},
                          "4": {"splits": 2, "block_n": 64, "num_warps": 8, "vector": True, "us": [4.0],
-                               "default_us": [5.0]}},
+                               "default_us": [5.0]},
+                         "8": {"splits": 1, "block_n": 64, "num_warps": 4, "num_stages": 2, "fp8_products": True,
+                               "us": [4.0], "default_us": [6.0]}},
     "gemm": {gemm_key(96, 64): {"1": {"kernel": "triton", "block_n": 16, "block_k": 256, "num_warps": 4,
                                       "num_stages": 4, "us": 2.0, "cublas_us": 3.0, "best_triton_us": 2.0},
                                 "4": {"kernel": "cublas", "us": 2.0, "cublas_us": 2.0, "best_triton_us": 2.5},
@@ -42,8 +44,9 @@ def test_engine_json_keeps_the_tuned_choices_and_the_runner_reads_them(engines, 
     # a step takes the smallest tuned bucket that holds it; past the largest, the largest
     assert choices.attention(1) == {"splits": 8, "block_n": 32, "num_warps": 4, "f16": True, "convert_on_load": True,
                                     "num_stages": 1}
-    assert choices.attention(3) == choices.attention(4) == choices.attention(300) == {
-        "splits": 2, "block_n": 64, "num_warps": 8, "vector": True}
+    assert choices.attention(3) == choices.attention(4) == {"splits": 2, "block_n": 64, "num_warps": 8, "vector": True}
+    assert choices.attention(5) == choices.attention(300) == {"splits": 1, "block_n": 64, "num_warps": 4,
+                                                              "fp8_products": True, "num_stages": 2}
     assert choices.gemm(1, 96, 64) == {"block_n": 16, "block_k": 256, "num_warps": 4, "num_stages": 4}
     assert choices.gemm(2, 96, 64) is None  # cuBLAS won at 4 rows
     assert choices.gemm(5, 96, 64) is None and choices.gemm(1, 64, 64) is None  # cuBLAS: timed so, untuned

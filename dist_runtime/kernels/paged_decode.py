@@ -7,7 +7,8 @@ grid, so a sequence's heads run side by side and read each cached token's row to
 one split it writes the output; with several (flash-decoding: a batch of one sequence has only
 kv_heads programs for 132 SMs otherwise) each split writes its partial maximum, sum and
 weighted values and a second kernel combines them. An fp8 cache is read as it is stored,
-cast to q's dtype; its per-KV-head scales fold into the softmax scale (keys) and the output
+cast to q's dtype, or (`fp8_products`) its keys multiplied as stored on fp8 tensor cores with q
+in two E4M3 parts; its per-KV-head scales fold into the softmax scale (keys) and the output
 (values), both uniform in a program. It takes only tensors, so a CUDA graph can capture it. The
 reference is `PagedAttention.reference` (layers/attention.py); the split count, BLOCK_N and
 num_warps are tuned per batch size at build time (sharding/tuning.py). With one query head per
@@ -54,6 +55,44 @@ def _kv_tile(k_cache, v_cache, block_tables, seq, kv_head, start, first, ctx, st
     return valid, k, v
 
 
+@triton.jit
+def _fp8_products(q_ptr, k_cache, v_cache, block_tables, seq, kv_head, begin, end, first, ctx, scale, stride_qt,
+                  stride_qh, stride_bt, stride_kb, stride_ks, stride_kh, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The online softmax over keys [begin, end) of an fp8 cache, the scores from fp8 tensor-core
+    products: (acc [GROUP_PAD, HEAD_DIM], maxima, sums). q goes in as two E4M3 parts, its rounding
+    and what that left (scaled per row), in one operand of 2 * GROUP_PAD rows, so the scores keep
+    about 2^-8 of q, closer than the cache's keys; the keys are multiplied as stored, on the
+    tile's long side (S^T = K q^T), and the two parts' scores are summed after the product. The
+    values are converted and multiplied in float16 (O^T = V^T P^T)."""
+    r = tl.arange(0, 2 * GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    heads = kv_head * GROUP + r % GROUP_PAD
+    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                mask=(r % GROUP_PAD < GROUP)[:, None], other=0.0).to(tl.float32)
+    q_max = tl.maximum(tl.max(tl.abs(q), 1), 1e-30)
+    rounded = (q * (448.0 / q_max)[:, None]).to(tl.float8e4nv)  # 448: E4M3's largest value
+    rest = q - rounded.to(tl.float32) * (q_max / 448.0)[:, None]
+    rest_max = tl.maximum(tl.max(tl.abs(rest), 1), 1e-30)
+    parts = tl.where((r < GROUP_PAD)[:, None], rounded, (rest * (448.0 / rest_max)[:, None]).to(tl.float8e4nv))
+    part_scale = tl.where(r < GROUP_PAD, q_max, rest_max) * (scale / 448.0)
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    denom = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([HEAD_DIM, GROUP_PAD], tl.float32)
+    for start in range(begin, end, BLOCK_N):
+        valid, k, v = _kv_tile(k_cache, v_cache, block_tables, seq, kv_head, start, first, ctx, stride_bt, stride_kb,
+                               stride_ks, stride_kh, BLOCK_SIZE, BLOCK_N, HEAD_DIM)
+        both = tl.dot(k, tl.trans(parts)) * part_scale[None, :]
+        s = tl.where(valid[:, None], tl.sum(tl.reshape(both, [BLOCK_N, 2, GROUP_PAD]), 1), float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 0))
+        p = tl.exp(s - m_new[None, :])
+        alpha = tl.exp(m - m_new)
+        denom = denom * alpha + tl.sum(p, 0)
+        acc = acc * alpha[None, :] + tl.dot(tl.trans(_e4m3_to_f16(v)), p.to(tl.float16))
+        m = m_new
+    return tl.trans(acc), m, denom
+
+
 # A table's row stride is the longest context's block count in an eager step; specialized on
 # (divisible by 16 or not), each mixed step could compile a kernel the decode graphs lack.
 @triton.jit(do_not_specialize=["stride_bt"])
@@ -62,7 +101,8 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
                          stride_bt, stride_ot, stride_oh, HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                          HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                          IEEE: tl.constexpr, PARTIAL: tl.constexpr, KV_SCALED: tl.constexpr, VECTOR: tl.constexpr,
-                         F16: tl.constexpr, CONVERT_ON_LOAD: tl.constexpr, PDL: tl.constexpr):
+                         F16: tl.constexpr, CONVERT_ON_LOAD: tl.constexpr, FP8_PRODUCTS: tl.constexpr,
+                         PDL: tl.constexpr):
     wait_for_inputs(PDL)
     kv_head = tl.program_id(0)
     seq = tl.program_id(1)
@@ -72,21 +112,27 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + g
-    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=(g < GROUP)[:, None],
-                other=0.0)
-    if F16:  # keys and values (E4M3, exact in float16) then convert in one instruction per two
-        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     if KV_SCALED:
         scale = scale * tl.load(k_scale_ptr + kv_head)
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    denom = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     first = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)
     # Splits take equal whole BLOCK_N chunks of [lo, ctx); a trailing split may get none. Every
     # chunk holds a valid key (lo's chunk holds `first`), so no row's maximum stays -inf in one.
     lo = (first // BLOCK_N) * BLOCK_N
     chunk = tl.cdiv(tl.cdiv(ctx - lo, splits), BLOCK_N) * BLOCK_N
     begin = lo + split * chunk
+    if FP8_PRODUCTS:
+        end = tl.minimum(begin + chunk, ctx)
+        acc, m, denom = _fp8_products(q_ptr, k_cache, v_cache, block_tables, seq, kv_head, begin, end, first, ctx,
+                                      scale, stride_qt, stride_qh, stride_bt, stride_kb, stride_ks, stride_kh, GROUP,
+                                      GROUP_PAD, BLOCK_SIZE, BLOCK_N, HEAD_DIM)
+    else:
+        q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=(g < GROUP)[:, None],
+                    other=0.0)
+        if F16:  # keys and values (E4M3, exact in float16) then convert in one instruction per two
+            q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        denom = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     if VECTOR:  # one query head per KV head (GPT-J): multiply-adds on [BLOCK_N, HEAD_DIM] tiles
         qv = tl.sum(q.to(tl.float32), 0)  # [HEAD_DIM]; GROUP_PAD is 1
         weighted = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)  # summed over keys once, after the loop
@@ -111,7 +157,7 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
         acc = tl.sum(weighted, 0)[None, :]
         m = tl.zeros([GROUP_PAD], tl.float32) + ref
         denom = tl.zeros([GROUP_PAD], tl.float32) + total
-    else:
+    elif not FP8_PRODUCTS:
         for start in range(begin, tl.minimum(begin + chunk, ctx), BLOCK_N):
             valid, k, v = _kv_tile(k_cache, v_cache, block_tables, seq, kv_head, start, first, ctx, stride_bt,
                                    stride_kb, stride_ks, stride_kh, BLOCK_SIZE, BLOCK_N, HEAD_DIM)
@@ -163,12 +209,35 @@ def _combine_kernel(acc_ptr, ml_ptr, out_ptr, splits, stride_ot, stride_oh, HEAD
     tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
+# fp8 products on an H200 (Triton 3.6) gave the reference's values with bfloat16 queries and 1 to 5
+# query heads per KV head, but wrong ones for some heads with 8 (in 8 or 16 rows), and with float32
+# queries; the fp8 tensor-core product needs 32 or more values a head.
+FP8_PRODUCTS_GROUP, FP8_PRODUCTS_MIN_DIM = 4, 32
+
+
+def fp8_products_fit(q_dtype: torch.dtype, group: int, head_dim: int, fp8_cache: bool) -> bool:
+    """Whether the fp8-products launch may run this attention (the tuning offers it only then)."""
+    return (fp8_cache and q_dtype in (torch.bfloat16, torch.float16) and group <= FP8_PRODUCTS_GROUP
+            and head_dim >= FP8_PRODUCTS_MIN_DIM)
+
+
+def _group_pad(group: int, vector: bool, fp8_products: bool) -> int:
+    """Rows of a program's query tile: 1 for the vector kernel; 16 or more for a tensor-core tile;
+    8 for fp8 products, whose q operand has twice as many (two parts) and whose scores' tile
+    has a column per row."""
+    if vector:
+        return 1
+    if fp8_products:
+        return 8
+    return max(16, triton.next_power_of_2(group))
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            sliding_window: int | None = None, splits: int = 1, block_n: int = 64,
                            num_warps: int = 4, vector: bool = False, f16: bool = False, convert_on_load: bool = False,
-                           num_stages: int | None = None, k_scale: torch.Tensor | None = None,
-                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                           fp8_products: bool = False, num_stages: int | None = None,
+                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q: [seqs, heads, head_dim]; caches: [blocks, block_size, kv_heads, head_dim] (q's dtype,
     or fp8 with float32 k_scale and v_scale [kv_heads]); block_tables: [seqs, max_blocks]
     int32/64; context_lens: [seqs] (this token included). `vector`: for one query head per KV
@@ -178,8 +247,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     to 65,504 with more precision, and is clamped there). `convert_on_load`: with f16, each tile
     converted as loaded, before the shared-memory copy that lays it out for the tensor cores
     (fewer instructions and registers; Triton converts after it, which takes half the shared
-    memory when the loads are pipelined). `num_stages`: how deep Triton pipelines
-    the tensor-core loop's loads (1: not at all; None: Triton's default, 3 on Hopper)."""
+    memory when the loads are pipelined). `fp8_products`: for an fp8 cache, the scores from fp8
+    tensor-core products of the keys as stored and q in two E4M3 parts (_fp8_products; Hopper's
+    wgmma, so 4 warps). `num_stages`: how deep Triton pipelines the tensor-core loop's loads
+    (1: not at all; None: Triton's default, 3 on Hopper)."""
     seqs, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     group = heads // kv_heads
@@ -189,6 +260,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError("f16 is for the tensor-core kernel over an fp8 cache, with bfloat16 queries")
     if convert_on_load and not f16:
         raise ValueError("convert_on_load is for f16 products")
+    if fp8_products and (f16 or vector or not fp8_products_fit(q.dtype, group, head_dim, k_scale is not None)):
+        raise ValueError(f"fp8_products is for an fp8 cache, 16-bit queries, at most {FP8_PRODUCTS_GROUP} query heads "
+                         f"per KV head and heads of {FP8_PRODUCTS_MIN_DIM} or more, without f16 or vector")
     out = torch.empty_like(q)
     partial = splits > 1
     acc = torch.empty(seqs, heads, splits, head_dim, dtype=torch.float32, device=q.device) if partial else out
@@ -199,9 +273,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         context_lens, out, acc, ml, scale, sliding_window or 0, q.stride(0), q.stride(1), k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1), HEADS=heads,
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, GROUP=group,
-        GROUP_PAD=1 if vector else max(16, triton.next_power_of_2(group)),
+        GROUP_PAD=_group_pad(group, vector, fp8_products),
         BLOCK_N=block_n, IEEE=q.dtype == torch.float32, PARTIAL=partial, KV_SCALED=k_scale is not None,
-        VECTOR=vector, F16=f16, CONVERT_ON_LOAD=convert_on_load, num_warps=num_warps,
+        VECTOR=vector, F16=f16, CONVERT_ON_LOAD=convert_on_load, FP8_PRODUCTS=fp8_products, num_warps=num_warps,
         **({"num_stages": num_stages} if num_stages else {}),
         **pdl.launch(q),
     )
