@@ -85,6 +85,26 @@ KERNEL(one_shot_f32, F32)
 _KERNELS = {torch.bfloat16: "one_shot_bf16", torch.float16: "one_shot_f16", torch.float32: "one_shot_f32"}
 
 
+class _StreamHandle:
+    """A CUDA stream in the CUDA stream protocol, which CuPy 14's Stream.from_external takes."""
+
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return 0, self.ptr
+
+
+def _cupy_stream(ptr: int, device: int) -> cupy.cuda.Stream:
+    """CuPy's view of torch's stream `ptr`: through Stream.from_external where CuPy has it (14 deprecates
+    ExternalStream, and warns at each one), else ExternalStream."""
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is None:
+        return cupy.cuda.ExternalStream(ptr, device)
+    with cupy.cuda.Device(device):
+        return from_external(_StreamHandle(ptr))
+
+
 class OneShotAllReduce:
     """One rank's side of the one-shot all-reduce over its TP group. Every rank of the world
     builds it at once (IPC handles travel over `control`); `error` says why it cannot run
@@ -114,7 +134,7 @@ class OneShotAllReduce:
             self.error = next((e for e in errors if e), None)
             module = cupy.RawModule(code=_SOURCE, options=("-std=c++17",))
             self._kernels = {dtype: module.get_function(name) for dtype, name in _KERNELS.items()}
-        self._streams: dict[int, cupy.cuda.ExternalStream] = {}
+        self._streams: dict[int, cupy.cuda.Stream] = {}
 
     def _open(self, group: list[tuple]) -> None:
         """Map the peers' buffers and flags; without peer access over NVLink/PCIe, say why."""
@@ -144,7 +164,7 @@ class OneShotAllReduce:
         nvec = tensor.numel() * tensor.element_size() // 16
         blocks = min(_MAX_BLOCKS, -(-nvec // _THREADS))
         ptr = torch.cuda.current_stream().cuda_stream
-        stream = self._streams.get(ptr) or self._streams.setdefault(ptr, cupy.cuda.ExternalStream(ptr, self.device))
+        stream = self._streams.get(ptr) or self._streams.setdefault(ptr, _cupy_stream(ptr, self.device))
         self._kernels[tensor.dtype](
             (blocks,), (_THREADS,),
             (np.uint64(tensor.data_ptr()), np.uint64(tensor.data_ptr()), self._buffers, self._signal_ptrs,
