@@ -106,7 +106,8 @@ class ModelRunner:
         base = torch.cuda.memory_allocated()
         with torch.inference_mode():
             meta = AttentionMetadata(torch.arange(tokens, device=self.device), [0, tokens], [tokens],
-                                     torch.arange(-(-tokens // self.block_size), device=self.device)[None])
+                                     torch.arange(-(-tokens // self.block_size), device=self.device)[None],
+                                     torch.tensor([tokens], device=self.device))  # int64, as a step's
             inputs = (torch.zeros(tokens, dtype=torch.int64, device=self.device) if self.mapping.is_first_stage
                       else torch.zeros(tokens, self.hidden_size, dtype=self.engine.dtype, device=self.device))
             hidden = self.model(inputs, torch.arange(tokens, device=self.device), meta)

@@ -89,6 +89,59 @@ def test_paged_decode_kernel_matches_the_reference(dtype, heads, kv_heads, head_
         assert rel_err(out, unquantized) < 0.1
 
 
+@pytest.mark.parametrize("kv", ["auto", FP8_KV])
+@pytest.mark.parametrize("launch", [None, (16, 16, 4, 1), (64, 32, 4, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,window", [
+    (4, 4, 16, 16, None), (32, 8, 128, 16, None), (8, 1, 128, 8, None), (16, 16, 256, 32, None),
+    (8, 2, 64, 16, 37), (4, 4, 64, 16, 5)])
+def test_paged_prefill_kernel_matches_the_reference(dtype, heads, kv_heads, head_dim, block_size, window, launch, kv):
+    """Decodes in front (left alone), fresh prompts, chunks after cached keys, a one-token
+    chunk: their rows of the output against the reference, which reads the same cache."""
+    from triton.runtime.errors import OutOfResources
+
+    from dist_runtime.kernels.paged_prefill import paged_prefill_attention, prefill_tiles
+
+    if head_dim == 16 and launch is not None and launch[0] > 16:
+        pytest.skip("one launch per head size is enough here")
+    if dtype == torch.float32 and launch is not None and launch[0] > 16:
+        pytest.skip("float32 takes the default launch (launch_for)")
+    torch.manual_seed(0)
+    seqs = [(1, 9), (1, 300), (300, 300), (5, 5), (129, 129), (64, 200), (200, 600), (1, 20), (17, 17)]
+    max_blocks = -(-max(ctx for _, ctx in seqs) // block_size)
+    num_blocks = len(seqs) * max_blocks + 3
+    attn = PagedAttention(heads, kv_heads, head_dim, head_dim**-0.5, window)
+    spread = torch.linspace(0.5, 4, kv_heads, device="cuda", dtype=dtype)[:, None]
+    attn.k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda", dtype=dtype) * spread
+    attn.v_cache = torch.randn_like(attn.k_cache) * spread
+    if kv == "fp8":
+        for name in ("k", "v"):
+            cache = getattr(attn, f"{name}_cache")
+            scale = cache.float().abs().amax(dim=(0, 1, 3)) / FP8_MAX
+            setattr(attn, f"{name}_scale", scale)
+            setattr(attn, f"{name}_cache", quantize_kv(cache.flatten(0, 1), scale).view(cache.shape))
+    tables = torch.randperm(num_blocks, device="cuda")[: len(seqs) * max_blocks].view(len(seqs), max_blocks)
+    starts = [0]
+    for new, _ in seqs:
+        starts.append(starts[-1] + new)
+    context = [ctx for _, ctx in seqs]
+    meta = AttentionMetadata(torch.empty(0), starts, context, tables)
+    q = torch.randn(starts[-1], heads, head_dim, device="cuda", dtype=dtype)
+    tiles = torch.from_numpy(prefill_tiles(starts, context, 2, (launch or (64,))[0])).cuda()
+    out = torch.full_like(q, 7.0)
+    try:
+        paged_prefill_attention(q, attn.k_cache, attn.v_cache, tables, tiles,
+                                torch.tensor(starts, device="cuda", dtype=torch.int32),
+                                torch.tensor(context, device="cuda", dtype=torch.int32), attn.scale, window, out,
+                                attn.k_scale, attn.v_scale, launch)
+    except OutOfResources:
+        pytest.skip("this tile needs more shared memory than the GPU has")
+    ref = attn.reference(q.double(), meta) if dtype == torch.float32 else attn.reference(q, meta)
+    assert (out[:2] == 7.0).all()
+    err = rel_err(out[2:], ref[2:])
+    assert err < (1e-5 if dtype == torch.float32 else 2e-2), err
+
+
 @pytest.mark.parametrize("arch", ["llama", "gptj", "mistral"])
 def test_gpu_float32_engine_gives_the_cpu_tokens(arch, engines):
     engine = str(engines(arch, 1, 1, max_seq_len=256, max_num_tokens=32))
