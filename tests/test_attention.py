@@ -1,7 +1,16 @@
-"""How the prefill kernel (kernels/paged_prefill.py, run on GPUs: tests/test_gpu.py) splits a
-step's prompts into tiles, on the CPU."""
+"""The prefill kernel (kernels/paged_prefill.py) on the CPU: how it splits a step's prompts into
+tiles, and the kernel itself against the reference through Triton's interpreter (on a GPU,
+tests/test_gpu.py runs it compiled). Run as a script, this file does the interpreted checks."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
 
 from dist_runtime.kernels.paged_prefill import prefill_tiles
 
@@ -22,3 +31,68 @@ def test_prefill_tiles_cover_each_prompt_once_longest_first():
     assert keys == sorted(keys, reverse=True)  # the last tile of the 300 (all its keys) first
     assert tuple(tiles[0]) == (2, 256) and keys[-1] == 5
     assert len(prefill_tiles(starts, context, len(seqs), 128)) == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, tests/test_gpu.py runs the compiled kernel")
+def test_prefill_kernel_matches_the_reference_in_tritons_interpreter():
+    """Decodes in front (their rows left alone), fresh prompts, chunks after cached keys, with
+    and without a sliding window, an fp8 cache, tiles smaller than a prompt; float32 (the
+    interpreter's bfloat16 is not the GPU's)."""
+    run = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(results) == 8
+    for case, (err, decodes_untouched) in results.items():
+        assert err < 1e-5 and decodes_untouched, case
+
+
+def _interpreted_checks() -> dict[str, tuple[float, bool]]:
+    from dist_runtime.kernels.paged_prefill import paged_prefill_attention
+    from dist_runtime.layers.attention import AttentionMetadata, PagedAttention
+    from sharding.quantize import FP8_MAX, quantize_kv
+
+    heads, kv_heads, dim = 4, 2, 16
+    # (new tokens, context): two decodes, fresh prompts of 70 and 3, chunks of 40 after 30 and
+    # of 5 after 7 cached tokens, a one-token chunk
+    seqs = [(1, 9), (1, 2), (70, 70), (3, 3), (40, 70), (5, 12), (1, 11)]
+    starts = [0]
+    for new, _ in seqs:
+        starts.append(starts[-1] + new)
+    context = [ctx for _, ctx in seqs]
+    results = {}
+    for block_size, window, fp8, launch in [(4, None, False, None), (16, None, False, (16, 16, 1, 1)),
+                                            (8, 5, False, None), (16, 37, False, (16, 16, 1, 1)),
+                                            (4, None, True, None), (16, 20, True, (32, 16, 1, 1)),
+                                            (16, None, True, (16, 32, 1, 1)), (32, None, False, (16, 16, 1, 1))]:
+        torch.manual_seed(0)
+        blocks = -(-max(context) // block_size)
+        attn = PagedAttention(heads, kv_heads, dim, dim**-0.5, window)
+        attn.k_cache = torch.randn(len(seqs) * blocks, block_size, kv_heads, dim)
+        attn.v_cache = torch.randn_like(attn.k_cache) * 2
+        if fp8:
+            for name in ("k", "v"):
+                cache = getattr(attn, f"{name}_cache")
+                scale = cache.abs().amax(dim=(0, 1, 3)) / FP8_MAX
+                setattr(attn, f"{name}_scale", scale)
+                setattr(attn, f"{name}_cache", quantize_kv(cache.flatten(0, 1), scale).view(cache.shape))
+        tables = torch.randperm(len(seqs) * blocks).view(len(seqs), blocks)
+        meta = AttentionMetadata(torch.empty(0), starts, context, tables, torch.tensor(context), num_decodes=2)
+        q = torch.randn(starts[-1], heads, dim)
+        out = torch.full_like(q, 7.0)
+        if launch is None:  # the engine's way in, with its launch for float32
+            attn._prefill(q, out, meta, first=2)
+        else:
+            tiles = torch.from_numpy(prefill_tiles(starts, context, 2, launch[0]))
+            paged_prefill_attention(q, attn.k_cache, attn.v_cache, tables, tiles,
+                                    torch.tensor(starts, dtype=torch.int32), meta.context_lens_tensor, attn.scale,
+                                    window, out, attn.k_scale, attn.v_scale, launch)
+        ref = attn.reference(q.double(), meta)
+        err = ((out[2:].double() - ref[2:]).norm() / ref[2:].norm()).item()
+        case = f"block_size={block_size} window={window} fp8={fp8} launch={launch}"
+        results[case] = (err, bool((out[:2] == 7).all()))
+    return results
+
+
+if __name__ == "__main__":
+    print(json.dumps(_interpreted_checks()))
