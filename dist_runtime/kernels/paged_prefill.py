@@ -10,10 +10,10 @@ heads that share a KV head read its keys together, from L2. The tiles come longe
 the keys they read), so the last wave of programs is short ones.
 
 An fp8 cache is read as stored and converted in registers: to float16 for 16-bit queries
-(exact, one instruction per two values; q is clamped to float16's range), else to q's dtype. Its
-per-KV-head scales fold into the softmax scale (keys) and the output (values). Keys of this step's own tokens are
-read back from the cache too (written there just before, by the rotary kernel), as the
-reference reads them: `PagedAttention.reference` (layers/attention.py).
+(exact, one instruction per two values; q is clamped to float16's range), else to q's dtype.
+Its per-KV-head scales fold into the softmax scale (keys) and the output (values). Keys of this
+step's own tokens are read back from the cache too (written there just before, by the rotary
+kernel), as the reference reads them: `PagedAttention.reference` (layers/attention.py).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dist_runtime.kernels import pdl
 from dist_runtime.kernels.pdl import wait_for_inputs
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by (head_dim, fp8 cache): the fastest on an H200
-# over a step of five prompts or chunks of 544 to 2,048 tokens (.dbg/pf_bench.py, BENCHMARKS.md)
+# over a step of five prompts or chunks of 544 to 2,048 tokens (BENCHMARKS.md, 2026-12-01)
 LAUNCH = {(128, False): (64, 64, 4, 2), (128, True): (64, 64, 4, 2), (256, False): (128, 128, 8, 2),
           (256, True): (128, 64, 8, 2)}
 DEFAULT_LAUNCH = (64, 32, 4, 2)
@@ -169,10 +169,11 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     """q: [tokens, heads, head_dim], the step's queries; caches [blocks, block_size, kv_heads,
     head_dim] holding every key the queries see, theirs included (q's dtype, or fp8 with float32
     k_scale and v_scale [kv_heads]); block_tables [seqs, max_blocks]; query_start [seqs + 1] and
-    context_lens [seqs] (int32, on the device); `tiles` from `tiles()` with the launch's
-    BLOCK_M, for the sequences to attend (the others' rows of `out` are left as they are).
+    context_lens [seqs] (integers, on the device); `tiles` from `prefill_tiles()` at the
+    launch's BLOCK_M, for the sequences to attend (the others' rows of `out` are left as they
+    are). `launch`: (BLOCK_M, BLOCK_N, num_warps, num_stages), by default `launch_for`'s.
     Returns `out` (a new tensor like q if not given)."""
-    tokens, heads, head_dim = q.shape
+    _, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     block_m, block_n, num_warps, num_stages = launch or launch_for(head_dim, k_scale is not None, q.dtype)
     if block_n % block_size and block_size % block_n:

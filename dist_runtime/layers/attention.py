@@ -1,8 +1,8 @@
 """Attention over the paged KV cache. The torch reference (`reference`) is what the CPU runs
 and what every fast path is checked against; on a GPU, decoding sequences take one Triton
 kernel (kernels/paged_decode.py) and the rest of a step, prompts and chunks of them, another
-(kernels/paged_prefill.py), both reading keys and values from the cache. An fp8 (E4M3) cache holds keys
-and values divided by one static scale per KV head; every reader multiplies it back."""
+(kernels/paged_prefill.py), both reading keys and values from the cache. An fp8 (E4M3) cache
+holds keys and values divided by one static scale per KV head; every reader multiplies it back."""
 
 from __future__ import annotations
 
