@@ -1,7 +1,10 @@
-"""The attention kernels on the CPU: how the prefill kernel (kernels/paged_prefill.py) splits a
-step's prompts into tiles, and both it and the decode kernel (kernels/paged_decode.py) against
-the reference through Triton's interpreter, which runs their code with numpy (on a GPU,
-tests/test_gpu.py runs them compiled). Run as a script, this file does the interpreted checks."""
+"""The Triton kernels on the CPU: how the prefill kernel (kernels/paged_prefill.py) splits a
+step's prompts into tiles, and the kernels against their torch references through Triton's
+interpreter, which runs their code with numpy: prefill and decode attention, and the fused
+RMSNorm, LayerNorm, rotary and SiLU-and-mul (kernels/fused.py). On a GPU, tests/test_gpu.py
+runs them compiled. Float32 only (the interpreter's bfloat16 is not the GPU's), and not the
+launches that use inline PTX (fp8 quantizing, float16 conversion on load), which it cannot
+run. Run as a script, this file does the interpreted checks."""
 
 from __future__ import annotations
 
@@ -35,16 +38,15 @@ def test_prefill_tiles_cover_each_prompt_once_longest_first():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, tests/test_gpu.py runs the compiled kernels")
-def test_attention_kernels_match_the_reference_in_tritons_interpreter():
+def test_kernels_match_their_references_in_tritons_interpreter():
     """Prefill: decodes in front (their rows left alone), fresh prompts, chunks after cached
     keys, with and without a sliding window, an fp8 cache, tiles smaller than a prompt. Decode:
-    one split and several, the vector kernel, windows, fp8. Float32 (the interpreter's bfloat16
-    is not the GPU's); the launches that use inline PTX cannot be interpreted."""
+    one split and several, the vector kernel, windows, fp8. The fused kernels at awkward sizes."""
     run = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "TRITON_INTERPRET": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == 12
+    assert len(results) == 18
     for case, err in results.items():
         assert err < 1e-5, (case, err)
 
@@ -128,5 +130,40 @@ def _decode_checks() -> dict[str, float]:
     return results
 
 
+def _fused_checks() -> dict[str, float]:
+    """Largest absolute differences from the references (infinite where a residual sum differs)."""
+    from dist_runtime.kernels.fused import add_rmsnorm, layernorm, rotary_, silu_and_mul
+    from dist_runtime.layers.norm import LayerNorm, RMSNorm
+    from dist_runtime.layers.rotary import RotaryEmbedding
+
+    torch.manual_seed(0)
+    results = {}
+    norm = RMSNorm(5000, 1e-5)  # wider than a power of two: a masked tail
+    torch.nn.init.normal_(norm.weight, 1.0, 0.1)
+    x, residual = torch.randn(3, 5000), torch.randn(3, 5000)
+    summed = residual.clone()
+    out = add_rmsnorm(x, norm.weight, 1e-5, summed)
+    ref, ref_summed = norm.reference(x, residual.clone())
+    results["add_rmsnorm"] = (out - ref).abs().max().item() if torch.equal(summed, ref_summed) else float("inf")
+    results["rmsnorm"] = (add_rmsnorm(x, norm.weight, 1e-5) - norm.reference(x)).abs().max().item()
+    ln = LayerNorm(300, 1e-5)
+    torch.nn.init.normal_(ln.weight, 1.0, 0.1)
+    torch.nn.init.normal_(ln.bias, 0.0, 0.1)
+    x = torch.randn(3, 300) * 3 + 1  # an offset that the mean removes
+    results["layernorm"] = (layernorm(x, ln.weight, ln.bias, 1e-5) - ln.reference(x)).abs().max().item()
+    for head_dim, rotary_dim, interleaved in [(16, 16, False), (16, 8, True)]:
+        rope = RotaryEmbedding(head_dim, rotary_dim, 500000.0, None, interleaved)
+        positions = torch.randint(0, 8000, (5,))
+        q, k = torch.randn(5, 5, head_dim), torch.randn(5, 3, head_dim)  # 5 and 3 heads: padded inside
+        ref_q, ref_k = rope.reference(positions, q.clone(), k.clone())
+        got_q, got_k = rotary_(q.clone(), k.clone(), positions, rope.inv_freq, interleaved)
+        results[f"rotary {head_dim}/{rotary_dim} interleaved={interleaved}"] = max(
+            (got_q - ref_q).abs().max().item(), (got_k - ref_k).abs().max().item())
+    gate_up = torch.randn(3, 2 * 1100)  # past one block of 1,024
+    gate, up = gate_up.chunk(2, dim=-1)
+    results["silu_and_mul"] = (silu_and_mul(gate_up) - torch.nn.functional.silu(gate) * up).abs().max().item()
+    return results
+
+
 if __name__ == "__main__":
-    print(json.dumps({**_prefill_checks(), **_decode_checks()}))
+    print(json.dumps({**_prefill_checks(), **_decode_checks(), **_fused_checks()}))
