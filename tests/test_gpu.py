@@ -1,6 +1,6 @@
-"""The GPU path against the CPU reference: the paged decode kernel over awkward shapes (with an
-fp8 cache too), and whole engines (float32: the same tokens; bfloat16: the same first tokens).
-Skipped without CUDA."""
+"""The GPU path against the CPU reference: the paged decode and prefill kernels over awkward
+shapes (with an fp8 cache too), and whole engines (float32: the same tokens; bfloat16: the same
+first tokens). Skipped without CUDA."""
 
 from __future__ import annotations
 
