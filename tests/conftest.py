@@ -25,6 +25,17 @@ CALIB_TEXT = str(resources.files("dist_runtime").joinpath("data/corpus.txt"))
 SMALL_PLAN = dict(max_batch_size=4, max_seq_len=128)
 
 
+def quantize_cache(attn) -> None:
+    """Turn a PagedAttention's caches into fp8 (E4M3), divided by each KV head's own scale."""
+    from sharding.quantize import FP8_MAX, quantize_kv
+
+    for name in ("k", "v"):
+        cache = getattr(attn, f"{name}_cache")
+        scale = cache.float().abs().amax(dim=(0, 1, 3)) / FP8_MAX
+        setattr(attn, f"{name}_scale", scale)
+        setattr(attn, f"{name}_cache", quantize_kv(cache.flatten(0, 1), scale).view(cache.shape))
+
+
 def tool(name: str) -> str:
     """A console script of this environment (dist-runtime, mpirun), else from PATH."""
     path = BIN / name

@@ -8,12 +8,12 @@ import time
 
 import pytest
 import torch
-from conftest import PROMPTS
+from conftest import PROMPTS, quantize_cache
 
 from dist_runtime import LLM, SamplingParams
 from dist_runtime.layers.attention import AttentionMetadata, PagedAttention
 from dist_runtime.model_runner import _leading_decodes
-from sharding.quantize import FP8, FP8_MAX, quantize_kv
+from sharding.quantize import FP8
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 FP8_KV = pytest.param("fp8", marks=pytest.mark.skipif(
@@ -70,11 +70,7 @@ def test_paged_decode_kernel_matches_the_reference(dtype, heads, kv_heads, head_
     meta = AttentionMetadata(torch.empty(0), list(range(len(context) + 1)), context, tables.long())
     if kv == "fp8":
         unquantized = attn.reference(q, meta)
-        for name in ("k", "v"):
-            cache = getattr(attn, f"{name}_cache")
-            scale = cache.float().abs().amax(dim=(0, 1, 3)) / FP8_MAX
-            setattr(attn, f"{name}_scale", scale)
-            setattr(attn, f"{name}_cache", quantize_kv(cache.flatten(0, 1), scale).view(cache.shape))
+        quantize_cache(attn)
     from triton.runtime.errors import OutOfResources
 
     try:
@@ -115,11 +111,7 @@ def test_paged_prefill_kernel_matches_the_reference(dtype, heads, kv_heads, head
     attn.k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda", dtype=dtype) * spread
     attn.v_cache = torch.randn_like(attn.k_cache) * spread
     if kv == "fp8":
-        for name in ("k", "v"):
-            cache = getattr(attn, f"{name}_cache")
-            scale = cache.float().abs().amax(dim=(0, 1, 3)) / FP8_MAX
-            setattr(attn, f"{name}_scale", scale)
-            setattr(attn, f"{name}_cache", quantize_kv(cache.flatten(0, 1), scale).view(cache.shape))
+        quantize_cache(attn)
     tables = torch.randperm(num_blocks, device="cuda")[: len(seqs) * max_blocks].view(len(seqs), max_blocks)
     starts = [0]
     for new, _ in seqs:

@@ -53,19 +53,16 @@ def test_kernels_match_their_references_in_tritons_interpreter():
 
 def _attention(heads: int, kv_heads: int, dim: int, block_size: int, blocks: int, window: int | None, fp8: bool):
     """A layer over a random cache (divided by per-KV-head scales into E4M3 with `fp8`)."""
+    from conftest import quantize_cache
+
     from dist_runtime.layers.attention import PagedAttention
-    from sharding.quantize import FP8_MAX, quantize_kv
 
     torch.manual_seed(0)
     attn = PagedAttention(heads, kv_heads, dim, dim**-0.5, window)
     attn.k_cache = torch.randn(blocks, block_size, kv_heads, dim)
     attn.v_cache = torch.randn_like(attn.k_cache) * 2
     if fp8:
-        for name in ("k", "v"):
-            cache = getattr(attn, f"{name}_cache")
-            scale = cache.abs().amax(dim=(0, 1, 3)) / FP8_MAX
-            setattr(attn, f"{name}_scale", scale)
-            setattr(attn, f"{name}_cache", quantize_kv(cache.flatten(0, 1), scale).view(cache.shape))
+        quantize_cache(attn)
     return attn
 
 
