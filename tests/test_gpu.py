@@ -373,6 +373,47 @@ def test_nccl_communicator_reduces_and_gathers_inside_a_cuda_graph():
     assert comm.broadcast_object({"step": 1}) == {"step": 1}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,size", [(1, 4096), (3, 4104), (40, 2048)])
+def test_one_shot_sum_fused_with_rmsnorm_norms_as_the_reference_at_world_size_1(dtype, rows, size):
+    """One GPU: the kernel's norm, rounding and lanes (tests/test_multi_gpu.py sums over several).
+    Eagerly against RMSNorm.reference; in a CUDA graph, between plain sums, as eagerly."""
+    from dist_runtime.comm.one_shot import OneShotAllReduce
+    from dist_runtime.comm.solo import SoloCommunicator
+    from dist_runtime.layers.norm import RMSNorm
+    from dist_runtime.mapping import Mapping
+
+    one_shot = OneShotAllReduce(SoloCommunicator(Mapping()))
+    assert one_shot.error is None
+    norm = RMSNorm(size, 1e-5).cuda().to(dtype)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.1)
+    x, residual = (torch.randn(rows, size, device="cuda", dtype=dtype) for _ in range(2))
+    assert one_shot.fits_norm(x, residual, norm.weight)
+    out, summed = one_shot.add_rmsnorm(x, residual.clone(), norm.weight, norm.eps)
+    ref, ref_summed = norm.reference(x, residual.clone())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.equal(summed, ref_summed) and torch.allclose(out, ref, rtol=tol, atol=tol)
+
+    def calls(r: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        outs = []
+        for _ in range(2):
+            one_shot(y)
+            outs.append(one_shot.add_rmsnorm(x, r, norm.weight, norm.eps)[0])
+        return outs
+
+    eager_r, eager_y = residual.clone(), x.clone()
+    eager = calls(eager_r, eager_y)
+    r, y, graph = residual.clone(), x.clone(), torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        outs = calls(r, y)
+    r.copy_(residual)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip([r, y, *outs], [eager_r, eager_y, *eager]))
+    one_shot.close()
+
+
 def test_sampling_noise_and_draws_are_the_same_on_gpu_and_cpu():
     from dist_runtime.sampler import uniform_noise
 

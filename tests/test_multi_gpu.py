@@ -1,5 +1,6 @@
-"""Several GPUs of one host: the one-shot all-reduce against NCCL, and TP=2 / PP=2 engines
-giving TP=1's greedy tokens. Real ranks, one process per GPU. Skipped with fewer than 2 GPUs."""
+"""Several GPUs of one host: the one-shot all-reduce (plain, and fused with RMSNorm) against NCCL
+and the reference norm, and TP=2 / PP=2 engines giving TP=1's greedy tokens. Real ranks, one
+process per GPU. Skipped with fewer than 2 GPUs."""
 
 from __future__ import annotations
 
@@ -47,12 +48,45 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32):
         torch.cuda.synchronize()
         reference = comm._nccl_all_reduce(comm._nccl_all_reduce(expected.clone()))
         assert torch.allclose(y.float(), reference.float(), rtol=2e-2, atol=1e-2), (dtype, numel)
+# The sum fused with RMSNorm (the norm after o_proj and down_proj), against the sum and then
+# the reference norm; and in a CUDA graph between plain sums, against the same calls eagerly.
+from dist_runtime.layers.norm import RMSNorm
+for dtype in (torch.bfloat16, torch.float16, torch.float32):
+    for rows, n in ((1, 4096), (3, 4104), (40, 2048)):
+        mine, shared = (torch.Generator(device="cuda").manual_seed(s) for s in (100 + info.rank, 7))
+        partial = torch.randn(rows, n, device="cuda", generator=mine).to(dtype)
+        residual = torch.randn(rows, n, device="cuda", generator=shared).to(dtype)
+        norm = RMSNorm(n, 1e-5).to("cuda", dtype)
+        norm.weight.data = torch.rand(n, device="cuda", generator=shared).to(dtype)
+        want, want_residual = norm.reference(comm._nccl_all_reduce(partial.clone()), residual.clone())
+        assert comm.one_shot.fits_norm(partial, residual, norm.weight), (dtype, rows, n)
+        got, got_residual = comm.one_shot.add_rmsnorm(partial, residual.clone(), norm.weight, norm.eps)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert torch.allclose(got_residual.float(), want_residual.float(), rtol=tol, atol=tol), (dtype, rows, n)
+        assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol), (dtype, rows, n)
+        def calls(r, y):
+            outs = []
+            for _ in range(2):
+                comm.one_shot(y)
+                outs.append(comm.one_shot.add_rmsnorm(partial, r, norm.weight, norm.eps)[0])
+            return outs
+        eager_r, eager_y = residual.clone(), partial.clone()
+        eager = calls(eager_r, eager_y)
+        r, y, graph = residual.clone(), partial.clone(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = calls(r, y)
+        r.copy_(residual)
+        y.copy_(partial)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip([r, y, *outs], [eager_r, eager_y, *eager])), (dtype, rows, n)
 comm.close()
 print("ok", comm.tuning)
 """
 
 
 def test_one_shot_all_reduce_sums_as_nccl_does_eagerly_and_in_cuda_graphs():
+    """And its sum fused with RMSNorm norms as the reference does."""
     world = min(torch.cuda.device_count(), 4)
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-c", _ALL_REDUCE_RANK], stdout=subprocess.PIPE,

@@ -20,6 +20,13 @@ class Communicator(ABC):
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over the TP group, in place; returns `tensor`."""
 
+    def all_reduce_add_rmsnorm(self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                               eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """all_reduce(partial), then RMSNorm of that plus `residual` (updated in place to the sum),
+        in one kernel where the transport has one: (the norm's output, residual). None where it has
+        none, and the caller does the two apart."""
+        return None
+
     @abstractmethod
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate the TP group's tensors along the last dimension, in TP-rank order."""

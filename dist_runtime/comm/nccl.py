@@ -81,6 +81,13 @@ class NcclCommunicator(Communicator):
             return self.one_shot(tensor)
         return self._nccl_all_reduce(tensor)
 
+    def all_reduce_add_rmsnorm(self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                               eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if (partial.numel() * partial.element_size() <= self.one_shot_limit
+                and self.one_shot.fits_norm(partial, residual, weight)):
+            return self.one_shot.add_rmsnorm(partial, residual, weight, eps)
+        return None
+
     def _nccl_all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         self.tp_comm.allReduce(tensor.data_ptr(), tensor.data_ptr(), tensor.numel(), _NCCL_TYPES[tensor.dtype],
                                nccl.NCCL_SUM, _stream())

@@ -147,5 +147,13 @@ class RowParallelLinear(nn.Module):
         out = self.comm.all_reduce(partial_sum) if self.tp > 1 else partial_sum
         return out + self.bias if self.bias is not None else out
 
+    def finish_add_rmsnorm(self, partial_sum: torch.Tensor, residual: torch.Tensor,
+                           norm) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """finish(partial_sum), then `norm` (an RMSNorm) of it and `residual`, in one kernel where
+        the communicator has one and no bias comes between; None otherwise."""
+        if self.tp == 1 or self.bias is not None:
+            return None
+        return self.comm.all_reduce_add_rmsnorm(partial_sum, residual, norm.weight, norm.eps)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.finish(self.partial(x))

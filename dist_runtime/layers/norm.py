@@ -17,19 +17,27 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = declare(nn.Parameter(torch.empty(size)), "replicated", whole)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, feeds=None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, feeds=None, owed=None):
         """`feeds`: the linear layer the output goes to; on a GPU, one with fp8 weights gets
-        its input quantized in the same kernel (an Fp8Rows)."""
-        if x.is_cuda:
-            from dist_runtime.kernels.fused import add_rmsnorm
+        its input quantized in the same kernel (an Fp8Rows). `owed`: the row-parallel layer
+        whose all-reduce x, a partial sum, still needs; on GPUs it joins this kernel where the
+        communicator can (see RowParallelLinear.finish_add_rmsnorm)."""
+        if not x.is_cuda:
+            return self.reference(owed.finish(x) if owed is not None else x, residual)
+        from dist_runtime.kernels.fused import add_rmsnorm
 
-            fp8 = feeds_fp8(feeds, x.numel() // x.shape[-1])
-            input_scale = feeds.input_scale if fp8 else None
-            if residual is None:
-                return add_rmsnorm(x, self.weight, self.eps, fp8=fp8, input_scale=input_scale)
+        fp8 = feeds_fp8(feeds, x.numel() // x.shape[-1])
+        if residual is not None:
             residual = residual.contiguous()
-            return add_rmsnorm(x, self.weight, self.eps, residual, fp8, input_scale), residual
-        return self.reference(x, residual)
+        if owed is not None:
+            fused = None if residual is None or fp8 else owed.finish_add_rmsnorm(x, residual, self)
+            if fused is not None:
+                return fused
+            x = owed.finish(x)
+        input_scale = feeds.input_scale if fp8 else None
+        if residual is None:
+            return add_rmsnorm(x, self.weight, self.eps, fp8=fp8, input_scale=input_scale)
+        return add_rmsnorm(x, self.weight, self.eps, residual, fp8, input_scale), residual
 
     def reference(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is not None:

@@ -27,9 +27,10 @@ class LlamaAttention(nn.Module):
         self.attn = PagedAttention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, c.head_dim,
                                    c.head_dim**-0.5, c.sliding_window)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def partial(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """This rank's share of the output, before o_proj's all-reduce."""
         q, k, v = self.qkv_proj.split_qkv(self.qkv_proj(x))
-        return self.o_proj(self.attn(q, k, v, meta, self.rotary, positions))
+        return self.o_proj.partial(self.attn(q, k, v, meta, self.rotary, positions))
 
 
 class LlamaMLP(nn.Module):
@@ -41,8 +42,9 @@ class LlamaMLP(nn.Module):
                                            comm, name="down_proj")
         self.act = activation(c.hidden_act)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gated(self.act, self.gate_up_proj(x), feeds=self.down_proj))
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the output, before down_proj's all-reduce."""
+        return self.down_proj.partial(gated(self.act, self.gate_up_proj(x), feeds=self.down_proj))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -54,16 +56,19 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(c, m, comm)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
-                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+                meta: AttentionMetadata, owed=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's output, the residual stream before it): their sum is the hidden state.
-        Each norm adds the pending residual first, in one kernel on a GPU."""
+        Outputs are partial sums, owed their all-reduce (x's by `owed`, the previous layer's
+        down_proj): each norm all-reduces them and adds the residual first, in one kernel on GPUs
+        where the communicator can."""
         qkv, gate_up = self.self_attn.qkv_proj, self.mlp.gate_up_proj
         if residual is None:
             h, residual = self.input_layernorm(x, feeds=qkv), x
         else:
-            h, residual = self.input_layernorm(x, residual, feeds=qkv)
-        h, residual = self.post_attention_layernorm(self.self_attn(h, positions, meta), residual, feeds=gate_up)
-        return self.mlp(h), residual
+            h, residual = self.input_layernorm(x, residual, feeds=qkv, owed=owed)
+        h, residual = self.post_attention_layernorm(self.self_attn.partial(h, positions, meta), residual,
+                                                    feeds=gate_up, owed=self.self_attn.o_proj)
+        return self.mlp.partial(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -91,9 +96,12 @@ class LlamaForCausalLM(CausalLM):
 
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.model.embed_tokens(inputs) if self.mapping.is_first_stage else inputs
-        residual = None
+        residual = owed = None
         for layer in self.model.layers.values():
-            x, residual = layer(x, residual, positions, meta)
+            x, residual = layer(x, residual, positions, meta, owed)
+            owed = layer.mlp.down_proj
         if residual is None:  # a stage without layers
             return self.model.norm(x) if self.mapping.is_last_stage else x
-        return self.model.norm(x, residual)[0] if self.mapping.is_last_stage else x + residual
+        if self.mapping.is_last_stage:
+            return self.model.norm(x, residual, owed=owed)[0]
+        return owed.finish(x) + residual
