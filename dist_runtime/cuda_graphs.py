@@ -3,6 +3,10 @@ batch-size bucket, captured at start-up and replayed every decode step: a decode
 8B model is a few hundred small kernels, whose launch cost a graph removes. Prefill and mixed
 steps run eagerly.
 
+Where the build's tuning kept a decode-attention launch for short contexts beside its
+overall pick (sharding/tuning.py), the bucket has a second graph with that launch, replayed
+when every context of the step is that short.
+
 A bucket's inputs (token ids, positions, cache slots, context lengths, block tables) are one
 int64 range of one device buffer, filled by a single copy from a pinned host buffer: at
 batch 1 the step's host work is a share of its time, and five copies cost five round trips."""
@@ -39,7 +43,8 @@ def buckets(max_batch: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: CausalLM, max_batch: int, max_blocks_per_seq: int, pad_block: int, block_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, short_contexts: dict[int, int] | None = None) -> None:
+        """`short_contexts`: by bucket, the longest context of its short-context graph (none: 0)."""
         self.model, self.device = model, device
         self.pad_block, self.pad_slot = pad_block, pad_block * block_size
         self.max_batch, self.width = max_batch, max_blocks_per_seq
@@ -48,11 +53,13 @@ class DecodeGraphs:
         self.host = torch.zeros(size, dtype=torch.int64, pin_memory=True)
         self.host_array = self.host.numpy()
         self.copied = torch.cuda.Event()  # the last copy out of `host`: wait before writing it again
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.short_contexts = {b: n for b, n in (short_contexts or {}).items() if n}
         before = torch.cuda.memory_allocated(device)
         pool = torch.cuda.graph_pool_handle()
         for b in sorted(buckets(max_batch), reverse=True):  # largest first: the rest reuse its memory
-            self.graphs[b] = self._capture(b, pool)
+            for short in (False, True)[: 1 + (b in self.short_contexts)]:
+                self.graphs[b, short] = self._capture(b, short, pool)
             log.debug("captured the decode graph of batch %d", b)
         torch.cuda.synchronize(device)
         self.memory_bytes = torch.cuda.memory_allocated(device) - before
@@ -72,21 +79,21 @@ class DecodeGraphs:
         rows = self._rows(b)
         return (*buffer[: 4 * rows].reshape(4, rows)[:, :b], buffer[4 * rows: self._size(b)].reshape(b, self.width))
 
-    def _forward(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, b: int, short: bool) -> tuple[torch.Tensor, torch.Tensor]:
         ids, positions, slots, context_lens, tables = self._views(self.inputs, b)
-        meta = AttentionMetadata(slots, [], [], tables, context_lens, decode=True)
+        meta = AttentionMetadata(slots, [], [], tables, context_lens, decode=True, short=short)
         logits = self.model.compute_logits(self.model(ids, positions, meta))
         return logits, logits.argmax(-1)
 
-    def _capture(self, b: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+    def _capture(self, b: int, short: bool, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
         _, _, slots, context_lens, tables = self._views(self.inputs, b)
         slots.fill_(self.pad_slot)  # capture on padding rows: they write to the spare block
         context_lens.fill_(1)
         tables.fill_(self.pad_block)
-        self._forward(b)  # compile and warm up outside the capture
+        self._forward(b, short)  # compile and warm up outside the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            logits, greedy = self._forward(b)
+            logits, greedy = self._forward(b, short)
         return graph, logits, greedy
 
     def close(self) -> None:
@@ -104,7 +111,8 @@ class DecodeGraphs:
         smallest graph that holds it. With `prev_sampled`, the input tokens are its rows
         `step.prev_rows`, gathered on the device."""
         n = step.num_seqs
-        b = min(size for size in self.graphs if size >= n)
+        b = min(size for size, _ in self.graphs if size >= n)
+        short = max(step.context_lens) <= self.short_contexts.get(b, 0)
         self.copied.synchronize()
         ids, positions, slots, context_lens, tables = self._views(self.host_array, b)
         # The rows travel in the token ids' place, so the inputs are still one copy.
@@ -123,7 +131,7 @@ class DecodeGraphs:
         if prev_sampled is not None:
             device_ids = self._views(self.inputs, b)[0][:n]
             device_ids.copy_(prev_sampled[device_ids])
-        graph, logits, greedy = self.graphs[b]
+        graph, logits, greedy = self.graphs[b, short]
         graph.replay()
         return logits[:n], greedy[:n]
 

@@ -138,7 +138,8 @@ class LLM:
         graphs = c.runner.graphs
         return {"preemptions": c.scheduler.num_preemptions, "kv_blocks": c.blocks.num_blocks,
                 "kv_tokens": c.blocks.num_blocks * c.blocks.block_size,
-                "cuda_graphs": None if graphs is None else {"batch_sizes": sorted(graphs.graphs),
+                "cuda_graphs": None if graphs is None else {"batch_sizes": sorted({b for b, _ in graphs.graphs}),
+                                                            "short_contexts": graphs.short_contexts,
                                                             "memory_bytes": graphs.memory_bytes},
                 "kv_block_size": c.blocks.block_size, "kv_blocks_used": c.blocks.num_used,
                 "kv_blocks_peak": c.peak_blocks_used, "prefix_cache_hit_tokens": c.blocks.hit_tokens,

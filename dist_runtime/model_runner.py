@@ -135,13 +135,14 @@ class ModelRunner:
         # One stage only: a graph cannot wait for another stage's activations. NCCL all-reduces
         # of a TP group run inside the graph.
         if self.device.type == "cuda" and self.use_cuda_graphs and m.pp == 1:
-            from dist_runtime.cuda_graphs import DecodeGraphs
+            from dist_runtime.cuda_graphs import DecodeGraphs, buckets
 
             plan = self.engine.plan
+            short = {b: self.kernels.short_context(b) for b in buckets(plan.max_batch_size)} if self.kernels else {}
             log.info("capturing decode graphs")
             with torch.inference_mode():
                 self.graphs = DecodeGraphs(self.model, plan.max_batch_size, -(-plan.max_seq_len // self.block_size),
-                                           num_blocks, self.block_size, self.device)
+                                           num_blocks, self.block_size, self.device, short)
 
     def run(self, step: Step) -> StepOutput | None:
         """Run this rank's part of `step`. Rank 0 gets the StepOutput; other ranks get None."""

@@ -44,14 +44,24 @@ class KernelChoices:
     def from_record(cls, record: dict[str, Any] | None) -> KernelChoices | None:
         return cls(record) if record and record.get("tuned") else None
 
-    def attention(self, num_seqs: int) -> dict[str, int]:
+    def attention(self, num_seqs: int, short: bool = False) -> dict[str, int]:
         """Keyword arguments of paged_decode_attention: splits, block_n, num_warps, and vector,
-        f16, convert_on_load, fp8_products or num_stages where the tuning picked that variant."""
+        f16, convert_on_load, fp8_products or num_stages where the tuning picked that variant.
+        `short`: every context is within short_context(num_seqs), and that launch is wanted."""
         if not self._attention:
             return {}
         choice = _pick(self._attention, num_seqs, self._attention[-1][1])
+        if short and "short" in choice:
+            choice = choice["short"]
         keys = ("splits", "block_n", "num_warps", "vector", "f16", "convert_on_load", "fp8_products", "num_stages")
         return {key: choice[key] for key in keys if key in choice}
+
+    def short_context(self, num_seqs: int) -> int:
+        """The longest context for which a decode step of `num_seqs` sequences has a launch of
+        its own (the tuning's short context, where another launch won clearly); 0 if none."""
+        if not self._attention:
+            return 0
+        return _pick(self._attention, num_seqs, self._attention[-1][1]).get("short", {}).get("context", 0)
 
     def gemm(self, rows: int, out_features: int, in_features: int) -> dict[str, int] | None:
         """skinny_linear's keyword arguments where the Triton kernel won, else None (cuBLAS)."""

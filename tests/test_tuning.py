@@ -24,7 +24,9 @@ RECORD = {
                          "4": {"splits": 2, "block_n": 64, "num_warps": 8, "vector": True, "us": [4.0],
                                "default_us": [5.0]},
                          "8": {"splits": 1, "block_n": 64, "num_warps": 4, "num_stages": 2, "fp8_products": True,
-                               "us": [4.0], "default_us": [6.0]}},
+                               "us": [4.0, 9.0], "default_us": [6.0, 12.0],
+                               "short": {"splits": 1, "block_n": 32, "num_warps": 4, "num_stages": 1,
+                                         "fp8_products": True, "context": 256, "us": [3.0]}}},
     "gemm": {gemm_key(96, 64): {"1": {"kernel": "triton", "block_n": 16, "block_k": 256, "num_warps": 4,
                                       "num_stages": 4, "us": 2.0, "cublas_us": 3.0, "best_triton_us": 2.0},
                                 "4": {"kernel": "cublas", "us": 2.0, "cublas_us": 2.0, "best_triton_us": 2.5},
@@ -47,6 +49,11 @@ def test_engine_json_keeps_the_tuned_choices_and_the_runner_reads_them(engines, 
     assert choices.attention(3) == choices.attention(4) == {"splits": 2, "block_n": 64, "num_warps": 8, "vector": True}
     assert choices.attention(5) == choices.attention(300) == {"splits": 1, "block_n": 64, "num_warps": 4,
                                                               "fp8_products": True, "num_stages": 2}
+    # the launch kept for short contexts, where the tuning kept one
+    assert choices.attention(5, short=True) == {"splits": 1, "block_n": 32, "num_warps": 4, "fp8_products": True,
+                                                "num_stages": 1}
+    assert choices.attention(4, short=True) == choices.attention(4)
+    assert choices.short_context(8) == choices.short_context(300) == 256 and choices.short_context(4) == 0
     assert choices.gemm(1, 96, 64) == {"block_n": 16, "block_k": 256, "num_warps": 4, "num_stages": 4}
     assert choices.gemm(2, 96, 64) is None  # cuBLAS won at 4 rows
     assert choices.gemm(5, 96, 64) is None and choices.gemm(1, 64, 64) is None  # cuBLAS: timed so, untuned
@@ -112,9 +119,10 @@ def test_build_records_no_tune_and_a_build_without_gpu(checkpoints, tmp_path):
 @pytest.mark.parametrize("dtype,tolerance", [("bf16", 2e-2), ("int8wo", 2e-2), ("fp8", 0.1)])
 def test_tuned_and_forced_kernels_give_the_untuned_outputs(checkpoints, tmp_path, monkeypatch, dtype, tolerance):
     """An engine tuned on this GPU (int8wo and fp8: the Triton kernel reads the quantized
-    weights); then the same engine with every GEMM forced to Triton and attention to 4 splits,
-    and with no tuning: the same first tokens, logits within bf16 rounding (fp8: within what
-    quantizing the activations changes, which the Triton kernel does not do)."""
+    weights); then the same engine with every GEMM forced to Triton and attention to 4 splits
+    (2 in the graphs for short contexts, which every decode step here takes), and with no
+    tuning: the same first tokens, logits within bf16 rounding (fp8: within what quantizing the
+    activations changes, which the Triton kernel does not do)."""
     if dtype == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 GEMMs need compute capability 8.9+")
     import dist_runtime.kernels.skinny_gemm as skinny
@@ -128,7 +136,8 @@ def test_tuned_and_forced_kernels_give_the_untuned_outputs(checkpoints, tmp_path
     if dtype == "fp8":  # each fp8 GEMM chose how to accumulate at every count, a prefill chunk's (512) too
         fp8_tables = [table for table in record["gemm"].values() if "512" in table]
         assert fp8_tables and all("fast_accumulate" in c for t in fp8_tables for c in t.values())
-    forced = {**record, "decode_attention": {"4": {"splits": 4, "block_n": 32, "num_warps": 4}},
+    short = {"splits": 2, "block_n": 64, "num_warps": 8, "context": 128}  # every context here: the short graphs
+    forced = {**record, "decode_attention": {"4": {"splits": 4, "block_n": 32, "num_warps": 4, "short": short}},
               "gemm": {shape: {"4": {"kernel": "triton", "block_n": 32, "block_k": 128, "num_warps": 4,
                                      "num_stages": 3}} for shape in record["gemm"]}}
     variants = {"tuned": record, "forced": forced, "untuned": None}
@@ -148,6 +157,8 @@ def test_tuned_and_forced_kernels_give_the_untuned_outputs(checkpoints, tmp_path
         with LLM(str(folder), device="cuda") as llm:
             runner = llm.coordinator.runner
             assert (runner.kernels is None) == (tuning is None)
+            if name == "forced":
+                assert runner.graphs.short_contexts == {1: 128, 2: 128, 4: 128}
             results[name] = llm.generate(PROMPTS, params, return_logits=True)
         if name == "forced":
             assert calls  # the Triton GEMM ran (at graph capture and in eager steps)

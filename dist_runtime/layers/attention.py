@@ -28,6 +28,7 @@ class AttentionMetadata:
     context_lens_tensor: torch.Tensor | None = None  # the same on the device (the decode kernel reads it)
     decode: bool = False  # every sequence brings exactly one token
     num_decodes: int = 0  # the leading sequences that bring one token each (the scheduler puts them first)
+    short: bool = False  # decode attention takes the tuning's launch for short contexts (a graph of its own)
     # What every layer of the step derives alike (the prefill's batches, their index tensors):
     # derived by the first layer that needs it, not again in each of the others
     derived: dict = dataclasses.field(default_factory=dict, repr=False)
@@ -74,7 +75,7 @@ class PagedAttention(nn.Module):
 
         decodes = len(meta.context_lens_tensor) if meta.decode else meta.num_decodes
         launch = {"k_scale": self.k_scale, "v_scale": self.v_scale,
-                  **(self.kernels.attention(decodes) if self.kernels is not None else {})}
+                  **(self.kernels.attention(decodes, meta.short) if self.kernels is not None else {})}
         if meta.decode:  # the kernel's output as it is: no copy (a graph node per layer) into `out`
             return paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens_tensor,
                                           self.scale, self.sliding_window, **launch).flatten(1)
