@@ -31,18 +31,20 @@ def calibrated(checkpoints, tmp_path_factory):
 
 
 def test_calibration_keeps_the_largest_gemm_inputs_and_rotated_keys_and_values(checkpoints):
-    """Against forward hooks on a plain run of the same chunks (Llama calls every linear layer's
-    forward; the attention hook rotates the keys as the cache write does)."""
+    """Against hooks on a plain run of the same chunks (Llama calls its column-parallel layers'
+    forward and its row-parallel layers' `partial`, whose all-reduce joins the next norm; the
+    attention hook rotates the keys as the cache write does)."""
     ck = Checkpoint(checkpoints["llama"])
     ranges = calibrate(ck, CALIB_TEXT, CHUNK, progress=False)
     ids = read_tokens(ck, CALIB_TEXT)
     model = reference_model(ck)
     inputs, keys, values = {}, torch.zeros(4, 2), torch.zeros(4, 2)
 
-    def gemm_hook(name):
-        def hook(module, args):
-            inputs[name] = max(inputs.get(name, 0.0), args[0].abs().max().item())
-        return hook
+    def record(name, x):
+        inputs[name] = max(inputs.get(name, 0.0), x.abs().max().item())
+
+    def partial_recording(module, name):
+        return lambda x: module.__class__.partial(module, record(name, x) or x)
 
     def kv_hook(layer):
         def hook(module, args):
@@ -52,8 +54,10 @@ def test_calibration_keeps_the_largest_gemm_inputs_and_rotated_keys_and_values(c
         return hook
 
     for name, module in model.named_modules():
-        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
-            module.register_forward_pre_hook(gemm_hook(f"{name}.weight"))
+        if isinstance(module, ColumnParallelLinear):
+            module.register_forward_pre_hook(lambda _, args, name=f"{name}.weight": record(name, args[0]))
+        elif isinstance(module, RowParallelLinear):
+            module.partial = partial_recording(module, f"{name}.weight")
     for layer, attn in enumerate(model.attention_layers()):
         attn.register_forward_pre_hook(kv_hook(layer))
     with torch.inference_mode():
