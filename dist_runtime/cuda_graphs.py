@@ -58,7 +58,7 @@ class DecodeGraphs:
         before = torch.cuda.memory_allocated(device)
         pool = torch.cuda.graph_pool_handle()
         for b in sorted(buckets(max_batch), reverse=True):  # largest first: the rest reuse its memory
-            for short in (False, True)[: 1 + (b in self.short_contexts)]:
+            for short in (False, True) if b in self.short_contexts else (False,):
                 self.graphs[b, short] = self._capture(b, short, pool)
             log.debug("captured the decode graph of batch %d", b)
         torch.cuda.synchronize(device)
@@ -112,7 +112,7 @@ class DecodeGraphs:
         `step.prev_rows`, gathered on the device."""
         n = step.num_seqs
         b = min(size for size, _ in self.graphs if size >= n)
-        short = max(step.context_lens) <= self.short_contexts.get(b, 0)
+        short = b in self.short_contexts and bool(step.context_lens.max() <= self.short_contexts[b])
         self.copied.synchronize()
         ids, positions, slots, context_lens, tables = self._views(self.host_array, b)
         # The rows travel in the token ids' place, so the inputs are still one copy.
