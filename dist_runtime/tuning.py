@@ -50,7 +50,7 @@ class KernelChoices:
         `short`: every context is within short_context(num_seqs), and that launch is wanted."""
         if not self._attention:
             return {}
-        choice = _pick(self._attention, num_seqs, self._attention[-1][1])
+        choice = self._attention_choice(num_seqs)
         if short and "short" in choice:
             choice = choice["short"]
         keys = ("splits", "block_n", "num_warps", "vector", "f16", "convert_on_load", "fp8_products", "num_stages")
@@ -61,7 +61,11 @@ class KernelChoices:
         its own (the tuning's short context, where another launch won clearly); 0 if none."""
         if not self._attention:
             return 0
-        return _pick(self._attention, num_seqs, self._attention[-1][1]).get("short", {}).get("context", 0)
+        return self._attention_choice(num_seqs).get("short", {}).get("context", 0)
+
+    def _attention_choice(self, num_seqs: int) -> dict[str, Any]:
+        """The tuning's record for the bucket of `num_seqs` (past the largest, the largest's)."""
+        return _pick(self._attention, num_seqs, self._attention[-1][1])
 
     def gemm(self, rows: int, out_features: int, in_features: int) -> dict[str, int] | None:
         """skinny_linear's keyword arguments where the Triton kernel won, else None (cuBLAS)."""
