@@ -96,7 +96,7 @@ def test_paged_prefill_kernel_matches_the_reference(dtype, heads, kv_heads, head
     chunk: their rows of the output against the reference, which reads the same cache."""
     from triton.runtime.errors import OutOfResources
 
-    from dist_runtime.kernels.paged_prefill import paged_prefill_attention, prefill_tiles
+    from dist_runtime.kernels.paged_prefill import launch_for, paged_prefill_attention, prefill_tiles
 
     if head_dim == 16 and launch is not None and launch[0] > 16:
         pytest.skip("one launch per head size is enough here")
@@ -119,7 +119,8 @@ def test_paged_prefill_kernel_matches_the_reference(dtype, heads, kv_heads, head
     context = [ctx for _, ctx in seqs]
     meta = AttentionMetadata(torch.empty(0), starts, context, tables)
     q = torch.randn(starts[-1], heads, head_dim, device="cuda", dtype=dtype)
-    tiles = torch.from_numpy(prefill_tiles(starts, context, 2, (launch or (64,))[0])).cuda()
+    launch = launch or launch_for(head_dim, kv == "fp8", dtype)
+    tiles = torch.from_numpy(prefill_tiles(starts, context, 2, launch[0])).cuda()
     out = torch.full_like(q, 7.0)
     try:
         paged_prefill_attention(q, attn.k_cache, attn.v_cache, tables, tiles,

@@ -285,17 +285,17 @@ def _fp8_rows_kernel(x_ptr, out_ptr, scale_ptr, static_ptr, n_cols, ACT: tl.cons
             tl.store(out_ptr + row * n_cols + cols, _to_fp8(values, scale, FP8_MAX), mask=mask)
 
 
-# By what fp8_rows applies: a row of up to this many values is held in registers, a longer one
-# takes two passes. Timed on an H200 at [8192, 16384] (SiLU-and-mul: Llama-3-8B's [8192, 14336]):
-# plain 152 us at 16384 (161 at 2048); GELU 416 us at 16384 (444-492 below); SiLU-and-mul 376 us at
-# 16384 and 271 us at 2048, two passes over its [gate | up] row (not profiled further: the same
-# order at 1,024 rows, 57.5 against 42.3 us).
-ROW_BLOCKS = {None: 16384, "gelu_tanh": 16384, "silu_mul": 2048}
+# A row of up to ROW_BLOCK values is held in registers, a longer one takes two passes. On an H200
+# at [8192, n] (BENCHMARKS.md, fifteenth session), holding the row beat two passes of 1,024 to
+# 8,192 values for every act (SiLU-and-mul at 14,336: 226 against 228-340 us; GELU at 16,384:
+# 301 against 367-840 us), given enough threads; 4 warps were best for rows of 4,096.
+ROW_BLOCK = 16384
 
 
-def _warps(n: int) -> int:
-    """Enough threads that a row held whole takes at most 32 values each."""
-    return max(4, min(16, triton.next_power_of_2(n) // 1024))
+def _warps(block: int) -> int:
+    """Threads for a BLOCK of values: as measured best, 4 warps up to 4,096 values, 32 (16 values
+    a thread) at 16,384."""
+    return 4 if block <= 4096 else 16 if block <= 8192 else 32
 
 
 def fp8_rows(x: torch.Tensor, input_scale: torch.Tensor | None = None, act: str | None = None) -> Fp8Rows:
@@ -307,9 +307,10 @@ def fp8_rows(x: torch.Tensor, input_scale: torch.Tensor | None = None, act: str 
     rows = x.numel() // x.shape[-1]
     out = torch.empty(rows, n, device=x.device, dtype=FP8)
     scale = torch.empty(rows, 1, device=x.device, dtype=torch.float32)
+    block = min(triton.next_power_of_2(n), ROW_BLOCK)
     if rows:
         _fp8_rows_kernel[(rows,)](x, out, scale, input_scale if input_scale is not None else scale, n,
                                   ACT=ACTS[act], STATIC=input_scale is not None, FP8_MAX=FP8_MAX,
-                                  BLOCK=min(triton.next_power_of_2(n), ROW_BLOCKS[act]), num_warps=_warps(n),
+                                  BLOCK=block, num_warps=_warps(block),
                                   **pdl.launch(x))
     return Fp8Rows(out, scale, x.dtype)
