@@ -16,6 +16,7 @@ from contextlib import nullcontext
 import numpy as np
 from tqdm import tqdm
 
+from dist_runtime.gpu_clocks import gpu_clocks
 from dist_runtime.kernels import compiled_variants
 from dist_runtime.llm import LLM
 from dist_runtime.sampling_params import SamplingParams
@@ -66,7 +67,7 @@ def run_bench(llm: LLM, isl: int, osl: int, num_requests: int, concurrency: int 
     limit = concurrency or num_requests
     bar = tqdm(total=num_requests, unit="req", desc="bench", disable=not progress)
     finished: queue.Queue = queue.Queue()
-    with _profiler(profile) as prof:
+    with _profiler(profile) as prof, gpu_clocks(llm.device) as clocks:
         start = time.perf_counter()
         pending, in_flight, outputs = list(prompts), 0, []
         next_arrival = start
@@ -90,6 +91,8 @@ def run_bench(llm: LLM, isl: int, osl: int, num_requests: int, concurrency: int 
             f.write(prof.key_averages().table(sort_by="self_cuda_time_total" if llm.device != "cpu"
                                               else "self_cpu_time_total", row_limit=40))
     report = _report(llm, outputs, elapsed, isl, osl, concurrency, request_rate, busy_before)
+    # rank 0's GPU over the timed window: its clock, power, and how much of it the power limit held
+    report["gpu_clocks"] = clocks.summary() if clocks is not None else None
     # rank 0's process only: other ranks compile the same kernels, at the same steps
     report["kernels_compiled_in_run"] = {name: n - compiled_before.get(name, 0) for name, n in
                                          compiled_variants().items() if n > compiled_before.get(name, 0)}

@@ -193,6 +193,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"rank-0 step overhead {o['total_at_max_running']:.3f} ms at {report['max_running']} running "
               f"({100 * o['share_of_step_time']:.1f}% of step time); KV peak {report['kv_cache']['peak_usage']:.0%} "
               f"of {report['kv_cache']['blocks']} blocks; {report['preemptions']} preemptions")
+        if report["gpu_clocks"]:
+            c = report["gpu_clocks"]
+            print(f"{c['gpu']}: SM clock mean {c['sm_clock_mhz']['mean']:.0f} MHz (max {c['max_sm_clock_mhz']}), "
+                  f"power mean {c['power_w']['mean']:.0f} W of {c['power_limit_w']:.0f} W, held by the power limit "
+                  f"{c['power_capped_share']:.0%} of the run")
     if report["kernels_compiled_in_run"]:  # on stderr, so that it shows with --json too
         print(f"warning: kernels compiled inside the timed run (their compile time is in the figures): "
               f"{report['kernels_compiled_in_run']}", file=sys.stderr)

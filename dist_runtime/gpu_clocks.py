@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import statistics
 import threading
+from contextlib import nullcontext
 
 SW_POWER_CAP = 0x4  # NVML's clock event reasons (nvmlClocksEventReason*)
 THERMAL = 0x20 | 0x40  # software and hardware thermal slowdown
@@ -17,7 +18,7 @@ THERMAL = 0x20 | 0x40  # software and hardware thermal slowdown
 
 class GpuClocks:
     """A thread that reads the GPU's clock, power and slowdown reasons every `interval_s`
-    between start() and stop(); summary() describes that window."""
+    inside a `with` block; summary() describes that window."""
 
     def __init__(self, device_index: int, interval_s: float = 0.1) -> None:
         import pynvml
@@ -27,27 +28,25 @@ class GpuClocks:
         self.nvml = pynvml
         uuid = str(torch.cuda.get_device_properties(device_index).uuid)
         self.handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+        # named "throttle reasons" before NVML 12.6 (nvidia-ml-py keeps both)
+        self._reasons = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons",
+                                pynvml.nvmlDeviceGetCurrentClocksThrottleReasons)
         self.interval_s = interval_s
         self.samples: list[tuple[int, float, int]] = []  # (SM MHz, watts, reasons)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, name="gpu-clocks", daemon=True)
 
-    def _reasons(self) -> int:
-        read = getattr(self.nvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
-            self.nvml.nvmlDeviceGetCurrentClocksThrottleReasons
-        return read(self.handle)
-
     def _sample(self) -> None:
         while not self._stop.is_set():
             self.samples.append((self.nvml.nvmlDeviceGetClockInfo(self.handle, self.nvml.NVML_CLOCK_SM),
-                                 self.nvml.nvmlDeviceGetPowerUsage(self.handle) / 1e3, self._reasons()))
+                                 self.nvml.nvmlDeviceGetPowerUsage(self.handle) / 1e3, self._reasons(self.handle)))
             self._stop.wait(self.interval_s)
 
-    def start(self) -> GpuClocks:
+    def __enter__(self) -> GpuClocks:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
 
@@ -70,18 +69,19 @@ class GpuClocks:
         }
 
 
-def sample_gpu_clocks(device: str) -> GpuClocks | None:
-    """A started sampler for this process's GPU, or None: on the CPU, without NVML's Python
-    binding (`pip install nvidia-ml-py`), or where NVML cannot be loaded (no driver library)."""
+def gpu_clocks(device: str) -> GpuClocks | nullcontext:
+    """A sampler of this process's GPU for a `with` block, or a context of None: on the CPU,
+    without NVML's Python binding (`pip install nvidia-ml-py`), or where NVML cannot be loaded
+    (no driver library)."""
     if device == "cpu":
-        return None
+        return nullcontext()
     try:
         import pynvml
     except ImportError:
-        return None
+        return nullcontext()
     try:
         import torch
 
-        return GpuClocks(torch.cuda.current_device()).start()
+        return GpuClocks(torch.cuda.current_device())
     except pynvml.NVMLError:
-        return None
+        return nullcontext()
