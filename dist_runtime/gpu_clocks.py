@@ -29,8 +29,8 @@ class GpuClocks:
         uuid = str(torch.cuda.get_device_properties(device_index).uuid)
         self.handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
         # named "throttle reasons" before NVML 12.6 (nvidia-ml-py keeps both)
-        self._reasons = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons",
-                                pynvml.nvmlDeviceGetCurrentClocksThrottleReasons)
+        self._reasons = (getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
+                         or pynvml.nvmlDeviceGetCurrentClocksThrottleReasons)
         self.interval_s = interval_s
         self.samples: list[tuple[int, float, int]] = []  # (SM MHz, watts, reasons)
         self._stop = threading.Event()

@@ -188,6 +188,21 @@ def test_gpu_overlap_with_cuda_graphs_gives_the_synchronous_tokens(engines):
     print(f"GPU idle fraction at batch 1: {idle[0]:.1%} without overlap, {idle[1]:.1%} with")
 
 
+def test_bench_reports_the_gpus_clock_and_power_over_the_run(engines):
+    """What NVML read while the timed run went: the figures that say whether the GPU ran at its
+    clock or was held down by its power limit."""
+    pytest.importorskip("pynvml")
+    from dist_runtime.bench import run_bench
+
+    with LLM(str(engines("llama", 1, 1, max_seq_len=256, max_num_tokens=32)), device="cuda") as llm:
+        clocks = run_bench(llm, isl=16, osl=64, num_requests=8)["gpu_clocks"]
+    assert clocks["gpu"] == torch.cuda.get_device_name()
+    assert clocks["samples"] >= 1
+    assert 0 < clocks["sm_clock_mhz"]["min"] <= clocks["sm_clock_mhz"]["max"] <= clocks["max_sm_clock_mhz"]
+    assert 0 < clocks["power_w"]["mean"] <= clocks["power_w"]["max"] and clocks["power_limit_w"] > 0
+    assert 0 <= clocks["power_capped_share"] <= 1 and 0 <= clocks["thermal_slowdown_share"] <= 1
+
+
 def test_mixed_steps_compile_no_decode_attention_kernel_the_graphs_lack(engines):
     """A prompt's chunk beside decoding sequences runs eagerly; its decode attention must find
     the kernel compiled when the decode graphs were captured, or every request waits for a
