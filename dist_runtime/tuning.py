@@ -32,8 +32,8 @@ def _pick(table: list[tuple[int, Any]], n: int, beyond: Any) -> Any:
 
 
 class KernelChoices:
-    """Lookups over a tuning record: attention launch parameters by decode batch size, and
-    the GEMM kernel by (rows, out features, in features)."""
+    """Lookups over a tuning record: attention launch parameters by decode batch size, the
+    prefill attention's launch, and the GEMM kernel by (rows, out features, in features)."""
 
     def __init__(self, record: dict[str, Any]) -> None:
         self.record = record
@@ -75,6 +75,12 @@ class KernelChoices:
             return None
         return {key: choice[key] for key in ("block_n", "block_k", "num_warps", "num_stages")}
 
+    def prefill(self) -> tuple[int, int, int, int] | None:
+        """The prefill kernel's launch (BLOCK_M, BLOCK_N, num_warps, num_stages) the tuning
+        picked; None where it timed none (float32 engines, older builds): launch_for's."""
+        choice = self.record.get("prefill_attention")
+        return tuple(choice["launch"]) if choice else None
+
     def fast_accumulate(self, rows: int, out_features: int, in_features: int) -> bool:
         """Whether an fp8 _scaled_mm of this shape accumulates fast: where the tuning found
         that faster for the bucket of `rows` (past the largest bucket, the largest's choice)."""
@@ -108,4 +114,8 @@ def summary(record: dict[str, Any] | None) -> str:
     fp8 = [c for c in gemms if "cublas_fast_us" in c]
     if fp8:
         line += f"; fp8 GEMMs accumulate fast in {sum(c.get('fast_accumulate', False) for c in fp8)} of {len(fp8)}"
+    if "prefill_attention" in record:
+        prefill = record["prefill_attention"]
+        line += (f"; prefill attention {tuple(prefill['launch'])} (BLOCK_M, BLOCK_N, warps, stages), "
+                 f"{prefill['us']} us against the default's {prefill['default_us']} us for {prefill['tokens']} tokens")
     return line

@@ -13,6 +13,8 @@ this machine's GPU and return the winners with their measured times, for engine.
 - fp8 GEMMs, at every decode bucket and a prefill chunk's rows: _scaled_mm accumulating in
   float32 against its fast accumulation (on an H200, 8-16% faster at 1,024 rows, and from 4%
   slower to 11% faster at 8,192, by shape).
+- Prefill attention: the paged prefill kernel's tile and warps, over a step of max_num_tokens
+  tokens (whole prompts of max_seq_len, and a chunk after cached keys).
 
 Every time comes from replaying a CUDA graph of repeated calls (the runner replays graphs, so
 launch overhead is not what is being chosen between), over rotated inputs of at least
@@ -60,6 +62,11 @@ PIPELINE_DEPTHS, PIPELINED_BLOCK_NS = (1, 2), (64, 128)
 # H200 (Llama-3-8B, fp8 engine, 2026-12-01) one was kept at batches 1-32 (batch 1: 4.27 against
 # 5.50 us); from 64 up, the overall winner (128 tokens a tile) was also the fastest at 256.
 SHORT_MARGIN = 0.95
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) of the paged prefill kernel. On an H200 the fastest of
+# these alone was also the fastest between fp8 GEMMs, at the power limit's lower clock (BENCHMARKS.md,
+# fifteenth session): the tuning, run on an idle GPU, picks what the engine's steps would.
+PREFILL_LAUNCHES = ((64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 4, 2), (128, 64, 8, 2),
+                    (128, 128, 8, 2))
 TRITON_MARGIN = 0.97  # Triton must beat cuBLAS by 3%: a smaller gap is within the timing spread
 FAST_MARGIN = 0.97  # and fp8's fast accumulation the float32 one, which is a little more exact
 SKINNY_ROWS = 16  # the most rows the Triton skinny GEMM is timed at
@@ -82,6 +89,8 @@ def tune_kernels(config: ModelConfig, plan: Plan) -> dict[str, Any]:
                   "triton": triton.__version__,
                   "decode_attention": _tune_attention(attention, batches, plan, dtype),
                   "gemm": _tune_gemms(gemms, sorted({*batches, plan.max_num_tokens}), dtype, plan.dtype)}
+        if dtype in (torch.bfloat16, torch.float16):  # float32 queries keep the small exact tile (launch_for)
+            record["prefill_attention"] = _tune_prefill(attention, plan, dtype)
     torch.cuda.empty_cache()
     record["seconds"] = round(time.perf_counter() - start, 1)
     return record
@@ -198,6 +207,54 @@ def _tune_attention(shape: tuple, batches: list[int], plan: Plan, dtype: torch.d
         if len(used_contexts) > 1 and times[short][0] < SHORT_MARGIN * times[best][0]:
             table[str(b)]["short"] = {**candidates[short], "context": used_contexts[0], "us": _us(times[short][:1])}
     return table
+
+
+def _prefill_step(plan: Plan) -> list[tuple[int, int]]:
+    """(new tokens, context) of the sequences of a full prefill step: as many whole prompts of
+    max_seq_len as max_num_tokens holds, and the rest as the last chunk of one more prompt."""
+    length = min(plan.max_seq_len, plan.max_num_tokens)
+    whole, rest = divmod(plan.max_num_tokens, length)
+    return [(length, length)] * whole + [(rest, length)] * bool(rest)
+
+
+def _tune_prefill(shape: tuple, plan: Plan, dtype: torch.dtype) -> dict[str, Any]:
+    from dist_runtime.kernels.paged_prefill import launch_for, paged_prefill_attention, prefill_tiles
+
+    heads, kv_heads, head_dim, window = shape
+    bs, fp8 = plan.block_size, plan.kv_cache_dtype == "fp8"
+    seqs = _prefill_step(plan)
+    starts = [0, *itertools.accumulate(new for new, _ in seqs)]
+    contexts = [ctx for _, ctx in seqs]
+    per_seq = -(-max(contexts) // bs)
+    block_bytes = 2 * bs * kv_heads * head_dim * plan.kv_dtype.itemsize
+    pool = max(len(seqs) * per_seq, L2_FLUSH_BYTES // block_bytes)
+    k_cache = torch.randn(pool, bs, kv_heads, head_dim, device="cuda", dtype=dtype).to(plan.kv_dtype)
+    v_cache = torch.randn_like(k_cache, dtype=dtype).to(plan.kv_dtype)
+    scales = (torch.ones(kv_heads, device="cuda"),) * 2 if fp8 else (None, None)
+    q = torch.randn(starts[-1], heads, head_dim, device="cuda", dtype=dtype)
+    out = torch.empty_like(q)
+    query_start = torch.tensor(starts, device="cuda", dtype=torch.int32)
+    lens = torch.tensor(contexts, device="cuda", dtype=torch.int32)
+    rotations = max(1, min(4, pool // (len(seqs) * per_seq)))
+    tables = [torch.randperm(pool, device="cuda")[: len(seqs) * per_seq].view(len(seqs), per_seq)
+              for _ in range(rotations)]
+    default = launch_for(head_dim, fp8, dtype)
+    candidates = [default] + [c for c in PREFILL_LAUNCHES if c != default and (c[1] % bs == 0 or bs % c[1] == 0)]
+
+    def launches(launch):
+        tiles = torch.from_numpy(prefill_tiles(starts, contexts, 0, launch[0])).cuda()
+        return [partial(paged_prefill_attention, q, k_cache, v_cache, t, tiles, query_start, lens, head_dim**-0.5,
+                        window, out, *scales, launch) for t in tables]
+
+    expected = launches(default)[0]().float()
+    times = []
+    for launch in candidates:
+        fns = launches(launch)
+        time_taken = _try_time(fns)  # and, like decode attention's, held to the default launch's output
+        times.append(time_taken if time_taken == math.inf or _agrees(fns[0](), expected) else math.inf)
+    best = min(range(len(candidates)), key=times.__getitem__)
+    return {"launch": list(candidates[best]), "tokens": starts[-1], "us": _us([times[best]])[0],
+            "default_us": _us([times[0]])[0]}
 
 
 def _agrees(out: torch.Tensor, expected: torch.Tensor) -> bool:

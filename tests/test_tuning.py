@@ -32,6 +32,7 @@ RECORD = {
                                 "4": {"kernel": "cublas", "us": 2.0, "cublas_us": 2.0, "best_triton_us": 2.5},
                                 "64": {"kernel": "cublas", "fast_accumulate": True, "us": 5.0, "cublas_fast_us": 5.0,
                                        "cublas_us": 6.0}}},
+    "prefill_attention": {"launch": [128, 64, 4, 2], "tokens": 512, "us": 10.0, "default_us": 12.0},
 }
 
 
@@ -60,6 +61,19 @@ def test_engine_json_keeps_the_tuned_choices_and_the_runner_reads_them(engines, 
     # an fp8 _scaled_mm accumulates fast where the tuning timed that faster (past the largest bucket too)
     assert not choices.fast_accumulate(4, 96, 64) and not choices.fast_accumulate(64, 64, 64)
     assert choices.fast_accumulate(5, 96, 64) and choices.fast_accumulate(9000, 96, 64)
+    # the prefill kernel's launch; a record without one (float32, or built before it was tuned): the default
+    assert choices.prefill() == (128, 64, 4, 2)
+    assert KernelChoices({k: v for k, v in RECORD.items() if k != "prefill_attention"}).prefill() is None
+
+
+def test_prefill_tuning_times_a_full_step_of_whole_prompts_and_a_chunk():
+    from types import SimpleNamespace
+
+    from sharding.tuning import _prefill_step
+
+    assert _prefill_step(SimpleNamespace(max_seq_len=2304, max_num_tokens=8192)) == [(2304, 2304)] * 3 + [(1280, 2304)]
+    assert _prefill_step(SimpleNamespace(max_seq_len=128, max_num_tokens=512)) == [(128, 128)] * 4
+    assert _prefill_step(SimpleNamespace(max_seq_len=4096, max_num_tokens=2048)) == [(2048, 2048)]
 
 
 def test_every_layer_with_a_kernel_choice_gets_the_engines(engines):
@@ -125,8 +139,10 @@ def test_tuned_and_forced_kernels_give_the_untuned_outputs(checkpoints, tmp_path
     activations changes, which the Triton kernel does not do)."""
     if dtype == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 GEMMs need compute capability 8.9+")
+    import dist_runtime.kernels.paged_prefill as prefill
     import dist_runtime.kernels.skinny_gemm as skinny
     from sharding.builder import build_engine
+    from sharding.tuning import PREFILL_LAUNCHES
 
     tuned = build_engine(checkpoints["llama"], tmp_path / "tuned", dtype=dtype, progress=False, tune=True,
                          max_batch_size=4, max_seq_len=128)
@@ -136,14 +152,19 @@ def test_tuned_and_forced_kernels_give_the_untuned_outputs(checkpoints, tmp_path
     if dtype == "fp8":  # each fp8 GEMM chose how to accumulate at every count, a prefill chunk's (512) too
         fp8_tables = [table for table in record["gemm"].values() if "512" in table]
         assert fp8_tables and all("fast_accumulate" in c for t in fp8_tables for c in t.values())
+    assert tuple(record["prefill_attention"]["launch"]) in PREFILL_LAUNCHES
+    assert record["prefill_attention"]["tokens"] == tuned.plan.max_num_tokens
     short = {"splits": 2, "block_n": 64, "num_warps": 8, "context": 128}  # every context here: the short graphs
     forced = {**record, "decode_attention": {"4": {"splits": 4, "block_n": 32, "num_warps": 4, "short": short}},
               "gemm": {shape: {"4": {"kernel": "triton", "block_n": 32, "block_k": 128, "num_warps": 4,
-                                     "num_stages": 3}} for shape in record["gemm"]}}
+                                     "num_stages": 3}} for shape in record["gemm"]},
+              "prefill_attention": {"launch": [16, 32, 4, 1]}}
     variants = {"tuned": record, "forced": forced, "untuned": None}
-    calls = []
-    real = skinny.skinny_linear
+    calls, prefill_launches = [], []
+    real, real_prefill = skinny.skinny_linear, prefill.paged_prefill_attention
     monkeypatch.setattr(skinny, "skinny_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(prefill, "paged_prefill_attention",
+                        lambda *a: prefill_launches.append(a[-1]) or real_prefill(*a))
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=3)
     results = {}
     for name, tuning in variants.items():
@@ -154,6 +175,7 @@ def test_tuned_and_forced_kernels_give_the_untuned_outputs(checkpoints, tmp_path
             engine.tuning = tuning
             engine.save()
         calls.clear()
+        prefill_launches.clear()
         with LLM(str(folder), device="cuda") as llm:
             runner = llm.coordinator.runner
             assert (runner.kernels is None) == (tuning is None)
@@ -162,6 +184,10 @@ def test_tuned_and_forced_kernels_give_the_untuned_outputs(checkpoints, tmp_path
             results[name] = llm.generate(PROMPTS, params, return_logits=True)
         if name == "forced":
             assert calls  # the Triton GEMM ran (at graph capture and in eager steps)
+        # every prompt's attention took the recorded launch, or untuned the default (a bf16 cache here)
+        default = prefill.launch_for(tuned.config.head_dim, False, torch.bfloat16)
+        assert prefill_launches and set(prefill_launches) == {
+            tuple(tuning["prefill_attention"]["launch"]) if tuning else default}
     for name in ("tuned", "forced"):
         for ours, ref in zip(results[name], results["untuned"]):
             a, b = ours.outputs[0].logits[0], ref.outputs[0].logits[0]

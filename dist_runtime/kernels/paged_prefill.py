@@ -26,7 +26,8 @@ import triton.language as tl
 from dist_runtime.kernels import pdl
 from dist_runtime.kernels.pdl import wait_for_inputs
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) by (head_dim, fp8 cache): the fastest on an H200
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by (head_dim, fp8 cache), for engines built without
+# tuning (a tuned build times sharding.tuning.PREFILL_LAUNCHES on its GPU): the fastest on an H200
 # over a step of five prompts or chunks of 544 to 2,048 tokens (BENCHMARKS.md, 2026-12-01). For
 # head_dim 128 over fp8, the fifteenth session's timing between fp8 GEMMs, at the clocks of the
 # GPU's power cap as in the engine: (128, 64, 4, 2) 666 us, (64, 64, 4, 2) 700 us.

@@ -52,7 +52,7 @@ class PagedAttention(nn.Module):
         self.k_cache = torch.empty(0)  # [blocks, block_size, kv_heads, head_dim], set by the runner
         self.v_cache = torch.empty(0)
         self.k_scale = self.v_scale = None  # [kv_heads] float32 when the cache is fp8, set by the runner
-        self.kernels = None  # KernelChoices (the decode kernel's tuned launch), set by a GPU runner
+        self.kernels = None  # KernelChoices (the decode and prefill kernels' tuned launches), set by a GPU runner
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                 rotary=None, positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -129,8 +129,8 @@ class PagedAttention(nn.Module):
         their rows of `out`: one Triton launch for all, reading every key from the cache."""
         from dist_runtime.kernels.paged_prefill import launch_for, paged_prefill_attention, prefill_tiles
 
-        fp8 = self.k_scale is not None
-        launch = launch_for(self.head_dim, fp8, q.dtype)
+        tuned = self.kernels.prefill() if self.kernels is not None else None
+        launch = tuned or launch_for(self.head_dim, self.k_scale is not None, q.dtype)
         tiles, query_start = meta.once(("prefill", first, launch[0]), lambda: (
             to_device(prefill_tiles(meta.query_start, meta.context_lens, first, launch[0]), q.device),
             to_device(np.asarray(meta.query_start, dtype=np.int32), q.device)))
