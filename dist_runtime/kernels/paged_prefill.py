@@ -9,14 +9,22 @@ first query are visible to all its queries and need no mask; only the tiles on t
 heads that share a KV head read its keys together, from L2. The tiles come longest first (by
 the keys they read), so the last wave of programs is short ones.
 
-An fp8 cache is read as stored and converted in registers: to float16 for 16-bit queries
-(exact, one instruction per two values; q is clamped to float16's range), else to q's dtype.
-Its per-KV-head scales fold into the softmax scale (keys) and the output (values). Keys of this
+An fp8 cache is read as stored. With 16-bit queries the keys are multiplied as stored, on the
+fp8 tensor cores, by q rounded to E4M3 per row (`round_q_e4m3`; as TensorRT-LLM's FP8 context
+attention does, with a scale per query row rather than per tensor), and the values are
+converted to float16 (exact, one instruction per two values). Rounding q adds about an eighth
+to the attention error that the fp8 cache itself makes, and took 17% (Llama-3-8B) and 33%
+(GPT-J) off a step's prefill attention between GEMMs (BENCHMARKS.md, sixteenth session). Values
+multiplied in fp8 too were slower: Hopper's fp8 products need them transposed. Float32 queries
+convert both to float32. The per-KV-head scales fold into the softmax scale (keys) and the output
+(values). Keys of this
 step's own tokens are read back from the cache too (written there just before, by the rotary
 kernel), as the reference reads them: `PagedAttention.reference` (layers/attention.py).
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
@@ -28,12 +36,28 @@ from dist_runtime.kernels.pdl import wait_for_inputs
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by (head_dim, fp8 cache), for engines built without
 # tuning (a tuned build times sharding.tuning.PREFILL_LAUNCHES on its GPU): the fastest on an H200
-# over a step of five prompts or chunks of 544 to 2,048 tokens (BENCHMARKS.md, 2026-12-01). For
-# head_dim 128 over fp8, the fifteenth session's timing between fp8 GEMMs, at the clocks of the
-# GPU's power cap as in the engine: (128, 64, 4, 2) 666 us, (64, 64, 4, 2) 700 us.
-LAUNCH = {(128, False): (64, 64, 4, 2), (128, True): (128, 64, 4, 2), (256, False): (128, 128, 8, 2),
-          (256, True): (128, 64, 8, 2)}
+# over a step of five prompts or chunks of 544 to 2,048 tokens (BENCHMARKS.md, 2026-12-01). Over
+# fp8 (fp8 scores), the sixteenth session's timing between fp8 GEMMs, at the clocks of the GPU's
+# power cap as in the engine: 574 us for head_dim 128 and 482 us for 256.
+LAUNCH = {(128, False): (64, 64, 4, 2), (128, True): (64, 64, 4, 2), (256, False): (128, 128, 8, 2),
+          (256, True): (64, 64, 4, 2)}
 DEFAULT_LAUNCH = (64, 32, 4, 2)
+
+
+# DIST_RUNTIME_FP8_SCORES=0 multiplies the keys in float16 instead: exact q, for comparing accuracy
+FP8_SCORES_ON = os.environ.get("DIST_RUNTIME_FP8_SCORES", "1") != "0"
+
+
+def fp8_scores_fit(head_dim: int) -> bool:
+    """Whether fp8 scores are on, and an fp8 tensor-core product's reduction of 32 values or more."""
+    return FP8_SCORES_ON and head_dim >= 32
+
+
+def round_q_e4m3(q: torch.Tensor) -> torch.Tensor:
+    """q as the fp8 scores take it: each row (one query head's vector) rounded to E4M3 at a
+    scale of its largest magnitude over 448; for references (float32)."""
+    q_max = q.float().abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    return (q.float() * (448.0 / q_max)).to(torch.float8_e4m3fn).float() * (q_max / 448.0)
 
 
 def launch_for(head_dim: int, fp8: bool, dtype: torch.dtype) -> tuple[int, int, int, int]:
@@ -68,10 +92,10 @@ def _kv_rows(block_tables, seq, kv_head, start, ctx, stride_bt, stride_kb, strid
 
 
 @triton.jit
-def _attend_tile(q, k_cache, v_cache, block_tables, seq, kv_head, start, pos, ctx, window, m, denom, acc, scale,
-                 stride_bt, stride_kb, stride_ks, stride_kh, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+def _attend_tile(q, q_scale, k_cache, v_cache, block_tables, seq, kv_head, start, pos, ctx, window, m, denom, acc,
+                 scale, stride_bt, stride_kb, stride_ks, stride_kh, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                  HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, WINDOWED: tl.constexpr, IEEE: tl.constexpr,
-                 F16: tl.constexpr):
+                 F16: tl.constexpr, FP8_SCORES: tl.constexpr):
     """One BLOCK_N tile of keys into the online softmax (base-2: `scale` holds log2(e))."""
     n = start + tl.arange(0, BLOCK_N)
     d = tl.arange(0, HEAD_DIM)
@@ -85,12 +109,15 @@ def _attend_tile(q, k_cache, v_cache, block_tables, seq, kv_head, start, pos, ct
         k = tl.load(k_cache + rows[:, None] + d[None, :])
         v = tl.load(v_cache + rows[:, None] + d[None, :])
     if F16:  # E4M3 is exact in float16, and converts to it in one instruction per two values
-        k = k.to(tl.float16)
         v = v.to(tl.float16)
-    if IEEE:
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * scale
     else:
-        s = tl.dot(q, tl.trans(k.to(q.dtype))) * scale
+        v = v.to(q.dtype)
+    if FP8_SCORES:  # the keys as stored, q in E4M3 (q_scale: its rows' scales times `scale`)
+        s = tl.dot(q, tl.trans(k)) * q_scale[:, None]
+    elif IEEE:
+        s = tl.dot(q, tl.trans(k.to(v.dtype)), input_precision="ieee") * scale
+    else:
+        s = tl.dot(q, tl.trans(k.to(v.dtype))) * scale
     if MASKED:
         visible = (n[None, :] <= pos[:, None]) & (n[None, :] < ctx)
         if WINDOWED:
@@ -103,9 +130,9 @@ def _attend_tile(q, k_cache, v_cache, block_tables, seq, kv_head, start, pos, ct
     alpha = tl.exp2(m - m_new)
     denom = denom * alpha + tl.sum(p, 1)
     if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, denom, acc
 
 
@@ -117,7 +144,7 @@ def _paged_prefill_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, blo
                           stride_bt, stride_ot, stride_oh, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           KV_SCALED: tl.constexpr, WINDOWED: tl.constexpr, IEEE: tl.constexpr, F16: tl.constexpr,
-                          PDL: tl.constexpr):
+                          FP8_SCORES: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
     head = tl.program_id(0)
     tile = tl.program_id(1)
@@ -133,11 +160,17 @@ def _paged_prefill_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, blo
     pos = ctx - new + rows  # each query's place in its sequence; pad rows lie past ctx
     q = tl.load(q_ptr + (q_begin + rows).to(tl.int64)[:, None] * stride_qt + head * stride_qh + d[None, :],
                 mask=valid[:, None], other=0.0)
-    if F16:
-        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     if KV_SCALED:
         scale = scale * tl.load(k_scale_ptr + kv_head)
     scale = scale * 1.4426950408889634  # log2(e): exp2 below
+    q_scale = scale  # fp8 scores: each row's scale, times `scale`
+    if FP8_SCORES:  # q rounded to E4M3 per row (448: E4M3's largest value)
+        q = q.to(tl.float32)
+        q_max = tl.maximum(tl.max(tl.abs(q), 1), 1e-30)
+        q = (q * (448.0 / q_max)[:, None]).to(tl.float8e4nv)
+        q_scale = q_max * (scale / 448.0)
+    elif F16:
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     denom = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -149,13 +182,13 @@ def _paged_prefill_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, blo
     # keys below `full` are seen by every query of the tile (no window): no mask
     full = lo if WINDOWED else ((first_pos + 1) // BLOCK_N) * BLOCK_N
     for start in range(lo, full, BLOCK_N):
-        m, denom, acc = _attend_tile(q, k_cache, v_cache, block_tables, seq, kv_head, start, pos, ctx, window, m,
-                                     denom, acc, scale, stride_bt, stride_kb, stride_ks, stride_kh, BLOCK_SIZE,
-                                     BLOCK_N, HEAD_DIM, False, WINDOWED, IEEE, F16)
+        m, denom, acc = _attend_tile(q, q_scale, k_cache, v_cache, block_tables, seq, kv_head, start, pos, ctx,
+                                     window, m, denom, acc, scale, stride_bt, stride_kb, stride_ks, stride_kh,
+                                     BLOCK_SIZE, BLOCK_N, HEAD_DIM, False, WINDOWED, IEEE, F16, FP8_SCORES)
     for start in range(full, last, BLOCK_N):
-        m, denom, acc = _attend_tile(q, k_cache, v_cache, block_tables, seq, kv_head, start, pos, ctx, window, m,
-                                     denom, acc, scale, stride_bt, stride_kb, stride_ks, stride_kh, BLOCK_SIZE,
-                                     BLOCK_N, HEAD_DIM, True, WINDOWED, IEEE, F16)
+        m, denom, acc = _attend_tile(q, q_scale, k_cache, v_cache, block_tables, seq, kv_head, start, pos, ctx,
+                                     window, m, denom, acc, scale, stride_bt, stride_kb, stride_ks, stride_kh,
+                                     BLOCK_SIZE, BLOCK_N, HEAD_DIM, True, WINDOWED, IEEE, F16, FP8_SCORES)
     out = acc / denom[:, None]
     if KV_SCALED:
         out = out * tl.load(v_scale_ptr + kv_head)
@@ -181,7 +214,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     block_m, block_n, num_warps, num_stages = launch or launch_for(head_dim, k_scale is not None, q.dtype)
     if block_n % block_size and block_size % block_n:
         raise ValueError(f"BLOCK_N {block_n} and the cache's block size {block_size}: one must divide the other")
-    # over an fp8 cache, 16-bit queries are multiplied in float16 (clamped to its range)
+    # over an fp8 cache, 16-bit queries take fp8 scores and float16 values (see the module's doc)
     f16 = k_scale is not None and q.dtype in (torch.bfloat16, torch.float16)
     out = torch.empty_like(q) if out is None else out
     if len(tiles):
@@ -191,6 +224,6 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), out.stride(0),
             out.stride(1), GROUP=heads // kv_heads, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_M=block_m,
             BLOCK_N=block_n, KV_SCALED=k_scale is not None, WINDOWED=sliding_window is not None,
-            IEEE=q.dtype == torch.float32, F16=f16, num_warps=num_warps, num_stages=num_stages,
-            **pdl.launch(q))
+            IEEE=q.dtype == torch.float32, F16=f16, FP8_SCORES=f16 and fp8_scores_fit(head_dim),
+            num_warps=num_warps, num_stages=num_stages, **pdl.launch(q))
     return out
