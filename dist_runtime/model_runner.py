@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import resource
@@ -295,6 +296,7 @@ class ModelRunner:
             self.graphs.close()
         self.graphs = None
         self._allocate_kv(-1)
+        gc.unfreeze()  # what world._load froze may be collected again (the runner's cycles among it)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
