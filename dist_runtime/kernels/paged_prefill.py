@@ -10,16 +10,16 @@ heads that share a KV head read its keys together, from L2. The tiles come longe
 the keys they read), so the last wave of programs is short ones.
 
 An fp8 cache is read as stored. With 16-bit queries the keys are multiplied as stored, on the
-fp8 tensor cores, by q rounded to E4M3 per row (`round_q_e4m3`; as TensorRT-LLM's FP8 context
-attention does, with a scale per query row rather than per tensor), and the values are
-converted to float16 (exact, one instruction per two values). Rounding q adds about an eighth
-to the attention error that the fp8 cache itself makes, and took 17% (Llama-3-8B) and 33%
-(GPT-J) off a step's prefill attention between GEMMs (BENCHMARKS.md, sixteenth session). Values
-multiplied in fp8 too were slower: Hopper's fp8 products need them transposed. Float32 queries
-convert both to float32. The per-KV-head scales fold into the softmax scale (keys) and the output
-(values). Keys of this
-step's own tokens are read back from the cache too (written there just before, by the rotary
-kernel), as the reference reads them: `PagedAttention.reference` (layers/attention.py).
+fp8 tensor cores, by q rounded to E4M3 at a scale per row (`round_q_e4m3`), and the values are
+converted to float16 (exact, one instruction per two values). Rounding q adds an eighth to a
+quarter to the attention error that the fp8 cache itself makes, and took 17% (Llama-3-8B) and
+34% (GPT-J) off a step's prefill attention between GEMMs (BENCHMARKS.md, sixteenth session);
+values in fp8 too were slower, as Hopper's fp8 products need them transposed.
+DIST_RUNTIME_FP8_SCORES=0 keeps q exact (float16 products). Float32 queries convert keys and
+values to float32. The per-KV-head scales fold into the softmax scale (keys) and the output
+(values). Keys of this step's own tokens are read back from the cache too (written there just
+before, by the rotary kernel), as the reference reads them: `PagedAttention.reference`
+(layers/attention.py).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ LAUNCH = {(128, False): (64, 64, 4, 2), (128, True): (64, 64, 4, 2), (256, False
 DEFAULT_LAUNCH = (64, 32, 4, 2)
 
 
-# DIST_RUNTIME_FP8_SCORES=0 multiplies the keys in float16 instead: exact q, for comparing accuracy
+# DIST_RUNTIME_FP8_SCORES=0: exact q, the keys converted to float16 (to compare accuracy)
 FP8_SCORES_ON = os.environ.get("DIST_RUNTIME_FP8_SCORES", "1") != "0"
 
 
