@@ -106,12 +106,16 @@ class DecodeGraphs:
     def fits(self, step: Step) -> bool:
         return step.num_tokens == step.num_seqs <= self.max_batch
 
+    def bucket(self, n: int) -> int:
+        """The smallest captured batch that holds n rows."""
+        return min(size for size, _ in self.graphs if size >= n)
+
     def run(self, step: Step, prev_sampled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [seqs, vocab], their argmax [seqs]) of a decode step, by replaying the
         smallest graph that holds it. With `prev_sampled`, the input tokens are its rows
         `step.prev_rows`, gathered on the device."""
         n = step.num_seqs
-        b = min(size for size, _ in self.graphs if size >= n)
+        b = self.bucket(n)
         short = b in self.short_contexts and bool(step.context_lens.max() <= self.short_contexts[b])
         self.copied.synchronize()
         ids, positions, slots, context_lens, tables = self._views(self.host_array, b)
