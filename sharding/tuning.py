@@ -152,6 +152,21 @@ def _try_time(fns: list[Callable[[], Any]]) -> float:
         return math.inf
 
 
+def _paged_cache(seqs: int, per_seq: int, kv_heads: int, head_dim: int, plan: Plan,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Random keys and values in the plan's cache layout, and up to 4 block tables of `seqs`
+    sequences of `per_seq` blocks each, drawn at random from a pool of at least L2_FLUSH_BYTES:
+    calls taking the tables in turn find none of their blocks in the L2 cache."""
+    bs = plan.block_size
+    block_bytes = 2 * bs * kv_heads * head_dim * plan.kv_dtype.itemsize
+    pool = max(seqs * per_seq, L2_FLUSH_BYTES // block_bytes)
+    k_cache = torch.randn(pool, bs, kv_heads, head_dim, device="cuda", dtype=dtype).to(plan.kv_dtype)
+    v_cache = torch.randn_like(k_cache, dtype=dtype).to(plan.kv_dtype)
+    rotations = max(1, min(4, pool // (seqs * per_seq)))
+    tables = [torch.randperm(pool, device="cuda")[: seqs * per_seq].view(seqs, per_seq) for _ in range(rotations)]
+    return k_cache, v_cache, tables
+
+
 def _tune_attention(shape: tuple, batches: list[int], plan: Plan, dtype: torch.dtype) -> dict[str, Any]:
     from dist_runtime.kernels.paged_decode import DEFAULT, fp8_products_fit, paged_decode_attention
 
@@ -182,15 +197,9 @@ def _tune_attention(shape: tuple, batches: list[int], plan: Plan, dtype: torch.d
         for context in contexts:
             context = max(1, min(context, MAX_KV_TOKENS // b))
             used_contexts.append(context)
-            per_seq = -(-context // bs)
-            block_bytes = 2 * bs * kv_heads * head_dim * plan.kv_dtype.itemsize
-            pool = max(b * per_seq, L2_FLUSH_BYTES // block_bytes)
-            k_cache = torch.randn(pool, bs, kv_heads, head_dim, device="cuda", dtype=dtype).to(plan.kv_dtype)
-            v_cache = torch.randn_like(k_cache, dtype=dtype).to(plan.kv_dtype)
+            k_cache, v_cache, tables = _paged_cache(b, -(-context // bs), kv_heads, head_dim, plan, dtype)
             q = torch.randn(b, heads, head_dim, device="cuda", dtype=dtype)
             lens = torch.full((b,), context, device="cuda", dtype=torch.int64)
-            rotations = max(1, min(4, pool // (b * per_seq)))
-            tables = [torch.randperm(pool, device="cuda")[: b * per_seq].view(b, per_seq) for _ in range(rotations)]
             launches = [[partial(paged_decode_attention, q, k_cache, v_cache, t, lens, head_dim**-0.5, window, **c,
                                  **kv_scales) for t in tables] for c in candidates]
             expected = launches[candidates.index(DEFAULT)][0]().float()
@@ -225,19 +234,12 @@ def _tune_prefill(shape: tuple, plan: Plan, dtype: torch.dtype) -> dict[str, Any
     seqs = _prefill_step(plan)
     starts = [0, *itertools.accumulate(new for new, _ in seqs)]
     contexts = [ctx for _, ctx in seqs]
-    per_seq = -(-max(contexts) // bs)
-    block_bytes = 2 * bs * kv_heads * head_dim * plan.kv_dtype.itemsize
-    pool = max(len(seqs) * per_seq, L2_FLUSH_BYTES // block_bytes)
-    k_cache = torch.randn(pool, bs, kv_heads, head_dim, device="cuda", dtype=dtype).to(plan.kv_dtype)
-    v_cache = torch.randn_like(k_cache, dtype=dtype).to(plan.kv_dtype)
+    k_cache, v_cache, tables = _paged_cache(len(seqs), -(-max(contexts) // bs), kv_heads, head_dim, plan, dtype)
     scales = (torch.ones(kv_heads, device="cuda"),) * 2 if fp8 else (None, None)
     q = torch.randn(starts[-1], heads, head_dim, device="cuda", dtype=dtype)
     out = torch.empty_like(q)
     query_start = torch.tensor(starts, device="cuda", dtype=torch.int32)
     lens = torch.tensor(contexts, device="cuda", dtype=torch.int32)
-    rotations = max(1, min(4, pool // (len(seqs) * per_seq)))
-    tables = [torch.randperm(pool, device="cuda")[: len(seqs) * per_seq].view(len(seqs), per_seq)
-              for _ in range(rotations)]
     default = launch_for(head_dim, fp8, dtype)
     candidates = [default] + [c for c in PREFILL_LAUNCHES if c != default and (c[1] % bs == 0 or bs % c[1] == 0)]
 
