@@ -56,6 +56,15 @@ def _kv_tile(k_cache, v_cache, block_tables, seq, kv_head, start, first, ctx, st
 
 
 @triton.jit
+def e4m3_rows(x):
+    """x [rows, cols] float32 in E4M3, each row at a scale of its largest magnitude over 448
+    (E4M3's largest value): (the rounded rows, each row's largest magnitude). The fp8 products of
+    both attention kernels take q this way."""
+    x_max = tl.maximum(tl.max(tl.abs(x), 1), 1e-30)
+    return (x * (448.0 / x_max)[:, None]).to(tl.float8e4nv), x_max
+
+
+@triton.jit
 def _fp8_products(q_ptr, k_cache, v_cache, block_tables, seq, kv_head, begin, end, first, ctx, scale, stride_qt,
                   stride_qh, stride_bt, stride_kb, stride_ks, stride_kh, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
@@ -70,11 +79,9 @@ def _fp8_products(q_ptr, k_cache, v_cache, block_tables, seq, kv_head, begin, en
     heads = kv_head * GROUP + r % GROUP_PAD
     q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :],
                 mask=(r % GROUP_PAD < GROUP)[:, None], other=0.0).to(tl.float32)
-    q_max = tl.maximum(tl.max(tl.abs(q), 1), 1e-30)
-    rounded = (q * (448.0 / q_max)[:, None]).to(tl.float8e4nv)  # 448: E4M3's largest value
-    rest = q - rounded.to(tl.float32) * (q_max / 448.0)[:, None]
-    rest_max = tl.maximum(tl.max(tl.abs(rest), 1), 1e-30)
-    parts = tl.where((r < GROUP_PAD)[:, None], rounded, (rest * (448.0 / rest_max)[:, None]).to(tl.float8e4nv))
+    rounded, q_max = e4m3_rows(q)
+    rest, rest_max = e4m3_rows(q - rounded.to(tl.float32) * (q_max / 448.0)[:, None])
+    parts = tl.where((r < GROUP_PAD)[:, None], rounded, rest)
     part_scale = tl.where(r < GROUP_PAD, q_max, rest_max) * (scale / 448.0)
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     denom = tl.zeros([GROUP_PAD], tl.float32)

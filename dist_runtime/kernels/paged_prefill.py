@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from dist_runtime.kernels import pdl
+from dist_runtime.kernels.paged_decode import e4m3_rows
 from dist_runtime.kernels.pdl import wait_for_inputs
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by (head_dim, fp8 cache), for engines built without
@@ -164,10 +165,8 @@ def _paged_prefill_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, blo
         scale = scale * tl.load(k_scale_ptr + kv_head)
     scale = scale * 1.4426950408889634  # log2(e): exp2 below
     q_scale = scale  # fp8 scores: each row's scale, times `scale`
-    if FP8_SCORES:  # q rounded to E4M3 per row (448: E4M3's largest value)
-        q = q.to(tl.float32)
-        q_max = tl.maximum(tl.max(tl.abs(q), 1), 1e-30)
-        q = (q * (448.0 / q_max)[:, None]).to(tl.float8e4nv)
+    if FP8_SCORES:  # q rounded to E4M3 per row
+        q, q_max = e4m3_rows(q.to(tl.float32))
         q_scale = q_max * (scale / 448.0)
     elif F16:
         q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
