@@ -13,6 +13,8 @@ import threading
 from dist_runtime import logs
 from dist_runtime.errors import DistRuntimeError
 
+API_KEY_ENV = "DIST_RUNTIME_API_KEY"
+
 
 def _add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (default 1)")
@@ -27,6 +29,13 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
                    "(default: the model's positions, at most 4096)")
     p.add_argument("--max-num-tokens", type=int, help="tokens per step (default min(8192, batch x seq len))")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _plan_kwargs(args: argparse.Namespace) -> dict:
@@ -173,7 +182,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from dist_runtime.bench_http import run_http_bench
 
         report = run_http_bench(args.url, args.isl, args.osl, args.num_requests, args.concurrency,
-                                args.request_rate, args.seed, args.api_key or os.environ.get("DIST_RUNTIME_API_KEY"))
+                                args.request_rate, args.seed, args.api_key or os.environ.get(API_KEY_ENV))
         print(json.dumps(report, indent=1) if args.json else
               f"{report['num_requests']} requests over HTTP, {report['errors']} errors, {report['duration_s']:.2f} s: "
               f"{report['output_tokens_per_s']:.1f} output tokens/s; client-side TTFT p50/p90/p99 "
@@ -206,11 +215,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from dist_runtime.server.lifecycle import serve
+    from dist_runtime.server.served import ServerSettings
 
-    return serve(args.engine, args.model_name or os.path.basename(os.path.normpath(args.engine)), args.host,
-                 args.port, args.api_key or os.environ.get("DIST_RUNTIME_API_KEY"), args.max_concurrency,
-                 args.max_body_bytes, device=args.device, verify=not args.no_verify,
+    settings = ServerSettings(args.model_name or os.path.basename(os.path.normpath(args.engine)), _api_key(args),
+                              args.max_concurrency, args.max_request_sequences, args.max_body_bytes,
+                              args.drain_timeout)
+    return serve(args.engine, settings, args.host, args.port, device=args.device, verify=not args.no_verify,
                  kv_cache_fraction=args.kv_cache_fraction, overlap=not args.no_overlap, **_launch_kwargs(args))
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else the first line of --api-key-file, else $DIST_RUNTIME_API_KEY (the file and the
+    variable keep the key out of `ps`)."""
+    if args.api_key_file:
+        try:
+            key = open(args.api_key_file).readline().strip()
+        except OSError as e:
+            raise DistRuntimeError(f"--api-key-file: {e}") from e
+        if not key:
+            raise DistRuntimeError(f"--api-key-file: {args.api_key_file} holds no key on its first line")
+        return key
+    return args.api_key or os.environ.get(API_KEY_ENV) or None
 
 
 def _p(stats: dict) -> str:
@@ -321,9 +346,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("engine")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this host only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require Authorization: Bearer KEY (or set DIST_RUNTIME_API_KEY)")
-    p.add_argument("--max-concurrency", type=int, default=256, help="requests in flight before 429 (default 256)")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY on every route but health and metrics "
+                                      "(visible in ps: prefer --api-key-file or $DIST_RUNTIME_API_KEY)")
+    p.add_argument("--api-key-file", help="read the API key from the first line of this file")
+    p.add_argument("--max-concurrency", type=_positive_int, default=256,
+                   help="sequences in flight (prompts x n of every request) before 429 (default 256)")
+    p.add_argument("--max-request-sequences", type=_positive_int,
+                   help="sequences one request may run before 400 (default: --max-concurrency)")
+    p.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20,
+                   help="request bodies past this size, once inflated, get 413 (default 1 MiB)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM or Ctrl-C: seconds requests in flight get to finish (default 30)")
     p.add_argument("--model-name", help="the model id clients name (default: the engine folder's name)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--kv-cache-fraction", type=float, default=0.9)

@@ -22,8 +22,18 @@ class EngineError(DistRuntimeError):
 
 
 class RequestError(DistRuntimeError):
-    """A generation request asks for something the engine cannot do (too long, bad parameter)."""
+    """A generation request asks for something the engine cannot do (too long, bad parameter);
+    `field` names the request field at fault, where one is."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class RankFailure(DistRuntimeError):
     """Another rank died or stopped answering."""
+
+
+class RequestFailed(DistRuntimeError):
+    """Rank 0 could not carry one accepted request through (its text, its stop strings, its
+    sink); that request ends with this error and the engine serves the others on."""

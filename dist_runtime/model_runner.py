@@ -321,8 +321,9 @@ class ModelRunner:
 
 
 def plain_greedy(step: Step) -> bool:
-    """Every row takes the argmax of the raw logits: no temperature, penalties or logprobs."""
-    return not step.temperature.any() and not len(step.history) and bool((step.num_logprobs < 0).all())
+    """Every row takes the argmax of the raw logits: no temperature, penalties, logit biases or logprobs."""
+    return (not step.temperature.any() and not len(step.history) and step.bias_start is None
+            and bool((step.num_logprobs < 0).all()))
 
 
 def _leading_decodes(query_start) -> int:

@@ -1,10 +1,62 @@
-"""How a request wants its tokens chosen, how many completions, and when each stops."""
+"""How a request wants its tokens chosen, how many completions, and when each stops.
+
+Every numeric bound lives in LIMITS, read both here (the Python API) and by the HTTP request
+models (dist_runtime/server/protocol.py), so a value is checked against one rule wherever it
+enters, and every value that reaches a tensor fits its dtype."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Mapping
 
 from dist_runtime.errors import RequestError
+
+INT32_MAX = (1 << 31) - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Limit:
+    """An int or finite float in [low, high] (low excluded when `low_open`)."""
+
+    kind: type
+    low: float
+    high: float
+    low_open: bool = False
+
+    def problem(self, value) -> str | None:
+        """What is wrong with `value`, or None."""
+        if isinstance(value, bool) or not isinstance(value, (int, float) if self.kind is float else int):
+            return f"must be {'a number' if self.kind is float else 'an integer'}, got {value!r}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be a finite number, got {value}"
+        if value < self.low or (self.low_open and value == self.low) or value > self.high:
+            return f"must be in {'(' if self.low_open else '['}{self.low}, {self.high}], got {value}"
+        return None
+
+
+LIMITS = {
+    "max_tokens": Limit(int, 1, INT32_MAX),
+    "temperature": Limit(float, 0.0, 100.0),
+    "top_k": Limit(int, 0, INT32_MAX),  # at or past the vocabulary size it keeps every token
+    "top_p": Limit(float, 0.0, 1.0, low_open=True),
+    "min_p": Limit(float, 0.0, 1.0),
+    "repetition_penalty": Limit(float, 0.0, 100.0, low_open=True),
+    "presence_penalty": Limit(float, -2.0, 2.0),
+    "frequency_penalty": Limit(float, -2.0, 2.0),
+    # OpenAI's seed is an int64, Triton's random_seed a uint64: both are taken, as the int64 of the same bits
+    "seed": Limit(int, -(1 << 63), (1 << 64) - 1),
+    "n": Limit(int, 1, 128),
+    "logprobs": Limit(int, 0, 20),
+    "stop_token_id": Limit(int, 0, INT32_MAX),
+    "logit_bias": Limit(float, -100.0, 100.0),
+    "logit_bias_token": Limit(int, 0, INT32_MAX),
+}
+MAX_STOP_STRINGS = 16
+
+
+def _int64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,31 +76,40 @@ class SamplingParams:
     n: int = 1  # completions per prompt
     logprobs: int | None = None  # log-probabilities of the sampled token and the top-N others
     detokenize: bool = True  # False: token ids only (benchmarks), stop strings then unavailable
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, value added to its logit)
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
+        object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        checks = [
-            (self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (self.top_k >= 0, f"top_k must be >= 0 (0 is off), got {self.top_k}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
-            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
-            (-2 <= self.frequency_penalty <= 2,
-             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
-            (self.n >= 1, f"n must be at least 1, got {self.n}"),
-            (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
-            (all(self.stop), "stop strings must not be empty"),
-            (self.detokenize or not self.stop, "stop strings need detokenize=True"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise RequestError(message)
+        object.__setattr__(self, "logit_bias", tuple((token, value) for token, value in bias))
+        for name in ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                     "presence_penalty", "frequency_penalty", "n"):
+            _check(name, getattr(self, name))
+        if self.seed is not None:
+            _check("seed", self.seed)
+            object.__setattr__(self, "seed", _int64(self.seed))
+        if self.logprobs is not None:
+            _check("logprobs", self.logprobs)
+        for token in self.stop_token_ids:
+            _check("stop_token_id", token, "stop_token_ids")
+        for token, value in self.logit_bias:
+            _check("logit_bias_token", token, "logit_bias")
+            _check("logit_bias", value)
+        if len(stop) > MAX_STOP_STRINGS:
+            raise RequestError(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}", "stop")
+        if not all(isinstance(s, str) and s for s in stop):
+            raise RequestError("stop: stop strings must be non-empty strings", "stop")
+        if stop and not self.detokenize:
+            raise RequestError("stop: stop strings need detokenize=True", "stop")
 
     @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def _check(limit: str, value, field: str | None = None) -> None:
+    problem = LIMITS[limit].problem(value)
+    if problem:
+        raise RequestError(f"{field or limit} {problem}", field or limit)

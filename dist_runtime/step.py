@@ -38,6 +38,11 @@ class Step:
     history: np.ndarray  # int64: prompt + output tokens of penalised rows, concatenated
     history_start: np.ndarray  # int64 [rows + 1]: each row's slice of `history` (empty if unpenalised)
     history_prompt_len: np.ndarray  # int64 [rows]: where the output starts in that slice
+    # logit biases of every row, concatenated: row r's are bias_ids/bias_values[bias_start[r]:bias_start[r + 1]];
+    # None when no row has any
+    bias_start: np.ndarray | None = None  # int64 [rows + 1]
+    bias_ids: np.ndarray | None = None  # int64
+    bias_values: np.ndarray | None = None  # float32
     return_logits: bool = False
     # int64 [seqs]: where prev_rows[i] >= 0, sequence i's one input token is the previous
     # step's sampled id at that row, still on the device (token_ids holds a 0 in its place);

@@ -9,6 +9,8 @@ from pathlib import Path
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from dist_runtime.errors import RequestError
+
 DEFAULT_TEMPLATE = (
     "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -20,14 +22,23 @@ class ChatTemplate:
         config_file = Path(engine_dir) / "tokenizer_config.json"
         config = json.loads(config_file.read_text()) if config_file.is_file() else {}
         source = config.get("chat_template") or DEFAULT_TEMPLATE
-        # transformers renders in a sandbox, trims blocks, and offers raise_exception()
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        # transformers renders in a sandbox, trims blocks, allows {% break %} and {% continue %},
+        # and offers raise_exception()
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = _raise
         self.template = env.from_string(source)
         self.special = {k: v for k, v in config.items() if k in ("bos_token", "eos_token") and isinstance(v, str)}
 
     def render(self, messages: list[dict]) -> str:
-        return self.template.render(messages=messages, add_generation_prompt=True, **self.special)
+        """The prompt text; a template that refuses these messages (raise_exception, or any
+        other failure on them) fails this request alone, with the template's message."""
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=True, **self.special)
+        except jinja2.TemplateError as e:
+            raise RequestError(f"messages: the chat template refused them: {e.message or e}", "messages") from e
+        except Exception as e:  # noqa: BLE001 - a template's own bug meets these messages only
+            raise RequestError(f"messages: the chat template failed on them: {e}", "messages") from e
 
 
 def _raise(message: str) -> None:

@@ -4,7 +4,6 @@ raw bytes in order; BYTES elements are each a 4-byte little-endian length and th
 
 from __future__ import annotations
 
-import json
 import struct
 
 import numpy as np
@@ -19,30 +18,28 @@ class BinaryError(ValueError):
     """The binary part does not match what the JSON header says."""
 
 
-def split(raw: bytes, header_length: str | None) -> tuple[dict, bytes]:
+def split(raw: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     """(the JSON header, the binary part) of a request body."""
     if header_length is None:
-        header, binary = json.loads(raw), b""
-    elif not header_length.isdigit() or int(header_length) > len(raw):
+        return raw, b""
+    if not header_length.isdigit() or int(header_length) > len(raw):
         raise BinaryError(f"{HEADER} {header_length!r} does not fit a body of {len(raw)} bytes")
-    else:
-        header, binary = json.loads(raw[: int(header_length)]), raw[int(header_length):]
-    if not isinstance(header, dict):
-        raise BinaryError("the request must be a JSON object")
-    return header, binary
+    return raw[: int(header_length)], raw[int(header_length):]
 
 
-def fill_inputs(header: dict, binary: bytes) -> None:
-    """Give each input sent as binary its `data` (as JSON tensors carry it)."""
+def fill_inputs(inputs: list, binary: bytes) -> None:
+    """Give each input tensor sent as binary its `data` (as JSON tensors carry it)."""
     offset = 0
-    for tensor in header.get("inputs") or []:
-        size = ((tensor.get("parameters") or {}) if isinstance(tensor, dict) else {}).get("binary_data_size")
+    for tensor in inputs:
+        size = tensor.parameters.binary_data_size if tensor.parameters else None
         if size is None:
             continue
-        if not isinstance(size, int) or offset + size > len(binary):
-            raise BinaryError(f"input {tensor.get('name')!r}: binary_data_size {size} runs past the body")
-        tensor["data"] = decode(tensor.get("datatype"), binary[offset:offset + size])
+        if offset + size > len(binary):
+            raise BinaryError(f"inputs.{tensor.name}: binary_data_size {size} runs past the body")
+        tensor.data = decode(tensor.datatype, binary[offset:offset + size])
         offset += size
+    if offset != len(binary):
+        raise BinaryError(f"the body has {len(binary) - offset} bytes that no input's binary_data_size covers")
 
 
 def decode(datatype: str, raw: bytes) -> list:
@@ -52,12 +49,18 @@ def decode(datatype: str, raw: bytes) -> list:
             if i + 4 > len(raw):
                 raise BinaryError("a BYTES element's length is cut off")
             (n,) = struct.unpack_from("<I", raw, i)
-            values.append(raw[i + 4:i + 4 + n].decode("utf-8", errors="replace"))
+            if i + 4 + n > len(raw):
+                raise BinaryError("a BYTES element runs past its tensor")
+            try:
+                values.append(raw[i + 4:i + 4 + n].decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise BinaryError(f"a BYTES element is not UTF-8 text: {e}") from e
             i += 4 + n
         return values
-    if datatype not in NUMPY_TYPES:
-        raise BinaryError(f"unknown datatype {datatype!r}")
-    return np.frombuffer(raw, dtype=NUMPY_TYPES[datatype]).tolist()
+    dtype = np.dtype(NUMPY_TYPES[datatype])
+    if len(raw) % dtype.itemsize:
+        raise BinaryError(f"{len(raw)} bytes are no whole number of {datatype} values")
+    return np.frombuffer(raw, dtype=dtype).tolist()
 
 
 def encode_bytes(values: list[str]) -> bytes:
@@ -66,11 +69,3 @@ def encode_bytes(values: list[str]) -> bytes:
         data = value.encode()
         out += struct.pack("<I", len(data)) + data
     return out
-
-
-def wants_binary(header: dict, name: str) -> bool:
-    """Whether the client asked for output `name` as binary data."""
-    for output in header.get("outputs") or []:
-        if isinstance(output, dict) and output.get("name") == name:
-            return bool((output.get("parameters") or {}).get("binary_data", False))
-    return bool((header.get("parameters") or {}).get("binary_data_output", False))

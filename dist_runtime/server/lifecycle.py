@@ -1,5 +1,6 @@
-"""The server's life: bind at once and answer "not ready" while every rank loads, serve, and
-leave with a status that says how it ended (0 after SIGINT/SIGTERM, 1 after a lost rank)."""
+"""The server's life: bind at once and answer "not ready" while every rank loads, serve, drain
+on SIGINT/SIGTERM, and leave with a status that says how it ended (0 after a drain, 1 after a
+lost rank)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import uvicorn
 
 from dist_runtime.llm import LLM
 from dist_runtime.server.app import create_app
+from dist_runtime.server.edge import HeaderTimeoutH11
+from dist_runtime.server.served import Served, ServerSettings
 from launch.rank_info import from_environment
 
 LINGER_S = 3.0  # after a rank is lost: clients read their errors and /health's 503 before the exit
-GRACEFUL_S = 5  # on SIGTERM: streams in flight get this long to finish
+CUT_GRACE_S = 5.0  # after the drain's deadline: requests cut short get this long to send their last words
 
 
 class LoadingGate:
@@ -39,22 +42,39 @@ class LoadingGate:
 
 
 def _stop_on_signals() -> threading.Event:
-    """SIGINT and SIGTERM start a graceful stop (while loading they still interrupt, as in the CLI)."""
+    """SIGINT and SIGTERM start a drain (while loading they still interrupt, as in the CLI)."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     return stop
 
 
-def serve(engine_dir: str, model_name: str, host: str, port: int, api_key: str | None, max_concurrency: int,
-          max_body_bytes: int, **llm_options) -> int:
+def drain(served: Served, timeout_s: float) -> None:
+    """Refuse new requests (503 with Retry-After), give those in flight `timeout_s` to finish,
+    then cut short the rest: each still gets its last event or an error status."""
+    jobs = served.jobs
+    jobs.draining = True
+    started = time.monotonic()
+    print(f"dist-runtime: draining {len(jobs.running)} requests (up to {timeout_s:.0f} s)", file=sys.stderr,
+          flush=True)
+    while jobs.running and time.monotonic() - started < timeout_s and not served.llm.failed:
+        time.sleep(0.05)
+    if jobs.running:
+        print(f"dist-runtime: cutting short {len(jobs.running)} requests", file=sys.stderr, flush=True)
+        jobs.cut_all()
+        deadline = time.monotonic() + CUT_GRACE_S
+        while jobs.running and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def serve(engine_dir: str, settings: ServerSettings, host: str, port: int, **llm_options) -> int:
     info = from_environment()
     if info is not None and info.rank != 0:  # under a launcher: serve steps until rank 0 stops
         LLM(engine_dir, **llm_options)
         return 0
     gate = LoadingGate()
     server = uvicorn.Server(uvicorn.Config(gate, host=host, port=port, log_level="warning", lifespan="off",
-                                           timeout_graceful_shutdown=GRACEFUL_S))
+                                           http=HeaderTimeoutH11, timeout_graceful_shutdown=CUT_GRACE_S))
     http = threading.Thread(target=server.run, name="dist-runtime-http", daemon=True)
     http.start()
     while not server.started:
@@ -64,15 +84,16 @@ def serve(engine_dir: str, model_name: str, host: str, port: int, api_key: str |
     try:
         with LLM(engine_dir, **llm_options) as llm:
             stop = _stop_on_signals()  # set once loaded: a launcher's library (Ray) installs its own
-            gate.app = create_app(llm, model_name, api_key, max_concurrency, max_body_bytes)
-            print(f"serving {model_name} on http://{host}:{port}", file=sys.stderr, flush=True)
+            gate.app, served = create_app(llm, settings)
+            print(f"serving {settings.model_name} on http://{host}:{port}", file=sys.stderr, flush=True)
             while not stop.wait(0.2) and not llm.failed:
                 pass
             if llm.failed:
                 print(f"dist-runtime: {llm.failed}; stopping", file=sys.stderr, flush=True)
                 time.sleep(LINGER_S)
                 return 1
+            drain(served, settings.drain_timeout_s)
             return 0
     finally:
         server.should_exit = True
-        http.join(GRACEFUL_S + 2)
+        http.join(CUT_GRACE_S + 2)
