@@ -5,6 +5,7 @@ alone talks to the other ranks."""
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -14,12 +15,14 @@ import torch
 
 from dist_runtime.coordinator import Coordinator, TokenUpdate
 from dist_runtime.detokenizer import IncrementalDetokenizer
-from dist_runtime.errors import DistRuntimeError
+from dist_runtime.errors import DistRuntimeError, RequestFailed
 from dist_runtime.liveness import Liveness
 from dist_runtime.outputs import CompletionOutput, RequestOutput, StreamChunk
 from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.sequence import Sequence
 from dist_runtime.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 STREAM_END = object()  # follows a streamed request's last chunk
 IDLE_PING_S = 60.0  # an idle loop pings the other ranks this often (see Ping)
@@ -89,16 +92,24 @@ class RequestHandle:
 
     def _finish(self, error: BaseException | None = None) -> None:
         """The last word on this request (from the engine thread, or the liveness watch when a
-        rank is lost): end the stream, wake every waiter. Only the first call counts."""
+        rank is lost): end the stream, wake every waiter. Only the first call counts. A sink or
+        callback that raises here is only logged: the request has ended either way, and the
+        thread that ends it serves other requests."""
         with self._lock:
             if self.done.is_set():
                 return
             self.error = error
-            self.sink(STREAM_END)
+            try:
+                self.sink(STREAM_END)
+            except Exception:
+                log.exception("request %d: its sink failed on the end of its stream", self.request_id)
             self.done.set()
             callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:
-            fn(self)
+            try:
+                fn(self)
+            except Exception:
+                log.exception("request %d: a done callback failed", self.request_id)
 
 
 class _Call:
@@ -129,6 +140,7 @@ class EngineLoop:
         self._inbox: queue.Queue = queue.Queue()
         self._ids = itertools.count()
         self._active: dict[int, RequestHandle] = {}  # seq_id -> handle
+        self._lock = threading.Lock()  # between queueing and fail() emptying the inbox
         self._stopping = False
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="dist-runtime-engine", daemon=True)
@@ -137,12 +149,18 @@ class EngineLoop:
     def submit(self, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
                stream: bool = False, sink=None) -> RequestHandle:
         """Queue a request (checked here, in the caller's thread, so a bad one raises at once)."""
-        if self.error is not None or self._stopping:
-            raise DistRuntimeError(f"the engine has stopped{f': {self.error}' if self.error else ''}")
         self.coordinator.check_request(prompt_ids, params)
         handle = RequestHandle(next(self._ids), prompt, prompt_ids, params, self.tokenizer, stream, sink)
-        self._inbox.put(handle)
+        self._queue(handle)
         return handle
+
+    def _queue(self, item: RequestHandle | _Call) -> None:
+        # fail() empties the inbox under the same lock: an item is queued before it, and
+        # answered there, or refused here.
+        with self._lock:
+            if self.error is not None or self._stopping:
+                raise DistRuntimeError(f"the engine has stopped{f': {self.error}' if self.error else ''}")
+            self._inbox.put(item)
 
     def _run(self) -> None:
         try:
@@ -171,7 +189,11 @@ class EngineLoop:
             if isinstance(handle, _Call):
                 handle.run()
                 continue
-            handle.seqs = self.coordinator.add_request(handle.prompt_ids, handle.params)
+            try:
+                handle.seqs = self.coordinator.add_request(handle.prompt_ids, handle.params)
+            except Exception as e:
+                self._fail_request(handle, "joining the scheduler", e)
+                continue
             for seq in handle.seqs:
                 self._active[seq.seq_id] = handle
 
@@ -183,21 +205,36 @@ class EngineLoop:
                 self._finish_seq(handle, seq)
 
     def _deliver(self, updates: list[TokenUpdate]) -> None:
+        """Hand each new token to its request. What raises here fails that request alone."""
         for u in updates:
-            handle, seq = self._active[u.seq.seq_id], u.seq
-            detok = handle.detokenizers[seq.index]
-            text = ""
-            if detok:
-                delta = detok.add(u.token_id)
-                stopped = bool(seq.params.stop) and not seq.is_finished and self._check_stop(seq, detok, delta)
-                if seq.is_finished and not stopped:
-                    detok.flush()
-                text = self._new_text(handle, seq, detok)
+            handle, seq = self._active.get(u.seq.seq_id), u.seq
+            if handle is None:  # the request failed on another of its sequences' tokens
+                continue
+            try:
+                text = self._text(handle, seq, u.token_id)
+            except Exception as e:
+                self._fail_request(handle, "turning its tokens into text", e)
+                continue
             if handle.stream:
-                handle.sink(StreamChunk(handle.request_id, seq.index, [u.token_id], text, seq.finish_reason,
-                                              [u.logprobs] if u.logprobs else None))
+                try:
+                    handle.sink(StreamChunk(handle.request_id, seq.index, [u.token_id], text, seq.finish_reason,
+                                            [u.logprobs] if u.logprobs else None))
+                except Exception as e:
+                    self._fail_request(handle, "handing a chunk to its sink", e)
+                    continue
             if seq.is_finished:
                 self._finish_seq(handle, seq)
+
+    def _text(self, handle: RequestHandle, seq: Sequence, token_id: int) -> str:
+        """The new text `token_id` completes for the stream; stop strings end the sequence here."""
+        detok = handle.detokenizers[seq.index]
+        if detok is None:
+            return ""
+        delta = detok.add(token_id)
+        stopped = bool(seq.params.stop) and not seq.is_finished and self._check_stop(seq, detok, delta)
+        if seq.is_finished and not stopped:
+            detok.flush()
+        return self._new_text(handle, seq, detok)
 
     def _check_stop(self, seq: Sequence, detok: IncrementalDetokenizer, delta: str) -> bool:
         """End the sequence if its text now contains a stop string; the text ends before it."""
@@ -225,17 +262,41 @@ class EngineLoop:
         if all(s.is_finished for s in handle.seqs):
             handle._finish()
 
+    def _fail_request(self, handle: RequestHandle, doing: str, error: Exception) -> None:
+        """End one request with the error that its own handling raised; its sequences give back
+        their KV blocks, and every other request goes on."""
+        log.error("request %d failed while %s", handle.request_id, doing, exc_info=error)
+        for seq in handle.seqs:
+            self.coordinator.abort(seq)
+            self._active.pop(seq.seq_id, None)
+        handle._finish(RequestFailed(f"request {handle.request_id} failed on rank 0 while {doing}: "
+                                     f"{type(error).__name__}: {error}"))
+
     def fail(self, error: BaseException) -> None:
-        """End every request with `error`; from any thread (the engine's may be stuck in a step)."""
-        if self.error is None:
-            self.error = error
+        """End every request with `error`, those still queued too; from any thread (the
+        engine's may be stuck in a step, and never come back to the inbox)."""
+        with self._lock:
+            if self.error is None:
+                self.error = error
+            queued = []
+            while True:  # get_nowait: the engine thread may take the last item first
+                try:
+                    queued.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+        for item in queued:
+            if isinstance(item, _Call):
+                item.error = DistRuntimeError(f"the engine has stopped: {self.error}")
+                item.done.set()
+            elif item is not None:
+                item._finish(self.error)
         for handle in set(self._active.copy().values()):  # copy() is atomic: the engine thread may be adding
             handle._finish(self.error)
 
     def call(self, fn):
         """Run `fn` on the loop's thread between steps (it may talk to the other ranks); its result."""
         job = _Call(fn)
-        self._inbox.put(job)
+        self._queue(job)
         while not job.done.wait(0.1):
             if self.error is not None:  # the thread may never come back to the inbox
                 raise DistRuntimeError(f"the engine has stopped: {self.error}")
