@@ -17,6 +17,10 @@ import torch
 
 from dist_runtime.step import Step, to_device
 
+# A lower temperature is greedy: dividing by it can overflow float32 (to inf), and a draw that
+# cold is the argmax but for near-ties anyway.
+MIN_TEMPERATURE = 1e-5
+
 
 def _i64(constant: int) -> int:
     """An unsigned 64-bit constant as the int64 with the same bits."""
@@ -78,8 +82,9 @@ def filter_logits(logits: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray, mi
         rank = torch.arange(vocab, device=device)
         k = to_device(np.where(top_k > 0, top_k, vocab), device)[:, None]
         probs = ordered.softmax(-1)
-        # drop a token past the k-th, or when the tokens before it already reach top_p (the first stays)
-        drop = (rank >= k) | (probs.cumsum(-1) - probs >= to_device(top_p, device)[:, None])
+        # drop a token past the k-th, or when the tokens before it already reach top_p; the first
+        # always stays, even for a top_p that rounds to 0 in float32
+        drop = (rank >= k) | ((probs.cumsum(-1) - probs >= to_device(top_p, device)[:, None]) & (rank > 0))
         logits = logits.masked_fill(torch.empty_like(drop).scatter_(1, order, drop), float("-inf"))
     if (min_p > 0).any():
         probs = logits.softmax(-1)
@@ -98,7 +103,7 @@ def sample(logits: torch.Tensor, step: Step) -> Sampled:
             logits = raw.clone()
         logits[r] = apply_penalties(logits[r], history, int(step.history_prompt_len[r]), rep, presence, frequency)
     ids = logits.argmax(-1)
-    rows = np.flatnonzero(step.temperature > 0)
+    rows = np.flatnonzero(step.temperature >= MIN_TEMPERATURE)
     if len(rows):
         device = logits.device
         pick = to_device(rows, device)

@@ -115,3 +115,14 @@ def test_logprobs_are_the_models_own_with_the_top_n():
     assert torch.allclose(out.logprobs[:, 0], expected.max(-1).values)
     top = expected.topk(3)
     assert out.logprobs[:, 1:4].long().equal(top.indices) and torch.allclose(out.logprobs[:, 4:], top.values)
+
+
+def test_every_accepted_value_reaches_the_tensors_intact():
+    """Seeds anywhere in int64, a top_k past the vocabulary, and a top_p or temperature that
+    rounds to 0 in float32 each still draw the likely token, not an arbitrary one."""
+    logits = torch.tensor([[1.0, 5.0, 0.0, -2.0]])
+    for seed in (-(1 << 63), -1, (1 << 63) - 1):
+        assert sample(logits, _step(1, temperature=0.01, seeds=[seed])).token_ids.item() == 1
+    assert _kept(logits[0], top_k=(1 << 31) - 1) == [True] * 4
+    assert _kept(logits[0], top_p=1e-50) == [False, True, False, False]
+    assert sample(logits, _step(1, temperature=1e-40)).token_ids.item() == 1  # not 0, the first to overflow
