@@ -1,10 +1,13 @@
 """An engine folder: `engine.json` (format version, model config, plan, build options,
 checksums, tuned kernel choices) and one `rank-XXXXX.safetensors` per rank, plus the
-tokenizer files."""
+tokenizer files. engine.json holds the sha256 of every other file of the folder and a checksum
+of its own content, so an engine runs only as it was built: an edited `rope_theta` would
+otherwise run, silently, as another model."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,7 @@ from dist_runtime.errors import EngineError
 from sharding.planner import DTYPES, Plan
 from sharding.safetensors_writer import sha256_of
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: engine.json holds a checksum of itself and of the tokenizer files
 ENGINE_JSON = "engine.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
@@ -34,6 +37,7 @@ class Engine:
     build: dict[str, Any]  # options the engine was built with
     files: dict[str, dict[str, Any]]  # rank file name -> {"sha256", "bytes"}
     tuning: dict[str, Any] | None = None  # kernel choices timed at build (dist_runtime/tuning.py); None: older engine
+    tokenizer_files: dict[str, str] = dataclasses.field(default_factory=dict)  # file name -> sha256
 
     @classmethod
     def load(cls, path: str | Path) -> Engine:
@@ -49,15 +53,23 @@ class Engine:
         if version != FORMAT_VERSION:
             raise EngineError(f"{meta_file}: format version {version}, this runtime reads version "
                               f"{FORMAT_VERSION}; rebuild the engine")
+        if meta.get("checksum") != _checksum(meta):
+            raise EngineError(f"{meta_file}: its content does not match its checksum (edited or corrupt); "
+                              f"rebuild the engine")
         try:
-            return cls(path, ModelConfig.from_dict(meta["model_config"]), Plan.from_dict(meta["plan"]),
-                       meta["build"], meta["files"], meta.get("tuning"))
+            engine = cls(path, ModelConfig.from_dict(meta["model_config"]), Plan.from_dict(meta["plan"]),
+                         meta["build"], meta["files"], meta["tuning"], meta["tokenizer_files"])
         except (KeyError, TypeError) as e:
             raise EngineError(f"{meta_file}: malformed ({e})") from e
+        engine.check_tokenizer_files()
+        return engine
 
     def save(self) -> None:
+        """Write engine.json, with the checksum of what it now holds (tuning and refit rewrite it)."""
         meta = {"format_version": FORMAT_VERSION, "model_config": self.config.to_dict(),
-                "plan": self.plan.to_dict(), "build": self.build, "files": self.files, "tuning": self.tuning}
+                "plan": self.plan.to_dict(), "build": self.build, "files": self.files, "tuning": self.tuning,
+                "tokenizer_files": self.tokenizer_files}
+        meta["checksum"] = _checksum(json.loads(json.dumps(meta)))  # over what load() parses back
         tmp = self.path / (ENGINE_JSON + ".tmp")
         tmp.write_text(json.dumps(meta, indent=1))
         tmp.replace(self.path / ENGINE_JSON)
@@ -69,6 +81,19 @@ class Engine:
     @property
     def world_size(self) -> int:
         return self.plan.world_size
+
+    def check_tokenizer_files(self) -> None:
+        """The tokenizer files are those of the build: none changed, lost or added."""
+        for name in TOKENIZER_FILES:
+            file, expected = self.path / name, self.tokenizer_files.get(name)
+            if not file.is_file():
+                if expected is not None:
+                    raise EngineError(f"{file}: missing ({ENGINE_JSON} lists it); rebuild the engine")
+            elif expected is None:
+                raise EngineError(f"{file}: not part of the build ({ENGINE_JSON} has no checksum for it); "
+                                  f"rebuild the engine")
+            elif sha256_of(file) != expected:
+                raise EngineError(f"{file}: corrupt (sha256 differs from {ENGINE_JSON}); rebuild the engine")
 
     def rank_path(self, rank: int) -> Path:
         return self.path / rank_file_name(rank)
@@ -87,3 +112,10 @@ class Engine:
                 return {name: f.get_tensor(name) for name in f.keys()}
         except Exception as e:  # safetensors has its own error types
             raise EngineError(f"{file}: unreadable ({e})") from e
+
+
+def _checksum(meta: dict[str, Any]) -> str:
+    """sha256 of engine.json's content but the checksum itself, as canonical JSON: the layout
+    of the file (indentation, key order) does not count, every value does."""
+    content = {key: value for key, value in meta.items() if key != "checksum"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -15,12 +15,13 @@ from dist_runtime.config import ModelConfig
 from dist_runtime.engine import TOKENIZER_FILES, Engine, rank_file_name
 from dist_runtime.errors import CheckpointError, EngineError
 from dist_runtime.models import build_model, checkpoint_layout
+from dist_runtime.tokenizer import Tokenizer
 from dist_runtime.tuning import skipped
 from sharding.calibrate import calibrate
 from sharding.checkpoint import Checkpoint
 from sharding.planner import DTYPES, Plan, make_plan
 from sharding.quantize import DEFAULT_KV_SCALE, QUANTIZED_DTYPES, SCALE_SUFFIX, input_scale_name, quantize_weight
-from sharding.safetensors_writer import StreamingWriter, TensorSpec
+from sharding.safetensors_writer import StreamingWriter, TensorSpec, sha256_of
 from sharding.tuning import tune_kernels
 
 BUILDABLE = ("fp32", "fp16", "bf16", "int8wo", "fp8")
@@ -52,6 +53,8 @@ def build_engine(checkpoint: str | Path, out: str | Path, tp: int = 1, pp: int =
         raise EngineError(f"--dtype {dtype}: this build step writes {', '.join(BUILDABLE)} engines")
     ck = Checkpoint(checkpoint)
     check_checkpoint(ck)
+    if (ck.path / "tokenizer.json").is_file():
+        Tokenizer(ck.path)  # a tokenizer file that does not parse is refused here, not when serving
     plan = make_plan(ck.config, tp, pp, dtype, **plan_options)
     ranges = None
     if calib is not None:
@@ -65,6 +68,9 @@ def build_engine(checkpoint: str | Path, out: str | Path, tp: int = 1, pp: int =
     for name in TOKENIZER_FILES:
         if (ck.path / name).is_file():
             shutil.copy(ck.path / name, out / name)
+        else:  # one left by an earlier build into this folder is not this engine's
+            (out / name).unlink(missing_ok=True)
+    tokenizer_files = {name: sha256_of(out / name) for name in TOKENIZER_FILES if (out / name).is_file()}
     build = {"dtype": dtype, "checkpoint": str(ck.path.resolve()), "checkpoint_dtype": ck.config.dtype,
              "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if ranges is not None:
@@ -73,7 +79,7 @@ def build_engine(checkpoint: str | Path, out: str | Path, tp: int = 1, pp: int =
         build["kv_scales"] = ranges.kv_scales() if ranges is not None else {
             kv: [[DEFAULT_KV_SCALE] * ck.config.num_kv_heads] * ck.config.num_layers for kv in "kv"}
     tuning = tune_kernels(ck.config, plan) if tune else skipped("not asked for (--no-tune)")
-    engine = Engine(out, ck.config, plan, build, files, tuning)
+    engine = Engine(out, ck.config, plan, build, files, tuning, tokenizer_files)
     engine.save()
     return engine
 

@@ -13,7 +13,7 @@ from conftest import SMALL_PLAN, cli, json_lines
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dist_runtime.engine import Engine
+from dist_runtime.engine import FORMAT_VERSION, Engine
 from dist_runtime.errors import CheckpointError, EngineError
 from dist_runtime.presets import preset_config
 from sharding.builder import build_engine, refit_engine
@@ -35,7 +35,7 @@ def test_engine_holds_one_file_per_rank_with_checksums_and_the_plan(engines):
     engine = Engine.load(engines("llama", 2, 2))
     assert sorted(engine.files) == [f"rank-{r:05d}.safetensors" for r in range(4)]
     meta = json.loads((engine.path / "engine.json").read_text())
-    assert meta["format_version"] == 1 and meta["plan"]["tp"] == 2 and meta["build"]["dtype"] == "fp32"
+    assert meta["format_version"] == FORMAT_VERSION and meta["plan"]["tp"] == 2 and meta["build"]["dtype"] == "fp32"
     with safe_open(str(engine.rank_path(2)), "pt") as f:  # stage 1 holds layers 2-3 and the head only
         names = set(f.keys())
     assert "lm_head.weight" in names and "model.embed_tokens.weight" not in names
@@ -86,7 +86,7 @@ def test_missing_rank_file_and_other_format_version_are_refused(engines, tmp_pat
     engine = shutil.copytree(engines("llama", 1, 1), tmp_path / "eng")
     meta = json.loads((engine / "engine.json").read_text())
     (engine / "engine.json").write_text(json.dumps(meta | {"format_version": 99}))
-    with pytest.raises(EngineError, match="format version 99, this runtime reads version 1"):
+    with pytest.raises(EngineError, match=f"format version 99, this runtime reads version {FORMAT_VERSION}"):
         Engine.load(engine)
     (engine / "engine.json").write_text(json.dumps(meta))
     (engine / "rank-00000.safetensors").unlink()
