@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from dist_runtime.presets import preset_config, to_transformers5_layout
+from launch.local import free_port
 from sharding.builder import build_engine
 from sharding.synth import write_checkpoint
 
@@ -98,6 +99,14 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+def checkpoint_with_template(checkpoint: Path, out: Path, template: str) -> Path:
+    """A copy of `checkpoint` whose tokenizer_config.json carries the chat template `template`."""
+    shutil.copytree(checkpoint, out)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    (out / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": template}))
+    return out
+
+
 @pytest.fixture(scope="session")
 def engines(checkpoints, tmp_path_factory):
     """engines(name, tp, pp) -> engine folder, built once per session."""
@@ -153,3 +162,20 @@ def _no_rank_left_behind():
     while (left := rank_processes()) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, f"processes left after the tests: {left}"
+
+
+class Server:
+    """`dist-runtime serve ENGINE` on a free port of 127.0.0.1, healthy once constructed."""
+
+    def __init__(self, engine, *args: str, env: dict | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([tool("dist-runtime"), "serve", str(engine), "--port", str(self.port),
+                                      "--model-name", "tiny", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True,
+                                     env=None if env is None else {**os.environ, **env})
+        wait_healthy(self.proc, self.url, timeout=90)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)

@@ -1,6 +1,6 @@
 """Faults, with real processes: a rank killed with SIGKILL or frozen mid-request is named in
 the error every client gets, every process of the job exits non-zero, and nothing is left
-behind; SIGTERM and Ctrl-C on rank 0 stop every rank within 10 s."""
+behind; SIGTERM and Ctrl-C on rank 0 drain the server, then stop every rank."""
 
 from __future__ import annotations
 
@@ -139,13 +139,17 @@ def test_a_lost_rank_is_named_to_clients_and_every_process_exits(engine, how):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_or_ctrl_c_on_rank_0_of_a_server_stops_every_rank_within_10_s(engine, sig):
-    server = Serve(engine)
-    thread, _ = server.stream_in_background()
+def test_sigterm_or_ctrl_c_on_rank_0_of_a_server_drains_and_stops_every_rank(engine, sig):
+    """The stream in flight outlasts the 1 s drain: it ends with a last event and [DONE]; then
+    every rank stops. Timed generously: a loaded 2-core machine runs these 4 ranks slowly."""
+    server = Serve(engine, "--drain-timeout", "1")
+    thread, result = server.stream_in_background()
     server.proc.send_signal(sig)
     start = time.monotonic()
-    assert server.proc.wait(10) == 0, server.proc.stderr.read()[-3000:]  # a requested stop is a clean one
-    assert wait_gone(server.ranks.values(), 10 - (time.monotonic() - start)) >= 0
+    assert server.proc.wait(20) == 0, server.proc.stderr.read()[-3000:]  # a requested stop is a clean one
+    assert wait_gone(server.ranks.values(), 20 - (time.monotonic() - start)) >= 0
+    thread.join(10)
+    assert result["events"][-1] == "[DONE]" and "shutting down" in result["events"][-2], result["events"][-3:]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -5,29 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import time
 
 import httpx
 import openai
 import pytest
-from conftest import cli, json_lines, tool, wait_healthy
-
-from launch.local import free_port
-
-
-class Server:
-    def __init__(self, engine, *args: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([tool("dist-runtime"), "serve", str(engine), "--port", str(self.port),
-                                      "--model-name", "tiny", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        wait_healthy(self.proc, self.url, timeout=90)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+from conftest import Server, cli, json_lines
 
 
 @pytest.fixture(scope="module")
@@ -89,33 +72,6 @@ def test_errors_are_openai_shaped_4xx_naming_the_field_or_limit(server, client):
     assert broken.status_code == 400 and "error" in broken.json()
     huge = httpx.post(server.url + "/v1/completions", content=b"x" * (2 << 20))
     assert huge.status_code == 413
-
-
-def test_a_thousand_malformed_bodies_get_no_5xx_and_the_server_still_answers(server):
-    import random
-
-    rng = random.Random(0)
-    fields = ["prompt", "max_tokens", "temperature", "top_p", "n", "stop", "stream", "logprobs", "messages", "seed",
-              "inputs", "text_input", "parameters"]
-    values = [None, -1, 0, 1e9, "x", [], {}, [1, "a"], True, "\u0000", [[]], -0.5, 2**70]
-    statuses = []
-    with httpx.Client(base_url=server.url, timeout=30) as http:
-        for i in range(1000):
-            route = ["/v1/completions", "/v1/chat/completions", "/v2/models/tiny/infer",
-                     "/v2/models/tiny/generate"][i % 4]
-            if i % 50 == 3:  # a binary header that lies about its length
-                r = http.post("/v2/models/tiny/infer", content=rng.choice([b'{"inputs": []}xx', b"[1, 2]xx"]),
-                              headers={"Inference-Header-Content-Length": str(rng.choice([-1, 3, 999, 14]))})
-                statuses.append(r.status_code)
-                continue
-            if i % 10 == 0:
-                r = http.post(route, content=bytes(rng.randrange(256) for _ in range(rng.randrange(1, 40))))
-            else:
-                body = {rng.choice(fields): rng.choice(values) for _ in range(rng.randrange(1, 4))}
-                r = http.post(route, json=body)
-            statuses.append(r.status_code)
-        assert http.get("/health").status_code == 200
-    assert not [s for s in statuses if s >= 500]
 
 
 def test_200_concurrent_streams_each_get_their_own_tokens(server, client):

@@ -7,6 +7,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
+from dist_runtime.errors import DistRuntimeError
 from dist_runtime.llm import LLM
 from dist_runtime.server import openai_routes, triton_routes
 from dist_runtime.server.edge import Edge, error_body
@@ -22,6 +23,10 @@ def create_app(llm: LLM, settings: ServerSettings) -> tuple[Edge, Served]:
     async def api_error(request: Request, e: ApiError):
         return JSONResponse(error_body(e.status, e.message, request.url.path, e.kind, e.param), e.status,
                             headers=e.headers)
+
+    @app.exception_handler(DistRuntimeError)
+    async def runtime_error(request: Request, e: DistRuntimeError):
+        return await api_error(request, ApiError.of(e))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_parameter(request: Request, e: RequestValidationError):

@@ -192,7 +192,8 @@ class InferTensor(Body):
     name: str
     datatype: DATATYPES
     shape: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=8)]
-    data: list[str | int | float | bool] | None = None  # filled from the binary part when sent that way
+    # filled from the binary part when sent that way; each input's own rule checks its values
+    data: list[Any] | None = None
     parameters: TensorParameters | None = None
 
 
