@@ -7,13 +7,16 @@ inside one step, which catches a process whose heartbeat thread still runs while
 thread is stuck. Rank 0 turns any of these into one verdict naming the rank, tells the other
 ranks to leave, and lets the engine fail its requests. A rank that loses rank 0 exits.
 
-Lines on the wire: rank -> 0 "<rank>" once, then "<seconds busy>"; 0 -> rank "." (alive),
-"bye" (a planned shutdown follows), "abort <why>".
+Only a rank that proves the job's secret is heard (comm.auth), so a stranger's connection to
+the monitor is dropped and ends nothing. Lines on the wire, after that handshake: rank -> 0
+"<rank>" once, then "<seconds busy>"; 0 -> rank "." (alive), "bye" (a planned shutdown
+follows), "abort <why>".
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import select
 import signal
 import socket
@@ -22,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from dist_runtime.comm.auth import HANDSHAKE_TIMEOUT_S, Listener, dial
 from dist_runtime.errors import DistRuntimeError
 
 HEARTBEAT_S = 1.0
@@ -70,15 +74,32 @@ class Liveness:
         self.on_exit: Callable[[str], None] = _exit_process  # what a rank other than 0 does on a verdict
         self._leaving = False
         self._conns: dict[int, socket.socket] = {}
+        self._arrived: queue.SimpleQueue[tuple[int, socket.socket]] = queue.SimpleQueue()
+        self._listener: Listener | None = None
+        self._upstream: socket.socket | None = None
         self._thread: threading.Thread | None = None
 
     # rank 0
-    def listen(self, host: str) -> tuple[str, int]:
-        """Rank 0: open the port the other ranks check in at; returns its address."""
-        self._server = socket.create_server((host, 0))
+    def listen(self, host: str, secret: str) -> tuple[str, int]:
+        """Rank 0: open the port where ranks that prove `secret` check in; returns its address."""
+        self._listener = Listener(host, 0, secret, self._admit, "liveness monitor")
         self._thread = threading.Thread(target=self._monitor, name="dist-runtime-liveness", daemon=True)
         self._thread.start()
-        return host, self._server.getsockname()[1]
+        return self._listener.address
+
+    def _admit(self, conn: socket.socket) -> None:
+        """A connection that proved the secret (on its handshake's thread): which rank it is."""
+        conn.settimeout(HANDSHAKE_TIMEOUT_S)
+        try:
+            line = b""
+            while not line.endswith(b"\n"):  # byte by byte: heartbeats may follow at once
+                line += conn.recv(1) or b"\n"
+            rank = int(line)
+        except (OSError, ValueError):
+            conn.close()
+            return
+        conn.settimeout(None)
+        self._arrived.put((rank, conn))
 
     def _monitor(self) -> None:
         seen: dict[int, float] = {}  # rank -> when it last spoke
@@ -86,15 +107,15 @@ class Liveness:
         started = last_beat = time.monotonic()
         buffers: dict[socket.socket, bytes] = {}
         while not self._leaving:
+            now = time.monotonic()
+            while not self._arrived.empty():
+                self._check_in(*self._arrived.get(), seen, now)
             try:
-                readable, _, _ = select.select([self._server, *self._conns.values()], [], [], 0.2)
+                readable, _, _ = select.select(list(self._conns.values()), [], [], 0.2)
             except (OSError, ValueError):  # closed under us: close() was called
                 continue
             now = time.monotonic()
             for sock in readable:
-                if sock is self._server:
-                    self._accept(seen, now)
-                    continue
                 rank = next((r for r, c in self._conns.items() if c is sock), None)
                 data = _recv(sock)
                 if rank is None:
@@ -113,21 +134,10 @@ class Liveness:
                 self._send_all(b".\n")
             self._judge(seen, busy, now, started)
 
-    def _accept(self, seen: dict[int, float], now: float) -> None:
-        try:
-            conn, _ = self._server.accept()
-        except OSError:  # closed under us
+    def _check_in(self, rank: int, conn: socket.socket, seen: dict[int, float], now: float) -> None:
+        if rank in self._conns or not 0 < rank < self.world_size:
+            conn.close()  # a rank's connection stays the first one it made
             return
-        conn.settimeout(5.0)
-        try:
-            line = b""
-            while not line.endswith(b"\n"):  # byte by byte: heartbeats may follow at once
-                line += conn.recv(1) or b"\n"
-            rank = int(line)
-        except (OSError, ValueError):
-            conn.close()
-            return
-        conn.settimeout(None)
         self._conns[rank] = conn
         seen[rank] = now
 
@@ -163,17 +173,13 @@ class Liveness:
                 self._conns.pop(rank, None)
 
     # every other rank
-    def check_in(self, address: tuple[str, int]) -> None:
-        """A rank other than 0: connect to rank 0's monitor and keep the heartbeat going."""
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            try:
-                self._upstream = socket.create_connection(address, timeout=5.0)
-                break
-            except OSError as e:
-                if time.monotonic() > deadline:
-                    raise DistRuntimeError(f"rank {self.rank}: cannot reach rank 0 at {address}: {e}") from e
-                time.sleep(0.2)
+    def check_in(self, address: tuple[str, int], secret: str) -> None:
+        """A rank other than 0: connect to rank 0's monitor, prove `secret`, keep the heartbeat going."""
+        try:
+            self._upstream = dial(address, secret, wait_s=self.timeout_s)
+        except (OSError, DistRuntimeError) as e:
+            raise DistRuntimeError(f"rank {self.rank}: cannot check in with rank 0 at {address}: {e}") from e
+        self._upstream.settimeout(5.0)  # a heartbeat that cannot be sent for this long means rank 0 is gone
         self._upstream.sendall(f"{self.rank}\n".encode())
         self._thread = threading.Thread(target=self._heartbeat, name="dist-runtime-liveness", daemon=True)
         self._thread.start()
@@ -243,7 +249,9 @@ class Liveness:
 
     def close(self) -> None:
         self._leaving = True
-        for sock in [*self._conns.values(), getattr(self, "_server", None), getattr(self, "_upstream", None)]:
+        if self._listener is not None:
+            self._listener.close()
+        for sock in [*self._conns.values(), self._upstream]:
             if sock is not None:
                 sock.close()
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -257,11 +265,8 @@ def _recv(sock: socket.socket) -> bytes:
         return b""
 
 
-def advertised_host(master_addr: str | None) -> str:
-    """The address rank 0's monitor binds and the others dial: the rendezvous address when the
-    launcher gave one, else this host's outward address (loopback if it has none)."""
-    if master_addr:
-        return master_addr
+def outward_address() -> str:
+    """This host's address on its default route (loopback if it has none)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         try:
             probe.connect(("10.255.255.255", 1))  # no packet is sent: this only picks a route

@@ -6,6 +6,8 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import secrets
+import socket
 import threading
 
 import torch
@@ -14,10 +16,10 @@ from dist_runtime.comm.base import Communicator
 from dist_runtime.coordinator import serve_steps
 from dist_runtime.engine import Engine
 from dist_runtime.errors import DistRuntimeError, EngineError
-from dist_runtime.liveness import DEFAULT_RANK_TIMEOUT_S, Liveness, advertised_host
+from dist_runtime.liveness import DEFAULT_RANK_TIMEOUT_S, Liveness, outward_address
 from dist_runtime.mapping import Mapping
 from dist_runtime.model_runner import ModelRunner
-from launch.rank_info import RankInfo
+from launch.rank_info import ENV_SECRET, ENV_SECRET_FILE, RankInfo, SecretError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,12 @@ def open_communicator(info: RankInfo, mapping: Mapping, device: str = "cpu") -> 
     else:
         from dist_runtime.comm.gloo import GlooCommunicator
 
-        control = GlooCommunicator(mapping, info.master_addr, info.master_port)
+        if not info.secret:
+            raise SecretError(f"ranks that meet over TCP need the job's secret and rank {info.rank} has none: "
+                              f"export {ENV_SECRET} (the same random string for every rank, e.g. "
+                              f"$(openssl rand -hex 32)) or {ENV_SECRET_FILE} (a file only you can read) in "
+                              "the job's environment")
+        control = GlooCommunicator(mapping, info.master_addr, info.master_port, info.secret)
     if not device.startswith("cuda"):
         return control
     from dist_runtime.comm.nccl import NcclCommunicator
@@ -53,17 +60,29 @@ def check_world(engine: Engine, info: RankInfo) -> None:
 
 
 def watch(comm: Communicator, info: RankInfo, timeout_s: float) -> Liveness:
-    """Start this rank's side of the liveness watch; rank 0 tells the others where to check in."""
+    """Start this rank's side of the liveness watch; rank 0 tells the others where to check in.
+    Without a secret from the launcher (MPI), rank 0 makes one and sends it over the launcher's links."""
     liveness = Liveness(info.rank, info.world_size, timeout_s)
     if info.world_size == 1:
         return liveness
-    address = None
-    if info.rank == 0:
-        address = liveness.listen(advertised_host(info.master_addr if info.transport == "tcp" else None))
+    secret = info.secret or comm.broadcast_object(secrets.token_hex(32) if info.rank == 0 else None)
+    host = _monitor_host(comm, info)
+    address = liveness.listen(host, secret) if info.rank == 0 else None
     address = comm.broadcast_object(address)
     if info.rank != 0:
-        liveness.check_in(address)
+        liveness.check_in(address, secret)
     return liveness
+
+
+def _monitor_host(comm: Communicator, info: RankInfo) -> str | None:
+    """Where rank 0's monitor listens (None on other ranks): the address the ranks meet at; under
+    MPI, loopback when every rank runs on rank 0's host, else its outward address."""
+    if info.transport == "tcp":
+        return info.master_addr
+    hosts = comm.gather_object(socket.gethostname())
+    if info.rank != 0:
+        return None
+    return "127.0.0.1" if set(hosts) == {hosts[0]} else outward_address()
 
 
 def join(engine: Engine, info: RankInfo, device: str = "cpu", verify: bool = True, kv_cache_fraction: float = 0.9,

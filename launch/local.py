@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -35,11 +36,11 @@ class LocalWorkers(StartupWatch):
     """Ranks 1..world_size-1 as child processes running `launch.worker ENGINE_DIR`."""
 
     def __init__(self, engine_dir: str, world_size: int, worker_args: list[str] | None = None) -> None:
-        port = free_port()
-        self.rank0 = RankInfo(0, world_size, 0, world_size, master_port=port, transport="tcp")
+        port, secret = free_port(), secrets.token_hex(32)
+        self.rank0 = RankInfo(0, world_size, 0, world_size, master_port=port, transport="tcp", secret=secret)
         self.procs: list[subprocess.Popen] = []
         for rank in range(1, world_size):
-            info = RankInfo(rank, world_size, rank, world_size, master_port=port, transport="tcp")
+            info = RankInfo(rank, world_size, rank, world_size, master_port=port, transport="tcp", secret=secret)
             cmd = [sys.executable, "-m", "launch.worker", str(engine_dir), *(worker_args or [])]
             self.procs.append(subprocess.Popen(cmd, env={**os.environ, **spawned_env(info)},
                                                preexec_fn=_die_with_parent))

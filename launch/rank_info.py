@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import stat
 import subprocess
+
+from dist_runtime.errors import DistRuntimeError
 
 # Set by the local spawner for the processes it starts (and by later launchers that meet over TCP).
 ENV_RANK = "DIST_RUNTIME_RANK"
@@ -14,6 +17,14 @@ ENV_LOCAL_RANK = "DIST_RUNTIME_LOCAL_RANK"
 ENV_LOCAL_WORLD = "DIST_RUNTIME_LOCAL_WORLD_SIZE"
 ENV_ADDR = "DIST_RUNTIME_MASTER_ADDR"
 ENV_PORT = "DIST_RUNTIME_MASTER_PORT"
+# The job's secret, which ranks that meet over TCP prove to each other before anything else is said;
+# or the path of a file holding it that only its owner can open.
+ENV_SECRET = "DIST_RUNTIME_JOB_SECRET"
+ENV_SECRET_FILE = "DIST_RUNTIME_JOB_SECRET_FILE"
+
+
+class SecretError(DistRuntimeError):
+    """Ranks that meet over TCP have no job secret, or its file is unreadable, empty or open to others."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +37,7 @@ class RankInfo:
     master_addr: str = "127.0.0.1"
     master_port: int = 0
     transport: str = "solo"  # "mpi": an MPI world exists; "tcp": meet at master_addr:port; "solo": alone
+    secret: str = dataclasses.field(default="", repr=False)  # "tcp": the job's secret, shared by all its ranks
 
 
 def _mpi(env: dict[str, str]) -> RankInfo | None:
@@ -90,7 +102,7 @@ def _slurm(env: dict[str, str]) -> RankInfo | None:
     addr = env.get(ENV_ADDR) or first_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"])
     world = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or env["SLURM_NPROCS"]
     return RankInfo(int(env["SLURM_PROCID"]), int(world), *_slurm_local(env), node_id=int(env.get("SLURM_NODEID", 0)),
-                    master_addr=addr, master_port=int(port), transport="tcp")
+                    master_addr=addr, master_port=int(port), transport="tcp", secret=job_secret(env))
 
 
 def _spawned(env: dict[str, str]) -> RankInfo | None:
@@ -98,7 +110,28 @@ def _spawned(env: dict[str, str]) -> RankInfo | None:
         return None
     return RankInfo(int(env[ENV_RANK]), int(env[ENV_WORLD]), int(env.get(ENV_LOCAL_RANK, env[ENV_RANK])),
                     int(env.get(ENV_LOCAL_WORLD, env[ENV_WORLD])), master_addr=env[ENV_ADDR],
-                    master_port=int(env[ENV_PORT]), transport="tcp")
+                    master_port=int(env[ENV_PORT]), transport="tcp", secret=job_secret(env))
+
+
+def job_secret(env: dict[str, str]) -> str:
+    """The job's secret that the launcher put in the environment, "" if it put none."""
+    if env.get(ENV_SECRET):
+        return env[ENV_SECRET]
+    path = env.get(ENV_SECRET_FILE)
+    if not path:
+        return ""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if mode & 0o077:  # another user could read it, or change it
+            raise SecretError(f"{ENV_SECRET_FILE}={path} is open to other users (mode {mode:04o}); "
+                              f"make it readable by you alone: chmod 600 {path}")
+        with open(path) as f:
+            secret = f.read().strip()
+    except OSError as e:
+        raise SecretError(f"cannot read the job's secret from {ENV_SECRET_FILE}={path}: {e}") from e
+    if not secret:
+        raise SecretError(f"{ENV_SECRET_FILE}={path} is empty")
+    return secret
 
 
 def from_environment(env: dict[str, str] | None = None) -> RankInfo | None:
@@ -112,4 +145,4 @@ def spawned_env(info: RankInfo) -> dict[str, str]:
     """The environment that tells a spawned process its RankInfo."""
     return {ENV_RANK: str(info.rank), ENV_WORLD: str(info.world_size), ENV_LOCAL_RANK: str(info.local_rank),
             ENV_LOCAL_WORLD: str(info.local_world_size), ENV_ADDR: info.master_addr,
-            ENV_PORT: str(info.master_port)}
+            ENV_PORT: str(info.master_port), ENV_SECRET: info.secret}

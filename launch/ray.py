@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import threading
 
@@ -92,8 +93,9 @@ class RayWorkers(StartupWatch):
         nodes = placement_group_table(self._pg)["bundles_to_node_id"]
         where = node_local_ranks([nodes[rank] for rank in range(world_size)])
         addr, port = ray.util.get_node_ip_address(), free_port()  # rank 0 hosts the store, here
-        infos = [RankInfo(rank, world_size, *where[rank], master_addr=addr, master_port=port, transport="tcp")
-                 for rank in range(world_size)]
+        secret = secrets.token_hex(32)  # travels inside each actor's RankInfo
+        infos = [RankInfo(rank, world_size, *where[rank], master_addr=addr, master_port=port, transport="tcp",
+                          secret=secret) for rank in range(world_size)]
         self.rank0 = infos[0]
         options = {"num_cpus": 1, "num_gpus": 1 if gpu else 0}
         if gpu:

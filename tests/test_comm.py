@@ -3,6 +3,7 @@ collectives over TP groups (small and large), stage-to-stage tensors, sampled id
 without waiting, and control messages, in float32 and bfloat16."""
 
 import os
+import secrets
 import subprocess
 import sys
 import textwrap
@@ -59,9 +60,10 @@ PROGRAM = textwrap.dedent("""
 
 
 def _spawn_tcp(script) -> subprocess.CompletedProcess:
-    port = free_port()
+    port, secret = free_port(), secrets.token_hex(16)
     procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env={**os.environ, **spawned_env(RankInfo(r, 4, master_port=port))})
+                              text=True, env={**os.environ, **spawned_env(RankInfo(r, 4, master_port=port,
+                                                                                   secret=secret))})
              for r in range(4)]
     outs = [p.communicate(timeout=120) for p in procs]
     code = max(p.returncode for p in procs)

@@ -5,6 +5,7 @@ they meet at host A's address, and give the same tokens as one host does."""
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import uuid
@@ -57,11 +58,11 @@ def two_hosts():
 def test_tp2_pp2_split_over_two_hosts_gives_the_single_host_tokens(engines, two_hosts):
     engine = str(engines("llama", 2, 2))
     (ns_a, dev_a), (ns_b, dev_b) = two_hosts
-    port = free_port()
+    port, secret = free_port(), secrets.token_hex(16)
     procs = []
     for rank in range(4):
         ns = ns_a if rank < 2 else ns_b
-        info = RankInfo(rank, 4, rank % 2, 2, node_id=rank // 2, master_addr=HOST_A, master_port=port)
+        info = RankInfo(rank, 4, rank % 2, 2, node_id=rank // 2, master_addr=HOST_A, master_port=port, secret=secret)
         env = [f"{k}={v}" for k, v in spawned_env(info).items()]
         procs.append(subprocess.Popen(["ip", "netns", "exec", ns, "env", *env, tool("dist-runtime"), "generate",
                                        engine, *GREEDY], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))

@@ -1,7 +1,9 @@
 """The CPU communicator for ranks that meet over TCP (the local spawner, Slurm, Ray): torch's
 gloo process groups on a store at the master address for tensors, socket Channels for control
 messages and for a TP group's small collectives. It builds its own groups instead of
-torch.distributed's global default, so several engines can live in one process."""
+torch.distributed's global default, so several engines can live in one process. The store and
+the Channels admit only ranks that prove the job's secret; they listen on the address the other
+ranks dial (loopback when the master address is)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch.distributed as dist
 
 from dist_runtime.comm.base import Communicator, gather_last_dim
 from dist_runtime.comm.channel import Channel
+from dist_runtime.comm.store import RendezvousStore
 from dist_runtime.mapping import Mapping
 
 # A rank that dies or hangs is found by the liveness watch within seconds; gloo's own limit only
@@ -35,10 +38,11 @@ def local_address(master_addr: str) -> str:
 
 
 class GlooCommunicator(Communicator):
-    def __init__(self, mapping: Mapping, master_addr: str, master_port: int, timeout_s: float = 300.0) -> None:
+    def __init__(self, mapping: Mapping, master_addr: str, master_port: int, secret: str,
+                 timeout_s: float = 300.0) -> None:
         super().__init__(mapping)
-        self.store = dist.TCPStore(master_addr, master_port, mapping.world_size, is_master=mapping.rank == 0,
-                                   timeout=datetime.timedelta(seconds=timeout_s))
+        self.store = RendezvousStore(master_addr, master_port, secret, serve=mapping.rank == 0,
+                                     timeout=datetime.timedelta(seconds=timeout_s))
         options = dist.ProcessGroupGloo._Options()
         options._devices = [dist.ProcessGroupGloo.create_device(hostname=local_address(master_addr))]
         options._timeout = OP_TIMEOUT
@@ -46,13 +50,13 @@ class GlooCommunicator(Communicator):
                                            options)
         host = local_address(master_addr)
         # Steps and replies go over plain sockets: gloo's broadcast cost milliseconds a step
-        self.control = Channel(mapping.rank, mapping.world_size, self.store, host)
+        self.control = Channel(mapping.rank, mapping.world_size, self.store, host, secret)
         self.tp_group = self.tp_channel = None
         if mapping.tp > 1:
             self.tp_group = dist.ProcessGroupGloo(dist.PrefixStore(f"tp{mapping.pp_rank}", self.store),
                                                   mapping.tp_rank, mapping.tp, options)
             self.tp_channel = Channel(mapping.tp_rank, mapping.tp,
-                                      dist.PrefixStore(f"tp-channel{mapping.pp_rank}", self.store), host)
+                                      dist.PrefixStore(f"tp-channel{mapping.pp_rank}", self.store), host, secret)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if _small(tensor):
@@ -88,6 +92,8 @@ class GlooCommunicator(Communicator):
         for channel in (self.control, self.tp_channel):
             if channel is not None:
                 channel.close()
+        if self.store is not None:
+            self.store.close()
         self.tp_group = self.tp_channel = self.world = self.store = None
 
 
