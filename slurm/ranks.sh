@@ -45,6 +45,13 @@ print(f"dist-runtime: {tasks} ranks, tp={tp} x pp={pp}, {per_node} per node, on 
       file=sys.stderr)
 PY
 ) || exit 1
+    # Ranks admit one another only on proof of a secret that srun hands every task in its environment:
+    # a fresh one per job, made here rather than at submission so that it is stored nowhere. Export
+    # DIST_RUNTIME_JOB_SECRET, or DIST_RUNTIME_JOB_SECRET_FILE (a file only you can read), to choose it.
+    if [ -z "${DIST_RUNTIME_JOB_SECRET:-}" ] && [ -z "${DIST_RUNTIME_JOB_SECRET_FILE:-}" ]; then
+        DIST_RUNTIME_JOB_SECRET=$(python3 -c 'import secrets; print(secrets.token_hex(32))') || exit 1
+        export DIST_RUNTIME_JOB_SECRET
+    fi
     # --mpi=none: ranks meet over our own TCP rendezvous whatever the cluster's MpiDefault;
     # --kill-on-bad-exit: a rank that fails ends the step instead of leaving the others waiting.
     srun --mpi=none --kill-on-bad-exit=1 --distribution=block dist-runtime "$command" "$engine" \
