@@ -20,6 +20,15 @@ def test_srun_task_meets_the_others_over_tcp_at_the_first_node():
     assert from_environment(SRUN) == RankInfo(1, 4, 1, 4, 0, "vm", slurm_port(7, 0), "tcp")
 
 
+def test_srun_task_takes_the_job_secret_that_the_batch_script_exported(tmp_path):
+    assert from_environment(SRUN | {"DIST_RUNTIME_JOB_SECRET": "s3cret"}).secret == "s3cret"
+    path = tmp_path / "secret"
+    path.write_text("from-a-file\n")
+    path.chmod(0o600)
+    assert from_environment(SRUN | {"DIST_RUNTIME_JOB_SECRET_FILE": str(path)}).secret == "from-a-file"
+    assert from_environment(SRUN).secret == ""  # refused when the ranks meet (tests/test_rank_links.py)
+
+
 def test_batch_script_salloc_shell_and_special_steps_are_not_ranks():
     assert from_environment(BATCH) is None
     for special in ("4294967290", "4294967291", "4294967292"):  # interactive, batch, extern
