@@ -113,13 +113,17 @@ class Coordinator:
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise RequestError for a request this engine cannot serve, before it is queued."""
         if not prompt_ids:
-            raise RequestError("the prompt is empty")
+            raise RequestError("the prompt is empty", "prompt")
         if len(prompt_ids) >= self.max_seq_len:
             raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this engine's limit is "
-                               f"{self.max_seq_len} tokens in all (max_seq_len), output included")
+                               f"{self.max_seq_len} tokens in all (max_seq_len), output included", "prompt")
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise RequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+            raise RequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})", "prompt")
+        biased = [t for t, _ in params.logit_bias]
+        for field, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", biased)):
+            if any(t >= self.vocab_size for t in ids):
+                raise RequestError(f"{field}: token ids must be below the vocabulary size {self.vocab_size}", field)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> list[Sequence]:
         """Queue a request: its n sequences (which share the prompt's cached blocks)."""
@@ -334,6 +338,7 @@ class Coordinator:
             history=np.array(history, dtype=np.int64),
             history_start=np.array(history_start, dtype=np.int64),
             history_prompt_len=np.array(prompt_lens, dtype=np.int64),
+            **_logit_biases(params),
             return_logits=self.return_logits,
             prev_rows=np.array(prev_rows, dtype=np.int64) if prev_rows is not None else None,
         )
@@ -372,3 +377,11 @@ def serve_steps(runner: ModelRunner, comm: Communicator, activity: Activity | No
                 runner.run(message)
 
 
+def _logit_biases(params: list[SamplingParams]) -> dict[str, np.ndarray]:
+    """The Step's bias_* arrays, or nothing when no row has a logit bias."""
+    if not any(p.logit_bias for p in params):
+        return {}
+    pairs = [pair for p in params for pair in p.logit_bias]
+    return {"bias_start": np.cumsum([0] + [len(p.logit_bias) for p in params], dtype=np.int64),
+            "bias_ids": np.array([t for t, _ in pairs], dtype=np.int64),
+            "bias_values": np.array([v for _, v in pairs], dtype=np.float32)}

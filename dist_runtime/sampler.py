@@ -1,5 +1,5 @@
 """Token sampling from full-vocabulary logits, in the order vLLM and Hugging Face apply it:
-penalties, then greedy or temperature, top-k, top-p and min-p, then a seeded draw.
+penalties and logit biases, then greedy or temperature, top-k, top-p and min-p, then a seeded draw.
 
 Draws use the Gumbel-max trick with noise that is a pure function of (the request's seed,
 the index of the token being drawn, the vocabulary id), computed by integer hashing on
@@ -102,6 +102,10 @@ def sample(logits: torch.Tensor, step: Step) -> Sampled:
         if logits is raw:
             logits = raw.clone()
         logits[r] = apply_penalties(logits[r], history, int(step.history_prompt_len[r]), rep, presence, frequency)
+    if step.bias_start is not None:
+        rows = np.repeat(np.arange(len(step.bias_start) - 1), np.diff(step.bias_start))
+        logits = logits.index_put((to_device(rows, logits.device), to_device(step.bias_ids, logits.device)),
+                                  to_device(step.bias_values, logits.device), accumulate=True)
     ids = logits.argmax(-1)
     rows = np.flatnonzero(step.temperature >= MIN_TEMPERATURE)
     if len(rows):

@@ -126,3 +126,14 @@ def test_every_accepted_value_reaches_the_tensors_intact():
     assert _kept(logits[0], top_k=(1 << 31) - 1) == [True] * 4
     assert _kept(logits[0], top_p=1e-50) == [False, True, False, False]
     assert sample(logits, _step(1, temperature=1e-40)).token_ids.item() == 1  # not 0, the first to overflow
+
+
+def test_logit_biases_move_only_their_own_rows_tokens_and_not_the_logprobs():
+    import dataclasses
+
+    logits = torch.tensor([[1.0, 5.0, 0.0], [1.0, 5.0, 0.0], [1.0, 5.0, 0.0]])
+    step = dataclasses.replace(_step(3, temperature=0.0, logprobs=0), bias_start=np.array([0, 1, 1, 3]),
+                               bias_ids=np.array([2, 0, 1]), bias_values=np.array([10.0, 100.0, -100.0], np.float32))
+    out = sample(logits, step)
+    assert out.token_ids.tolist() == [2, 1, 0]  # biased, untouched, biased twice
+    assert torch.allclose(out.logprobs[:, 0], logits.log_softmax(-1)[[0, 1, 2], [2, 1, 0]])  # the model's own
