@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable
 
 from dist_runtime.engine_loop import STREAM_END, RequestHandle
-from dist_runtime.errors import DistRuntimeError, RequestError
+from dist_runtime.errors import DistRuntimeError, RequestError, RequestFailed
 from dist_runtime.llm import LLM, Prompt
 from dist_runtime.outputs import RequestOutput, StreamChunk
 from dist_runtime.sampling_params import SamplingParams
@@ -30,9 +30,12 @@ class ApiError(Exception):
 
     @classmethod
     def of(cls, error: DistRuntimeError) -> ApiError:
-        """A request's own fault is a 400 naming its field; anything else means the engine stopped."""
+        """A request's own fault is a 400 naming its field; rank 0 failing one request alone a 500;
+        anything else means the engine stopped."""
         if isinstance(error, RequestError):
             return cls(400, str(error), param=error.field)
+        if isinstance(error, RequestFailed):
+            return cls(500, str(error), "server_error")
         return cls(503, str(error), "server_error", headers={"Retry-After": "30"})
 
 
