@@ -53,7 +53,7 @@ def submit_doomed(llm: LLM, how: str, monkeypatch) -> engine_loop.RequestHandle:
 
     def refuse_doomed(prompt_ids, params):
         if params is TWO:
-            raise MemoryError("no room for its sequences")
+            raise RuntimeError("no room for its sequences")
         return add_request(prompt_ids, params)
 
     monkeypatch.setattr(llm.coordinator, "add_request", refuse_doomed)
