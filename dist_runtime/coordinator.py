@@ -120,6 +120,8 @@ class Coordinator:
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise RequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})", "prompt")
+        if params.logprobs is not None and params.logprobs > self.vocab_size:
+            raise RequestError(f"logprobs: at most the vocabulary size {self.vocab_size}", "logprobs")
         biased = [t for t, _ in params.logit_bias]
         for field, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", biased)):
             if any(t >= self.vocab_size for t in ids):

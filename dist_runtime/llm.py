@@ -40,6 +40,8 @@ class LLM:
         if launcher not in ("local", "ray"):
             raise RequestError(f"launcher must be 'local' or 'ray', not {launcher!r}")
         self.engine = Engine.load(engine_dir)
+        # read before any rank starts: a broken tokenizer file stops nothing but this call
+        self.tokenizer = Tokenizer(engine_dir) if (self.engine.path / "tokenizer.json").is_file() else None
         self.device = device
         self._workers = None  # LocalWorkers or RayWorkers: rank0, expect_exit(), stop(), kill()
         self._loop: EngineLoop | None = None
@@ -69,7 +71,6 @@ class LLM:
         if info.rank != 0:
             serve_as_worker(runner, self._liveness)
             raise SystemExit(0)
-        self.tokenizer = Tokenizer(engine_dir) if (self.engine.path / "tokenizer.json").is_file() else None
         eos = tuple(self.engine.config.eos_token_ids) + (self.tokenizer.eos_ids if self.tokenizer else ())
         self.coordinator = Coordinator(self.engine, runner, runner.comm, eos, num_kv_blocks, prefix_caching,
                                        self._liveness.activity, overlap)

@@ -31,8 +31,12 @@ class Limit:
         if isinstance(value, float) and not math.isfinite(value):
             return f"must be a finite number, got {value}"
         if value < self.low or (self.low_open and value == self.low) or value > self.high:
-            return f"must be in {'(' if self.low_open else '['}{self.low}, {self.high}], got {value}"
+            return f"must be in {'(' if self.low_open else '['}{_show(self.low)}, {_show(self.high)}], got {value}"
         return None
+
+
+def _show(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
 
 
 LIMITS = {
@@ -41,7 +45,7 @@ LIMITS = {
     "top_k": Limit(int, 0, INT32_MAX),  # at or past the vocabulary size it keeps every token
     "top_p": Limit(float, 0.0, 1.0, low_open=True),
     "min_p": Limit(float, 0.0, 1.0),
-    "repetition_penalty": Limit(float, 0.0, 100.0, low_open=True),
+    "repetition_penalty": Limit(float, 0.01, 100.0),  # a smaller divisor pushes logits to inf
     "presence_penalty": Limit(float, -2.0, 2.0),
     "frequency_penalty": Limit(float, -2.0, 2.0),
     # OpenAI's seed is an int64, Triton's random_seed a uint64: both are taken, as the int64 of the same bits

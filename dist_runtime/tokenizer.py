@@ -10,7 +10,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from dist_runtime.errors import EngineError
+from dist_runtime.errors import EngineError, RequestError
 
 
 class Tokenizer:
@@ -27,7 +27,13 @@ class Tokenizer:
         self.eos_ids = tuple(_generation_eos(folder / "generation_config.json"))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids; text the tokenizer refuses (a lone surrogate, say) is a RequestError."""
+        if not isinstance(text, str):
+            raise RequestError(f"prompt: expected text, got {type(text).__name__}", "prompt")
+        try:
+            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        except Exception as e:  # the tokenizers library raises plain Exceptions
+            raise RequestError(f"prompt: the text cannot be tokenized ({e})", "prompt") from e
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)

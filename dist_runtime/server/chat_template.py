@@ -3,9 +3,6 @@ transformers renders it, or a plain default when the checkpoint has none."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -18,9 +15,8 @@ DEFAULT_TEMPLATE = (
 
 
 class ChatTemplate:
-    def __init__(self, engine_dir: str | Path) -> None:
-        config_file = Path(engine_dir) / "tokenizer_config.json"
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    def __init__(self, config: dict) -> None:
+        """`config`: the checkpoint's tokenizer_config.json."""
         source = config.get("chat_template") or DEFAULT_TEMPLATE
         # transformers renders in a sandbox, trims blocks, allows {% break %} and {% continue %},
         # and offers raise_exception()

@@ -37,7 +37,7 @@ class Served:
         self.llm, self.settings, self.model_name = llm, settings, settings.model_name
         self.jobs = Jobs(llm, settings.max_concurrency, settings.max_request_sequences)
         self.metrics = Metrics(llm)
-        self.chat_template = ChatTemplate(llm.engine.path)
+        self.chat_template = ChatTemplate(llm.tokenizer.config if llm.tokenizer else {})
 
     def token_ids(self, prompt: Prompt, params: SamplingParams, field: str = "prompt") -> list[int]:
         """A prompt's token ids, checked against the engine's limits; else a 400 naming the field."""
@@ -45,10 +45,7 @@ class Served:
             if isinstance(prompt, str):
                 if self.llm.tokenizer is None:
                     raise RequestError("this engine has no tokenizer; send token ids", field)
-                try:
-                    prompt = self.llm.tokenizer.encode(prompt)
-                except Exception as e:  # noqa: BLE001 - whatever the tokenizer refuses fails this request only
-                    raise RequestError(f"{field}: the text cannot be tokenized: {e}", field) from e
+                prompt = self.llm.tokenizer.encode(prompt)
             self.llm.coordinator.check_request(list(prompt), params)
         except RequestError as e:
             raise ApiError(400, str(e), param=e.field or field) from e
@@ -66,8 +63,8 @@ class Served:
         bos = self.chat_template.special.get("bos_token")
         try:
             ids = self.llm.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
-        except Exception as e:  # noqa: BLE001 - whatever the tokenizer refuses fails this request only
-            raise ApiError(400, f"messages: the rendered chat cannot be tokenized: {e}", param="messages") from e
+        except RequestError as e:
+            raise ApiError(400, f"messages: {e}", param="messages") from e
         return self.token_ids(ids, params, "messages")
 
     def known_model(self, model: str | None) -> None:
