@@ -72,6 +72,17 @@ def listening(pid: int) -> list[tuple[str, int]]:
     return found
 
 
+def until_closed(sock: socket.socket) -> bytes:
+    """What the peer sends until it drops the connection."""
+    got = b""
+    try:
+        while chunk := sock.recv(4096):
+            got += chunk
+    except ConnectionResetError:  # dropped with our bytes unread
+        pass
+    return got
+
+
 def environ(pid: int) -> dict[str, str]:
     pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     return dict(p.decode().split("=", 1) for p in pairs if b"=" in p)
@@ -137,17 +148,17 @@ def test_strangers_on_the_heartbeat_port_do_not_stop_the_job(served):
 
 def test_a_stranger_cannot_read_or_set_keys_in_the_rendezvous_store(served):
     port = int(environ(served.worker)["DIST_RUNTIME_MASTER_PORT"])
-    with socket.create_connection(("127.0.0.1", port), timeout=15) as stranger:
-        stranger.sendall(b"\0" * 64)  # no proof: a nonce, then a wrong proof
-        got = b""
-        while chunk := stranger.recv(4096):
-            got += chunk
-        assert len(got) == 32  # the listener's nonce, then the close; no key, no value
+    for op in ([b"set", b"evil", b"1"], [b"get", b"control-channel", b"1000"]):  # the store's own framing
+        body = b"".join(struct.pack("!Q", len(part)) + part for part in op)
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as stranger:
+            stranger.sendall(struct.pack("!Q", len(body)) + body + b"\0" * 64)
+            assert len(until_closed(stranger)) == 32  # the listener's nonce, then the close; no value
     with pytest.raises(AuthError):
         dial(("127.0.0.1", port), "a guess")
     secret = environ(served.worker)[ENV_SECRET]
     store = RendezvousStore("127.0.0.1", port, secret, serve=False, timeout=datetime.timedelta(seconds=10))
     try:
+        assert not store.check(["evil"])
         assert store.get("control-channel").startswith(b"127.0.0.1:")  # the job's own ranks still can
     finally:
         store.close()
@@ -202,11 +213,7 @@ def test_a_pickle_sent_to_the_control_channel_at_start_up_is_never_loaded(tmp_pa
         for message in (pickle.dumps(Marker(marker)), pickle.dumps(1)):  # a pickle; a pickled rank, as before
             with socket.create_connection((host, int(channel_port)), timeout=15) as stranger:
                 stranger.sendall(struct.pack("!Q", len(message)) + message + b"\0" * 64)
-                try:
-                    while stranger.recv(4096):  # until the channel drops it
-                        pass
-                except ConnectionResetError:  # dropped with our bytes unread
-                    pass
+                until_closed(stranger)
         rank1 = subprocess.Popen([sys.executable, "-c", RANK_1, str(port), secret], stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
         rank0.join(30)
