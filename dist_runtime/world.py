@@ -19,7 +19,7 @@ from dist_runtime.errors import DistRuntimeError, EngineError
 from dist_runtime.liveness import DEFAULT_RANK_TIMEOUT_S, Liveness, outward_address
 from dist_runtime.mapping import Mapping
 from dist_runtime.model_runner import ModelRunner
-from launch.rank_info import ENV_SECRET, ENV_SECRET_FILE, RankInfo, SecretError
+from launch.rank_info import ENV_SECRET, ENV_SECRET_FILE, RankInfo
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,11 @@ def open_communicator(info: RankInfo, mapping: Mapping, device: str = "cpu") -> 
 
         control = MpiCommunicator(mapping)
     else:
+        from dist_runtime.comm.auth import AuthError
         from dist_runtime.comm.gloo import GlooCommunicator
 
         if not info.secret:
-            raise SecretError(f"ranks that meet over TCP need the job's secret and rank {info.rank} has none: "
+            raise AuthError(f"ranks that meet over TCP need the job's secret and rank {info.rank} has none: "
                               f"export {ENV_SECRET} (the same random string for every rank, e.g. "
                               f"$(openssl rand -hex 32)) or {ENV_SECRET_FILE} (a file only you can read) in "
                               "the job's environment")

@@ -8,8 +8,6 @@ import re
 import stat
 import subprocess
 
-from dist_runtime.errors import DistRuntimeError
-
 # Set by the local spawner for the processes it starts (and by later launchers that meet over TCP).
 ENV_RANK = "DIST_RUNTIME_RANK"
 ENV_WORLD = "DIST_RUNTIME_WORLD_SIZE"
@@ -23,8 +21,8 @@ ENV_SECRET = "DIST_RUNTIME_JOB_SECRET"
 ENV_SECRET_FILE = "DIST_RUNTIME_JOB_SECRET_FILE"
 
 
-class SecretError(DistRuntimeError):
-    """Ranks that meet over TCP have no job secret, or its file is unreadable, empty or open to others."""
+class SecretError(ValueError):
+    """The job's secret file is unreadable, empty, or open to other users."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,7 @@ HANDSHAKE_TIMEOUT_S = 10.0
 
 
 class AuthError(DistRuntimeError):
-    """The peer did not prove it knows the job's secret."""
+    """A rank link cannot be trusted: this rank has no job secret, or the peer did not prove it."""
 
 
 def _mac(secret: str, role: bytes, dial_nonce: bytes, listen_nonce: bytes) -> bytes:
