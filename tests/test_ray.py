@@ -123,7 +123,8 @@ def test_serve_on_ray_actors_stops_cleanly_on_sigterm(engines, ray_head):
 
     port = free_port()
     proc = subprocess.Popen([tool("dist-runtime"), "serve", str(engines("llama", 2, 2)), "--port", str(port),
-                             "--launcher", "ray", "--ray-address", ray_head], stderr=subprocess.PIPE, text=True)
+                             "--model-name", "x", "--launcher", "ray", "--ray-address", ray_head],
+                            stderr=subprocess.PIPE, text=True)
     try:
         wait_healthy(proc, f"http://127.0.0.1:{port}")
         reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
