@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -86,10 +87,10 @@ def spawn_allreduce(ranks: int, log, env: dict) -> dict | None:
     from launch.local import free_port
     from launch.rank_info import RankInfo, spawned_env
 
-    port = free_port()
+    port, secret = free_port(), secrets.token_hex(16)  # the ranks' shared job secret
     procs = []
     for rank in range(ranks):
-        info = RankInfo(rank, ranks, rank, ranks, master_port=port, transport="tcp")
+        info = RankInfo(rank, ranks, rank, ranks, master_port=port, transport="tcp", secret=secret)
         procs.append(subprocess.Popen([sys.executable, __file__, "--out", "-", "--allreduce-worker"], cwd=ROOT,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       start_new_session=True, env={**os.environ, **env, **spawned_env(info)}))

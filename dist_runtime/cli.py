@@ -402,14 +402,16 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` shows where a stuck rank is
     from launch.rank_info import from_environment
 
-    logs.configure(getattr(from_environment(), "rank", 0))
+    try:
+        rank = getattr(from_environment(), "rank", 0)
+    except ValueError as e:  # a launcher variable or secret file this rank cannot use
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    logs.configure(rank)
     try:
         return args.func(args)
     except DistRuntimeError as e:
-        from launch.rank_info import from_environment
-
-        info = from_environment()
-        if info is None or info.rank == 0:
+        if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

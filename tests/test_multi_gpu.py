@@ -5,6 +5,7 @@ process per GPU. Skipped with fewer than 2 GPUs."""
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -88,11 +89,11 @@ print("ok", comm.tuning)
 def test_one_shot_all_reduce_sums_as_nccl_does_eagerly_and_in_cuda_graphs():
     """And its sum fused with RMSNorm norms as the reference does."""
     world = min(torch.cuda.device_count(), 4)
-    port = free_port()
+    port, secret = free_port(), secrets.token_hex(16)  # the ranks' shared job secret
+    infos = [RankInfo(r, world, r, world, master_port=port, secret=secret) for r in range(world)]
     procs = [subprocess.Popen([sys.executable, "-c", _ALL_REDUCE_RANK], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parent.parent,
-                              env={**os.environ, **spawned_env(RankInfo(r, world, r, world, master_port=port))})
-             for r in range(world)]
+                              env={**os.environ, **spawned_env(info)}) for info in infos]
     outputs = [p.communicate(timeout=240)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(outputs)
     assert all("ok" in o for o in outputs)
