@@ -17,6 +17,10 @@ class PlanError(DistRuntimeError):
     """A TP x PP layout is impossible for this model, or does not fit the memory given."""
 
 
+class ConfigError(DistRuntimeError):
+    """A runtime option (a flag, a --config file's key, an LLM keyword) is unknown or out of range."""
+
+
 class EngineError(DistRuntimeError):
     """An engine folder is missing, corrupt, of another version, or does not match the world."""
 
