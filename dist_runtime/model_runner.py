@@ -24,10 +24,10 @@ from dist_runtime.layers.linear import kv_head_range
 from dist_runtime.layers.quantized import check_device
 from dist_runtime.mapping import Mapping
 from dist_runtime.models import build_model
+from dist_runtime.quantization import FP8, SCALE_SUFFIX, input_scale_name
 from dist_runtime.sampler import Sampled, sample
 from dist_runtime.step import Step, to_device
 from dist_runtime.tuning import KernelChoices, install
-from sharding.quantize import FP8, SCALE_SUFFIX, input_scale_name
 
 log = logging.getLogger(__name__)
 

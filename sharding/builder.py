@@ -15,12 +15,18 @@ from dist_runtime.config import ModelConfig
 from dist_runtime.engine import TOKENIZER_FILES, Engine, rank_file_name
 from dist_runtime.errors import CheckpointError, EngineError
 from dist_runtime.models import build_model, checkpoint_layout
+from dist_runtime.quantization import (
+    DEFAULT_KV_SCALE,
+    QUANTIZED_DTYPES,
+    SCALE_SUFFIX,
+    input_scale_name,
+    quantize_weight,
+)
 from dist_runtime.tokenizer import Tokenizer
 from dist_runtime.tuning import skipped
 from sharding.calibrate import calibrate
 from sharding.checkpoint import Checkpoint
 from sharding.planner import DTYPES, Plan, make_plan
-from sharding.quantize import DEFAULT_KV_SCALE, QUANTIZED_DTYPES, SCALE_SUFFIX, input_scale_name, quantize_weight
 from sharding.safetensors_writer import StreamingWriter, TensorSpec, sha256_of
 from sharding.tuning import tune_kernels
 

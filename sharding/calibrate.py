@@ -19,9 +19,9 @@ from dist_runtime.layers.attention import AttentionMetadata
 from dist_runtime.mapping import Mapping
 from dist_runtime.models import build_model
 from dist_runtime.models.base import CausalLM
+from dist_runtime.quantization import scales_for
 from dist_runtime.tokenizer import Tokenizer
 from sharding.checkpoint import Checkpoint
-from sharding.quantize import scales_for
 
 
 @dataclasses.dataclass

@@ -13,7 +13,7 @@ from dist_runtime.errors import PlanError
 from dist_runtime.layers.embedding import padded_vocab
 from dist_runtime.mapping import Mapping
 from dist_runtime.models import build_model
-from sharding.quantize import FP8
+from dist_runtime.quantization import FP8
 
 GiB = 2**30
 # Engine dtypes: (dtype of activations and unquantized weights, bytes per quantized GEMM weight or None)

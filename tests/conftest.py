@@ -28,7 +28,7 @@ SMALL_PLAN = dict(max_batch_size=4, max_seq_len=128)
 
 def quantize_cache(attn) -> None:
     """Turn a PagedAttention's caches into fp8 (E4M3), divided by each KV head's own scale."""
-    from sharding.quantize import FP8_MAX, quantize_kv
+    from dist_runtime.quantization import FP8_MAX, quantize_kv
 
     for name in ("k", "v"):
         cache = getattr(attn, f"{name}_cache")

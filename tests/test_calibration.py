@@ -14,10 +14,10 @@ from dist_runtime.errors import CalibrationError, EngineError
 from dist_runtime.layers.attention import AttentionMetadata
 from dist_runtime.layers.linear import ColumnParallelLinear, RowParallelLinear
 from dist_runtime.model_runner import ModelRunner
+from dist_runtime.quantization import FP8_MAX
 from sharding.builder import build_engine, refit_engine
 from sharding.calibrate import calibrate, read_tokens, reference_model
 from sharding.checkpoint import Checkpoint
-from sharding.quantize import FP8_MAX
 
 CHUNK = 100  # the corpus is some 900 tokens: several chunks, the last one short
 

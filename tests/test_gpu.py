@@ -13,7 +13,7 @@ from conftest import PROMPTS, quantize_cache
 from dist_runtime import LLM, SamplingParams
 from dist_runtime.layers.attention import AttentionMetadata, PagedAttention
 from dist_runtime.model_runner import _leading_decodes
-from sharding.quantize import FP8
+from dist_runtime.quantization import FP8
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 FP8_KV = pytest.param("fp8", marks=pytest.mark.skipif(
@@ -301,8 +301,8 @@ def test_skinny_gemm_reads_quantized_weights_as_dequantizing_them_first_does(row
     weight with x unquantized: weight-only)."""
     from dist_runtime.kernels.skinny_gemm import skinny_linear
     from dist_runtime.layers.linear import linear
+    from dist_runtime.quantization import dequantize_weight, quantize_weight
     from dist_runtime.tuning import KernelChoices
-    from sharding.quantize import dequantize_weight, quantize_weight
 
     if config[0] < 16 and rows > 1:
         pytest.skip("block_n < 16 is the one-row kernel")

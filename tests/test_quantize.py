@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sharding.quantize import (
+from dist_runtime.quantization import (
     FP8,
     FP8_MAX,
     dequantize_kv,

@@ -19,9 +19,9 @@ from dist_runtime.engine import Engine
 from dist_runtime.layers.quantized import fp8_linear_reference, quantize_input, quantized_linear
 from dist_runtime.llm import LLM
 from dist_runtime.presets import preset_config
+from dist_runtime.quantization import FP8_MAX, QUANTIZED_DTYPES, dequantize_weight, quantize_weight
 from sharding.builder import build_engine
 from sharding.planner import make_plan
-from sharding.quantize import FP8_MAX, QUANTIZED_DTYPES, dequantize_weight, quantize_weight
 
 ROOM = dict(max_seq_len=256)  # 16-token prompts + 125 positions each
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -91,7 +91,7 @@ def test_fp8_layers_take_their_input_quantized_only_where_scaled_mm_runs():
     tuning picked the Triton kernel for that many rows, which reads the input unquantized."""
     from dist_runtime.layers.linear import ColumnParallelLinear
     from dist_runtime.layers.quantized import feeds_fp8
-    from sharding.quantize import FP8
+    from dist_runtime.quantization import FP8
 
     layer = ColumnParallelLinear(64, 96, 1, 0, bias=False)
     assert not feeds_fp8(layer, 1)  # float weights

@@ -13,8 +13,7 @@ from triton.language.extra import libdevice
 
 from dist_runtime.kernels import pdl
 from dist_runtime.kernels.pdl import wait_for_inputs
-from dist_runtime.layers.quantized import Fp8Rows
-from sharding.quantize import FP8, FP8_MAX
+from dist_runtime.quantization import FP8, FP8_MAX, Fp8Rows
 
 
 @triton.jit
@@ -46,7 +45,7 @@ def _to_fp8(y, scale, FP8_MAX: tl.constexpr):
 @triton.jit
 def _fp8_scale(amax, static_ptr, row, scale_ptr, STATIC: tl.constexpr, FP8_MAX: tl.constexpr):
     """A row's scale, stored for _scaled_mm: the calibrated one, or the row's largest magnitude
-    mapped to FP8_MAX (an all-zero row gets 1), computed as sharding.quantize.scales_for does."""
+    mapped to FP8_MAX (an all-zero row gets 1), computed as dist_runtime.quantization.scales_for does."""
     if STATIC:
         scale = tl.load(static_ptr)
     else:

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from dist_runtime.quantization import dequantize_kv, quantize_kv
 from dist_runtime.step import to_device
-from sharding.quantize import dequantize_kv, quantize_kv
 
 
 @dataclasses.dataclass

@@ -10,7 +10,8 @@ from torch import nn
 
 from dist_runtime.errors import PlanError
 from dist_runtime.layers import declare, split, whole
-from dist_runtime.layers.quantized import Fp8Rows, quantized_linear
+from dist_runtime.layers.quantized import quantized_linear
+from dist_runtime.quantization import Fp8Rows
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernels=None,

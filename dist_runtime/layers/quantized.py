@@ -1,16 +1,14 @@
-"""GEMMs with quantized weights (see sharding/quantize.py): int8 weight-only, and fp8 (E4M3)
+"""GEMMs with quantized weights (see dist_runtime/quantization.py): int8 weight-only, and fp8 (E4M3)
 weights with activations scaled per token at run time, or per tensor with a calibrated scale.
 Each takes the weight's float32 scale per output row and returns activations in x's dtype."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 
 from dist_runtime.errors import EngineError
-from sharding.quantize import FP8, dequantize_weight, quantize_fp8, quantize_rows_fp8
+from dist_runtime.quantization import FP8, Fp8Rows, dequantize_weight, quantize_fp8, quantize_rows_fp8
 
 
 def check_device(dtype: torch.dtype, device: torch.device, kv_cache: bool = False) -> None:
@@ -29,14 +27,6 @@ def check_device(dtype: torch.dtype, device: torch.device, kv_cache: bool = Fals
         raise EngineError(f"this engine's {what} fp8 (E4M3), which needs an NVIDIA GPU of compute capability "
                           f"8.9 or newer (Ada, Hopper); this rank runs on {where}. Build it with {instead} for "
                           f"this hardware")
-
-
-class Fp8Rows(NamedTuple):
-    """A GEMM input already quantized for fp8_linear (on a GPU, by the kernel before it:
-    RMSNorm or SiLU-and-mul), so that the GEMM does not quantize it in a pass of its own."""
-    values: torch.Tensor  # [tokens, n] E4M3
-    scale: torch.Tensor  # [tokens, 1] float32
-    dtype: torch.dtype  # of the activations before quantization, and of the GEMM's output
 
 
 def feeds_fp8(layer, rows: int) -> bool:

@@ -6,6 +6,8 @@ KV cache (one static scale per KV head)."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 FP8 = torch.float8_e4m3fn
@@ -62,6 +64,14 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x / scale in E4M3 (the float32 scale broadcast over x), saturated at +-448."""
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+class Fp8Rows(NamedTuple):
+    """A GEMM input already quantized for fp8_linear (on a GPU, by the kernel before it:
+    RMSNorm or SiLU-and-mul), so that the GEMM does not quantize it in a pass of its own."""
+    values: torch.Tensor  # [tokens, n] E4M3
+    scale: torch.Tensor  # [tokens, 1] float32
+    dtype: torch.dtype  # of the activations before quantization, and of the GEMM's output
 
 
 def quantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
