@@ -16,7 +16,7 @@ import torch
 from dist_runtime.coordinator import Coordinator, TokenUpdate
 from dist_runtime.detokenizer import IncrementalDetokenizer
 from dist_runtime.errors import DistRuntimeError, RequestFailed
-from dist_runtime.liveness import Liveness
+from dist_runtime.liveness import Monitor
 from dist_runtime.outputs import CompletionOutput, RequestOutput, StreamChunk
 from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.sequence import Sequence
@@ -135,7 +135,7 @@ def _stack(logits: list) -> torch.Tensor | None:
 
 
 class EngineLoop:
-    def __init__(self, coordinator: Coordinator, tokenizer: Tokenizer | None, liveness: Liveness | None = None) -> None:
+    def __init__(self, coordinator: Coordinator, tokenizer: Tokenizer | None, liveness: Monitor | None = None) -> None:
         self.coordinator, self.tokenizer, self.liveness = coordinator, tokenizer, liveness
         self._inbox: queue.Queue = queue.Queue()
         self._ids = itertools.count()

@@ -56,36 +56,61 @@ class Activity:
         return 0.0 if since is None else time.monotonic() - since
 
 
-def _exit_process(why: str) -> None:
+def exit_process(why: str) -> None:
     """A rank that lost its job leaves at once: its main thread may be stuck in a collective."""
     print(f"dist-runtime: {why}; exiting", file=sys.stderr, flush=True)
     os._exit(1)
 
 
-class Liveness:
-    """Rank 0's monitor or another rank's heartbeat; with one rank, just the Activity."""
+class _Watch:
+    """What both sides share: this rank's Activity, its timeouts, and whether it is leaving."""
 
     def __init__(self, rank: int, world_size: int, timeout_s: float = DEFAULT_RANK_TIMEOUT_S) -> None:
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
         self.silence_s = max(3 * HEARTBEAT_S, timeout_s / 3)  # heartbeats come every second
         self.activity = Activity()
+        self._leaving = False
+        self._thread: threading.Thread | None = None
+
+    def leave(self) -> None:
+        """A planned shutdown: from now on ranks going quiet or away is no failure."""
+        self._leaving = True
+
+    def close(self) -> None:
+        self._leaving = True
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2)
+
+
+class Monitor(_Watch):
+    """Rank 0's side: the other ranks check in here, and any of them going quiet, away or
+    stuck becomes one verdict, handed to `on_lost` and sent to every rank. With one rank,
+    just the Activity."""
+
+    def __init__(self, rank: int, world_size: int, timeout_s: float = DEFAULT_RANK_TIMEOUT_S) -> None:
+        super().__init__(rank, world_size, timeout_s)
         self.failure: RankLostError | None = None
         self.on_lost: list[Callable[[RankLostError], None]] = []
-        self.on_exit: Callable[[str], None] = _exit_process  # what a rank other than 0 does on a verdict
-        self._leaving = False
         self._conns: dict[int, socket.socket] = {}
         self._arrived: queue.SimpleQueue[tuple[int, socket.socket]] = queue.SimpleQueue()
         self._listener: Listener | None = None
-        self._upstream: socket.socket | None = None
-        self._thread: threading.Thread | None = None
 
-    # rank 0
     def listen(self, host: str, secret: str) -> tuple[str, int]:
-        """Rank 0: open the port where ranks that prove `secret` check in; returns its address."""
+        """Open the port where ranks that prove `secret` check in; returns its address."""
         self._listener = Listener(host, 0, secret, self._admit, "liveness monitor")
         self._thread = threading.Thread(target=self._monitor, name="dist-runtime-liveness", daemon=True)
         self._thread.start()
         return self._listener.address
+
+    def explain(self, error: BaseException, wait_s: float = 2.0) -> BaseException:
+        """The verdict behind a failed collective, if one comes: a transport error says only
+        that a peer went away; the monitor says which rank and why."""
+        if self.world_size == 1 or isinstance(error, (DistRuntimeError, KeyboardInterrupt)):
+            return error
+        deadline = time.monotonic() + wait_s
+        while self.failure is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.failure or error
 
     def _admit(self, conn: socket.socket) -> None:
         """A connection that proved the secret (on its handshake's thread): which rank it is."""
@@ -172,9 +197,31 @@ class Liveness:
             except OSError:
                 self._conns.pop(rank, None)
 
-    # every other rank
+    def leave(self) -> None:
+        self._send_all(b"bye\n")
+        super().leave()
+
+    def close(self) -> None:
+        self._leaving = True
+        if self._listener is not None:
+            self._listener.close()
+        for sock in self._conns.values():
+            sock.close()
+        super().close()
+
+
+class Heartbeat(_Watch):
+    """Another rank's side: one connection to rank 0's monitor, a heartbeat each second that
+    says how long this rank has been inside its step, and `on_exit` once rank 0 is gone or
+    gives its verdict."""
+
+    def __init__(self, rank: int, world_size: int, timeout_s: float = DEFAULT_RANK_TIMEOUT_S) -> None:
+        super().__init__(rank, world_size, timeout_s)
+        self.on_exit: Callable[[str], None] = exit_process
+        self._upstream: socket.socket | None = None
+
     def check_in(self, address: tuple[str, int], secret: str) -> None:
-        """A rank other than 0: connect to rank 0's monitor, prove `secret`, keep the heartbeat going."""
+        """Connect to rank 0's monitor, prove `secret`, keep the heartbeat going."""
         try:
             self._upstream = dial(address, secret, wait_s=self.timeout_s)
         except (OSError, DistRuntimeError) as e:
@@ -215,17 +262,6 @@ class Liveness:
                 except OSError:
                     return self.on_exit("rank 0 lost (connection closed)")
 
-    # both
-    def explain(self, error: BaseException, wait_s: float = 2.0) -> BaseException:
-        """The verdict behind a failed collective, if one comes: a transport error says only
-        that a peer went away; the watch says which rank and why."""
-        if self.world_size == 1 or isinstance(error, (DistRuntimeError, KeyboardInterrupt)):
-            return error
-        deadline = time.monotonic() + wait_s
-        while self.failure is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return self.failure or error
-
     def defer_signals(self, grace_s: float = 8.0) -> None:
         """A rank other than 0, on SIGINT or SIGTERM (launchers send them to every rank at once):
         leave the stop to rank 0, which ends every rank cleanly; exit after `grace_s` if it does not."""
@@ -241,21 +277,11 @@ class Liveness:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, handler)
 
-    def leave(self) -> None:
-        """A planned shutdown: from now on ranks going quiet or away is no failure."""
-        if self.rank == 0:
-            self._send_all(b"bye\n")
-        self._leaving = True
-
     def close(self) -> None:
         self._leaving = True
-        if self._listener is not None:
-            self._listener.close()
-        for sock in [*self._conns.values(), self._upstream]:
-            if sock is not None:
-                sock.close()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=2)
+        if self._upstream is not None:
+            self._upstream.close()
+        super().close()
 
 
 def _recv(sock: socket.socket) -> bytes:

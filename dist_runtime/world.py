@@ -16,7 +16,7 @@ from dist_runtime.comm.base import Communicator
 from dist_runtime.coordinator import serve_steps
 from dist_runtime.engine import Engine
 from dist_runtime.errors import DistRuntimeError, EngineError
-from dist_runtime.liveness import DEFAULT_RANK_TIMEOUT_S, Liveness, outward_address
+from dist_runtime.liveness import DEFAULT_RANK_TIMEOUT_S, Heartbeat, Monitor, exit_process, outward_address
 from dist_runtime.mapping import Mapping
 from dist_runtime.model_runner import ModelRunner
 from launch.rank_info import ENV_SECRET, ENV_SECRET_FILE, RankInfo
@@ -60,19 +60,21 @@ def check_world(engine: Engine, info: RankInfo) -> None:
                           f"pp={plan.pp}); this job has {info.world_size} ranks")
 
 
-def watch(comm: Communicator, info: RankInfo, timeout_s: float) -> Liveness:
-    """Start this rank's side of the liveness watch; rank 0 tells the others where to check in.
-    Without a secret from the launcher (MPI), rank 0 makes one and sends it over the launcher's links."""
-    liveness = Liveness(info.rank, info.world_size, timeout_s)
+def watch(comm: Communicator, info: RankInfo, timeout_s: float) -> Monitor | Heartbeat:
+    """Start this rank's side of the liveness watch: rank 0's monitor, which tells the others
+    where to check in, or another rank's heartbeat. Without a secret from the launcher (MPI),
+    rank 0 makes one and sends it over the launcher's links."""
     if info.world_size == 1:
-        return liveness
+        return Monitor(0, 1, timeout_s)
     secret = info.secret or comm.broadcast_object(secrets.token_hex(32) if info.rank == 0 else None)
     host = _monitor_host(comm, info)
-    address = liveness.listen(host, secret) if info.rank == 0 else None
-    address = comm.broadcast_object(address)
-    if info.rank != 0:
-        liveness.check_in(address, secret)
-    return liveness
+    if info.rank == 0:
+        monitor = Monitor(0, info.world_size, timeout_s)
+        comm.broadcast_object(monitor.listen(host, secret))
+        return monitor
+    heartbeat = Heartbeat(info.rank, info.world_size, timeout_s)
+    heartbeat.check_in(comm.broadcast_object(None), secret)
+    return heartbeat
 
 
 def _monitor_host(comm: Communicator, info: RankInfo) -> str | None:
@@ -87,7 +89,7 @@ def _monitor_host(comm: Communicator, info: RankInfo) -> str | None:
 
 
 def join(engine: Engine, info: RankInfo, device: str = "cpu", verify: bool = True, kv_cache_fraction: float = 0.9,
-         rank_timeout_s: float = DEFAULT_RANK_TIMEOUT_S) -> tuple[ModelRunner, Liveness]:
+         rank_timeout_s: float = DEFAULT_RANK_TIMEOUT_S) -> tuple[ModelRunner, Monitor | Heartbeat]:
     """This rank's runner and liveness watch, once every rank has loaded and all agree on the
     KV-cache size (the smallest any rank can hold); a rank's load error is raised on rank 0."""
     check_world(engine, info)
@@ -99,9 +101,11 @@ def join(engine: Engine, info: RankInfo, device: str = "cpu", verify: bool = Tru
     comm = open_communicator(info, mapping, device)
     log.info("communicator up: %s", type(comm).__name__)
     liveness = watch(comm, info, rank_timeout_s)
-    # Loading ends in collectives a hung rank would block forever: a verdict ends this process
-    # unless loading unwinds by itself first (a dead rank makes the collectives fail at once).
-    backstop = threading.Timer(5.0, lambda: liveness.on_exit(f"{liveness.failure}, while loading"))
+    if isinstance(liveness, Heartbeat):  # its own verdicts end the process
+        return _load(engine, info, mapping, comm, device, verify, kv_cache_fraction), liveness
+    # Loading ends in collectives a hung rank would block forever: rank 0's verdict ends this
+    # process unless loading unwinds by itself first (a dead rank makes the collectives fail at once).
+    backstop = threading.Timer(5.0, lambda: exit_process(f"{liveness.failure}, while loading"))
     backstop.daemon = True
     liveness.on_lost.append(lambda error: backstop.start())
     try:
@@ -150,7 +154,7 @@ def run_worker(engine_dir: str, info: RankInfo, device: str = "cpu", verify: boo
     serve_as_worker(*join(engine, info, device, verify, kv_cache_fraction, rank_timeout_s))
 
 
-def serve_as_worker(runner: ModelRunner, liveness: Liveness) -> None:
+def serve_as_worker(runner: ModelRunner, liveness: Heartbeat) -> None:
     """Run rank 0's Steps until it says stop; signals wait for rank 0 to end the job."""
     liveness.defer_signals()
     try:
