@@ -17,8 +17,7 @@ from safetensors import safe_open
 
 from dist_runtime.config import ModelConfig
 from dist_runtime.errors import EngineError
-from sharding.planner import DTYPES, Plan
-from sharding.safetensors_writer import sha256_of
+from dist_runtime.plan import DTYPES, Plan
 
 FORMAT_VERSION = 2  # 2: engine.json holds a checksum of itself and of the tokenizer files
 ENGINE_JSON = "engine.json"
@@ -112,6 +111,14 @@ class Engine:
                 return {name: f.get_tensor(name) for name in f.keys()}
         except Exception as e:  # safetensors has its own error types
             raise EngineError(f"{file}: unreadable ({e})") from e
+
+
+def sha256_of(path: str | Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _checksum(meta: dict[str, Any]) -> str:

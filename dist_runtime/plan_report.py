@@ -6,7 +6,7 @@ import re
 
 from dist_runtime.config import ModelConfig
 from dist_runtime.layers.embedding import padded_vocab
-from sharding.planner import Plan
+from dist_runtime.plan import Plan
 
 
 def human_bytes(n: float) -> str:

@@ -12,9 +12,10 @@ import torch
 from tqdm import tqdm
 
 from dist_runtime.config import ModelConfig
-from dist_runtime.engine import TOKENIZER_FILES, Engine, rank_file_name
+from dist_runtime.engine import TOKENIZER_FILES, Engine, rank_file_name, sha256_of
 from dist_runtime.errors import CheckpointError, EngineError
 from dist_runtime.models import build_model, checkpoint_layout
+from dist_runtime.plan import DTYPES, Plan
 from dist_runtime.quantization import (
     DEFAULT_KV_SCALE,
     QUANTIZED_DTYPES,
@@ -26,8 +27,8 @@ from dist_runtime.tokenizer import Tokenizer
 from dist_runtime.tuning import skipped
 from sharding.calibrate import calibrate
 from sharding.checkpoint import Checkpoint
-from sharding.planner import DTYPES, Plan, make_plan
-from sharding.safetensors_writer import StreamingWriter, TensorSpec, sha256_of
+from sharding.planner import make_plan
+from sharding.safetensors_writer import StreamingWriter, TensorSpec
 from sharding.tuning import tune_kernels
 
 BUILDABLE = ("fp32", "fp16", "bf16", "int8wo", "fp8")

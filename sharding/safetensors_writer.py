@@ -86,11 +86,3 @@ class StreamingWriter:
             self.close()
         else:
             self._file.close()
-
-
-def sha256_of(path: str | Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

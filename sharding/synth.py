@@ -26,7 +26,6 @@ from sharding.checkpoint import INDEX
 from sharding.safetensors_writer import StreamingWriter, TensorSpec
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 CHUNK_ELEMENTS = 1 << 24  # float32 noise is drawn this many elements at a time
@@ -66,7 +65,7 @@ def write_checkpoint(hf_config: dict[str, Any], out: str | Path, seed: int = 0, 
     if dtype:
         hf_config["dtype" if "dtype" in hf_config else "torch_dtype"] = dtype
     config = ModelConfig.from_hf(hf_config)
-    torch_dtype = DTYPES[config.dtype]
+    torch_dtype = getattr(torch, config.dtype)  # Hugging Face names dtypes as torch does
     specs = [(TensorSpec(name, shape, torch_dtype), module) for name, shape, module in checkpoint_layout(config)]
     shards = _group(specs, shard_bytes)
     total = sum(spec.nbytes for spec, _ in specs)

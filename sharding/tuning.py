@@ -36,9 +36,9 @@ import torch
 from dist_runtime.config import ModelConfig
 from dist_runtime.cuda_graphs import buckets
 from dist_runtime.models import build_model
+from dist_runtime.plan import DTYPES, Plan
 from dist_runtime.quantization import QUANTIZED_DTYPES, quantize_weight
 from dist_runtime.tuning import gemm_key, skipped
-from sharding.planner import DTYPES, Plan
 
 L2_FLUSH_BYTES = 256 << 20
 MAX_KV_TOKENS = 1 << 20  # per attention timing: a batch of 512 is timed at contexts of up to 2048

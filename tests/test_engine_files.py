@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import cli
 
-from dist_runtime.engine import Engine
+from dist_runtime.engine import Engine, sha256_of
 from dist_runtime.errors import EngineError
 from sharding.builder import build_engine
-from sharding.safetensors_writer import sha256_of
 
 
 def copy(engines, tmp_path) -> Path:

@@ -1,0 +1,88 @@
+"""An engine's plan, as engine.json holds it: the TP x PP layout, the sizes it was planned for,
+and per rank its layers, the slice of every weight it holds and the memory they take
+(sharding/planner.py makes one)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from dist_runtime.mapping import Mapping
+from dist_runtime.quantization import FP8
+
+# Engine dtypes: (dtype of activations and unquantized weights, bytes per quantized GEMM weight or None)
+DTYPES: dict[str, tuple[torch.dtype, int | None]] = {
+    "fp32": (torch.float32, None), "fp16": (torch.float16, None), "bf16": (torch.bfloat16, None),
+    "fp8": (torch.bfloat16, 1), "int8wo": (torch.bfloat16, 1),
+}
+KV_DTYPES = {"auto": None, "fp8": FP8}  # None: the activations' dtype
+
+
+@dataclasses.dataclass
+class WeightSlice:
+    name: str  # parameter name in the engine
+    shape: list[int]  # this rank's shape
+    parallel: str  # column, row, vocab or replicated
+    sources: list[str]  # checkpoint tensors it is cut from (several when fused)
+
+
+@dataclasses.dataclass
+class RankPlan:
+    rank: int
+    tp_rank: int
+    pp_rank: int
+    layers: list[int]  # [first, last + 1)
+    memory: dict[str, int]  # bytes: weights, kv_cache, activations (+ runtime when sized for a GPU)
+    weights: list[WeightSlice]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.memory.values())
+
+
+@dataclasses.dataclass
+class Plan:
+    tp: int
+    pp: int
+    dtype: str
+    kv_cache_dtype: str
+    layer_counts: list[int]
+    max_batch_size: int
+    max_seq_len: int
+    max_num_tokens: int
+    block_size: int
+    num_kv_blocks: int
+    gpu_mem_bytes: int | None
+    ranks: list[RankPlan]
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp
+
+    def layer_range(self, pp_rank: int) -> range:
+        start = sum(self.layer_counts[:pp_rank])
+        return range(start, start + self.layer_counts[pp_rank])
+
+    def mapping(self, rank: int = 0) -> Mapping:
+        return Mapping(self.tp, self.pp, rank)
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        return KV_DTYPES[self.kv_cache_dtype] or DTYPES[self.dtype][0]
+
+    @property
+    def fits(self) -> bool:
+        return self.gpu_mem_bytes is None or all(r.total_bytes <= self.gpu_mem_bytes for r in self.ranks)
+
+    def largest_rank(self) -> RankPlan:
+        return max(self.ranks, key=lambda r: r.total_bytes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        ranks = [RankPlan(**{**r, "weights": [WeightSlice(**w) for w in r["weights"]]}) for r in data["ranks"]]
+        return cls(**{**data, "ranks": ranks})
