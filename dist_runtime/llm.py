@@ -133,6 +133,26 @@ class LLM:
         error = self._loop.error or self._liveness.failure
         return None if error is None else str(error)
 
+    @property
+    def max_seq_len(self) -> int:
+        """Tokens a sequence may hold, prompt and output together."""
+        return self.coordinator.max_seq_len
+
+    def prompt_ids(self, prompt: Prompt, params: SamplingParams | None = None) -> list[int]:
+        """The token ids `submit` would queue for `prompt`; a RequestError, naming the field,
+        if this engine cannot serve it with `params`."""
+        ids = self._encode(prompt)
+        self.coordinator.check_request(ids, params or SamplingParams())
+        return ids
+
+    def load(self) -> dict:
+        """Rank 0's counters of the moment, cheap enough for every metrics scrape: sequences
+        running and waiting, KV blocks held and in all, preemptions so far."""
+        c = self.coordinator
+        return {"running": len(c.scheduler.running), "waiting": len(c.scheduler.waiting),
+                "kv_blocks_used": c.blocks.num_used, "kv_blocks": c.blocks.num_blocks,
+                "preemptions": c.scheduler.num_preemptions}
+
     def stats(self) -> dict:
         """Scheduler and KV-cache counters, and every rank's memory figures."""
         c = self.coordinator
@@ -149,7 +169,7 @@ class LLM:
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise RequestError(f"{self.engine.path} has no tokenizer; pass token ids")
+                raise RequestError(f"{self.engine.path} has no tokenizer; pass token ids", "prompt")
             return self.tokenizer.encode(prompt)
         return list(prompt)
 

@@ -39,9 +39,9 @@ class Metrics:
             self.itl.observe(b - a)
 
     def render(self) -> tuple[bytes, str]:
-        c = self.llm.coordinator
-        self.running.set(len(c.scheduler.running))
-        self.waiting.set(len(c.scheduler.waiting))
-        self.kv_usage.set(c.blocks.num_used / c.blocks.num_blocks)
-        self.preemptions.set(c.scheduler.num_preemptions)
+        load = self.llm.load()
+        self.running.set(load["running"])
+        self.waiting.set(load["waiting"])
+        self.kv_usage.set(load["kv_blocks_used"] / load["kv_blocks"])
+        self.preemptions.set(load["preemptions"])
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

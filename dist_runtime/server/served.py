@@ -42,14 +42,9 @@ class Served:
     def token_ids(self, prompt: Prompt, params: SamplingParams, field: str = "prompt") -> list[int]:
         """A prompt's token ids, checked against the engine's limits; else a 400 naming the field."""
         try:
-            if isinstance(prompt, str):
-                if self.llm.tokenizer is None:
-                    raise RequestError("this engine has no tokenizer; send token ids", field)
-                prompt = self.llm.tokenizer.encode(prompt)
-            self.llm.coordinator.check_request(list(prompt), params)
+            return self.llm.prompt_ids(prompt, params)
         except RequestError as e:
-            raise ApiError(400, str(e), param=e.field or field) from e
-        return list(prompt)
+            raise ApiError(400, str(e), param=field if e.field == "prompt" else e.field or field) from e
 
     def chat_prompt(self, messages: list[dict], params: SamplingParams) -> list[int]:
         """The token ids of chat messages rendered by the chat template; else a 400."""
