@@ -84,8 +84,9 @@ def allreduce_worker() -> None:
 
 
 def spawn_allreduce(ranks: int, log, env: dict) -> dict | None:
+    from dist_runtime.rank_info import RankInfo
     from launch.local import free_port
-    from launch.rank_info import RankInfo, spawned_env
+    from launch.rank_info import spawned_env
 
     port, secret = free_port(), secrets.token_hex(16)  # the ranks' shared job secret
     procs = []

@@ -1,4 +1,5 @@
 """dist-runtime: plan, build and run sharded LLM engines."""
+import importlib
 import os
 
 # CUDA loads a kernel at its first launch unless told otherwise (PyTorch asks for LAZY), and
@@ -8,8 +9,15 @@ import os
 # Llama-3-8B fp8 throughput; CUDA_MODULE_LOADING=LAZY in the environment keeps the lazy way.
 os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
 
-from dist_runtime.llm import LLM
-from dist_runtime.outputs import CompletionOutput, RequestOutput, StreamChunk
-from dist_runtime.sampling_params import SamplingParams
+# The API's names, imported on first use: every module of the package runs this file first, and
+# the launchers' environment reading (launch.rank_info, which sbatch's preflight imports alone)
+# must not load the engine, and the launchers with it, through it.
+_API = {"LLM": "dist_runtime.llm", "CompletionOutput": "dist_runtime.outputs", "RequestOutput": "dist_runtime.outputs",
+        "StreamChunk": "dist_runtime.outputs", "SamplingParams": "dist_runtime.sampling_params"}
+__all__ = list(_API)
 
-__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams", "StreamChunk"]
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_API[name]), name)

@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         rank = getattr(from_environment(), "rank", 0)
-    except ValueError as e:  # a launcher variable or secret file this rank cannot use
+    except (ValueError, DistRuntimeError) as e:  # a launcher variable or secret this rank cannot use
         print(f"error: {e}", file=sys.stderr)
         return 1
     logs.configure(rank)

@@ -11,11 +11,12 @@ from dist_runtime.engine_loop import EngineLoop, RequestHandle
 from dist_runtime.errors import RequestError
 from dist_runtime.liveness import DEFAULT_RANK_TIMEOUT_S, RankLostError
 from dist_runtime.outputs import RequestOutput, StreamChunk
+from dist_runtime.rank_info import RankInfo
 from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.tokenizer import Tokenizer
 from dist_runtime.world import check_world, join, serve_as_worker
 from launch.local import LocalWorkers
-from launch.rank_info import RankInfo, from_environment
+from launch.rank_info import from_environment
 
 Prompt = str | list[int]
 

@@ -19,7 +19,7 @@ from dist_runtime.errors import DistRuntimeError, EngineError
 from dist_runtime.liveness import DEFAULT_RANK_TIMEOUT_S, Heartbeat, Monitor, exit_process, outward_address
 from dist_runtime.mapping import Mapping
 from dist_runtime.model_runner import ModelRunner
-from launch.rank_info import ENV_SECRET, ENV_SECRET_FILE, RankInfo
+from dist_runtime.rank_info import RankInfo
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +40,8 @@ def open_communicator(info: RankInfo, mapping: Mapping, device: str = "cpu") -> 
         from dist_runtime.comm.gloo import GlooCommunicator
 
         if not info.secret:
-            raise AuthError(f"ranks that meet over TCP need the job's secret and rank {info.rank} has none: "
-                              f"export {ENV_SECRET} (the same random string for every rank, e.g. "
-                              f"$(openssl rand -hex 32)) or {ENV_SECRET_FILE} (a file only you can read) in "
-                              "the job's environment")
+            raise AuthError(f"ranks that meet over TCP need the job's secret and rank {info.rank} has none "
+                            "(its launcher gives every rank the same one)")
         control = GlooCommunicator(mapping, info.master_addr, info.master_port, info.secret)
     if not device.startswith("cuda"):
         return control

@@ -12,7 +12,8 @@ import socket
 import subprocess
 import sys
 
-from launch.rank_info import RankInfo, spawned_env
+from dist_runtime.rank_info import RankInfo
+from launch.rank_info import spawned_env
 from launch.watch import StartupWatch
 
 _PR_SET_PDEATHSIG = 1

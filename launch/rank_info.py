@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import stat
 import subprocess
+
+from dist_runtime.comm.auth import AuthError
+from dist_runtime.rank_info import RankInfo
 
 # Set by the local spawner for the processes it starts (and by later launchers that meet over TCP).
 ENV_RANK = "DIST_RUNTIME_RANK"
@@ -23,19 +25,6 @@ ENV_SECRET_FILE = "DIST_RUNTIME_JOB_SECRET_FILE"
 
 class SecretError(ValueError):
     """The job's secret file is unreadable, empty, or open to other users."""
-
-
-@dataclasses.dataclass(frozen=True)
-class RankInfo:
-    rank: int
-    world_size: int
-    local_rank: int = 0
-    local_world_size: int = 1
-    node_id: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int = 0
-    transport: str = "solo"  # "mpi": an MPI world exists; "tcp": meet at master_addr:port; "solo": alone
-    secret: str = dataclasses.field(default="", repr=False)  # "tcp": the job's secret, shared by all its ranks
 
 
 def _mpi(env: dict[str, str]) -> RankInfo | None:
@@ -98,25 +87,33 @@ def _slurm(env: dict[str, str]) -> RankInfo | None:
         return None
     port = env.get(ENV_PORT) or slurm_port(int(env["SLURM_JOB_ID"]), step)
     addr = env.get(ENV_ADDR) or first_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"])
-    world = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or env["SLURM_NPROCS"]
-    return RankInfo(int(env["SLURM_PROCID"]), int(world), *_slurm_local(env), node_id=int(env.get("SLURM_NODEID", 0)),
-                    master_addr=addr, master_port=int(port), transport="tcp", secret=job_secret(env))
+    rank = int(env["SLURM_PROCID"])
+    world = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or env["SLURM_NPROCS"])
+    return RankInfo(rank, world, *_slurm_local(env), node_id=int(env.get("SLURM_NODEID", 0)), master_addr=addr,
+                    master_port=int(port), transport="tcp", secret=job_secret(env, rank, world))
 
 
 def _spawned(env: dict[str, str]) -> RankInfo | None:
     if ENV_RANK not in env:
         return None
-    return RankInfo(int(env[ENV_RANK]), int(env[ENV_WORLD]), int(env.get(ENV_LOCAL_RANK, env[ENV_RANK])),
-                    int(env.get(ENV_LOCAL_WORLD, env[ENV_WORLD])), master_addr=env[ENV_ADDR],
-                    master_port=int(env[ENV_PORT]), transport="tcp", secret=job_secret(env))
+    rank, world = int(env[ENV_RANK]), int(env[ENV_WORLD])
+    return RankInfo(rank, world, int(env.get(ENV_LOCAL_RANK, rank)), int(env.get(ENV_LOCAL_WORLD, world)),
+                    master_addr=env[ENV_ADDR], master_port=int(env[ENV_PORT]), transport="tcp",
+                    secret=job_secret(env, rank, world))
 
 
-def job_secret(env: dict[str, str]) -> str:
-    """The job's secret that the launcher put in the environment, "" if it put none."""
+def job_secret(env: dict[str, str], rank: int, world_size: int) -> str:
+    """The job's secret that the launcher put in the environment; "" for a rank alone, which
+    meets no other."""
     if env.get(ENV_SECRET):
         return env[ENV_SECRET]
     path = env.get(ENV_SECRET_FILE)
     if not path:
+        if world_size > 1:
+            raise AuthError(f"ranks that meet over TCP need the job's secret and rank {rank} has none: "
+                            f"export {ENV_SECRET} (the same random string for every rank, e.g. "
+                            f"$(openssl rand -hex 32)) or {ENV_SECRET_FILE} (a file only you can read) in "
+                            "the job's environment")
         return ""
     try:
         mode = stat.S_IMODE(os.stat(path).st_mode)

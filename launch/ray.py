@@ -12,9 +12,9 @@ import threading
 
 from dist_runtime.errors import DistRuntimeError
 from dist_runtime.liveness import DEFAULT_RANK_TIMEOUT_S
+from dist_runtime.rank_info import RankInfo
 from dist_runtime.world import run_worker
 from launch.local import free_port
-from launch.rank_info import RankInfo
 from launch.watch import StartupWatch
 
 

@@ -11,8 +11,9 @@ import textwrap
 import pytest
 from conftest import tool
 
+from dist_runtime.rank_info import RankInfo
 from launch.local import free_port
-from launch.rank_info import RankInfo, spawned_env
+from launch.rank_info import spawned_env
 
 PROGRAM = textwrap.dedent("""
     import torch

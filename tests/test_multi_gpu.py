@@ -14,8 +14,9 @@ import pytest
 import torch
 from conftest import PROMPTS, cli, json_lines
 
+from dist_runtime.rank_info import RankInfo
 from launch.local import free_port
-from launch.rank_info import RankInfo, spawned_env
+from launch.rank_info import spawned_env
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
                                 reason="needs 2 CUDA GPUs")

@@ -13,8 +13,9 @@ import uuid
 import pytest
 from conftest import PROMPTS, cli, json_lines, tool
 
+from dist_runtime.rank_info import RankInfo
 from launch.local import free_port
-from launch.rank_info import RankInfo, spawned_env
+from launch.rank_info import spawned_env
 
 HOST_A, HOST_B = "10.77.0.1", "10.77.0.2"
 GREEDY = ["--temperature", "0", "--max-tokens", "8", "--json", *[a for p in PROMPTS for a in ("--prompt", p)]]

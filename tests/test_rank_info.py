@@ -6,27 +6,35 @@ import shutil
 
 import pytest
 
-from launch.rank_info import RankInfo, from_environment, slurm_port, tasks_per_node
+from dist_runtime.comm.auth import AuthError
+from dist_runtime.rank_info import RankInfo
+from launch.rank_info import ENV_SECRET, from_environment, slurm_port, tasks_per_node
 
-# What `sbatch -n 4` gives its script, and what `srun` inside it adds for task 1 (trimmed to what matters).
+# What `sbatch -n 4` gives its script, and what `srun` inside it adds for task 1 (trimmed to what matters),
+# with the job's secret that run_ranks exports.
 BATCH = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "vm", "SLURM_NODELIST": "vm", "SLURM_NTASKS": "4",
          "SLURM_NPROCS": "4", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
          "SLURM_TASKS_PER_NODE": "4"}
 SRUN = BATCH | {"SLURM_STEP_ID": "0", "SLURM_STEPID": "0", "SLURM_PROCID": "1", "SLURM_LOCALID": "1",
-                "SLURM_STEP_NODELIST": "vm", "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_TASKS_PER_NODE": "4"}
+                "SLURM_STEP_NODELIST": "vm", "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_TASKS_PER_NODE": "4",
+                ENV_SECRET: "s3cret"}
+NO_SECRET = {name: value for name, value in SRUN.items() if name != ENV_SECRET}
 
 
 def test_srun_task_meets_the_others_over_tcp_at_the_first_node():
-    assert from_environment(SRUN) == RankInfo(1, 4, 1, 4, 0, "vm", slurm_port(7, 0), "tcp")
+    assert from_environment(SRUN) == RankInfo(1, 4, 1, 4, 0, "vm", slurm_port(7, 0), "tcp", "s3cret")
 
 
 def test_srun_task_takes_the_job_secret_that_the_batch_script_exported(tmp_path):
-    assert from_environment(SRUN | {"DIST_RUNTIME_JOB_SECRET": "s3cret"}).secret == "s3cret"
+    assert from_environment(SRUN).secret == "s3cret"
     path = tmp_path / "secret"
     path.write_text("from-a-file\n")
     path.chmod(0o600)
-    assert from_environment(SRUN | {"DIST_RUNTIME_JOB_SECRET_FILE": str(path)}).secret == "from-a-file"
-    assert from_environment(SRUN).secret == ""  # refused when the ranks meet (tests/test_rank_links.py)
+    assert from_environment(NO_SECRET | {"DIST_RUNTIME_JOB_SECRET_FILE": str(path)}).secret == "from-a-file"
+    with pytest.raises(AuthError, match=f"rank 1 has none: export {ENV_SECRET} "):
+        from_environment(NO_SECRET)
+    alone = NO_SECRET | {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1", "SLURM_STEP_TASKS_PER_NODE": "1"}
+    assert from_environment(alone).secret == ""  # a rank alone meets no other
 
 
 def test_batch_script_salloc_shell_and_special_steps_are_not_ranks():

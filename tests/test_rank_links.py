@@ -28,8 +28,9 @@ from conftest import mpirun_command, tool, wait_healthy
 from dist_runtime.comm.auth import AuthError, dial
 from dist_runtime.comm.channel import Channel
 from dist_runtime.comm.store import RendezvousStore
+from dist_runtime.rank_info import RankInfo
 from launch.local import free_port
-from launch.rank_info import ENV_SECRET, ENV_SECRET_FILE, RankInfo, SecretError, from_environment, spawned_env
+from launch.rank_info import ENV_SECRET, ENV_SECRET_FILE, SecretError, from_environment, spawned_env
 
 GREEDY = {"model": "tiny", "prompt": "Hello, world!", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
 
