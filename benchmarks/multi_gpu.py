@@ -1,4 +1,4 @@
-"""Tensor parallelism on several GPUs of one host, in one call: the machine's topology and NCCL
+"""Tensor parallelism on several GPUs of one host, in one run: the machine's topology and NCCL
 version, the all-reduce of one token's hidden state (NCCL and the one-shot kernel), greedy
 tokens of TP=2 and PP=2 against TP=1, and batch-1 speed of TP=1 and TP=2 on a real-shape
 checkpoint. Every step has a time limit; a step that overruns gets its stacks dumped
@@ -147,7 +147,7 @@ def main() -> int:
     save()
     tiny = work / "ckpt-tiny"
     # float32: bf16 partial sums added in another order flip the random tiny model's near-ties
-    # (on 2026-11-30 a bf16 TP=2 engine left TP=1's tokens at the 4th token of one prompt)
+    # (in bf16, TP=2 can leave TP=1's greedy tokens by the 4th token of a prompt)
     sh([*CLI, "synth", "--out", str(tiny), "--dtype", "float32"], log, 120)
     tokens = {}
     for tp, pp in ((1, 1), (2, 1), (1, 2)):

@@ -32,11 +32,11 @@ def percentiles(values: list[float], scale: float = 1.0) -> dict[str, float]:
 
 def _warm_up(llm: LLM, first: list[int], second: list[int], crowd: list[list[int]]) -> None:
     """Run each kind of step once before the clock starts: a prefill, decodes, and a step that
-    mixes decodes with a prefill (Triton compiles a kernel at its first launch, which once cost
+    mixes decodes with a prefill (Triton compiles a kernel at its first launch, which would cost
     the first measured run a second); then `crowd`, short prompts as many at a time as the
-    measured run will hold, so that its batch sizes have been seen too (see BENCHMARKS.md: a
-    first run of 1,024 requests in a process spent 2.2 s to its median first token with the
-    two-request warm-up alone, 1.2 s with this one). No prompt shares a prefix with those
+    measured run will hold, so that its batch sizes have been seen too (BENCHMARKS.md: without
+    them, the first run of 1,024 requests in a process waits 2.2 s for its median first token
+    instead of 1.2 s). No prompt shares a prefix with those
     measured: a repeated prompt would be served from the prefix cache."""
     warm = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, detokenize=False)
     decoding = llm.submit(first, warm)

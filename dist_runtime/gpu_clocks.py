@@ -1,8 +1,8 @@
 """The GPU's SM clock and power draw, sampled while a benchmark runs, through NVML (the library
 nvidia-smi reads; the `nvidia-ml-py` package). A GPU held at its power limit clocks itself
 down, and every figure measured then moves with it: an H200 running Llama-3-8B fp8 at full load
-drew 695 of its 700 W at about 1,470 MHz instead of 1,980, and prefill attention took 700 us
-between GEMMs against 540 alone (BENCHMARKS.md, fifteenth session). Two GPUs of one kind
+draws 695 of its 700 W at about 1,470 MHz instead of 1,980, and prefill attention takes 700 us
+between GEMMs against 540 alone (BENCHMARKS.md). Two GPUs of one kind
 settle at different clocks, which is part of why the same command gives different figures on
 different machines."""
 

@@ -198,7 +198,7 @@ class ModelRunner:
         """The hidden rows whose logits the step samples: each sampling sequence's last token.
         With decode graphs, padded (repeating the last) to a graph's batch: cuBLAS loads its
         kernel for a row count the process has not run yet, and that load waits for all the
-        queued GPU work (40 ms of host time on an H200, at 7 of 12 new row counts tried). The
+        queued GPU work (40 ms of host time on an H200, at 7 of 12 new row counts). The
         graphs' capture ran every bucket's LM-head GEMM."""
         rows = step.query_start[step.sample_rows + 1] - 1
         if self.graphs is None or not len(rows):

@@ -137,8 +137,8 @@ def _load(engine: Engine, info: RankInfo, mapping: Mapping, comm: Communicator, 
         raise EngineError("; ".join(errors) if info.rank == 0 else error or "another rank failed to load")
     runner.allocate(num_blocks)
     # Start-up's objects (modules, kernels, graphs) live as long as the runner: kept out of the
-    # collector's sight, a full collection mid-run no longer walks them all (one stalled a
-    # 128/128 bench's host 80 ms, the GPU idle meanwhile; BENCHMARKS.md). release() undoes it.
+    # collector's sight, a full collection mid-run does not walk them (walking them holds a 128/128
+    # bench's host 80 ms, the GPU idle meanwhile; BENCHMARKS.md). release() undoes it.
     gc.collect()
     gc.freeze()
     log.info("ready with %d KV blocks", num_blocks)

@@ -45,12 +45,12 @@ MAX_KV_TOKENS = 1 << 20  # per attention timing: a batch of 512 is timed at cont
 SHORT_CONTEXT = 256
 SPLITS, BLOCK_NS, WARPS = (1, 2, 4, 8, 16), (32, 64, 128), (4, 8)
 # the vector kernel (one query head per KV head) holds [BLOCK_N, head_dim] in float32; with fewer
-# warps per program, more programs fit an SM (2 warps won every GPT-J shape timed alone on an H200)
+# warps per program, more programs fit an SM (2 warps win every GPT-J shape timed alone on an H200)
 VECTOR_BLOCK_NS, VECTOR_WARPS = (16, 32, 64), (2, 4)
 # The tensor-core loop is software-pipelined 3 deep by default. Alone on an H200 (Llama-3-8B, fp8
-# cache), 2 deep at 128 tokens and 4 warps was 17-22% faster at contexts of 1,152-2,110 and slower
+# cache), 2 deep at 128 tokens and 4 warps is 17-22% faster at contexts of 1,152-2,110 and slower
 # at 192; 1 (no pipelining) takes the fewest registers. The tuning weighs them (for Llama-3-8B it
-# picks 2 deep from batch 256 up: 2048/128 ran 8.5% faster, BENCHMARKS.md).
+# picks 2 deep from batch 256 up, which makes 2048/128 8.5% faster: BENCHMARKS.md).
 PIPELINE_DEPTHS, PIPELINED_BLOCK_NS = (1, 2), (64, 128)
 # E4M3 converted as loaded (convert_on_load), alone on an H200 (Llama-3-8B): at batch 1024 and
 # contexts of 192-320, 9-11% faster than the best launch without; at 1,152-2,110, 8-10% slower than
@@ -59,12 +59,12 @@ PIPELINE_DEPTHS, PIPELINED_BLOCK_NS = (1, 2), (64, 128)
 # 21-32% faster than the best launch without at batches 64-1024 and contexts 192-2,110; 11% at 8 x 256.
 # A launch that wins at the short context alone by this margin is kept beside the overall winner,
 # for decode steps whose contexts are all that short (the runner captures graphs for both). On an
-# H200 (Llama-3-8B, fp8 engine, 2026-12-01) one was kept at batches 1-32 (batch 1: 4.27 against
-# 5.50 us); from 64 up, the overall winner (128 tokens a tile) was also the fastest at 256.
+# H200 (Llama-3-8B, fp8 engine) one is kept at batches 1-32 (batch 1: 4.27 against 5.50 us);
+# from 64 up, the overall winner (128 tokens a tile) is also the fastest at 256.
 SHORT_MARGIN = 0.95
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) of the paged prefill kernel. On an H200 the fastest of
-# these alone was also the fastest between fp8 GEMMs, at the power limit's lower clock (BENCHMARKS.md,
-# fifteenth session): the tuning, run on an idle GPU, picks what the engine's steps would.
+# these alone is also the fastest between fp8 GEMMs, at the power limit's lower clock (BENCHMARKS.md):
+# the tuning, run on an idle GPU, picks what the engine's steps would.
 PREFILL_LAUNCHES = ((64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 4, 2), (128, 64, 8, 2),
                     (128, 128, 8, 2))
 TRITON_MARGIN = 0.97  # Triton must beat cuBLAS by 3%: a smaller gap is within the timing spread

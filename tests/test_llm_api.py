@@ -173,7 +173,7 @@ def test_llm_api_under_mpirun_and_interpreter_exit_shut_down_every_rank(engines,
 
 def test_start_up_objects_are_kept_from_the_collector_while_the_engine_runs(engines):
     """A full collection walks every object it tracks: with the modules, weights and kernels of
-    start-up among them it took 80 ms, in which rank 0 launched nothing (BENCHMARKS.md). They
+    start-up among them it takes 80 ms, in which rank 0 launches nothing (BENCHMARKS.md). They
     are frozen once the engine is up, and thawed at shutdown so its cycles can go."""
     gc.unfreeze()
     with LLM(str(engines("llama", 1, 1, max_seq_len=256))) as llm:

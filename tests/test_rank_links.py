@@ -135,7 +135,7 @@ def test_strangers_on_the_heartbeat_port_do_not_stop_the_job(served):
     with socket.create_connection((host, port)) as silent:  # says nothing while the others come and go
         for greeting in (b"1\n", b"1\n0.0\n", os.urandom(64)):
             with socket.create_connection((host, port)) as stranger:
-                stranger.sendall(greeting)  # before, "1\n" and a close stopped the job: "rank 1 lost"
+                stranger.sendall(greeting)  # "1\n" and a close must not stop the job ("rank 1 lost")
         with pytest.raises(AuthError):
             dial((host, port), "not the job's secret")
         time.sleep(1.5)  # several heartbeats

@@ -24,7 +24,7 @@ from dist_runtime.mapping import Mapping
 # has to outlast the longest legitimate wait (an idle engine pings its ranks every minute).
 OP_TIMEOUT = datetime.timedelta(days=1)
 # Up to this size a TP group's collectives go over its Channel: 0.2-0.3 ms for 1 KB to 256 KB on
-# 2 cores, where gloo's took 2 ms whatever the size; from 4 MB on, gloo's ring is faster (5 ms
+# 2 cores, where gloo's take 2 ms whatever the size; from 4 MB on, gloo's ring is faster (5 ms
 # against 17 ms).
 CHANNEL_LIMIT_BYTES = 1 << 20
 

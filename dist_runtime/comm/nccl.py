@@ -126,7 +126,7 @@ class NcclCommunicator(Communicator):
         return self.control.gather_object(obj)
 
     def close(self) -> None:
-        """Abort, not destroy: NCCL's destroy waits on the peers and was seen to hang at exit
+        """Abort, not destroy: NCCL's destroy waits on the peers and can hang at exit
         with two ranks; once the device is idle there is nothing left for it to wait for."""
         torch.cuda.synchronize()
         if self.one_shot is not None:

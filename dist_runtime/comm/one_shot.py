@@ -27,7 +27,7 @@ _MAX_BLOCKS = 32
 # sum fused with RMSNorm cut a message differently (vectors, whole rows), so each has a lane
 # of its own (buffer, flags, epochs), and within a lane every call of a step has one size.
 # The flag's release store publishes the whole block's copy (the barrier orders it before the
-# store, and a release is cumulative); a system-wide fence before it cost 0.6 us per call.
+# store, and a release is cumulative); a system-wide fence before it would cost 0.6 us per call.
 _SOURCE = r"""
 struct BF16 { typedef unsigned short T;
   static __device__ float to(T x) { return __uint_as_float(((unsigned int)x) << 16); }

@@ -29,7 +29,7 @@ def _to_fp8(y, scale, FP8_MAX: tl.constexpr):
     the same bits as `div_rn` from every quantizing kernel at 1,024 and 8,192 rows). A correctly
     rounded division per value (`div_rn`) expands to a long sequence with a slow path for tiny
     values, which GELU's negative tail takes often: on an H200, GELU quantizing [8192, 16384]
-    took 613 us with it and 370 us without. Zeros skip the correction, which would turn -0 into
+    takes 613 us with it and 370 us without. Zeros skip the correction, which would turn -0 into
     +0, and so do quotients past twice the limit (saturated anyway), where it could make a NaN."""
     y = y.to(tl.float32)
     inverse = tl.math.div_rn(1.0, scale)  # one per row
@@ -285,9 +285,9 @@ def _fp8_rows_kernel(x_ptr, out_ptr, scale_ptr, static_ptr, n_cols, ACT: tl.cons
 
 
 # A row of up to ROW_BLOCK values is held in registers, a longer one takes two passes. On an H200
-# at [8192, n] (BENCHMARKS.md, fifteenth session), holding the row beat two passes of 1,024 to
-# 8,192 values for every act (SiLU-and-mul at 14,336: 226 against 228-340 us; GELU at 16,384:
-# 301 against 367-840 us), given enough threads; 4 warps were best for rows of 4,096.
+# at [8192, n] (BENCHMARKS.md), holding the row beats two passes of 1,024 to 8,192 values for
+# every act (SiLU-and-mul at 14,336: 226 against 228-340 us; GELU at 16,384: 301 against
+# 367-840 us), given enough threads; 4 warps are best for rows of 4,096.
 ROW_BLOCK = 16384
 
 

@@ -216,7 +216,7 @@ def _combine_kernel(acc_ptr, ml_ptr, out_ptr, splits, stride_ot, stride_oh, HEAD
     tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
-# fp8 products on an H200 (Triton 3.6) gave the reference's values with bfloat16 queries and 1 to 5
+# fp8 products on an H200 (Triton 3.6) give the reference's values with bfloat16 queries and 1 to 5
 # query heads per KV head, but wrong ones for some heads with 8 (in 8 or 16 rows), and with float32
 # queries; the fp8 tensor-core product needs 32 or more values a head.
 FP8_PRODUCTS_GROUP, FP8_PRODUCTS_MIN_DIM = 4, 32

@@ -12,9 +12,9 @@ the keys they read), so the last wave of programs is short ones.
 An fp8 cache is read as stored. With 16-bit queries the keys are multiplied as stored, on the
 fp8 tensor cores, by q rounded to E4M3 at a scale per row (`round_q_e4m3`), and the values are
 converted to float16 (exact, one instruction per two values). Rounding q adds an eighth to a
-quarter to the attention error that the fp8 cache itself makes, and took 17% (Llama-3-8B) and
-34% (GPT-J) off a step's prefill attention between GEMMs (BENCHMARKS.md, sixteenth session);
-values in fp8 too were slower, as Hopper's fp8 products need them transposed.
+quarter to the attention error that the fp8 cache itself makes, and takes 17% (Llama-3-8B) and
+34% (GPT-J) off a step's prefill attention between GEMMs (BENCHMARKS.md); values in fp8 too are
+slower, as Hopper's fp8 products need them transposed.
 DIST_RUNTIME_FP8_SCORES=0 keeps q exact (float16 products). Float32 queries convert keys and
 values to float32. The per-KV-head scales fold into the softmax scale (keys) and the output
 (values). Keys of this step's own tokens are read back from the cache too (written there just
@@ -37,9 +37,9 @@ from dist_runtime.kernels.pdl import wait_for_inputs
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by (head_dim, fp8 cache), for engines built without
 # tuning (a tuned build times sharding.tuning.PREFILL_LAUNCHES on its GPU): the fastest on an H200
-# over a step of five prompts or chunks of 544 to 2,048 tokens (BENCHMARKS.md, 2026-12-01). Over
-# fp8 (fp8 scores), the sixteenth session's timing between fp8 GEMMs, at the clocks of the GPU's
-# power cap as in the engine: 574 us for head_dim 128 and 482 us for 256.
+# over a step of five prompts or chunks of 544 to 2,048 tokens (BENCHMARKS.md). Over fp8 (fp8
+# scores), timed between fp8 GEMMs at the clocks of the GPU's power cap, as in the engine: 574 us
+# for head_dim 128 and 482 us for 256.
 LAUNCH = {(128, False): (64, 64, 4, 2), (128, True): (64, 64, 4, 2), (256, False): (128, 128, 8, 2),
           (256, True): (64, 64, 4, 2)}
 DEFAULT_LAUNCH = (64, 32, 4, 2)

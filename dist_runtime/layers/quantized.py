@@ -97,7 +97,7 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         except RuntimeError:
             if not fast_accumulate:
                 raise
-            # cuBLAS lacks a fast-accumulating kernel for some row counts (seen on an H200: 16 rows,
+            # cuBLAS lacks a fast-accumulating kernel for some row counts (on an H200: 16 rows,
             # a bias, 16,384 inputs), and a step's rows may fall between the buckets tuned
             return fp8_linear(x, weight, scale, input_scale, bias)
     out = int8_linear(x, weight, scale)
