@@ -47,10 +47,11 @@ from dist_runtime.engine import Engine
 from dist_runtime.errors import RequestError
 from dist_runtime.liveness import Activity
 from dist_runtime.model_runner import Launched, ModelRunner, StepOutput, plain_greedy
+from dist_runtime.outputs import TokenLogprobs
 from dist_runtime.sampler import draw_seed
 from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.scheduler import Scheduler
-from dist_runtime.sequence import Sequence, TokenLogprobs
+from dist_runtime.sequence import Sequence
 from dist_runtime.step import Ping, StatsRequest, Step
 
 log = logging.getLogger(__name__)

@@ -34,10 +34,6 @@ class RequestError(DistRuntimeError):
         self.field = field
 
 
-class RankFailure(DistRuntimeError):
-    """Another rank died or stopped answering."""
-
-
 class RequestFailed(DistRuntimeError):
     """Rank 0 could not carry one accepted request through (its text, its stop strings, its
     sink); that request ends with this error and the engine serves the others on."""

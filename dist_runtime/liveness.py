@@ -289,13 +289,3 @@ def _recv(sock: socket.socket) -> bytes:
         return sock.recv(4096)
     except OSError:
         return b""
-
-
-def outward_address() -> str:
-    """This host's address on its default route (loopback if it has none)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect(("10.255.255.255", 1))  # no packet is sent: this only picks a route
-            return probe.getsockname()[0]
-        except OSError:
-            return "127.0.0.1"

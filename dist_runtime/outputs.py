@@ -6,7 +6,14 @@ import dataclasses
 
 import torch
 
-from dist_runtime.sequence import TokenLogprobs
+
+@dataclasses.dataclass
+class TokenLogprobs:
+    """The sampled token's log-probability under the model, and the top-N alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, field
 
+from dist_runtime.outputs import TokenLogprobs
 from dist_runtime.sampling_params import SamplingParams
 
 
@@ -13,15 +13,6 @@ class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-@dataclass
-class TokenLogprobs:
-    """The sampled token's log-probability under the model, and the top-N alternatives."""
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 class Sequence:

@@ -12,11 +12,12 @@ import threading
 
 import torch
 
+from dist_runtime.comm.address import local_address
 from dist_runtime.comm.base import Communicator
 from dist_runtime.coordinator import serve_steps
 from dist_runtime.engine import Engine
 from dist_runtime.errors import DistRuntimeError, EngineError
-from dist_runtime.liveness import DEFAULT_RANK_TIMEOUT_S, Heartbeat, Monitor, exit_process, outward_address
+from dist_runtime.liveness import DEFAULT_RANK_TIMEOUT_S, Heartbeat, Monitor, exit_process
 from dist_runtime.mapping import Mapping
 from dist_runtime.model_runner import ModelRunner
 from dist_runtime.rank_info import RankInfo
@@ -83,7 +84,7 @@ def _monitor_host(comm: Communicator, info: RankInfo) -> str | None:
     hosts = comm.gather_object(socket.gethostname())
     if info.rank != 0:
         return None
-    return "127.0.0.1" if set(hosts) == {hosts[0]} else outward_address()
+    return "127.0.0.1" if set(hosts) == {hosts[0]} else local_address()
 
 
 def join(engine: Engine, info: RankInfo, device: str = "cpu", verify: bool = True, kv_cache_fraction: float = 0.9,

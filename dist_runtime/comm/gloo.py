@@ -8,13 +8,13 @@ ranks dial (loopback when the master address is)."""
 from __future__ import annotations
 
 import datetime
-import socket
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from dist_runtime.comm.address import local_address
 from dist_runtime.comm.base import Communicator, gather_last_dim
 from dist_runtime.comm.channel import Channel
 from dist_runtime.comm.store import RendezvousStore
@@ -27,14 +27,6 @@ OP_TIMEOUT = datetime.timedelta(days=1)
 # 2 cores, where gloo's take 2 ms whatever the size; from 4 MB on, gloo's ring is faster (5 ms
 # against 17 ms).
 CHANNEL_LIMIT_BYTES = 1 << 20
-
-
-def local_address(master_addr: str) -> str:
-    """This host's address on the route to the master: the hostname may resolve to an address
-    the other ranks cannot reach (loopback, or the host's own in a network namespace)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.connect((master_addr, 9))  # picks a route; sends nothing
-        return probe.getsockname()[0]
 
 
 class GlooCommunicator(Communicator):
