@@ -119,10 +119,11 @@ def main() -> int:
     rows, results = [], {"gpu": gpu, "preset": args.preset, "copy_bandwidth_Bps": bw, "weight_bytes": weights,
                          "positions_raised_to": args.max_seq_len if raise_positions else None}
     if not args.skip_ours:
-        from dist_runtime.tuning import summary
+        from dist_runtime.tuning import TuningRecord, summary
 
         results["tuning"] = tuning = json.loads((engine / "engine.json").read_text())["tuning"]
-        rows.append(("kernel tuning at build", f"{tuning.get('seconds', 0)} s", summary(tuning)))
+        record = TuningRecord.from_dict(tuning)
+        rows.append(("kernel tuning at build", f"{record.seconds or 0} s", summary(record)))
     runs = {name: bench_options(*RUNS[name], args.max_requests) for name in args.runs.split(",")}
     for name, extra in ({} if args.skip_ours else runs).items():
         cmd = [*CLI, "bench", str(engine), "--device", "cuda", "--json", "--no-verify", *extra]  # build hashed them

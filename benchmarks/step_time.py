@@ -21,7 +21,7 @@ from dist_runtime.cuda_graphs import DecodeGraphs, replay_ms
 from dist_runtime.mapping import Mapping
 from dist_runtime.models import build_model
 from dist_runtime.presets import preset_config
-from dist_runtime.tuning import KernelChoices, install, summary
+from dist_runtime.tuning import KernelChoices, TuningRecord, install, summary
 from sharding.planner import make_plan
 from sharding.tuning import tune_kernels
 
@@ -64,9 +64,10 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     config = ModelConfig.from_hf(preset_config(args.preset))
     plan = make_plan(config, 1, 1, "bf16", max_batch_size=max(batches), max_seq_len=args.max_seq_len)
-    record = json.loads(Path(args.tuning).read_text())["tuning"] if args.tuning else tune_kernels(config, plan)
+    record = (TuningRecord.from_dict(json.loads(Path(args.tuning).read_text())["tuning"]) if args.tuning
+              else tune_kernels(config, plan))
     print(summary(record), flush=True)
-    (out / "tuning.json").write_text(json.dumps(record, indent=1))
+    (out / "tuning.json").write_text(json.dumps(record.to_dict(), indent=1))
     with torch.inference_mode():
         model = random_model(config, torch.bfloat16)
         bs = plan.block_size

@@ -15,9 +15,11 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from dist_runtime import records
 from dist_runtime.config import ModelConfig
 from dist_runtime.errors import EngineError
 from dist_runtime.plan import DTYPES, Plan
+from dist_runtime.tuning import TuningRecord
 
 FORMAT_VERSION = 2  # 2: engine.json holds a checksum of itself and of the tokenizer files
 ENGINE_JSON = "engine.json"
@@ -29,13 +31,33 @@ def rank_file_name(rank: int) -> str:
 
 
 @dataclasses.dataclass
+class BuildRecord:
+    """engine.json's "build": what the engine was built from, and how."""
+
+    dtype: str  # the engine's, as `build --dtype` takes it
+    checkpoint: str  # the checkpoint folder, resolved
+    checkpoint_dtype: str
+    built_at: str  # UTC, ISO 8601
+    calibration: dict[str, Any] | None = None  # --calib: {"text": the file, "tokens": how many it held}
+    kv_scales: dict[str, list[list[float]]] | None = None  # fp8 KV cache: {"k" | "v": [layer][kv head]}
+    refit_at: str | None = None  # when `refit` last swapped in another checkpoint's weights
+
+    def to_dict(self) -> dict[str, Any]:
+        return records.to_dict(self)
+
+    @classmethod
+    def from_dict(cls, values: Any) -> BuildRecord:
+        return records.from_dict(cls, values, "build")
+
+
+@dataclasses.dataclass
 class Engine:
     path: Path
     config: ModelConfig
     plan: Plan
-    build: dict[str, Any]  # options the engine was built with
+    build: BuildRecord
     files: dict[str, dict[str, Any]]  # rank file name -> {"sha256", "bytes"}
-    tuning: dict[str, Any] | None = None  # kernel choices timed at build (dist_runtime/tuning.py); None: older engine
+    tuning: TuningRecord | None = None  # kernel choices timed at build (dist_runtime/tuning.py); None: older engine
     tokenizer_files: dict[str, str] = dataclasses.field(default_factory=dict)  # file name -> sha256
 
     @classmethod
@@ -56,9 +78,10 @@ class Engine:
             raise EngineError(f"{meta_file}: its content does not match its checksum (edited or corrupt); "
                               f"rebuild the engine")
         try:
+            tuning = None if meta["tuning"] is None else TuningRecord.from_dict(meta["tuning"])
             engine = cls(path, ModelConfig.from_dict(meta["model_config"]), Plan.from_dict(meta["plan"]),
-                         meta["build"], meta["files"], meta["tuning"], meta["tokenizer_files"])
-        except (KeyError, TypeError) as e:
+                         BuildRecord.from_dict(meta["build"]), meta["files"], tuning, meta["tokenizer_files"])
+        except (KeyError, TypeError, ValueError) as e:
             raise EngineError(f"{meta_file}: malformed ({e})") from e
         engine.check_tokenizer_files()
         return engine
@@ -66,7 +89,8 @@ class Engine:
     def save(self) -> None:
         """Write engine.json, with the checksum of what it now holds (tuning and refit rewrite it)."""
         meta = {"format_version": FORMAT_VERSION, "model_config": self.config.to_dict(),
-                "plan": self.plan.to_dict(), "build": self.build, "files": self.files, "tuning": self.tuning,
+                "plan": self.plan.to_dict(), "build": self.build.to_dict(), "files": self.files,
+                "tuning": None if self.tuning is None else self.tuning.to_dict(),
                 "tokenizer_files": self.tokenizer_files}
         meta["checksum"] = _checksum(json.loads(json.dumps(meta)))  # over what load() parses back
         tmp = self.path / (ENGINE_JSON + ".tmp")

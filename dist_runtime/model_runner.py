@@ -88,7 +88,7 @@ class ModelRunner:
 
     def _set_kv_scales(self) -> None:
         """This rank's KV heads' entries of engine.json's scales (per layer, per KV head)."""
-        scales, m = self.engine.build["kv_scales"], self.mapping
+        scales, m = self.engine.build.kv_scales, self.mapping
         heads = list(kv_head_range(self.engine.config.num_kv_heads, m.tp, m.tp_rank))
         for layer, attn in zip(self.engine.plan.layer_range(m.pp_rank), self.model.attention_layers()):
             attn.k_scale, attn.v_scale = (torch.tensor(scales[kv][layer], device=self.device)[heads] for kv in "kv")

@@ -9,14 +9,39 @@ hands one KernelChoices to every layer that has a `kernels` attribute; on the CP
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from torch import nn
 
+from dist_runtime import records
 
-def skipped(reason: str) -> dict[str, Any]:
+
+@dataclasses.dataclass
+class TuningRecord:
+    """engine.json's "tuning": the winners the build timed on its GPU, or why it timed none."""
+
+    tuned: bool
+    reason: str | None = None  # why not, when not tuned
+    gpu: str | None = None
+    torch: str | None = None  # versions the kernels were timed with
+    triton: str | None = None
+    decode_attention: dict[str, dict[str, Any]] | None = None  # decode batch bucket -> launch and times
+    gemm: dict[str, dict[str, dict[str, Any]]] | None = None  # gemm_key -> rows bucket -> kernel and times
+    prefill_attention: dict[str, Any] | None = None  # the prefill kernel's launch; none for float32 engines
+    seconds: float | None = None  # how long the tuning took
+
+    def to_dict(self) -> dict[str, Any]:
+        return records.to_dict(self)
+
+    @classmethod
+    def from_dict(cls, values: Any) -> TuningRecord:
+        return records.from_dict(cls, values, "tuning")
+
+
+def skipped(reason: str) -> TuningRecord:
     """engine.json's record of a build that did not tune."""
-    return {"tuned": False, "reason": reason}
+    return TuningRecord(False, reason)
 
 
 def _by_bucket(table: dict[str, Any]) -> list[tuple[int, Any]]:
@@ -35,14 +60,14 @@ class KernelChoices:
     """Lookups over a tuning record: attention launch parameters by decode batch size, the
     prefill attention's launch, and the GEMM kernel by (rows, out features, in features)."""
 
-    def __init__(self, record: dict[str, Any]) -> None:
+    def __init__(self, record: TuningRecord) -> None:
         self.record = record
-        self._attention = _by_bucket(record.get("decode_attention", {}))
-        self._gemm = {shape: _by_bucket(table) for shape, table in record.get("gemm", {}).items()}
+        self._attention = _by_bucket(record.decode_attention or {})
+        self._gemm = {shape: _by_bucket(table) for shape, table in (record.gemm or {}).items()}
 
     @classmethod
-    def from_record(cls, record: dict[str, Any] | None) -> KernelChoices | None:
-        return cls(record) if record and record.get("tuned") else None
+    def from_record(cls, record: TuningRecord | None) -> KernelChoices | None:
+        return cls(record) if record and record.tuned else None
 
     def attention(self, num_seqs: int, short: bool = False) -> dict[str, int]:
         """Keyword arguments of paged_decode_attention: splits, block_n, num_warps, and vector,
@@ -78,7 +103,7 @@ class KernelChoices:
     def prefill(self) -> tuple[int, int, int, int] | None:
         """The prefill kernel's launch (BLOCK_M, BLOCK_N, num_warps, num_stages) the tuning
         picked; None where it timed none (float32 engines, older builds): launch_for's."""
-        choice = self.record.get("prefill_attention")
+        choice = self.record.prefill_attention
         return tuple(choice["launch"]) if choice else None
 
     def fast_accumulate(self, rows: int, out_features: int, in_features: int) -> bool:
@@ -101,21 +126,21 @@ def gemm_key(out_features: int, in_features: int) -> str:
     return f"{out_features}x{in_features}"
 
 
-def summary(record: dict[str, Any] | None) -> str:
+def summary(record: TuningRecord | None) -> str:
     """One line for `build`'s output: what was tuned, or why nothing was."""
-    if not record or not record.get("tuned"):
-        return f"kernel tuning skipped: {record['reason'] if record else 'no record'}"
-    splits = ", ".join(f"{b}: {c['splits']}" for b, c in _by_bucket(record["decode_attention"]))
-    gemms = [c for table in record["gemm"].values() for c in table.values()]
+    if not record or not record.tuned:
+        return f"kernel tuning skipped: {record.reason if record else 'no record'}"
+    splits = ", ".join(f"{b}: {c['splits']}" for b, c in _by_bucket(record.decode_attention))
+    gemms = [c for table in record.gemm.values() for c in table.values()]
     raced = [c for c in gemms if "best_triton_us" in c]
     triton = sum(c["kernel"] == "triton" for c in raced)
-    line = (f"kernels tuned on {record['gpu']} in {record['seconds']} s: decode-attention splits by batch "
+    line = (f"kernels tuned on {record.gpu} in {record.seconds} s: decode-attention splits by batch "
             f"{{{splits}}}; Triton GEMM faster than cuBLAS for {triton} of {len(raced)} (shape, rows) cases")
     fp8 = [c for c in gemms if "cublas_fast_us" in c]
     if fp8:
         line += f"; fp8 GEMMs accumulate fast in {sum(c.get('fast_accumulate', False) for c in fp8)} of {len(fp8)}"
-    if "prefill_attention" in record:
-        prefill = record["prefill_attention"]
+    if record.prefill_attention is not None:
+        prefill = record.prefill_attention
         line += (f"; prefill attention {tuple(prefill['launch'])} (BLOCK_M, BLOCK_N, warps, stages), "
                  f"{prefill['us']} us against the default's {prefill['default_us']} us for {prefill['tokens']} tokens")
     return line

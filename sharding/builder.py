@@ -4,6 +4,7 @@ once for all the TP ranks of a stage, so peak memory is a few tensors, not the m
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from dist_runtime.config import ModelConfig
-from dist_runtime.engine import TOKENIZER_FILES, Engine, rank_file_name, sha256_of
+from dist_runtime.engine import TOKENIZER_FILES, BuildRecord, Engine, rank_file_name, sha256_of
 from dist_runtime.errors import CheckpointError, EngineError
 from dist_runtime.models import build_model, checkpoint_layout
 from dist_runtime.plan import DTYPES, Plan
@@ -78,12 +79,11 @@ def build_engine(checkpoint: str | Path, out: str | Path, tp: int = 1, pp: int =
         else:  # one left by an earlier build into this folder is not this engine's
             (out / name).unlink(missing_ok=True)
     tokenizer_files = {name: sha256_of(out / name) for name in TOKENIZER_FILES if (out / name).is_file()}
-    build = {"dtype": dtype, "checkpoint": str(ck.path.resolve()), "checkpoint_dtype": ck.config.dtype,
-             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    build = BuildRecord(dtype, str(ck.path.resolve()), ck.config.dtype, _utc_now())
     if ranges is not None:
-        build["calibration"] = {"text": str(Path(calib).resolve()), "tokens": ranges.tokens}
+        build.calibration = {"text": str(Path(calib).resolve()), "tokens": ranges.tokens}
     if plan.kv_cache_dtype == "fp8":  # {"k": [layer][kv head], "v": the same}
-        build["kv_scales"] = ranges.kv_scales() if ranges is not None else {
+        build.kv_scales = ranges.kv_scales() if ranges is not None else {
             kv: [[DEFAULT_KV_SCALE] * ck.config.num_kv_heads] * ck.config.num_layers for kv in "kv"}
     tuning = tune_kernels(ck.config, plan) if tune else skipped("not asked for (--no-tune)")
     engine = Engine(out, ck.config, plan, build, files, tuning, tokenizer_files)
@@ -94,7 +94,7 @@ def build_engine(checkpoint: str | Path, out: str | Path, tp: int = 1, pp: int =
 def refit_engine(engine_dir: str | Path, checkpoint: str | Path, progress: bool = True) -> Engine:
     """Swap in the weights of another checkpoint of the same architecture and shapes."""
     engine = Engine.load(engine_dir)
-    if "calibration" in engine.build:
+    if engine.build.calibration is not None:
         raise EngineError(f"{engine_dir}: its fp8 scales were calibrated on the weights it has; rebuild it with "
                           f"--calib for new weights")
     ck = Checkpoint(checkpoint)
@@ -103,10 +103,13 @@ def refit_engine(engine_dir: str | Path, checkpoint: str | Path, progress: bool 
                               f"refit needs the same architecture and shapes (rebuild instead)")
     check_checkpoint(ck)
     engine.files = write_rank_files(ck, engine.plan, engine.path, progress)
-    engine.build = {**engine.build, "checkpoint": str(ck.path.resolve()),
-                    "refit_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    engine.build = dataclasses.replace(engine.build, checkpoint=str(ck.path.resolve()), refit_at=_utc_now())
     engine.save()
     return engine
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _shape_fields(config: ModelConfig) -> dict:

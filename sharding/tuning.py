@@ -38,7 +38,7 @@ from dist_runtime.cuda_graphs import buckets
 from dist_runtime.models import build_model
 from dist_runtime.plan import DTYPES, Plan
 from dist_runtime.quantization import QUANTIZED_DTYPES, quantize_weight
-from dist_runtime.tuning import gemm_key, skipped
+from dist_runtime.tuning import TuningRecord, gemm_key, skipped
 
 L2_FLUSH_BYTES = 256 << 20
 MAX_KV_TOKENS = 1 << 20  # per attention timing: a batch of 512 is timed at contexts of up to 2048
@@ -74,7 +74,7 @@ CALLS = 16  # per graph
 REPLAYS = 3
 
 
-def tune_kernels(config: ModelConfig, plan: Plan) -> dict[str, Any]:
+def tune_kernels(config: ModelConfig, plan: Plan) -> TuningRecord:
     """The tuning record for engine.json, or a record of why none was made."""
     if not torch.cuda.is_available():
         return skipped("no CUDA GPU on the build machine")
@@ -85,14 +85,14 @@ def tune_kernels(config: ModelConfig, plan: Plan) -> dict[str, Any]:
     gemms, attention = _shapes(config, plan, dtype)
     batches = sorted({b for b in buckets(plan.max_batch_size) if b & (b - 1) == 0} | {plan.max_batch_size})
     with torch.inference_mode():
-        record = {"tuned": True, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                  "triton": triton.__version__,
-                  "decode_attention": _tune_attention(attention, batches, plan, dtype),
-                  "gemm": _tune_gemms(gemms, sorted({*batches, plan.max_num_tokens}), dtype, plan.dtype)}
+        record = TuningRecord(True, gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                              triton=triton.__version__,
+                              decode_attention=_tune_attention(attention, batches, plan, dtype),
+                              gemm=_tune_gemms(gemms, sorted({*batches, plan.max_num_tokens}), dtype, plan.dtype))
         if dtype in (torch.bfloat16, torch.float16):  # float32 queries keep the small exact tile (launch_for)
-            record["prefill_attention"] = _tune_prefill(attention, plan, dtype)
+            record.prefill_attention = _tune_prefill(attention, plan, dtype)
     torch.cuda.empty_cache()
-    record["seconds"] = round(time.perf_counter() - start, 1)
+    record.seconds = round(time.perf_counter() - start, 1)
     return record
 
 

@@ -86,14 +86,14 @@ def test_calibration_sees_the_gemms_a_model_sums_itself(checkpoints):
 def test_calibrated_scales_land_in_the_engine_and_each_rank_loads_its_own(calibrated, checkpoints, monkeypatch):
     ranges = calibrate(Checkpoint(checkpoints["llama"]), CALIB_TEXT, calibrated.plan.max_seq_len, progress=False)
     engine = Engine.load(calibrated.path)
-    assert engine.build["calibration"]["tokens"] == ranges.tokens
-    kv_scales = engine.build["kv_scales"]
+    assert engine.build.calibration["tokens"] == ranges.tokens
+    kv_scales = engine.build.kv_scales
     assert torch.allclose(torch.tensor(kv_scales["k"]), ranges.keys / FP8_MAX)
     assert torch.allclose(torch.tensor(kv_scales["v"]), ranges.values / FP8_MAX)
     # fp8 GEMM weights load on the CPU only past the device check; they are not run here
     monkeypatch.setattr("dist_runtime.model_runner.check_device", lambda *args, **kwargs: None)
     for rank in range(2):
-        runner = ModelRunner(engine, engine.plan.mapping(rank), comm=None)
+        runner = ModelRunner(engine, engine.plan.mapping(rank), None, "cpu", verify=True, kv_cache_fraction=1.0)
         for name, module in runner.model.named_modules():
             if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
                 assert module.input_scale.shape == (1,)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import cli
 
-from dist_runtime.engine import Engine, sha256_of
+from dist_runtime.engine import Engine, _checksum, sha256_of
 from dist_runtime.errors import EngineError
 from sharding.builder import build_engine
 
@@ -38,13 +38,24 @@ def test_an_edited_engine_json_is_refused_naming_it(engines, tmp_path):
     assert "rebuild the engine" in one_error_line(engine, "engine.json")
 
 
+@pytest.mark.parametrize("record", ["build", "tuning"])
+def test_a_key_the_build_or_tuning_record_does_not_know_is_refused_by_name(engines, tmp_path, record):
+    engine = copy(engines, tmp_path)
+    meta = json.loads((engine / "engine.json").read_text())
+    meta[record]["note"] = "added by hand"
+    meta["checksum"] = _checksum(meta)  # as a newer build would write it
+    (engine / "engine.json").write_text(json.dumps(meta, indent=1))
+    with pytest.raises(EngineError, match=f"engine.json: malformed \\({record}: unknown keys note"):
+        Engine.load(engine)
+
+
 def test_engine_json_saved_again_or_laid_out_otherwise_still_loads(engines, tmp_path):
     engine = Engine.load(copy(engines, tmp_path))
-    engine.build["note"] = "tuned again"  # what tuning and refit do: change a field, save()
+    engine.build.refit_at = "2026-01-01T00:00:00Z"  # what tuning and refit do: change a field, save()
     engine.save()
     meta = json.loads((engine.path / "engine.json").read_text())
     (engine.path / "engine.json").write_text(json.dumps(dict(reversed(meta.items())), indent=4))
-    assert Engine.load(engine.path).build["note"] == "tuned again"
+    assert Engine.load(engine.path).build.refit_at == "2026-01-01T00:00:00Z"
 
 
 def truncate(file: Path) -> None:

@@ -302,7 +302,7 @@ def test_skinny_gemm_reads_quantized_weights_as_dequantizing_them_first_does(row
     from dist_runtime.kernels.skinny_gemm import skinny_linear
     from dist_runtime.layers.linear import linear
     from dist_runtime.quantization import dequantize_weight, quantize_weight
-    from dist_runtime.tuning import KernelChoices
+    from dist_runtime.tuning import KernelChoices, TuningRecord
 
     if config[0] < 16 and rows > 1:
         pytest.skip("block_n < 16 is the one-row kernel")
@@ -318,7 +318,7 @@ def test_skinny_gemm_reads_quantized_weights_as_dequantizing_them_first_does(row
     block_n, block_k, num_warps, num_stages = config
     choice = {"kernel": "triton", "block_n": block_n, "block_k": block_k, "num_warps": num_warps,
               "num_stages": num_stages}
-    kernels = KernelChoices({"tuned": True, "gemm": {f"{out_features}x{in_features}": {"16": choice}}})
+    kernels = KernelChoices(TuningRecord(True, gemm={f"{out_features}x{in_features}": {"16": choice}}))
     assert torch.equal(linear(x, q, b, kernels, scale), got)
 
 

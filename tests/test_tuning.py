@@ -4,6 +4,7 @@ untuned engine's outputs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -15,7 +16,7 @@ from dist_runtime import LLM, SamplingParams
 from dist_runtime.engine import Engine
 from dist_runtime.mapping import Mapping
 from dist_runtime.models import build_model
-from dist_runtime.tuning import KernelChoices, gemm_key, install
+from dist_runtime.tuning import KernelChoices, TuningRecord, gemm_key, install
 
 RECORD = {
     "tuned": True, "gpu": "test", "seconds": 1.0,
@@ -40,10 +41,10 @@ def test_engine_json_keeps_the_tuned_choices_and_the_runner_reads_them(engines, 
     engine_dir = tmp_path / "eng"
     shutil.copytree(engines("llama", 1, 1), engine_dir)
     engine = Engine.load(engine_dir)
-    engine.tuning = RECORD
+    engine.tuning = TuningRecord.from_dict(RECORD)
     engine.save()
     choices = KernelChoices.from_record(Engine.load(engine_dir).tuning)
-    assert choices.record == RECORD
+    assert choices.record.to_dict() == RECORD
     # a step takes the smallest tuned bucket that holds it; past the largest, the largest
     assert choices.attention(1) == {"splits": 8, "block_n": 32, "num_warps": 4, "f16": True, "convert_on_load": True,
                                     "num_stages": 1}
@@ -63,7 +64,8 @@ def test_engine_json_keeps_the_tuned_choices_and_the_runner_reads_them(engines, 
     assert choices.fast_accumulate(5, 96, 64) and choices.fast_accumulate(9000, 96, 64)
     # the prefill kernel's launch; a record without one (float32, or built before it was tuned): the default
     assert choices.prefill() == (128, 64, 4, 2)
-    assert KernelChoices({k: v for k, v in RECORD.items() if k != "prefill_attention"}).prefill() is None
+    assert KernelChoices(TuningRecord.from_dict({k: v for k, v in RECORD.items() if k != "prefill_attention"})
+                         ).prefill() is None
 
 
 def test_prefill_tuning_times_a_full_step_of_whole_prompts_and_a_chunk():
@@ -79,7 +81,7 @@ def test_prefill_tuning_times_a_full_step_of_whole_prompts_and_a_chunk():
 def test_every_layer_with_a_kernel_choice_gets_the_engines(engines):
     engine = Engine.load(engines("llama", 1, 1))
     model = build_model(engine.config, Mapping(), range(engine.config.num_layers), torch.float32, "meta")
-    choices = KernelChoices(RECORD)
+    choices = KernelChoices(TuningRecord.from_dict(RECORD))
     install(model, choices)
     users = [m for m in model.modules() if hasattr(m, "kernels")]
     assert len(users) == 5 * engine.config.num_layers + 1  # qkv, attention, o, gate_up, down; the LM head
@@ -97,7 +99,7 @@ def test_fp8_layers_take_their_input_quantized_only_where_scaled_mm_runs():
     assert not feeds_fp8(layer, 1)  # float weights
     layer.weight.data = layer.weight.data.to(FP8)
     assert feeds_fp8(layer, 1) and feeds_fp8(layer, 4)  # untuned: _scaled_mm
-    layer.kernels = KernelChoices(RECORD)
+    layer.kernels = KernelChoices(TuningRecord.from_dict(RECORD))
     assert not feeds_fp8(layer, 1)  # Triton won at one row
     assert feeds_fp8(layer, 4) and feeds_fp8(layer, 64)  # cuBLAS at 4; no Triton past 16 rows
     assert not feeds_fp8(None, 1)
@@ -126,7 +128,7 @@ def test_build_records_no_tune_and_a_build_without_gpu(checkpoints, tmp_path):
         return
     out = cli("build", str(checkpoints["llama"]), "--out", str(tmp_path / "b"), "--max-batch-size", "4")
     assert out.returncode == 0 and "kernel tuning skipped: no CUDA GPU" in out.stdout, out.stderr
-    assert Engine.load(tmp_path / "b").tuning == {"tuned": False, "reason": "no CUDA GPU on the build machine"}
+    assert Engine.load(tmp_path / "b").tuning == TuningRecord(False, "no CUDA GPU on the build machine")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to tune and run kernels")
@@ -147,18 +149,19 @@ def test_tuned_and_forced_kernels_give_the_untuned_outputs(checkpoints, tmp_path
     tuned = build_engine(checkpoints["llama"], tmp_path / "tuned", dtype=dtype, progress=False, tune=True,
                          max_batch_size=4, max_seq_len=128)
     record = tuned.tuning
-    assert record["tuned"] and record["gpu"] == torch.cuda.get_device_name()
-    assert sorted(int(b) for b in record["decode_attention"]) == [1, 2, 4] and record["gemm"]
+    assert record.tuned and record.gpu == torch.cuda.get_device_name()
+    assert sorted(int(b) for b in record.decode_attention) == [1, 2, 4] and record.gemm
     if dtype == "fp8":  # each fp8 GEMM chose how to accumulate at every count, a prefill chunk's (512) too
-        fp8_tables = [table for table in record["gemm"].values() if "512" in table]
+        fp8_tables = [table for table in record.gemm.values() if "512" in table]
         assert fp8_tables and all("fast_accumulate" in c for t in fp8_tables for c in t.values())
-    assert tuple(record["prefill_attention"]["launch"]) in PREFILL_LAUNCHES
-    assert record["prefill_attention"]["tokens"] == tuned.plan.max_num_tokens
+    assert tuple(record.prefill_attention["launch"]) in PREFILL_LAUNCHES
+    assert record.prefill_attention["tokens"] == tuned.plan.max_num_tokens
     short = {"splits": 2, "block_n": 64, "num_warps": 8, "context": 128}  # every context here: the short graphs
-    forced = {**record, "decode_attention": {"4": {"splits": 4, "block_n": 32, "num_warps": 4, "short": short}},
-              "gemm": {shape: {"4": {"kernel": "triton", "block_n": 32, "block_k": 128, "num_warps": 4,
-                                     "num_stages": 3}} for shape in record["gemm"]},
-              "prefill_attention": {"launch": [16, 32, 4, 1]}}
+    forced = dataclasses.replace(
+        record, decode_attention={"4": {"splits": 4, "block_n": 32, "num_warps": 4, "short": short}},
+        gemm={shape: {"4": {"kernel": "triton", "block_n": 32, "block_k": 128, "num_warps": 4, "num_stages": 3}}
+              for shape in record.gemm},
+        prefill_attention={"launch": [16, 32, 4, 1]})
     variants = {"tuned": record, "forced": forced, "untuned": None}
     calls, prefill_launches = [], []
     real, real_prefill = skinny.skinny_linear, prefill.paged_prefill_attention
@@ -187,7 +190,7 @@ def test_tuned_and_forced_kernels_give_the_untuned_outputs(checkpoints, tmp_path
         # every prompt's attention took the recorded launch, or untuned the default (a bf16 cache here)
         default = prefill.launch_for(tuned.config.head_dim, False, torch.bfloat16)
         assert prefill_launches and set(prefill_launches) == {
-            tuple(tuning["prefill_attention"]["launch"]) if tuning else default}
+            tuple(tuning.prefill_attention["launch"]) if tuning else default}
     for name in ("tuned", "forced"):
         for ours, ref in zip(results[name], results["untuned"]):
             a, b = ours.outputs[0].logits[0], ref.outputs[0].logits[0]
