@@ -148,7 +148,7 @@ def _report(llm: LLM, outputs: list, elapsed: float, isl: int, osl: int, concurr
         "kv_cache": {"blocks": stats["kv_blocks"], "block_size": stats["kv_block_size"], "tokens": stats["kv_tokens"],
                      "peak_blocks_used": stats["kv_blocks_peak"],
                      "peak_usage": stats["kv_blocks_peak"] / stats["kv_blocks"]},
-        "all_reduce": getattr(llm.coordinator.comm, "tuning", None),  # NCCL's one-shot choice, on GPUs
+        "all_reduce": getattr(llm.coordinator.runner.comm, "tuning", None),  # NCCL's one-shot choice, on GPUs
         "preemptions": stats["preemptions"],
         "prefix_cache_hit_tokens": stats["prefix_cache_hit_tokens"],
         "peak_memory_bytes": {f"rank{r['rank']}": r for r in stats["ranks"]},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import faulthandler
 import json
 import os
@@ -12,6 +13,7 @@ import threading
 
 from dist_runtime import logs
 from dist_runtime.errors import DistRuntimeError
+from dist_runtime.runtime_config import LAUNCHERS, RuntimeConfig
 
 API_KEY_ENV = "DIST_RUNTIME_API_KEY"
 
@@ -44,28 +46,58 @@ def _plan_kwargs(args: argparse.Namespace) -> dict:
                 max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens, block_size=args.block_size)
 
 
-def _add_launch_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--launcher", choices=["local", "ray"], default="local",
+def _add_runtime_options(p: argparse.ArgumentParser) -> None:
+    """RuntimeConfig's fields as flags. A flag left out takes the --config file's value, else the
+    default RuntimeConfig declares (shown in the help)."""
+    d, unset = RuntimeConfig, argparse.SUPPRESS
+    p.add_argument("--config", metavar="FILE", help="runtime options from a YAML file, one `field: value` per line "
+                   "(the fields of dist_runtime.runtime_config.RuntimeConfig, engine_dir among them); "
+                   "the flags given here override it")
+    p.add_argument("--device", default=unset, help=f"cpu, or cuda: each rank takes GPU local_rank (default {d.device})")
+    p.add_argument("--no-verify", dest="verify", action="store_false", default=unset,
+                   help="skip the sha256 check of rank files")
+    p.add_argument("--kv-cache-fraction", type=float, default=unset,
+                   help=f"of the GPU memory free after loading (default {d.kv_cache_fraction})")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false", default=unset,
+                   help="schedule each step only after the one before has finished (by default, with one pipeline "
+                   "stage, the next step is scheduled while the device runs, and with pp > 1, each stage runs a "
+                   "micro-batch of its own)")
+    p.add_argument("--launcher", choices=LAUNCHERS, default=unset,
                    help="who starts ranks 1..N-1 when no launcher started this process: child processes on "
-                   "this host (default), or Ray actors")
-    p.add_argument("--ray-address", help="with --launcher ray: the cluster's HOST:PORT, or auto (the cluster "
-                   "of this host); default: as auto, but with no cluster a new local Ray starts")
-    p.add_argument("--rank-timeout", type=float, default=30.0, help="seconds a rank may be silent or stuck in one "
-                   "step before it counts as lost and the job stops (default 30)")
+                   f"this host (local), or Ray actors (default {d.launcher})")
+    p.add_argument("--ray-address", default=unset, help="with --launcher ray: the cluster's HOST:PORT, or auto (the "
+                   "cluster of this host); default: as auto, but with no cluster a new local Ray starts")
+    p.add_argument("--rank-timeout", dest="rank_timeout_s", type=float, default=unset,
+                   help="seconds a rank may be silent or stuck in one step before it counts as lost and the job "
+                   f"stops (default {d.rank_timeout_s:g})")
 
 
-def _launch_kwargs(args: argparse.Namespace) -> dict:
-    return dict(launcher=args.launcher, ray_address=args.ray_address, rank_timeout_s=args.rank_timeout)
+def _runtime_config(args: argparse.Namespace, engine: str | None) -> RuntimeConfig:
+    """The job's RuntimeConfig: the --config file's options, with the flags given over them."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RuntimeConfig) if hasattr(args, f.name)}
+    if engine:
+        given["engine_dir"] = engine
+    if args.config:
+        return RuntimeConfig.from_file(args.config, **given)
+    return RuntimeConfig.from_dict(given, "the command line")
 
 
-def _add_overlap_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-overlap", action="store_true", help="schedule each step only after the one before has "
-                   "finished (by default, with one pipeline stage, the next step is scheduled while the "
-                   "device runs, and with pp > 1, each stage runs a micro-batch of its own)")
+def _serve_other_rank(config: RuntimeConfig) -> int | None:
+    """Under mpirun or srun, a rank other than 0 serves rank 0 here: its exit code (None on rank 0)."""
+    from launch.spmd import serve_other_rank
+
+    return serve_other_rank(config)
 
 
 def _default_dtype(config) -> str:
     return {"float32": "fp32", "float16": "fp16"}.get(config.dtype, "bf16")
+
+
+def cmd_convert_gguf(args: argparse.Namespace) -> int:
+    from sharding.gguf import convert
+
+    print(f"wrote {convert(args.gguf, args.out)} (float32 safetensors, config, tokenizer, chat template)")
+    return 0
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -143,9 +175,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from dist_runtime.llm import LLM
 
     params = _sampling(args)  # bad parameters fail before any rank starts
+    config = _runtime_config(args, args.engine)
+    if (code := _serve_other_rank(config)) is not None:
+        return code
     prompts = args.prompt or ["Hello, world!"]
-    with LLM(args.engine, device=args.device, verify=not args.no_verify, overlap=not args.no_overlap,
-             **_launch_kwargs(args)) as llm:
+    with LLM(config=config) as llm:
         outputs = llm.generate(prompts, params, return_logits=bool(args.save_logits))
     if args.save_logits:
         from safetensors.torch import save_file
@@ -176,7 +210,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.concurrency and args.request_rate:
         raise DistRuntimeError("give --concurrency or --request-rate, not both")
-    if bool(args.engine) == bool(args.url):
+    if bool(args.engine or args.config) == bool(args.url):
         raise DistRuntimeError("give an engine folder, or --url of a running server (one of them)")
     if args.url:
         from dist_runtime.bench_http import run_http_bench
@@ -188,8 +222,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"{report['output_tokens_per_s']:.1f} output tokens/s; client-side TTFT p50/p90/p99 "
               f"{_p(report['ttft_ms'])} ms; TPOT {_p(report['tpot_ms'])} ms")
         return 0
-    with LLM(args.engine, device=args.device, verify=not args.no_verify, kv_cache_fraction=args.kv_cache_fraction,
-             overlap=not args.no_overlap, **_launch_kwargs(args)) as llm:
+    config = _runtime_config(args, args.engine)
+    if (code := _serve_other_rank(config)) is not None:
+        return code
+    with LLM(config=config) as llm:
         report = run_bench(llm, args.isl, args.osl, args.num_requests, args.concurrency, args.request_rate,
                            args.seed, progress=sys.stderr.isatty(), profile=args.profile)
     if args.json:
@@ -217,11 +253,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dist_runtime.server.lifecycle import serve
     from dist_runtime.server.served import ServerSettings
 
-    settings = ServerSettings(args.model_name or os.path.basename(os.path.normpath(args.engine)), _api_key(args),
+    config = _runtime_config(args, args.engine)
+    if (code := _serve_other_rank(config)) is not None:
+        return code
+    settings = ServerSettings(args.model_name or os.path.basename(os.path.normpath(config.engine_dir)), _api_key(args),
                               args.max_concurrency, args.max_request_sequences, args.max_body_bytes,
                               args.drain_timeout)
-    return serve(args.engine, settings, args.host, args.port, device=args.device, verify=not args.no_verify,
-                 kv_cache_fraction=args.kv_cache_fraction, overlap=not args.no_overlap, **_launch_kwargs(args))
+    return serve(config.engine_dir, settings, args.host, args.port, config=config)
 
 
 def _api_key(args: argparse.Namespace) -> str | None:
@@ -245,8 +283,8 @@ def _p(stats: dict) -> str:
 def cmd_accuracy(args: argparse.Namespace) -> int:
     from dist_runtime.accuracy import compare
 
-    report = compare(args.reference, args.engine, args.prompts, args.steps, device=args.device,
-                     verify=not args.no_verify, **_launch_kwargs(args))
+    config = _runtime_config(args, args.reference)  # LLM takes each engine folder over it
+    report = compare(args.reference, args.engine, args.prompts, args.steps, config=config)
     print(json.dumps(report, indent=1))
     return 0
 
@@ -274,6 +312,11 @@ def parser() -> argparse.ArgumentParser:
                    "6B has 2,048: a 2,048-token prompt and its output need more)")
     p.set_defaults(func=cmd_synth)
 
+    p = sub.add_parser("convert-gguf", help="a GGUF file to a Hugging Face checkpoint folder (float32 safetensors)")
+    p.add_argument("gguf", help="the .gguf file")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_convert_gguf)
+
     p = sub.add_parser("plan", help="how a model splits over tp x pp ranks, and whether it fits")
     p.add_argument("checkpoint", nargs="?", help="Hugging Face checkpoint folder")
     p.add_argument("--preset", help="plan a named shape without a checkpoint (e.g. llama-3-70b)")
@@ -300,7 +343,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_refit)
 
     p = sub.add_parser("generate", help="generate text; spawns the engine's ranks unless a launcher did")
-    p.add_argument("engine")
+    p.add_argument("engine", nargs="?", help="engine folder (or engine_dir in --config FILE)")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1.0)")
@@ -316,15 +359,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="same seed, same output, whatever the TP/PP layout")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of rank files")
     p.add_argument("--save-logits", metavar="FILE", help="write each prompt's logits per step (safetensors)")
-    _add_overlap_option(p)
-    _add_launch_options(p)
+    _add_runtime_options(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="throughput and latency on a synthetic workload")
-    p.add_argument("engine", nargs="?", help="engine folder (or --url)")
+    p.add_argument("engine", nargs="?", help="engine folder (or engine_dir in --config FILE, or --url)")
     p.add_argument("--url", help="drive a running `serve` over HTTP instead, e.g. http://127.0.0.1:8000")
     p.add_argument("--api-key", help="for --url (or set DIST_RUNTIME_API_KEY)")
     p.add_argument("--isl", type=int, default=128, help="input tokens per request (default 128)")
@@ -334,16 +374,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--request-rate", type=float, help="Poisson arrivals per second (default: all at once)")
     p.add_argument("--seed", type=int, default=0, help="for the random prompts")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--device", default="cpu", help="cpu, or cuda (each rank takes GPU local_rank)")
-    p.add_argument("--kv-cache-fraction", type=float, default=0.9, help="of GPU memory free after loading")
     p.add_argument("--profile", metavar="FILE", help="write a torch profiler summary of the run to FILE")
-    p.add_argument("--no-verify", action="store_true")
-    _add_overlap_option(p)
-    _add_launch_options(p)
+    _add_runtime_options(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server on rank 0")
-    p.add_argument("engine")
+    p.add_argument("engine", nargs="?", help="engine folder (or engine_dir in --config FILE)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this host only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require Authorization: Bearer KEY on every route but health and metrics "
@@ -358,11 +394,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM or Ctrl-C: seconds requests in flight get to finish (default 30)")
     p.add_argument("--model-name", help="the model id clients name (default: the engine folder's name)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--kv-cache-fraction", type=float, default=0.9)
-    p.add_argument("--no-verify", action="store_true")
-    _add_overlap_option(p)
-    _add_launch_options(p)
+    _add_runtime_options(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("accuracy", help="how far an engine's logits and greedy tokens are from a reference engine's")
@@ -370,9 +402,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("engine", help="the engine to measure (e.g. fp8 or int8wo)")
     p.add_argument("--prompts", type=int, default=8, help="random prompts (default 8)")
     p.add_argument("--steps", type=int, default=125, help="positions per prompt (default 125: 1,000 in all)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-verify", action="store_true")
-    _add_launch_options(p)
+    _add_runtime_options(p)
     p.set_defaults(func=cmd_accuracy)
 
     p = sub.add_parser("demo", help="synth, plan, build and generate a tiny model on 4 CPU ranks (TP=2 x PP=2)")

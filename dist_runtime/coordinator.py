@@ -40,19 +40,21 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from dist_runtime.block_manager import BlockManager
-from dist_runtime.comm.base import Communicator
 from dist_runtime.engine import Engine
 from dist_runtime.errors import RequestError
+from dist_runtime.executor import Executor
 from dist_runtime.liveness import Activity
 from dist_runtime.model_runner import Launched, ModelRunner, StepOutput, plain_greedy
 from dist_runtime.outputs import TokenLogprobs
+from dist_runtime.runtime_config import RuntimeConfig
 from dist_runtime.sampler import draw_seed
 from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.scheduler import Scheduler
 from dist_runtime.sequence import Sequence
-from dist_runtime.step import Ping, StatsRequest, Step
+from dist_runtime.step import Step
 
 log = logging.getLogger(__name__)
 
@@ -88,27 +90,25 @@ class InFlight:
 
 
 class Coordinator:
-    def __init__(self, engine: Engine, runner: ModelRunner, comm: Communicator, eos_ids: tuple[int, ...],
-                 num_kv_blocks: int | None = None, prefix_caching: bool = True,
-                 activity: Activity | None = None, overlap: bool = True) -> None:
+    def __init__(self, engine: Engine, runner: ModelRunner, executor: Executor, eos_ids: tuple[int, ...],
+                 config: RuntimeConfig, activity: Activity | None = None) -> None:
         plan = engine.plan
         self.activity = activity or Activity()  # the liveness watch reads how long a step has run
-        self.runner, self.comm, self.eos_ids = runner, comm, eos_ids
+        self.runner, self.executor, self.eos_ids = runner, executor, eos_ids
         self.vocab_size = engine.config.vocab_size
-        self.blocks = BlockManager(min(num_kv_blocks or runner.num_blocks, runner.num_blocks), plan.block_size,
-                                   prefix_caching)
+        self.blocks = BlockManager(min(config.num_kv_blocks or runner.num_blocks, runner.num_blocks),
+                                   plan.block_size, config.prefix_caching)
         # One sequence must always fit in the KV cache alone, or preemption could never end.
         self.max_seq_len = min(plan.max_seq_len, self.blocks.num_blocks * plan.block_size)
         self.scheduler = Scheduler(self.blocks, plan.max_batch_size, max(plan.max_num_tokens, plan.max_batch_size))
         self._seq_ids = itertools.count()
-        self.return_logits = False
         self.timings: deque[StepTiming] = deque(maxlen=TIMINGS_KEPT)  # bounded: a server runs for weeks
         self.peak_blocks_used = 0
         # One stage only: stage 0 has not got the sampled ids it would take as inputs. The other
         # TP ranks have them after plain greedy steps (see _follow).
-        self.overlap = overlap and runner.mapping.pp == 1
+        self.overlap = config.overlap and runner.mapping.pp == 1
         self._in_flight: InFlight | None = None
-        self.micro_batches = runner.mapping.pp if overlap and runner.mapping.pp > 1 else 1
+        self.micro_batches = runner.mapping.pp if config.overlap and runner.mapping.pp > 1 else 1
         self._pipeline: deque[InFlight] = deque()  # micro-batches in flight, oldest first
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -162,7 +162,7 @@ class Coordinator:
         step, sampling = self._pack(batch)
         log.debug("micro-batch of %d sequences, %d tokens", step.num_seqs, step.num_tokens)
         packed = time.perf_counter()
-        self.comm.broadcast_object(step)
+        self.executor.post("run", step)
         sent = time.perf_counter()
         self._pipeline.append(InFlight(batch, sampling, step, self.runner.launch(step)))
         self.peak_blocks_used = max(self.peak_blocks_used, self.blocks.num_used)
@@ -184,7 +184,7 @@ class Coordinator:
         step, sampling = self._pack(batch, prev_rows, in_flight)
         log.debug("step of %d sequences, %d tokens", step.num_seqs, step.num_tokens)
         packed = time.perf_counter()
-        self.comm.broadcast_object(step)
+        self.executor.post("run", step)
         sent = time.perf_counter()
         current = InFlight(batch, sampling, step, self.runner.launch(step))
         self.peak_blocks_used = max(self.peak_blocks_used, self.blocks.num_used)
@@ -211,7 +211,7 @@ class Coordinator:
         a length limit and the free blocks might not cover what the waiting could take (the
         synchronous path would have the stopping ones' blocks too, and the steps must stay its
         steps). The stopping ones' places go to the waiting as there."""
-        if prev is None or prev.step.return_logits:
+        if prev is None or prev.step.return_logits is not None:
             return None
         if self.runner.mapping.tp > 1 and not plain_greedy(prev.step):
             return None  # only the sampling rank has prev's ids; its TP peers take the argmax
@@ -256,9 +256,13 @@ class Coordinator:
             if not seq.is_finished:
                 seq.num_cached += n
                 self.blocks.register_full_blocks(seq)
-        return [self._apply(seq, row, out, now) for row, seq in enumerate(done.sampling) if not seq.is_finished]
+        # the logits of the rows whose requests asked for them (Step.return_logits), by row
+        logits = {} if out.logits is None else dict(zip(done.step.return_logits.tolist(), out.logits))
+        return [self._apply(seq, row, out, logits.get(row), now) for row, seq in enumerate(done.sampling)
+                if not seq.is_finished]
 
-    def _apply(self, seq: Sequence, row: int, out: StepOutput, now: float) -> TokenUpdate:
+    def _apply(self, seq: Sequence, row: int, out: StepOutput, logits: torch.Tensor | None,
+               now: float) -> TokenUpdate:
         token = out.token_ids[row]
         seq.tokens.append(token)
         seq.token_times.append(now)
@@ -270,8 +274,8 @@ class Coordinator:
             top = [(int(values[1 + i]), values[1 + width + i]) for i in range(n)]
             logprobs = TokenLogprobs(token, values[0], top)
             seq.logprobs.append(logprobs)
-        if out.logits is not None:
-            seq.logits.append(out.logits[row].clone())
+        if logits is not None:
+            seq.logits.append(logits.clone())
         reason = self._finish_reason(seq, token)
         if reason:
             self.scheduler.finish(seq, reason)
@@ -342,7 +346,7 @@ class Coordinator:
             history_start=np.array(history_start, dtype=np.int64),
             history_prompt_len=np.array(prompt_lens, dtype=np.int64),
             **_logit_biases(params),
-            return_logits=self.return_logits,
+            return_logits=_return_logits(params),
             prev_rows=np.array(prev_rows, dtype=np.int64) if prev_rows is not None else None,
         )
         return step, sampling
@@ -350,34 +354,24 @@ class Coordinator:
     def rank_stats(self) -> list[dict]:
         """Every rank's memory figures and busy time (ModelRunner.stats)."""
         with self.activity:
-            self.comm.broadcast_object(StatsRequest())
-            return self.comm.gather_object(self.runner.stats())
+            return self.executor.call("stats")
 
     def ping(self) -> None:
-        self.comm.broadcast_object(Ping())
+        self.executor.post("ping")
 
     def shutdown(self) -> None:
-        """Tell every other rank to leave its step loop, and let the device finish a step still
-        running (its tokens are no one's now) before its memory is released."""
+        """Let the device finish a step still running (its tokens are no one's now) before its
+        memory is released; the executor then tells every other rank to stop."""
         for done in [self._in_flight, *self._pipeline]:
             if done is not None:
                 self.runner.collect(done.launched)
         self._in_flight, self._pipeline = None, deque()
-        self.comm.broadcast_object(None)
 
 
-def serve_steps(runner: ModelRunner, comm: Communicator, activity: Activity | None = None) -> None:
-    """The loop of every rank but 0: run each Step rank 0 sends, until it sends None."""
-    activity = activity or Activity()
-    while (message := comm.broadcast_object(None)) is not None:
-        if isinstance(message, Ping):
-            continue
-        with activity:
-            if isinstance(message, StatsRequest):
-                comm.gather_object(runner.stats())
-            else:
-                log.debug("step of %d sequences, %d tokens", message.num_seqs, message.num_tokens)
-                runner.run(message)
+def _return_logits(params: list[SamplingParams]) -> np.ndarray | None:
+    """The Step's return_logits: the rows whose requests want their logits, or None for no row."""
+    rows = [row for row, p in enumerate(params) if p.return_logits]
+    return np.array(rows, dtype=np.int64) if rows else None
 
 
 def _logit_biases(params: list[SamplingParams]) -> dict[str, np.ndarray]:

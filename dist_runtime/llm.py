@@ -3,92 +3,63 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 from dist_runtime.coordinator import Coordinator
 from dist_runtime.engine import Engine
 from dist_runtime.engine_loop import EngineLoop, RequestHandle
 from dist_runtime.errors import RequestError
-from dist_runtime.liveness import DEFAULT_RANK_TIMEOUT_S, RankLostError
+from dist_runtime.liveness import RankLostError
 from dist_runtime.outputs import RequestOutput, StreamChunk
-from dist_runtime.rank_info import RankInfo
+from dist_runtime.runtime_config import RuntimeConfig
 from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.tokenizer import Tokenizer
-from dist_runtime.world import check_world, join, serve_as_worker
-from launch.local import LocalWorkers
-from launch.rank_info import from_environment
+from launch.executors import executor_for
 
 Prompt = str | list[int]
 
 
 class LLM:
-    """Runs an engine across its ranks. Under a launcher (mpirun) every rank constructs an
-    LLM: rank 0 gets the API, every other rank serves steps inside the constructor and then
-    exits the process when rank 0 shuts down. With no launcher, the engine's other ranks are
-    spawned on this host, or with `launcher="ray"` started as actors on the Ray cluster at
-    `ray_address` ("auto": the one this host belongs to).
+    """Runs an engine across its ranks, as `config` (a RuntimeConfig) says, with `options` (its
+    fields: `LLM("eng/", device="cuda", rank_timeout_s=60)`) over it.
 
-    `num_kv_blocks` and `prefix_caching` override the engine's KV-cache settings (a small
-    pool shows preemption at work). A rank that dies, or is silent or stuck in one step for
-    `rank_timeout_s`, ends the engine: every request in flight gets a RankLostError naming it.
-    `overlap` schedules each step while the device runs the one before (pp = 1), or
-    keeps one micro-batch in flight per pipeline stage (pp > 1); the tokens are the same without it."""
+    Under mpirun or srun every rank runs the same program: on rank 0 `LLM(...)` drives the job,
+    and on every other rank it serves rank 0's calls until rank 0 shuts down, then ends the
+    process. With no launcher, the engine's other ranks are spawned on this host, or with
+    `launcher="ray"` started as actors on the Ray cluster at `ray_address`.
 
-    def __init__(self, engine_dir: str, device: str = "cpu", verify: bool = True, num_kv_blocks: int | None = None,
-                 prefix_caching: bool = True, kv_cache_fraction: float = 0.9, launcher: str = "local",
-                 ray_address: str | None = None, rank_timeout_s: float = DEFAULT_RANK_TIMEOUT_S,
-                 overlap: bool = True) -> None:
-        if launcher not in ("local", "ray"):
-            raise RequestError(f"launcher must be 'local' or 'ray', not {launcher!r}")
-        self.engine = Engine.load(engine_dir)
+    A rank that dies, or is silent or stuck in one step for `rank_timeout_s`, ends the engine:
+    every request in flight gets a RankLostError naming it."""
+
+    def __init__(self, engine_dir: str | Path | None = None, *, config: RuntimeConfig | None = None,
+                 **options: Any) -> None:
+        values = dataclasses.asdict(config) if config is not None else {}
+        if engine_dir is not None:
+            values["engine_dir"] = str(engine_dir)
+        self.config = RuntimeConfig.from_dict(values | options, "LLM()")
+        self.engine = Engine.load(self.config.engine_dir)
         # read before any rank starts: a broken tokenizer file stops nothing but this call
-        self.tokenizer = Tokenizer(engine_dir) if (self.engine.path / "tokenizer.json").is_file() else None
-        self.device = device
-        self._workers = None  # LocalWorkers or RayWorkers: rank0, expect_exit(), stop(), kill()
+        self.tokenizer = Tokenizer(self.config.engine_dir) if (self.engine.path / "tokenizer.json").is_file() else None
+        self.device = self.config.device
         self._loop: EngineLoop | None = None
-        info = from_environment()
-        if info is None:
-            if self.engine.world_size == 1:
-                info = RankInfo(0, 1)
-            elif launcher == "ray":
-                from launch.ray import RayWorkers  # ray is an optional extra
-
-                self._workers = RayWorkers(engine_dir, self.engine.world_size, device, verify, kv_cache_fraction,
-                                           rank_timeout_s, ray_address)
-                info = self._workers.rank0
-            else:
-                self._workers = LocalWorkers(engine_dir, self.engine.world_size,
-                                             ["--device", device, "--kv-cache-fraction", str(kv_cache_fraction),
-                                              "--rank-timeout", str(rank_timeout_s)]
-                                             + ([] if verify else ["--no-verify"]))
-                info = self._workers.rank0
-        check_world(self.engine, info)
-        self.rank = info.rank
-        try:
-            runner, self._liveness = join(self.engine, info, device, verify, kv_cache_fraction, rank_timeout_s)
-        except BaseException:
-            self._kill_workers()
-            raise
-        if info.rank != 0:
-            serve_as_worker(runner, self._liveness)
-            raise SystemExit(0)
+        self._executor = executor_for(self.config, self.engine)
+        runner = self._executor.start()
+        self._monitor = self._executor.monitor
         eos = tuple(self.engine.config.eos_token_ids) + (self.tokenizer.eos_ids if self.tokenizer else ())
-        self.coordinator = Coordinator(self.engine, runner, runner.comm, eos, num_kv_blocks, prefix_caching,
-                                       self._liveness.activity, overlap)
-        self._comm = runner.comm
-        self._loop = EngineLoop(self.coordinator, self.tokenizer, self._liveness)
-        self._liveness.on_lost.append(self._on_rank_lost)
-        if self._workers:
-            self._workers.hand_over()
+        self.coordinator = Coordinator(self.engine, runner, self._executor, eos, self.config, self._monitor.activity)
+        self._loop = EngineLoop(self.coordinator, self.tokenizer, self._monitor)
+        self._monitor.on_lost.append(self._on_rank_lost)
         atexit.register(self.shutdown)
 
     def _on_rank_lost(self, error: RankLostError) -> None:
-        """On the watch's thread: fail every request, and end spawned ranks (a hung one too)."""
+        """On the watch's thread: fail every request, and end the ranks this process started (a hung one too)."""
         loop = self._loop  # None once the caller has aborted on its own
         if loop is not None:
             loop.fail(error)
-        if self._workers:
-            self._workers.kill_now()
+        self._executor.kill()
 
     def submit(self, prompt: Prompt, params: SamplingParams | None = None, stream: bool = False,
                sink=None) -> RequestHandle:
@@ -104,18 +75,15 @@ class LLM:
     def generate(self, prompts: list[Prompt] | str, params: SamplingParams | list[SamplingParams] | None = None,
                  return_logits: bool = False) -> list[RequestOutput]:
         """Run every prompt (text or token ids) to the end; outputs in prompt order. With
-        `return_logits`, each output carries its logits; steps run meanwhile (other callers'
-        too) then wait for their tokens before the next is launched, until this call returns."""
+        `return_logits`, each of these requests carries its logits (SamplingParams.return_logits)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise RequestError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
-        self.coordinator.return_logits = return_logits
-        try:
-            handles = [self.submit(p, sp) for p, sp in zip(prompts, params)]
-            return [h.result() for h in handles]
-        finally:
-            self.coordinator.return_logits = False
+        if return_logits:
+            params = [dataclasses.replace(sp, return_logits=True) for sp in params]
+        handles = [self.submit(p, sp) for p, sp in zip(prompts, params)]
+        return [h.result() for h in handles]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamChunk]:
         """Chunks of new tokens and text as they come; leaving the loop early aborts the request."""
@@ -131,7 +99,7 @@ class LLM:
         """Why the engine stopped serving (a rank was lost), or None while it serves."""
         if self._loop is None:
             return "shut down"
-        error = self._loop.error or self._liveness.failure
+        error = self._loop.error or self._monitor.failure
         return None if error is None else str(error)
 
     @property
@@ -180,30 +148,19 @@ class LLM:
         if loop is None:
             return
         atexit.unregister(self.shutdown)
-        if self._workers:
-            self._workers.expect_exit()
-        self._liveness.leave()
         try:
             loop.stop()
-            self.coordinator.runner.release()  # before the communicators: see ModelRunner.release
-            if loop.error is None:
-                self._comm.close()
-        finally:
-            self._liveness.close()
-            if self._workers:
-                self._workers.stop()
+        except BaseException:  # the engine thread may still talk to the ranks: no one else may
+            self._executor.stop(clean=False)
+            raise
+        self._executor.stop(clean=loop.error is None)
 
     def abort(self) -> None:
-        """Stop without talking to the other ranks (one may be dead): end spawned ranks at once.
-        Under an external launcher, exiting rank 0 makes the launcher end the rest."""
+        """Stop without talking to the other ranks (one may be dead): end the ranks this process
+        started at once. Under an external launcher, exiting rank 0 makes the launcher end the rest."""
         self._loop = None
-        self._kill_workers()
-        if getattr(self, "_liveness", None):
-            self._liveness.close()
-
-    def _kill_workers(self) -> None:
-        if self._workers:
-            self._workers.kill()
+        self._executor.kill()
+        self._executor.stop(clean=False)
 
     def __enter__(self) -> LLM:
         return self

@@ -38,7 +38,7 @@ class StepOutput:
 
     token_ids: list[int]
     logprobs: torch.Tensor | None = None  # [rows, 1 + 2N], see sampler.Sampled
-    logits: torch.Tensor | None = None  # [rows, vocab], when the step asked for them
+    logits: torch.Tensor | None = None  # [len(step.return_logits), vocab]: the rows that asked for them
 
 
 @dataclass
@@ -56,8 +56,8 @@ class ModelRunner:
     `kv_cache_fraction` of the memory left free after a profiling forward, and decode steps
     replay CUDA graphs (unless `cuda_graphs` is off)."""
 
-    def __init__(self, engine: Engine, mapping: Mapping, comm: Communicator, device: str = "cpu",
-                 verify: bool = True, kv_cache_fraction: float = 0.9, cuda_graphs: bool = True) -> None:
+    def __init__(self, engine: Engine, mapping: Mapping, comm: Communicator, device: str, verify: bool,
+                 kv_cache_fraction: float, cuda_graphs: bool = True) -> None:
         self.engine, self.mapping, self.comm = engine, mapping, comm
         self.device = torch.device(device)
         if self.device.type == "cuda":
@@ -256,16 +256,17 @@ class ModelRunner:
         with self._busy():
             if plain and greedy is None:  # an eager step: the argmax of the model's dtype is float32's
                 greedy = logits.argmax(-1)
-            if not plain or step.return_logits:
+            if not plain:
                 logits = logits.float()
             sampled = Sampled(greedy, None) if plain else sample(logits, step)
+            # only the rows that asked, copied out of what may be a graph's output
+            wanted = None if step.return_logits is None else logits[to_device(step.return_logits, self.device)].float()
         # Perhaps a view of a graph's output, which the next replay overwrites: a step taking
         # its inputs from here gathers them before its own replay.
         self.last_sampled = sampled.token_ids
-        logits = logits if step.return_logits else None
         if m.rank == 0:
-            return self._to_host(sampled.token_ids, sampled.logprobs, logits)
-        for tensor in (sampled.token_ids, sampled.logprobs, logits):
+            return self._to_host(sampled.token_ids, sampled.logprobs, wanted)
+        for tensor in (sampled.token_ids, sampled.logprobs, wanted):
             if tensor is not None:
                 self.comm.send(tensor, 0)
         return None
@@ -282,8 +283,8 @@ class ModelRunner:
         if len(step.num_logprobs) and step.num_logprobs.max() >= 0:
             logprobs = torch.empty(rows, 1 + 2 * int(step.num_logprobs.max()), device=self.device)
             waits.append(self.comm.recv_async(logprobs, src))
-        if step.return_logits:
-            logits = torch.empty(rows, self.engine.config.vocab_size, device=self.device)
+        if step.return_logits is not None:
+            logits = torch.empty(len(step.return_logits), self.engine.config.vocab_size, device=self.device)
             waits.append(self.comm.recv_async(logits, src))
         return Launched(ids, waits, logprobs, logits)
 

@@ -81,6 +81,7 @@ class SamplingParams:
     logprobs: int | None = None  # log-probabilities of the sampled token and the top-N others
     detokenize: bool = True  # False: token ids only (benchmarks), stop strings then unavailable
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, value added to its logit)
+    return_logits: bool = False  # this request's float32 logits at each sampled position come back with it
 
     def __post_init__(self) -> None:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)

@@ -1,6 +1,6 @@
-"""The control plane's messages. A Step is everything every rank needs to run one forward
-pass in lockstep, as flat arrays: rank 0 builds it, the control plane ships it, and a rank's
-ModelRunner is a function of (Step, its weights, its KV cache).
+"""A Step is everything every rank needs to run one forward pass in lockstep, as flat arrays:
+rank 0 builds it, the control plane ships it, and a rank's ModelRunner is a function of
+(Step, its weights, its KV cache).
 
 Sequence i's new tokens are `token_ids[query_start[i]:query_start[i + 1]]`. Only the
 sequences in `sample_rows` (those whose step reaches their last token) get logits and a
@@ -43,7 +43,8 @@ class Step:
     bias_start: np.ndarray | None = None  # int64 [rows + 1]
     bias_ids: np.ndarray | None = None  # int64
     bias_values: np.ndarray | None = None  # float32
-    return_logits: bool = False
+    # int64 [k]: the rows whose logits go back to rank 0 (their requests asked); None for no row
+    return_logits: np.ndarray | None = None
     # int64 [seqs]: where prev_rows[i] >= 0, sequence i's one input token is the previous
     # step's sampled id at that row, still on the device (token_ids holds a 0 in its place);
     # -1, or None for every sequence: token_ids holds them
@@ -56,16 +57,6 @@ class Step:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
-
-
-@dataclasses.dataclass
-class StatsRequest:
-    """Asks every rank for its memory figures and busy time (answered through gather_object)."""
-
-
-@dataclasses.dataclass
-class Ping:
-    """Sent by an idle rank 0 now and then, so that no transport times out a rank waiting for work."""
 
 
 def to_device(array: np.ndarray, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:

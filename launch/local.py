@@ -1,6 +1,7 @@
-"""The embedded launcher: with no launcher around, rank 0 starts ranks 1..N-1 on this host
-and makes sure they end with it: on normal exit, on error, on Ctrl-C or SIGTERM (even while
-rank 0 is blocked inside a collective), when a worker dies, and when rank 0 itself is killed."""
+"""Executors for jobs that no launcher started: a one-rank engine runs in this process alone;
+otherwise rank 0 starts ranks 1..N-1 on this host and makes sure they end with it: on normal
+exit, on error, on Ctrl-C or SIGTERM (even while rank 0 is blocked inside a collective), when a
+rank dies, and when rank 0 itself is killed."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import socket
 import subprocess
 import sys
 
+from dist_runtime.engine import Engine
+from dist_runtime.executor import Executor
 from dist_runtime.rank_info import RankInfo
+from dist_runtime.runtime_config import RuntimeConfig
 from launch.rank_info import spawned_env
 from launch.watch import StartupWatch
 
@@ -33,19 +37,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class LocalWorkers(StartupWatch):
-    """Ranks 1..world_size-1 as child processes running `launch.worker ENGINE_DIR`."""
+class InProcessExecutor(Executor):
+    """A one-rank engine: rank 0 is the whole job."""
 
-    def __init__(self, engine_dir: str, world_size: int, worker_args: list[str] | None = None) -> None:
-        port, secret = free_port(), secrets.token_hex(32)
-        self.rank0 = RankInfo(0, world_size, 0, world_size, master_port=port, transport="tcp", secret=secret)
+    def _launch(self) -> RankInfo:
+        return RankInfo(0, 1)
+
+
+class SpawnedExecutor(StartupWatch, Executor):
+    """Ranks 1..N-1 as child processes running `python -m launch.worker CONFIG` (the job's
+    RuntimeConfig as JSON), each told its RankInfo in the environment."""
+
+    def __init__(self, config: RuntimeConfig, engine: Engine) -> None:
+        super().__init__(config, engine)
         self.procs: list[subprocess.Popen] = []
-        for rank in range(1, world_size):
-            info = RankInfo(rank, world_size, rank, world_size, master_port=port, transport="tcp", secret=secret)
-            cmd = [sys.executable, "-m", "launch.worker", str(engine_dir), *(worker_args or [])]
+
+    def _launch(self) -> RankInfo:
+        world, port, secret = self.engine.world_size, free_port(), secrets.token_hex(32)
+        cmd = [sys.executable, "-m", "launch.worker", self.config.to_json()]
+        for rank in range(1, world):
+            info = RankInfo(rank, world, rank, world, master_port=port, transport="tcp", secret=secret)
             self.procs.append(subprocess.Popen(cmd, env={**os.environ, **spawned_env(info)},
                                                preexec_fn=_die_with_parent))
         self._start_watch("dist-runtime-workers")
+        return RankInfo(0, world, 0, world, master_port=port, transport="tcp", secret=secret)
+
+    def _joined(self) -> None:
+        self.hand_over()
 
     def _ended(self) -> str | None:
         for rank, proc in enumerate(self.procs, start=1):
@@ -58,8 +76,14 @@ class LocalWorkers(StartupWatch):
             if proc.poll() is None:
                 proc.terminate()
 
-    def stop(self, timeout_s: float = 10.0) -> list[int]:
-        """Wait for the workers (they leave on rank 0's shutdown), end any left; their exit codes."""
+    def kill(self) -> None:
+        """SIGKILL every rank still running (a stopped or hung one too); from any thread."""
+        self.stopping = True
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+
+    def _reap(self, timeout_s: float) -> None:
         self.stopping = True
         for proc in self.procs:
             try:
@@ -73,16 +97,3 @@ class LocalWorkers(StartupWatch):
                 proc.kill()
                 proc.wait()
         self._restore_signals()
-        return [proc.returncode for proc in self.procs]
-
-    def kill_now(self) -> None:
-        """SIGKILL every worker still running (a stopped or hung one too); from any thread."""
-        self.stopping = True
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-
-    def kill(self) -> None:
-        self.stopping = True
-        self._end_all()
-        self.stop(timeout_s=0)

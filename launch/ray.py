@@ -1,18 +1,21 @@
-"""The Ray launcher: ranks 1..N-1 as Ray actors in one placement group, rank 0 in the caller's
-process (as vLLM's driver worker). Each actor is handed a RankInfo that points at rank 0's
-address and port; from there the ranks meet over TCP exactly as spawned ranks do."""
+"""The Ray executor: ranks 1..N-1 as Ray actors in one placement group, rank 0 in the caller's
+process (as vLLM's driver worker). Each actor is handed the job's RuntimeConfig and a RankInfo
+that points at rank 0's address and port; from there the ranks meet over TCP exactly as
+spawned ranks do."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
-import signal
 import threading
 
+from dist_runtime.engine import Engine
 from dist_runtime.errors import DistRuntimeError
-from dist_runtime.liveness import DEFAULT_RANK_TIMEOUT_S
+from dist_runtime.executor import Executor
 from dist_runtime.rank_info import RankInfo
+from dist_runtime.runtime_config import RuntimeConfig
 from dist_runtime.world import run_worker
 from launch.local import free_port
 from launch.watch import StartupWatch
@@ -37,12 +40,11 @@ DEFAULT_TIMEOUT_S = 300.0  # long enough for an autoscaler to add a node
 class RankActor:
     """One rank other than 0, for as long as `run` lasts."""
 
-    def run(self, info: RankInfo, engine_dir: str, device: str, verify: bool, kv_cache_fraction: float,
-            rank_timeout_s: float) -> str | None:
+    def run(self, config: RuntimeConfig, info: RankInfo) -> str | None:
         """None once rank 0 ends the job, else why this rank could not serve (a rank that fails
         before the ranks meet has no other way to say it)."""
         try:
-            run_worker(engine_dir, info, device, verify, kv_cache_fraction, rank_timeout_s)
+            run_worker(config, info)
         except DistRuntimeError as e:
             return str(e)
         return None
@@ -56,8 +58,8 @@ def node_local_ranks(bundle_nodes: list[str]) -> list[tuple[int, int, int]]:
             for rank, node in enumerate(bundle_nodes)]
 
 
-class RayWorkers(StartupWatch):
-    """Same duty as LocalWorkers (`rank0`, `expect_exit`, `stop`, `kill`), on a Ray cluster.
+class RayExecutor(StartupWatch, Executor):
+    """Ranks 1..N-1 as Ray actors, each handed the job's RuntimeConfig and its RankInfo.
 
     Bundle r of the placement group is rank r's ({"CPU": 1}, plus {"GPU": 1} on cuda). Bundle 0
     starts no actor: it reserves rank 0's share on the driver's node, where rank 0 runs in this
@@ -65,38 +67,31 @@ class RayWorkers(StartupWatch):
     resource (`node:IP`) pins it there. On cuda every rank takes GPU local_rank of its node, as
     under mpirun, so Ray is told not to narrow CUDA_VISIBLE_DEVICES per actor."""
 
-    def __init__(self, engine_dir: str, world_size: int, device: str = "cpu", verify: bool = True,
-                 kv_cache_fraction: float = 0.9, rank_timeout_s: float = DEFAULT_RANK_TIMEOUT_S,
-                 address: str | None = None, timeout_s: float | None = None) -> None:
+    def __init__(self, config: RuntimeConfig, engine: Engine) -> None:
+        super().__init__(config, engine)
         self.actors: list = []
         self.runs: list = []
         self._pg = None
         self._watcher: threading.Thread | None = None
+        self._own_ray = False
+
+    def _launch(self) -> RankInfo:
         self._own_ray = not ray.is_initialized()  # a caller's own Ray session is theirs to end
         if self._own_ray:
             try:
-                ray.init(address=address, logging_level=logging.WARNING)
+                ray.init(address=self.config.ray_address, logging_level=logging.WARNING)
             except ConnectionError as e:
-                raise LaunchError(f"no Ray cluster at address {address!r}: {e}") from e
-        timeout_s = float(os.environ.get(ENV_TIMEOUT, DEFAULT_TIMEOUT_S)) if timeout_s is None else timeout_s
-        try:
-            run_args = (os.path.abspath(engine_dir), device, verify, kv_cache_fraction, rank_timeout_s)
-            self._start(world_size, device.startswith("cuda"), timeout_s, run_args)
-        except BaseException:
-            self.kill()
-            raise
-        self._start_watch("dist-runtime-ray-workers")
-
-    def _start(self, world_size: int, gpu: bool, timeout_s: float, run_args: tuple) -> None:
+                raise LaunchError(f"no Ray cluster at address {self.config.ray_address!r}: {e}") from e
+        world_size, gpu = self.engine.world_size, self.config.device.startswith("cuda")
         bundle = {"CPU": 1.0, "GPU": 1.0} if gpu else {"CPU": 1.0}
-        self._pg = self._reserve(world_size, bundle, timeout_s)
+        self._pg = self._reserve(world_size, bundle, float(os.environ.get(ENV_TIMEOUT, DEFAULT_TIMEOUT_S)))
         nodes = placement_group_table(self._pg)["bundles_to_node_id"]
         where = node_local_ranks([nodes[rank] for rank in range(world_size)])
         addr, port = ray.util.get_node_ip_address(), free_port()  # rank 0 hosts the store, here
         secret = secrets.token_hex(32)  # travels inside each actor's RankInfo
         infos = [RankInfo(rank, world_size, *where[rank], master_addr=addr, master_port=port, transport="tcp",
                           secret=secret) for rank in range(world_size)]
-        self.rank0 = infos[0]
+        config = dataclasses.replace(self.config, engine_dir=os.path.abspath(self.config.engine_dir))
         options = {"num_cpus": 1, "num_gpus": 1 if gpu else 0}
         if gpu:
             options["runtime_env"] = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
@@ -104,7 +99,12 @@ class RayWorkers(StartupWatch):
             strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=info.rank)
             actor = RankActor.options(scheduling_strategy=strategy, **options).remote()
             self.actors.append(actor)
-            self.runs.append(actor.run.remote(info, *run_args))
+            self.runs.append(actor.run.remote(config, info))
+        self._start_watch("dist-runtime-ray-workers")
+        return infos[0]
+
+    def _joined(self) -> None:
+        self.hand_over()
 
     @staticmethod
     def _reserve(world_size: int, bundle: dict[str, float], timeout_s: float):
@@ -149,31 +149,17 @@ class RayWorkers(StartupWatch):
         for actor in self.actors:
             ray.kill(actor)
 
-    def stop(self, timeout_s: float = 10.0) -> list[int]:
-        """Wait for the actors' runs (they end on rank 0's shutdown), then end the actors and free
-        their bundles; each rank's exit code (-9: still running, ended)."""
-        self.stopping = True
-        done = []
-        if self.runs:
-            done, _ = ray.wait(self.runs, num_returns=len(self.runs), timeout=timeout_s)
-        codes = [self._code(ref) if ref in done else -signal.SIGKILL for ref in self.runs]
-        self._release()
-        return codes
-
-    @staticmethod
-    def _code(ref) -> int:
-        try:
-            return 0 if ray.get(ref) is None else 1
-        except ray.exceptions.RayError:
-            return 1
-
-    def kill_now(self) -> None:
+    def kill(self) -> None:
         """End every actor at once (a hung one too); from any thread."""
         self.stopping = True
         self._end_all()
 
-    def kill(self) -> None:
+    def _reap(self, timeout_s: float) -> None:
+        """Wait for the actors' runs (they end when rank 0 stops the job), then end the actors
+        and free their bundles."""
         self.stopping = True
+        if self.runs:
+            ray.wait(self.runs, num_returns=len(self.runs), timeout=timeout_s)
         self._release()
 
     def _release(self) -> None:

@@ -115,6 +115,20 @@ def test_logprobs_match_transformers(llm, checkpoints):
         assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-4)
 
 
+def test_logits_come_back_only_with_the_requests_that_ask_for_them(llm):
+    """return_logits is a request's own: requests running in the same steps get none, and the
+    asking ones get the logits they get alone, one row per token."""
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    alone = llm.generate(MIXED[:2], params, return_logits=True)
+    beside = [llm.submit(p, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)) for p in MIXED[2:5]]
+    asked = llm.generate(MIXED[:2], params, return_logits=True)
+    assert all(h.result().outputs[0].logits is None for h in beside)
+    for a, b in zip(asked, alone):
+        assert a.token_ids == b.token_ids and a.outputs[0].logits.shape == (6, llm.engine.config.vocab_size)
+        assert torch.allclose(a.outputs[0].logits, b.outputs[0].logits, atol=1e-4)
+        assert a.outputs[0].logits.argmax(-1).tolist() == a.token_ids
+
+
 def test_stream_yields_the_same_tokens_and_text_as_generate(llm):
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     whole = llm.generate(["Café, naïve"], params)[0]
