@@ -14,6 +14,7 @@ import time
 from contextlib import nullcontext
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from dist_runtime.gpu_clocks import gpu_clocks
@@ -102,8 +103,6 @@ def run_bench(llm: LLM, isl: int, osl: int, num_requests: int, concurrency: int 
 def _profiler(path: str | None):
     if path is None:
         return nullcontext()
-    import torch
-
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)

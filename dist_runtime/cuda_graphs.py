@@ -14,6 +14,7 @@ batch 1 the step's host work is a share of its time, and five copies cost five r
 from __future__ import annotations
 
 import logging
+import statistics
 
 import torch
 
@@ -24,16 +25,20 @@ from dist_runtime.step import Step
 log = logging.getLogger(__name__)
 
 
-def replay_ms(graph: torch.cuda.CUDAGraph, replays: int) -> float:
-    """Milliseconds per replay of `graph`, after one replay to warm up (for benchmarks and tuners)."""
+def replay_ms(graph: torch.cuda.CUDAGraph, replays: int, rounds: int = 1) -> float:
+    """Milliseconds per replay of `graph`, after one replay to warm up: the median of `rounds`
+    timings of `replays` replays each (for benchmarks and tuners)."""
     graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / replays
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / replays)
+    return statistics.median(times)
 
 
 def buckets(max_batch: int) -> list[int]:

@@ -12,6 +12,8 @@ import statistics
 import threading
 from contextlib import nullcontext
 
+import torch
+
 SW_POWER_CAP = 0x4  # NVML's clock event reasons (nvmlClocksEventReason*)
 THERMAL = 0x20 | 0x40  # software and hardware thermal slowdown
 
@@ -22,7 +24,6 @@ class GpuClocks:
 
     def __init__(self, device_index: int, interval_s: float = 0.1) -> None:
         import pynvml
-        import torch
 
         pynvml.nvmlInit()
         self.nvml = pynvml
@@ -80,8 +81,6 @@ def gpu_clocks(device: str) -> GpuClocks | nullcontext:
     except ImportError:
         return nullcontext()
     try:
-        import torch
-
         return GpuClocks(torch.cuda.current_device())
     except pynvml.NVMLError:
         return nullcontext()

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from dist_runtime.comm.base import Communicator
+from dist_runtime.cuda_graphs import DecodeGraphs, buckets
 from dist_runtime.engine import Engine
 from dist_runtime.errors import EngineError
 from dist_runtime.layers.attention import AttentionMetadata
@@ -136,8 +137,6 @@ class ModelRunner:
         # One stage only: a graph cannot wait for another stage's activations. NCCL all-reduces
         # of a TP group run inside the graph.
         if self.device.type == "cuda" and self.use_cuda_graphs and m.pp == 1:
-            from dist_runtime.cuda_graphs import DecodeGraphs, buckets
-
             plan = self.engine.plan
             short = {b: self.kernels.short_context(b) for b in buckets(plan.max_batch_size)} if self.kernels else {}
             log.info("capturing decode graphs")

@@ -20,6 +20,8 @@ import torch
 from cupy.cuda import nccl
 
 from dist_runtime.comm.base import Communicator, gather_last_dim
+from dist_runtime.comm.one_shot import OneShotAllReduce
+from dist_runtime.cuda_graphs import replay_ms
 from dist_runtime.mapping import Mapping
 
 log = logging.getLogger(__name__)
@@ -52,8 +54,6 @@ class NcclCommunicator(Communicator):
         """Time NCCL and the one-shot kernel at each message size, both inside CUDA graphs as
         decode runs them; up to the largest size where one-shot wins, it takes the all-reduces.
         Rank 0's timings decide for everyone: a split decision would deadlock."""
-        from dist_runtime.comm.one_shot import OneShotAllReduce
-
         one_shot = OneShotAllReduce(self.control)
         if one_shot.error is None:
             check = torch.full((1024,), self.mapping.tp_rank + 1.0, device="cuda")
@@ -140,8 +140,6 @@ class NcclCommunicator(Communicator):
 
 def _graph_us(all_reduce, x: torch.Tensor, ops: int = 20, replays: int = 5) -> float:
     """Microseconds per all-reduce of `x`, replayed from a CUDA graph of `ops` of them."""
-    from dist_runtime.cuda_graphs import replay_ms
-
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(ops):
