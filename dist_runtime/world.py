@@ -17,13 +17,14 @@ from dist_runtime.comm.auth import AuthError
 from dist_runtime.comm.base import Communicator
 from dist_runtime.comm.gloo import GlooCommunicator
 from dist_runtime.comm.solo import SoloCommunicator
-from dist_runtime.coordinator import serve_steps
 from dist_runtime.engine import Engine
 from dist_runtime.errors import DistRuntimeError, EngineError
-from dist_runtime.liveness import DEFAULT_RANK_TIMEOUT_S, Heartbeat, Monitor, exit_process
+from dist_runtime.liveness import Heartbeat, Monitor, exit_process
 from dist_runtime.mapping import Mapping
 from dist_runtime.model_runner import ModelRunner
 from dist_runtime.rank_info import RankInfo
+from dist_runtime.runtime_config import RuntimeConfig
+from dist_runtime.worker import Worker, serve
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +86,11 @@ def _monitor_host(comm: Communicator, info: RankInfo) -> str | None:
     return "127.0.0.1" if set(hosts) == {hosts[0]} else local_address()
 
 
-def join(engine: Engine, info: RankInfo, device: str = "cpu", verify: bool = True, kv_cache_fraction: float = 0.9,
-         rank_timeout_s: float = DEFAULT_RANK_TIMEOUT_S) -> tuple[ModelRunner, Monitor | Heartbeat]:
+def join(engine: Engine, info: RankInfo, config: RuntimeConfig) -> tuple[ModelRunner, Monitor | Heartbeat]:
     """This rank's runner and liveness watch, once every rank has loaded and all agree on the
     KV-cache size (the smallest any rank can hold); a rank's load error is raised on rank 0."""
     check_world(engine, info)
+    device, verify, kv_cache_fraction = config.device, config.verify, config.kv_cache_fraction
     if device == "cpu":  # ranks sharing a host share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
     elif device == "cuda":
@@ -97,7 +98,7 @@ def join(engine: Engine, info: RankInfo, device: str = "cpu", verify: bool = Tru
     mapping = engine.plan.mapping(info.rank)
     comm = open_communicator(info, mapping, device)
     log.info("communicator up: %s", type(comm).__name__)
-    liveness = watch(comm, info, rank_timeout_s)
+    liveness = watch(comm, info, config.rank_timeout_s)
     if isinstance(liveness, Heartbeat):  # its own verdicts end the process
         return _load(engine, info, mapping, comm, device, verify, kv_cache_fraction), liveness
     # Loading ends in collectives a hung rank would block forever: rank 0's verdict ends this
@@ -144,18 +145,13 @@ def _load(engine: Engine, info: RankInfo, mapping: Mapping, comm: Communicator, 
     return runner
 
 
-def run_worker(engine_dir: str, info: RankInfo, device: str = "cpu", verify: bool = True,
-               kv_cache_fraction: float = 0.9, rank_timeout_s: float = DEFAULT_RANK_TIMEOUT_S) -> None:
-    """A rank other than 0: join, then run Steps until rank 0 says stop."""
-    engine = Engine.load(engine_dir)
-    serve_as_worker(*join(engine, info, device, verify, kv_cache_fraction, rank_timeout_s))
-
-
-def serve_as_worker(runner: ModelRunner, liveness: Heartbeat) -> None:
-    """Run rank 0's Steps until it says stop; signals wait for rank 0 to end the job."""
+def run_worker(config: RuntimeConfig, info: RankInfo) -> None:
+    """A rank other than 0: join, then run what rank 0 asks (Worker) until it says stop;
+    signals wait for rank 0 to end the job."""
+    runner, liveness = join(Engine.load(config.engine_dir), info, config)
     liveness.defer_signals()
     try:
-        serve_steps(runner, runner.comm, liveness.activity)
+        serve(Worker(runner), runner.comm, liveness.activity)
     finally:
         liveness.close()
         runner.release()  # before the communicators: see ModelRunner.release
