@@ -22,8 +22,8 @@ from dist_runtime.mapping import Mapping
 from dist_runtime.models import build_model
 from dist_runtime.presets import preset_config
 from dist_runtime.tuning import KernelChoices, TuningRecord, install, summary
+from sharding.autotune import tune_kernels
 from sharding.planner import make_plan
-from sharding.tuning import tune_kernels
 
 
 def random_model(config: ModelConfig, dtype: torch.dtype):

@@ -4,7 +4,7 @@ batch-size bucket, captured at start-up and replayed every decode step: a decode
 steps run eagerly.
 
 Where the build's tuning kept a decode-attention launch for short contexts beside its
-overall pick (sharding/tuning.py), the bucket has a second graph with that launch, replayed
+overall pick (sharding/autotune.py), the bucket has a second graph with that launch, replayed
 when every context of the step is that short.
 
 A bucket's inputs (token ids, positions, cache slots, context lengths, block tables) are one

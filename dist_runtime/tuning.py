@@ -1,6 +1,6 @@
 """The kernel choices an engine was tuned with (engine.json's "tuning"), as the runner reads them.
 
-The build times the candidates on its GPU (sharding/tuning.py) and records, per shape, the
+The build times the candidates on its GPU (sharding/autotune.py) and records, per shape, the
 winner and the measured times. Choices are keyed by batch-size bucket: a step of n sequences
 (or n tokens) takes the choice of the smallest tuned bucket that holds it, so the CUDA graph
 of each bucket bakes in its own kernels and eager steps choose the same way. A GPU runner

@@ -26,11 +26,11 @@ from dist_runtime.quantization import (
 )
 from dist_runtime.tokenizer import Tokenizer
 from dist_runtime.tuning import skipped
+from sharding.autotune import tune_kernels
 from sharding.calibrate import calibrate
 from sharding.checkpoint import Checkpoint
 from sharding.planner import make_plan
 from sharding.safetensors_writer import StreamingWriter, TensorSpec
-from sharding.tuning import tune_kernels
 
 BUILDABLE = ("fp32", "fp16", "bf16", "int8wo", "fp8")
 

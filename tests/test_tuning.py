@@ -71,7 +71,7 @@ def test_engine_json_keeps_the_tuned_choices_and_the_runner_reads_them(engines, 
 def test_prefill_tuning_times_a_full_step_of_whole_prompts_and_a_chunk():
     from types import SimpleNamespace
 
-    from sharding.tuning import _prefill_step
+    from sharding.autotune import _prefill_step
 
     assert _prefill_step(SimpleNamespace(max_seq_len=2304, max_num_tokens=8192)) == [(2304, 2304)] * 3 + [(1280, 2304)]
     assert _prefill_step(SimpleNamespace(max_seq_len=128, max_num_tokens=512)) == [(128, 128)] * 4
@@ -108,7 +108,7 @@ def test_fp8_layers_take_their_input_quantized_only_where_scaled_mm_runs():
 def test_the_tuning_times_the_lm_head_unquantized(engines):
     """In an int8 or fp8 engine every GEMM weight is quantized but the LM head's: the build
     times each GEMM with the weights the engine will hold."""
-    from sharding.tuning import _shapes
+    from sharding.autotune import _shapes
 
     engine = Engine.load(engines("llama", 1, 1))
     gemms, _ = _shapes(engine.config, engine.plan, torch.bfloat16)
@@ -143,8 +143,8 @@ def test_tuned_and_forced_kernels_give_the_untuned_outputs(checkpoints, tmp_path
         pytest.skip("fp8 GEMMs need compute capability 8.9+")
     import dist_runtime.kernels.paged_prefill as prefill
     import dist_runtime.kernels.skinny_gemm as skinny
+    from sharding.autotune import PREFILL_LAUNCHES
     from sharding.builder import build_engine
-    from sharding.tuning import PREFILL_LAUNCHES
 
     tuned = build_engine(checkpoints["llama"], tmp_path / "tuned", dtype=dtype, progress=False, tune=True,
                          max_batch_size=4, max_seq_len=128)

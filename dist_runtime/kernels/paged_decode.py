@@ -11,7 +11,7 @@ cast to q's dtype, or (`fp8_products`) its keys multiplied as stored on fp8 tens
 in two E4M3 parts; its per-KV-head scales fold into the softmax scale (keys) and the output
 (values), both uniform in a program. It takes only tensors, so a CUDA graph can capture it. The
 reference is `PagedAttention.reference` (layers/attention.py); the split count, BLOCK_N and
-num_warps are tuned per batch size at build time (sharding/tuning.py). With one query head per
+num_warps are tuned per batch size at build time (sharding/autotune.py). With one query head per
 KV head (GPT-J), the tensor-core tile would be 15/16 padding, and the tuning may pick the
 `vector` kernel: multiply-adds over [BLOCK_N, head_dim] tiles, summed over keys once at the end.
 """

@@ -36,7 +36,7 @@ from dist_runtime.kernels.paged_decode import e4m3_rows
 from dist_runtime.kernels.pdl import wait_for_inputs
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by (head_dim, fp8 cache), for engines built without
-# tuning (a tuned build times sharding.tuning.PREFILL_LAUNCHES on its GPU): the fastest on an H200
+# tuning (a tuned build times sharding.autotune.PREFILL_LAUNCHES on its GPU): the fastest on an H200
 # over a step of five prompts or chunks of 544 to 2,048 tokens (BENCHMARKS.md). Over fp8 (fp8
 # scores), timed between fp8 GEMMs at the clocks of the GPU's power cap, as in the engine: 574 us
 # for head_dim 128 and 482 us for 256.

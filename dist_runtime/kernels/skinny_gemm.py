@@ -5,7 +5,7 @@ which kernel keeps the most bytes in flight: cuBLAS's GEMV/GEMM or this one, whe
 program owns BLOCK_N output columns and walks K in BLOCK_K steps (pipelined loads, rows of x
 padded to 16 for the tensor cores). For one row, BLOCK_N below 16 takes a multiply-add
 kernel instead (no tensor-core tile to fill), giving more, smaller programs to spread over
-the SMs. The build times them per shape on the target GPU (sharding/tuning.py) and the
+the SMs. The build times them per shape on the target GPU (sharding/autotune.py) and the
 engine records which to use. The reference is F.linear.
 
 Quantized engines use the same kernels: an int8 or fp8 (E4M3) weight is converted to x's dtype

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import statistics
 import time
 from collections.abc import Callable
 from functools import partial
@@ -34,7 +33,9 @@ from typing import Any
 import torch
 
 from dist_runtime.config import ModelConfig
-from dist_runtime.cuda_graphs import buckets
+from dist_runtime.cuda_graphs import buckets, replay_ms
+from dist_runtime.layers.linear import linear
+from dist_runtime.layers.quantized import fp8_input, fp8_linear
 from dist_runtime.models import build_model
 from dist_runtime.plan import DTYPES, Plan
 from dist_runtime.quantization import QUANTIZED_DTYPES, quantize_weight
@@ -123,17 +124,7 @@ def gpu_time(fns: list[Callable[[], Any]]) -> float:
         for _ in range(rounds):
             for fn in fns:
                 fn()
-    graph.replay()
-    times = []
-    for _ in range(REPLAYS):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end) / 1e3 / (rounds * len(fns)))
-    del graph
-    return statistics.median(times)
+    return replay_ms(graph, 1, REPLAYS) / 1e3 / (rounds * len(fns))
 
 
 def _try_time(fns: list[Callable[[], Any]]) -> float:
@@ -293,8 +284,6 @@ def _tune_gemms(shapes: set, rows: list[int], dtype: torch.dtype, fmt: str) -> d
 def _tune_gemm(m: int, k: int, weights: list, bias: torch.Tensor | None, dtype: torch.dtype,
                weight_fmt: str | None) -> dict[str, Any]:
     from dist_runtime.kernels.skinny_gemm import CONFIGS, ROW_CONFIGS, skinny_linear
-    from dist_runtime.layers.linear import linear
-    from dist_runtime.layers.quantized import fp8_input, fp8_linear
 
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     choice = {}
