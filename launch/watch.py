@@ -70,10 +70,6 @@ class StartupWatch(ABC):
         if threading.current_thread() is threading.main_thread():
             self._restore_signals()
 
-    def expect_exit(self) -> None:
-        """From now on ranks leaving is the plan, not a failure."""
-        self.stopping = True
-
     def _restore_signals(self) -> None:
         if self._old_wakeup_fd is not None:
             signal.set_wakeup_fd(self._old_wakeup_fd)
