@@ -11,9 +11,26 @@ import signal
 import sys
 import threading
 
+from safetensors.torch import save_file
+
 from dist_runtime import logs
+from dist_runtime.accuracy import compare
+from dist_runtime.bench import run_bench
+from dist_runtime.config import ModelConfig
+from dist_runtime.demo import run_demo
 from dist_runtime.errors import DistRuntimeError
+from dist_runtime.llm import LLM
+from dist_runtime.plan_report import format_plan
+from dist_runtime.presets import preset_config, to_transformers5_layout
 from dist_runtime.runtime_config import LAUNCHERS, RuntimeConfig
+from dist_runtime.sampling_params import SamplingParams
+from dist_runtime.tuning import summary
+from launch.rank_info import from_environment
+from launch.spmd import serve_other_rank
+from sharding.builder import build_engine, refit_engine
+from sharding.gguf import convert
+from sharding.planner import make_plan, smallest_fitting_plan
+from sharding.synth import write_checkpoint
 
 API_KEY_ENV = "DIST_RUNTIME_API_KEY"
 
@@ -82,28 +99,16 @@ def _runtime_config(args: argparse.Namespace, engine: str | None) -> RuntimeConf
     return RuntimeConfig.from_dict(given, "the command line")
 
 
-def _serve_other_rank(config: RuntimeConfig) -> int | None:
-    """Under mpirun or srun, a rank other than 0 serves rank 0 here: its exit code (None on rank 0)."""
-    from launch.spmd import serve_other_rank
-
-    return serve_other_rank(config)
-
-
 def _default_dtype(config) -> str:
     return {"float32": "fp32", "float16": "fp16"}.get(config.dtype, "bf16")
 
 
 def cmd_convert_gguf(args: argparse.Namespace) -> int:
-    from sharding.gguf import convert
-
     print(f"wrote {convert(args.gguf, args.out)} (float32 safetensors, config, tokenizer, chat template)")
     return 0
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from dist_runtime.presets import preset_config, to_transformers5_layout
-    from sharding.synth import write_checkpoint
-
     config = preset_config(args.preset, args.arch)
     if args.max_positions:  # GPT-J's field, or Llama's
         config["n_positions" if "n_positions" in config else "max_position_embeddings"] = args.max_positions
@@ -116,11 +121,6 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from dist_runtime.config import ModelConfig
-    from dist_runtime.plan_report import format_plan
-    from dist_runtime.presets import preset_config
-    from sharding.planner import make_plan, smallest_fitting_plan
-
     if bool(args.checkpoint) == bool(args.preset):
         raise DistRuntimeError("give a checkpoint folder or --preset NAME (one of them)")
     config = (ModelConfig.from_hf(preset_config(args.preset, args.arch)) if args.preset
@@ -139,10 +139,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from dist_runtime.config import ModelConfig
-    from dist_runtime.tuning import summary
-    from sharding.builder import build_engine
-
     dtype = args.dtype or _default_dtype(ModelConfig.from_dir(args.checkpoint))
     engine = build_engine(args.checkpoint, args.out, args.tp, args.pp, dtype, progress=sys.stderr.isatty(),
                           tune=not args.no_tune, calib=args.calib, **_plan_kwargs(args))
@@ -154,16 +150,12 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_refit(args: argparse.Namespace) -> int:
-    from sharding.builder import refit_engine
-
     engine = refit_engine(args.engine, args.checkpoint, progress=sys.stderr.isatty())
     print(f"refit {args.engine} with the weights of {args.checkpoint} ({engine.world_size} rank files)")
     return 0
 
 
 def _sampling(args: argparse.Namespace):
-    from dist_runtime.sampling_params import SamplingParams
-
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                           presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
@@ -172,18 +164,14 @@ def _sampling(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from dist_runtime.llm import LLM
-
     params = _sampling(args)  # bad parameters fail before any rank starts
     config = _runtime_config(args, args.engine)
-    if (code := _serve_other_rank(config)) is not None:
+    if (code := serve_other_rank(config)) is not None:
         return code
     prompts = args.prompt or ["Hello, world!"]
     with LLM(config=config) as llm:
         outputs = llm.generate(prompts, params, return_logits=bool(args.save_logits))
     if args.save_logits:
-        from safetensors.torch import save_file
-
         save_file({f"prompt_{i}": o.outputs[0].logits for i, o in enumerate(outputs)}, args.save_logits)
     for out in outputs:
         if args.json:
@@ -205,15 +193,12 @@ def _completion_json(c) -> dict:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from dist_runtime.bench import run_bench
-    from dist_runtime.llm import LLM
-
     if args.concurrency and args.request_rate:
         raise DistRuntimeError("give --concurrency or --request-rate, not both")
     if bool(args.engine or args.config) == bool(args.url):
         raise DistRuntimeError("give an engine folder, or --url of a running server (one of them)")
     if args.url:
-        from dist_runtime.bench_http import run_http_bench
+        from dist_runtime.bench_http import run_http_bench  # httpx, which only this needs
 
         report = run_http_bench(args.url, args.isl, args.osl, args.num_requests, args.concurrency,
                                 args.request_rate, args.seed, args.api_key or os.environ.get(API_KEY_ENV))
@@ -223,7 +208,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"{_p(report['ttft_ms'])} ms; TPOT {_p(report['tpot_ms'])} ms")
         return 0
     config = _runtime_config(args, args.engine)
-    if (code := _serve_other_rank(config)) is not None:
+    if (code := serve_other_rank(config)) is not None:
         return code
     with LLM(config=config) as llm:
         report = run_bench(llm, args.isl, args.osl, args.num_requests, args.concurrency, args.request_rate,
@@ -250,11 +235,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from dist_runtime.server.lifecycle import serve
+    from dist_runtime.server.lifecycle import serve  # FastAPI and uvicorn: the serve extra
     from dist_runtime.server.served import ServerSettings
 
     config = _runtime_config(args, args.engine)
-    if (code := _serve_other_rank(config)) is not None:
+    if (code := serve_other_rank(config)) is not None:
         return code
     settings = ServerSettings(args.model_name or os.path.basename(os.path.normpath(config.engine_dir)), _api_key(args),
                               args.max_concurrency, args.max_request_sequences, args.max_body_bytes,
@@ -281,8 +266,6 @@ def _p(stats: dict) -> str:
 
 
 def cmd_accuracy(args: argparse.Namespace) -> int:
-    from dist_runtime.accuracy import compare
-
     config = _runtime_config(args, args.reference)  # LLM takes each engine folder over it
     report = compare(args.reference, args.engine, args.prompts, args.steps, config=config)
     print(json.dumps(report, indent=1))
@@ -290,8 +273,6 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from dist_runtime.demo import run_demo
-
     return run_demo(args.out)
 
 
@@ -430,8 +411,6 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop_requested)
     signal.signal(signal.SIGINT, _stop_requested)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` shows where a stuck rank is
-    from launch.rank_info import from_environment
-
     try:
         rank = getattr(from_environment(), "rank", 0)
     except (ValueError, DistRuntimeError) as e:  # a launcher variable or secret this rank cannot use
