@@ -132,7 +132,7 @@ def _report(llm: LLM, outputs: list, elapsed: float, isl: int, osl: int, concurr
         "steps": len(timings),
         "overlap": llm.coordinator.overlap,
         "micro_batches": llm.coordinator.micro_batches,
-        "steps_launched_ahead": sum(t.ahead for t in timings) / max(1, len(timings)),  # the share that overlapped
+        "steps_launched_ahead": sum(t.launched_ahead for t in timings) / max(1, len(timings)),
         "max_running": busiest,
         "step_overhead_ms": {
             "schedule_and_pack": percentiles([t.schedule_s for t in timings], 1e3),

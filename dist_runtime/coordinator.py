@@ -1,15 +1,17 @@
 """The rank-0 coordinator: requests in, Steps out to every rank, sampled tokens back.
 
-It owns the scheduler and the KV-cache block manager, packs each step's batch into a Step,
-broadcasts it, runs rank 0's own share of the step, and applies the sampled tokens.
+It is the engine's loop: it asks the scheduler which sequences run how many tokens, packs
+that into a Step, sends it to every rank, launches rank 0's own share, and applies the tokens of
+the steps that have landed (each in its placeholder's place; a sequence that ends finishes
+and gives its KV blocks back).
 
-With overlap (one pipeline stage), step n+1 is packed and launched while the device still
-runs step n, whenever each of step n's sequences decodes in it or runs its prompt's next
-chunk: the decodes' input tokens are step n's sampled ids, which stay on the device (on the
-other TP ranks too, after greedy steps), a prompt's are on the host, and waiting requests
-may join with their prompts. A sequence that meets a stop token in step n has
-already a row in step n+1; that row's token is dropped. Anything else (see _follow) waits for
-step n's tokens first.
+With overlap (one pipeline stage), step n+1 is scheduled and launched while the device still
+runs step n: the scheduler counts step n's sampled tokens as placeholders, and a decoding
+sequence's input token is step n's sampled id, which stays on the device (on the other TP
+ranks too, after plain greedy steps). A sequence that meets a stop token in step n has
+already a row in step n+1; that row's token is dropped. Step n+1 waits for step n's tokens
+where the scheduler says so, or where the runner cannot feed them to it (see
+_launch_ahead_of).
 A sequence that ends gives its KV blocks back at once, though a step still running may
 write to them: a step that reuses them is launched later, so it runs later on the one stream.
 
@@ -52,7 +54,7 @@ from dist_runtime.outputs import TokenLogprobs
 from dist_runtime.runtime_config import RuntimeConfig
 from dist_runtime.sampler import draw_seed
 from dist_runtime.sampling_params import SamplingParams
-from dist_runtime.scheduler import Scheduler
+from dist_runtime.scheduler import Chunk, Scheduler
 from dist_runtime.sequence import Sequence
 from dist_runtime.step import Step
 
@@ -76,14 +78,14 @@ class StepTiming:
     schedule_s: float  # scheduling and packing the Step
     broadcast_s: float  # handing it to the control plane (which does not wait for the ranks to take it)
     step_s: float  # the whole step, forward and sampling included (with overlap: also collecting the one before)
-    ahead: bool  # launched before the previous step's tokens reached the host (or, with micro-batches, beside another)
+    launched_ahead: bool  # launched while another step was in flight (before its tokens reached the host)
 
 
 @dataclass
 class InFlight:
     """A launched step, until its tokens are collected."""
 
-    batch: list[tuple[Sequence, int]]
+    chunks: list[Chunk]
     sampling: list[Sequence]  # in row order
     step: Step
     launched: Launched | None
@@ -100,16 +102,16 @@ class Coordinator:
                                    plan.block_size, config.prefix_caching)
         # One sequence must always fit in the KV cache alone, or preemption could never end.
         self.max_seq_len = min(plan.max_seq_len, self.blocks.num_blocks * plan.block_size)
-        self.scheduler = Scheduler(self.blocks, plan.max_batch_size, max(plan.max_num_tokens, plan.max_batch_size))
+        self.scheduler = Scheduler(self.blocks, plan.max_batch_size, max(plan.max_num_tokens, plan.max_batch_size),
+                                   self.max_seq_len)
         self._seq_ids = itertools.count()
         self.timings: deque[StepTiming] = deque(maxlen=TIMINGS_KEPT)  # bounded: a server runs for weeks
         self.peak_blocks_used = 0
         # One stage only: stage 0 has not got the sampled ids it would take as inputs. The other
-        # TP ranks have them after plain greedy steps (see _follow).
+        # TP ranks have them after plain greedy steps (see _launch_ahead_of).
         self.overlap = config.overlap and runner.mapping.pp == 1
-        self._in_flight: InFlight | None = None
         self.micro_batches = runner.mapping.pp if config.overlap and runner.mapping.pp > 1 else 1
-        self._pipeline: deque[InFlight] = deque()  # micro-batches in flight, oldest first
+        self._in_flight: deque[InFlight] = deque()  # launched steps, oldest first
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise RequestError for a request this engine cannot serve, before it is queued."""
@@ -139,111 +141,51 @@ class Coordinator:
         return seqs
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or self._in_flight is not None or bool(self._pipeline)
+        return self.scheduler.has_work() or bool(self._in_flight)
 
     def step(self) -> list[TokenUpdate]:
-        """Run one step on every rank; returns the tokens it produced. With overlap, it launches
-        one step and returns the tokens of the one before, which ran meanwhile; with
-        micro-batches, those of the oldest in flight, if it had to collect them."""
+        """Launch the next step on every rank; returns the tokens that reached the host meanwhile:
+        this step's; with overlap, the step's before, which ran while this one was scheduled;
+        with micro-batches, the oldest's once one is in flight per stage."""
         with self.activity:
-            return self._step() if self.micro_batches == 1 else self._pipelined_step()
-
-    def _pipelined_step(self) -> list[TokenUpdate]:
-        """Launch a micro-batch of sequences not in flight; first collect the oldest micro-batch
-        if every slot is taken, or if nothing else can run."""
-        start = time.perf_counter()
-        updates = []
-        if len(self._pipeline) == self.micro_batches:
-            updates = self._collect(self._pipeline.popleft())
-        scheduling = time.perf_counter()
-        batch = self.scheduler.schedule(exclude={seq for f in self._pipeline for seq, _ in f.batch})
-        if not batch:
-            return updates + (self._collect(self._pipeline.popleft()) if self._pipeline else [])
-        step, sampling = self._pack(batch)
-        log.debug("micro-batch of %d sequences, %d tokens", step.num_seqs, step.num_tokens)
-        packed = time.perf_counter()
-        self.executor.post("run", step)
-        sent = time.perf_counter()
-        self._pipeline.append(InFlight(batch, sampling, step, self.runner.launch(step)))
-        self.peak_blocks_used = max(self.peak_blocks_used, self.blocks.num_used)
-        self.timings.append(StepTiming(len(batch), packed - scheduling, sent - packed, time.perf_counter() - start,
-                                       len(self._pipeline) > 1))
-        return updates
-
-    def _step(self) -> list[TokenUpdate]:
-        start = time.perf_counter()
-        prev, self._in_flight = self._in_flight, None
-        follow = self._follow(prev)
-        updates = []
-        if prev is not None and follow is None:  # the scheduler needs prev's tokens
-            updates = self._collect(prev)
-            if not self.scheduler.has_work():
+            start = time.perf_counter()
+            updates = []
+            if self.overlap and self._in_flight and not self._launch_ahead_of(self._in_flight[-1]):
+                updates += self._collect(self._in_flight.popleft())
+            scheduling = time.perf_counter()
+            chunks = self.scheduler.schedule(placeholders=self.overlap)
+            while not chunks and self._in_flight:  # nothing can run before the oldest step's tokens land
+                updates += self._collect(self._in_flight.popleft())
+                scheduling = time.perf_counter()
+                chunks = self.scheduler.schedule(placeholders=self.overlap)
+            if not chunks:
                 return updates
-        scheduling = start if follow else time.perf_counter()
-        batch, prev_rows, in_flight = follow or (self.scheduler.schedule(), None, None)
-        step, sampling = self._pack(batch, prev_rows, in_flight)
-        log.debug("step of %d sequences, %d tokens", step.num_seqs, step.num_tokens)
-        packed = time.perf_counter()
-        self.executor.post("run", step)
-        sent = time.perf_counter()
-        current = InFlight(batch, sampling, step, self.runner.launch(step))
-        self.peak_blocks_used = max(self.peak_blocks_used, self.blocks.num_used)
-        if follow is not None:
-            updates = self._collect(prev)  # while the device runs `current`
-        if self.overlap:
-            self._in_flight = current
-        else:
-            updates = self._collect(current)
-        self.timings.append(StepTiming(len(batch), packed - scheduling, sent - packed, time.perf_counter() - start,
-                                       follow is not None))
-        return updates
+            step, sampling = self._pack(chunks)
+            log.debug("step of %d sequences, %d tokens", step.num_seqs, step.num_tokens)
+            packed = time.perf_counter()
+            self.executor.post("run", step)
+            sent = time.perf_counter()
+            self._in_flight.append(InFlight(chunks, sampling, step, self.runner.launch(step)))
+            self.peak_blocks_used = max(self.peak_blocks_used, self.blocks.num_used)
+            launched_ahead = len(self._in_flight) > 1
+            # Left in flight: with overlap the step just launched; with micro-batches, one per
+            # stage but the next step's; otherwise none.
+            while len(self._in_flight) > (1 if self.overlap else self.micro_batches - 1):
+                updates += self._collect(self._in_flight.popleft())
+            self.timings.append(StepTiming(len(chunks), packed - scheduling, sent - packed,
+                                           time.perf_counter() - start, launched_ahead))
+            return updates
 
-    def _follow(self, prev: InFlight | None
-                ) -> tuple[list[tuple[Sequence, int]], list[int], dict[Sequence, int]] | None:
-        """The step that can be launched before `prev`'s tokens reach the host: (batch, each
-        sequence's row among prev's sampled ids, -1 for one whose tokens the host has, and the
-        prompt tokens prev computes for sequences part-way through prefill), with KV blocks
-        for what it adds. Every running sequence decodes the token prev sampled for it, or
-        takes its prompt's next chunk; waiting ones join with their prompts while the budget
-        and the blocks allow. None when the host needs prev's tokens first: penalties read
-        them; prev's logits are wanted (the next graph replay overwrites them); the blocks are
-        short; a running sequence was left out of prev; or sequences wait while others stop at
-        a length limit and the free blocks might not cover what the waiting could take (the
-        synchronous path would have the stopping ones' blocks too, and the steps must stay its
-        steps). The stopping ones' places go to the waiting as there."""
-        if prev is None or prev.step.return_logits is not None:
-            return None
-        if self.runner.mapping.tp > 1 and not plain_greedy(prev.step):
-            return None  # only the sampling rank has prev's ids; its TP peers take the argmax
-        rows = {seq: row for row, seq in enumerate(prev.sampling)}
-        in_flight = {seq: n for seq, n in prev.batch if seq not in rows}  # prompt chunks, sampling nothing
-        if any(seq not in rows and seq not in in_flight for seq in self.scheduler.running):
-            return None
-        # Those that prev's token takes to a length limit stop there (the rest of prev's
-        # sequences finished while it ran).
-        decoding = [s for s in self.scheduler.running if s in rows
-                    and s.num_output + 1 < s.params.max_tokens and len(s) + 1 < self.max_seq_len]
-        prefilling = [s for s in self.scheduler.running if s in in_flight]
-        if not (decoding or prefilling) or any(s.params.has_penalties for s in decoding):
-            return None
-        stopping = len(self.scheduler.running) - len(decoding) - len(prefilling)
-        batch, budget = dict.fromkeys(decoding, 1), self.scheduler.max_num_tokens - len(decoding)
-        for seq in prefilling:  # the next chunk, as the scheduler would cut it
-            if budget > 0:
-                batch[seq] = min(len(seq) - seq.num_cached - in_flight[seq], budget)
-                budget -= batch[seq]
-        ends = {seq: len(seq) + 1 if seq in rows else seq.num_cached + in_flight[seq] + n for seq, n in batch.items()}
-        needed = sum(self.blocks.blocks_for(end) - len(s.block_table) for s, end in ends.items())
-        if stopping and self.scheduler.waiting and budget > 0:
-            # the most that the joining ones can take, each from a whole block on
-            joining = min(len(self.scheduler.waiting), self.scheduler.max_batch_size)
-            needed += self.blocks.blocks_for(budget) + joining
-        if needed > self.blocks.num_free:
-            return None  # the scheduler preempts, or (with the stopping ones' blocks) admits more
-        for seq, end in ends.items():
-            self.blocks.grow(seq, end)
-        self.scheduler.admit(batch, budget, excluded=stopping)
-        return list(batch.items()), [rows.get(s, -1) for s in batch], in_flight
+    def _launch_ahead_of(self, done: InFlight) -> bool:
+        """Whether the next step may be launched before `done`'s tokens reach the host: not
+        when its logits are wanted (the next graph replay overwrites them), nor, with TP, when
+        only the sampling rank has its ids (after a plain greedy step each TP rank holds the
+        same gathered logits and takes their argmax), nor when all its sequences have ended
+        (stop strings, aborts): the engine is idle but for it, and starts again from the host's
+        tokens, as it does after any idle spell."""
+        step = done.step
+        return (step.return_logits is None and (self.runner.mapping.tp == 1 or plain_greedy(step))
+                and not all(c.seq.is_finished for c in done.chunks))
 
     def _collect(self, done: InFlight) -> list[TokenUpdate]:
         """Wait for a launched step's tokens and apply them, but to no sequence that ended
@@ -252,9 +194,11 @@ class Coordinator:
         if out.logprobs is not None:
             out.logprobs = out.logprobs.cpu()  # one copy, not one per row
         now = time.perf_counter()
-        for seq, n in done.batch:
+        for chunk in done.chunks:
+            seq = chunk.seq
             if not seq.is_finished:
-                seq.num_cached += n
+                seq.num_in_flight -= chunk.num_tokens
+                seq.num_cached += chunk.num_tokens
                 self.blocks.register_full_blocks(seq)
         # the logits of the rows whose requests asked for them (Step.return_logits), by row
         logits = {} if out.logits is None else dict(zip(done.step.return_logits.tolist(), out.logits))
@@ -264,7 +208,8 @@ class Coordinator:
     def _apply(self, seq: Sequence, row: int, out: StepOutput, logits: torch.Tensor | None,
                now: float) -> TokenUpdate:
         token = out.token_ids[row]
-        seq.tokens.append(token)
+        seq.tokens.append(token)  # in its placeholder's place
+        seq.num_placeholders -= 1
         seq.token_times.append(now)
         logprobs = None
         if out.logprobs is not None and seq.params.logprobs is not None:
@@ -285,7 +230,7 @@ class Coordinator:
         p = seq.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
             return "stop"
-        if seq.num_output >= p.max_tokens or len(seq) >= self.max_seq_len:
+        if self.scheduler.reaches_length_limit(seq, len(seq)):
             return "length"
         return None
 
@@ -294,30 +239,23 @@ class Coordinator:
         if not seq.is_finished:
             self.scheduler.finish(seq, reason)
 
-    def _pack(self, batch: list[tuple[Sequence, int]], prev_rows: list[int] | None = None,
-              in_flight: dict[Sequence, int] | None = None) -> tuple[Step, list[Sequence]]:
-        """The Step for `batch`, and the sequences that sample in it (in row order). A sequence
-        with a row in `prev_rows` (see Step) runs the one token past those the host has; one
-        in `in_flight` starts past the prompt tokens the step before is computing for it."""
-        rows = prev_rows or [-1] * len(batch)
-        in_flight = in_flight or {}
+    def _pack(self, chunks: list[Chunk]) -> tuple[Step, list[Sequence]]:
+        """The Step for `chunks`, and the sequences that sample in it (in row order)."""
         tokens, positions, slots, starts, context = [], [], [], [0], []
-        sample_rows, sampling, ahead = [], [], []
-        for i, (seq, n) in enumerate(batch):
-            ahead.append(int(rows[i] >= 0))
-            start = len(seq) if ahead[i] else seq.num_cached + in_flight.get(seq, 0)
-            end = start + n
-            tokens += [0] if ahead[i] else seq.tokens[start:end]
+        sample_rows, sampling = [], []
+        for i, chunk in enumerate(chunks):
+            seq, start, end = chunk.seq, chunk.start, chunk.end
+            tokens += seq.tokens[start:end] if start < len(seq) else [0]  # a placeholder: see _prev_rows
             positions += range(start, end)
             slots += self.blocks.slots(seq, start, end)
-            starts.append(starts[-1] + n)
+            starts.append(starts[-1] + chunk.num_tokens)
             context.append(end)
-            if end == len(seq) + ahead[i]:
+            if chunk.samples:
                 sample_rows.append(i)
                 sampling.append(seq)
-        tables = np.zeros((len(batch), max((len(s.block_table) for s, _ in batch), default=0)), dtype=np.int32)
-        for i, (seq, _) in enumerate(batch):
-            tables[i, : len(seq.block_table)] = seq.block_table
+        tables = np.zeros((len(chunks), max(len(c.seq.block_table) for c in chunks)), dtype=np.int32)
+        for i, chunk in enumerate(chunks):
+            tables[i, : len(chunk.seq.block_table)] = chunk.seq.block_table
         params = [s.params for s in sampling]
         history, history_start, prompt_lens = [], [0], []
         for seq in sampling:
@@ -338,7 +276,7 @@ class Coordinator:
             top_p=np.array([p.top_p for p in params], dtype=np.float32),
             min_p=np.array([p.min_p for p in params], dtype=np.float32),
             seeds=np.array([s.seed for s in sampling], dtype=np.int64),
-            sample_index=np.array([s.num_output + ahead[i] for i, s in zip(sample_rows, sampling)], dtype=np.int64),
+            sample_index=np.array([c.end - c.seq.num_prompt for c in chunks if c.samples], dtype=np.int64),
             num_logprobs=np.array([-1 if p.logprobs is None else p.logprobs for p in params], dtype=np.int64),
             penalties=np.array([(p.repetition_penalty, p.presence_penalty, p.frequency_penalty) for p in params],
                                dtype=np.float32).reshape(-1, 3),
@@ -347,9 +285,18 @@ class Coordinator:
             history_prompt_len=np.array(prompt_lens, dtype=np.int64),
             **_logit_biases(params),
             return_logits=_return_logits(params),
-            prev_rows=np.array(prev_rows, dtype=np.int64) if prev_rows is not None else None,
+            prev_rows=self._prev_rows(chunks),
         )
         return step, sampling
+
+    def _prev_rows(self, chunks: list[Chunk]) -> np.ndarray | None:
+        """Step.prev_rows: for each chunk that runs a placeholder (it starts past the tokens the
+        host has), its sequence's row among the sampled ids of the step in flight; -1 for the
+        others; None when no chunk does."""
+        if all(c.start < len(c.seq) for c in chunks):
+            return None
+        rows = {seq: row for row, seq in enumerate(self._in_flight[-1].sampling)}
+        return np.array([rows[c.seq] if c.start >= len(c.seq) else -1 for c in chunks], dtype=np.int64)
 
     def rank_stats(self) -> list[dict]:
         """Every rank's memory figures and busy time (ModelRunner.stats)."""
@@ -360,12 +307,11 @@ class Coordinator:
         self.executor.post("ping")
 
     def shutdown(self) -> None:
-        """Let the device finish a step still running (its tokens are no one's now) before its
-        memory is released; the executor then tells every other rank to stop."""
-        for done in [self._in_flight, *self._pipeline]:
-            if done is not None:
-                self.runner.collect(done.launched)
-        self._in_flight, self._pipeline = None, deque()
+        """Let the device finish the steps still running (their tokens are no one's now) before
+        its memory is released; the executor then tells every other rank to stop."""
+        for done in self._in_flight:
+            self.runner.collect(done.launched)
+        self._in_flight.clear()
 
 
 def _return_logits(params: list[SamplingParams]) -> np.ndarray | None:

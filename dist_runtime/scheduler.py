@@ -6,21 +6,45 @@ waiting sequences join with what budget is left, a long prompt a chunk at a time
 KV cache runs out of blocks, the newest running sequence is preempted: its blocks are freed
 and it waits again at the head of the queue, to be recomputed (prefix caching makes that
 cheap). No sequence is ever dropped.
+
+A step may be scheduled while steps before it still run. Their tokens count as taken, and
+each token they sample counts as the sequence's own, a placeholder until the coordinator
+puts the sampled id in its place. With `placeholders` on (one pipeline stage) a sequence runs
+again at once, its input a placeholder, which the device fills from the sampled ids of the
+step before. Such a step must be the one scheduled once those tokens land, or overlap would
+change tokens; where it might not be (penalties read the tokens, blocks run short), schedule
+says to wait for them instead. With placeholders off (pipeline micro-batches), a sequence
+waits until its step has landed.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Collection
+from dataclasses import dataclass
 
 from dist_runtime.block_manager import BlockManager
 from dist_runtime.sequence import Sequence, Status
 
 
+@dataclass
+class Chunk:
+    """Tokens [start, end) of one sequence, run in one step. It `samples` the sequence's next
+    token when `end` is the sequence's length, placeholders included."""
+
+    seq: Sequence
+    start: int
+    end: int
+    samples: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_batch_size: int, max_num_tokens: int) -> None:
+    def __init__(self, blocks: BlockManager, max_batch_size: int, max_num_tokens: int, max_seq_len: int) -> None:
         self.blocks = blocks
-        self.max_batch_size, self.max_num_tokens = max_batch_size, max_num_tokens
+        self.max_batch_size, self.max_num_tokens, self.max_seq_len = max_batch_size, max_num_tokens, max_seq_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # oldest first
         self.num_preemptions = 0
@@ -31,59 +55,115 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self, exclude: Collection[Sequence] = ()) -> list[tuple[Sequence, int]]:
-        """(sequence, tokens to run) pairs for the next step, with KV blocks reserved for them.
-        The running sequences in `exclude` (in a step still running) are neither scheduled nor
-        preempted, and do not count against the batch size."""
-        batch: dict[Sequence, int] = {}  # insertion-ordered
-        running = [s for s in self.running if s not in exclude]
-        excluded = len(self.running) - len(running)  # none of them leaves the running list here
-        decoding = [s for s in running if len(s) - s.num_cached == 1]
-        prefilling = [s for s in running if len(s) - s.num_cached > 1]
-        budget = self.max_num_tokens
-        for seq in decoding + prefilling:
-            if seq.status is Status.RUNNING and budget > 0:  # not preempted earlier in this loop
-                n = min(len(seq) - seq.num_cached, budget)
-                ok, refund = self._reserve(seq, n, batch, exclude)
-                budget += refund
-                if ok:
-                    batch[seq] = n
-                    budget -= n
-        self.admit(batch, budget, excluded)
-        return list(batch.items())
+    def reaches_length_limit(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether `seq` stops for its length once it holds `num_tokens` tokens."""
+        return num_tokens - seq.num_prompt >= seq.params.max_tokens or num_tokens >= self.max_seq_len
 
-    def admit(self, batch: dict[Sequence, int], budget: int, excluded: int = 0) -> None:
-        """Waiting sequences join `batch` (sequence: tokens) in order, with their cached prefix,
-        while `budget` tokens, the batch size (less `excluded` running sequences) and the KV
-        blocks allow; a long prompt takes what budget is left."""
+    def schedule(self, placeholders: bool = False) -> list[Chunk] | None:
+        """The next step's chunks, running sequences first, with KV blocks reserved for them,
+        and each sequence's tokens in flight counted; None when the step must wait for the
+        tokens of a step in flight. A sequence with a step in flight runs again only with
+        `placeholders`; without, it is neither scheduled nor preempted, and does not count
+        against the batch size."""
+        running = [s for s in self.running if placeholders or not s.num_in_flight]
+        on_placeholders = placeholders and any(s.num_in_flight for s in running)
+        # Those whose token in flight takes them to a length limit stop there: they neither run
+        # nor count against the batch size. (A stop token is known only once it lands: that
+        # sequence runs one step more, whose token is dropped.)
+        stopping = {s for s in running if s.num_placeholders
+                    and self.reaches_length_limit(s, len(s) + s.num_placeholders)}
+        running = [s for s in running if s not in stopping]
+        excluded = len(self.running) - len(running)
+        ordered = [s for s in running if s.num_unscheduled == 1] + [s for s in running if s.num_unscheduled > 1]
+        if on_placeholders:
+            chunks = self._schedule_on_placeholders(ordered, bool(stopping))
+        else:
+            chunks = self._schedule_preempting(ordered)
+        if chunks is None:
+            return None
+        self._admit(chunks, self.max_num_tokens - sum(c.num_tokens for c in chunks.values()), excluded)
+        for chunk in chunks.values():
+            chunk.seq.num_in_flight += chunk.num_tokens
+            chunk.seq.num_placeholders += chunk.samples
+        return list(chunks.values())
+
+    def _chunk(self, seq: Sequence, budget: int) -> Chunk:
+        """The tokens of `seq` that no step has taken yet, as many as `budget` allows."""
+        start = seq.num_cached + seq.num_in_flight
+        n = min(seq.num_unscheduled, budget)
+        return Chunk(seq, start, start + n, n == seq.num_unscheduled)
+
+    def _schedule_preempting(self, ordered: list[Sequence]) -> dict[Sequence, Chunk]:
+        """Chunks of the running sequences in `ordered` with their blocks, preempting the newest
+        running sequences not in flight while the blocks are short."""
+        chunks: dict[Sequence, Chunk] = {}  # insertion-ordered
+        budget = self.max_num_tokens
+        for seq in ordered:
+            if seq.status is Status.RUNNING and budget > 0:  # not preempted earlier in this loop
+                chunk = self._chunk(seq, budget)
+                kept, refund = self._reserve(chunk, chunks)
+                budget += refund
+                if kept:
+                    chunks[seq] = chunk
+                    budget -= chunk.num_tokens
+        return chunks
+
+    def _reserve(self, chunk: Chunk, chunks: dict[Sequence, Chunk]) -> tuple[bool, int]:
+        """Blocks for `chunk`, preempting the newest running sequences not in flight (and
+        unscheduling them) while there are not enough; its own sequence is one of them.
+        Returns whether that sequence stays, and the budget given back by unscheduled victims."""
+        refund = 0
+        while not self.blocks.can_grow(chunk.seq, chunk.end):
+            victim = next(s for s in reversed(self.running) if not s.num_in_flight)
+            victim_chunk = chunks.pop(victim, None)
+            refund += victim_chunk.num_tokens if victim_chunk else 0
+            self.preempt(victim)
+            if victim is chunk.seq:
+                return False, refund
+        self.blocks.grow(chunk.seq, chunk.end)
+        return True, refund
+
+    def _schedule_on_placeholders(self, ordered: list[Sequence], stopping: bool) -> dict[Sequence, Chunk] | None:
+        """Chunks of the running sequences in `ordered` while a step is in flight, or None where
+        the step could differ from the one scheduled once its tokens land: penalties read
+        every token, and short blocks would mean preempting, where the sequences that end with
+        those tokens might have freed enough. Where sequences stop and others wait, their
+        blocks would be free for the waiting to take too: the free blocks must cover the most
+        the waiting can take."""
+        if any(s.num_placeholders and s.params.has_penalties for s in ordered):
+            return None
+        chunks, budget = {}, self.max_num_tokens
+        for seq in ordered:
+            if budget > 0:
+                chunks[seq] = chunk = self._chunk(seq, budget)
+                budget -= chunk.num_tokens
+        needed = sum(self.blocks.blocks_for(c.end) - len(c.seq.block_table) for c in chunks.values())
+        if stopping and self.waiting and budget > 0:
+            # the budget's blocks, and one more for each joining sequence (each starts a block of its own)
+            needed += self.blocks.blocks_for(budget) + min(len(self.waiting), self.max_batch_size)
+        if needed > self.blocks.num_free:
+            return None
+        for chunk in chunks.values():
+            self.blocks.grow(chunk.seq, chunk.end)
+        return chunks
+
+    def _admit(self, chunks: dict[Sequence, Chunk], budget: int, excluded: int) -> None:
+        """Waiting sequences join `chunks` in order, with their cached prefix, while `budget`
+        tokens, the batch size (less `excluded` running sequences) and the KV blocks allow;
+        a long prompt takes what budget is left."""
         while self.waiting and budget > 0 and len(self.running) - excluded < self.max_batch_size:
             seq = self.waiting[0]
             self.blocks.take_cached_prefix(seq)
-            n = min(len(seq) - seq.num_cached, budget)
-            if not self.blocks.can_grow(seq, seq.num_cached + n):
+            chunk = self._chunk(seq, budget)
+            if not self.blocks.can_grow(seq, chunk.end):
                 self.blocks.free(seq)  # give back the cached prefix it took; it tries again next step
                 break
             self.waiting.popleft()
-            self.blocks.grow(seq, seq.num_cached + n)
+            self.blocks.grow(seq, chunk.end)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            batch[seq] = n
-            budget -= n
-
-    def _reserve(self, seq: Sequence, n: int, batch: dict[Sequence, int],
-                 exclude: Collection[Sequence]) -> tuple[bool, int]:
-        """Blocks for `n` more tokens of a running sequence, preempting the newest running
-        sequences not excluded (and unscheduling them) while there are not enough; `seq` is
-        one of them. Returns whether `seq` stays, and the budget given back by unscheduled victims."""
-        refund = 0
-        while not self.blocks.can_grow(seq, seq.num_cached + n):
-            victim = next(s for s in reversed(self.running) if s not in exclude)
-            refund += batch.pop(victim, 0)
-            self.preempt(victim)
-            if victim is seq:
-                return False, refund
-        self.blocks.grow(seq, seq.num_cached + n)
-        return True, refund
+            chunks[seq] = chunk
+            budget -= chunk.num_tokens
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -30,6 +30,8 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chain hashes of the full blocks registered so far
         self.num_cached = 0  # tokens whose keys and values are in the KV cache
+        self.num_in_flight = 0  # tokens that launched steps compute, not yet in num_cached
+        self.num_placeholders = 0  # tokens those steps sample, not yet in `tokens` (their ids are on the device)
         self.cached_prompt_tokens = 0  # of those, found in the prefix cache when admitted
         self.logprobs: list[TokenLogprobs] = []
         self.logits: list = []  # per generated token, when the caller asked for them
@@ -50,6 +52,11 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    @property
+    def num_unscheduled(self) -> int:
+        """Tokens, placeholders included, that no step has computed or taken yet."""
+        return len(self.tokens) + self.num_placeholders - self.num_cached - self.num_in_flight
 
     @property
     def is_finished(self) -> bool:

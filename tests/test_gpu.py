@@ -189,7 +189,7 @@ def test_gpu_overlap_with_cuda_graphs_gives_the_synchronous_tokens(engines):
                 while not (handles[-1].seqs and handles[-1].seqs[0].num_output >= 2):
                     pass
             outs += [h.result(timeout=60).token_ids for h in handles]
-            assert any(t.ahead for t in llm.coordinator.timings) == overlap
+            assert any(t.launched_ahead for t in llm.coordinator.timings) == overlap
             results.append(outs)
             report = run_bench(llm, isl=16, osl=32, num_requests=4, concurrency=1)
             assert report["overlap"] == overlap and 0 <= report["gpu_idle_fraction"] < 1
@@ -299,10 +299,11 @@ def test_skinny_gemm_reads_quantized_weights_as_dequantizing_them_first_does(row
     """Int8 and fp8 weights: converted in registers, each column scaled at the end, the bias
     after; against the dequantized weight in float64, and as the engine dispatches it (an fp8
     weight with x unquantized: weight-only)."""
+    from dist_runtime.engine import TuningRecord
     from dist_runtime.kernels.skinny_gemm import skinny_linear
     from dist_runtime.layers.linear import linear
     from dist_runtime.quantization import dequantize_weight, quantize_weight
-    from dist_runtime.tuning import KernelChoices, TuningRecord
+    from dist_runtime.tuning import KernelChoices
 
     if config[0] < 16 and rows > 1:
         pytest.skip("block_n < 16 is the one-row kernel")

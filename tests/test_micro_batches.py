@@ -60,7 +60,7 @@ def test_pp2_micro_batches_give_the_tokens_of_micro_batching_off_and_of_one_rank
                 assert [(t, r) for t, r, _ in got] == [(t, r) for t, r, _ in want]
                 assert [lp and [(x.token_id, x.top[0][0]) for x in lp] for _, _, lp in got] == \
                        [lp and [(x.token_id, x.top[0][0]) for x in lp] for _, _, lp in want]
-                assert (sum(t.ahead for t in llm.coordinator.timings) > 0) == overlap
+                assert (sum(t.launched_ahead for t in llm.coordinator.timings) > 0) == overlap
         assert [r for _, r, _ in expected[1]] == ["stop"] * len(MIXED)
 
 
@@ -84,7 +84,7 @@ def test_a_tiny_kv_pool_preempts_only_sequences_not_in_flight_and_leaks_no_block
     with LLM(str(engines("llama", 1, 2, **PLAN)), num_kv_blocks=8) as small:
         assert [o.token_ids for o in small.generate(MIXED, GREEDY)] == greedy
         c = small.coordinator
-        assert c.scheduler.num_preemptions > 0 and sum(t.ahead for t in c.timings) > 0
+        assert c.scheduler.num_preemptions > 0 and sum(t.launched_ahead for t in c.timings) > 0
         assert not c.has_work() and c.blocks.num_free == c.blocks.num_blocks and not any(c.blocks.ref_count)
 
 

@@ -46,7 +46,7 @@ def _outputs(llm: LLM, params) -> list[tuple]:
 
 
 def _steps_ahead(llm: LLM) -> int:
-    return sum(t.ahead for t in llm.coordinator.timings)
+    return sum(t.launched_ahead for t in llm.coordinator.timings)
 
 
 def _stop_tokens(greedy: list[list[int]]) -> list[SamplingParams]:
@@ -73,7 +73,7 @@ def test_sequences_stopping_while_others_wait_leave_the_next_step_launched_ahead
     got = [o.outputs[0].token_ids for o in on.generate(prompts, params)]
     timings = list(on.coordinator.timings)
     assert got == [o.outputs[0].token_ids for o in off.generate(prompts, params)]
-    assert [t.ahead for t in timings] == [False] + [True] * (len(timings) - 1)
+    assert [t.launched_ahead for t in timings] == [False] + [True] * (len(timings) - 1)
 
 
 def test_a_stop_token_seen_one_step_late_ends_the_sequence_where_it_ends_without_overlap(on, off, greedy):
@@ -102,10 +102,14 @@ def test_seeded_sampling_n_completions_and_logprobs_get_the_synchronous_tokens(o
 
 
 def test_penalties_and_logits_wait_for_the_tokens_and_keep_them(on, off):
-    """Penalties read the previous tokens and a graph would overwrite the logits: no step goes ahead."""
+    """Penalties read the previous tokens and a graph would overwrite the logits: no step goes
+    ahead of them. (A request left waiting may join ahead of the last tokens of sequences that
+    stop at their length: it has no token in flight; so the count is of requests in one batch.)"""
     params = SamplingParams(max_tokens=10, temperature=0.0, repetition_penalty=1.3, presence_penalty=0.5,
                             ignore_eos=True)
     assert _outputs(on, params) == _outputs(off, params)
+    on.coordinator.timings.clear()
+    on.generate(MIXED[:4], params)
     assert _steps_ahead(on) == 0
     on.coordinator.timings.clear()
     with_logits = [llm.generate(MIXED, GREEDY, return_logits=True) for llm in (on, off)]
@@ -189,7 +193,7 @@ def test_a_prompt_in_chunks_has_each_next_chunk_launched_ahead(on, off):
     assert got == off.generate([prompt], GREEDY)[0].outputs[0].token_ids
     chunks = -(-len(on.tokenizer.encode(prompt)) // 32)
     assert chunks >= 3 and len(timings) == chunks + GREEDY.max_tokens - 1
-    assert [t.ahead for t in timings[:chunks + 1]] == [False] + [True] * chunks
+    assert [t.launched_ahead for t in timings[:chunks + 1]] == [False] + [True] * chunks
 
 
 def test_requests_join_a_step_launched_ahead_of_the_tokens_before(on, off):
@@ -210,4 +214,4 @@ def test_requests_join_a_step_launched_ahead_of_the_tokens_before(on, off):
     assert got == expected
     # One sequence ran when the timings were cleared; the joiners may already ride the first step after
     running_before = [1, *(t.running for t in timings)]
-    assert any(t.ahead and t.running > before for before, t in zip(running_before, timings))
+    assert any(t.launched_ahead and t.running > before for before, t in zip(running_before, timings))
