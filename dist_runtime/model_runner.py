@@ -138,11 +138,12 @@ class ModelRunner:
         # of a TP group run inside the graph.
         if self.device.type == "cuda" and self.use_cuda_graphs and m.pp == 1:
             plan = self.engine.plan
-            short = {b: self.kernels.short_context(b) for b in buckets(plan.max_batch_size)} if self.kernels else {}
+            short_contexts = ({b: self.kernels.short_context(b) for b in buckets(plan.max_batch_size)}
+                              if self.kernels else {})
             log.info("capturing decode graphs")
             with torch.inference_mode():
                 self.graphs = DecodeGraphs(self.model, plan.max_batch_size, -(-plan.max_seq_len // self.block_size),
-                                           num_blocks, self.block_size, self.device, short)
+                                           num_blocks, self.block_size, self.device, short_contexts)
 
     def run(self, step: Step) -> StepOutput | None:
         """Run this rank's part of `step`. Rank 0 gets the StepOutput; other ranks get None."""
@@ -179,8 +180,9 @@ class ModelRunner:
         if m.is_first_stage:
             inputs = to_device(step.token_ids, device)
             if prev is not None:
-                ahead = np.flatnonzero(step.prev_rows >= 0)
-                inputs[to_device(step.query_start[ahead], device)] = prev[to_device(step.prev_rows[ahead], device)]
+                from_prev = np.flatnonzero(step.prev_rows >= 0)
+                sampled = prev[to_device(step.prev_rows[from_prev], device)]
+                inputs[to_device(step.query_start[from_prev], device)] = sampled
         else:
             inputs = torch.empty(step.num_tokens, self.hidden_size, dtype=self.engine.dtype, device=device)
             self.comm.recv(inputs, m.prev_stage_rank())
@@ -242,13 +244,13 @@ class ModelRunner:
 
     def _sample(self, step: Step, logits: torch.Tensor, greedy: torch.Tensor | None = None) -> Launched | None:
         """On the last stage: sample, and get the tokens to rank 0. `greedy`, the logits'
-        argmax from the graph, is the sample itself when every row is plain greedy."""
+        argmax from the graph, is the sample itself when every row is plain greedy. The sampled
+        ids stay on the device as `last_sampled`, which a later Step's prev_rows may name."""
         m = self.mapping
         if m.rank != m.sampler_rank() or not len(step.sample_rows):
-            if m.pp == 1 and len(step.sample_rows) and plain_greedy(step):
-                # A TP peer of the sampler in a one-stage engine (where overlap runs): the gathered
-                # logits are the same bits here, so the argmax is the sampler's, and a next step
-                # may take it as its inputs.
+            if m.is_first_stage and len(step.sample_rows) and plain_greedy(step):
+                # A TP peer of the sampling rank, on the stage whose inputs are token ids: the
+                # gathered logits are the same bits here, so their argmax is the sample.
                 self.last_sampled = greedy if greedy is not None else logits.argmax(-1)
             return self._to_host(torch.empty(0, dtype=torch.int64)) if m.rank == 0 else None
         plain = plain_greedy(step)
