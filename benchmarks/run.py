@@ -119,7 +119,8 @@ def main() -> int:
     rows, results = [], {"gpu": gpu, "preset": args.preset, "copy_bandwidth_Bps": bw, "weight_bytes": weights,
                          "positions_raised_to": args.max_seq_len if raise_positions else None}
     if not args.skip_ours:
-        from dist_runtime.tuning import TuningRecord, summary
+        from dist_runtime.engine import TuningRecord
+        from dist_runtime.tuning import summary
 
         results["tuning"] = tuning = json.loads((engine / "engine.json").read_text())["tuning"]
         record = TuningRecord.from_dict(tuning)

@@ -18,10 +18,11 @@ import torch
 
 from dist_runtime.config import ModelConfig
 from dist_runtime.cuda_graphs import DecodeGraphs, replay_ms
+from dist_runtime.engine import TuningRecord
 from dist_runtime.mapping import Mapping
 from dist_runtime.models import build_model
 from dist_runtime.presets import preset_config
-from dist_runtime.tuning import KernelChoices, TuningRecord, install, summary
+from dist_runtime.tuning import KernelChoices, install, summary
 from sharding.autotune import tune_kernels
 from sharding.planner import make_plan
 

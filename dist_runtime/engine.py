@@ -19,7 +19,6 @@ from dist_runtime import records
 from dist_runtime.config import ModelConfig
 from dist_runtime.errors import EngineError
 from dist_runtime.plan import DTYPES, Plan
-from dist_runtime.tuning import TuningRecord
 
 FORMAT_VERSION = 2  # 2: engine.json holds a checksum of itself and of the tokenizer files
 ENGINE_JSON = "engine.json"
@@ -48,6 +47,28 @@ class BuildRecord:
     @classmethod
     def from_dict(cls, values: Any) -> BuildRecord:
         return records.from_dict(cls, values, "build")
+
+
+@dataclasses.dataclass
+class TuningRecord:
+    """engine.json's "tuning": the winners the build timed on its GPU, or why it timed none."""
+
+    tuned: bool
+    reason: str | None = None  # why not, when not tuned
+    gpu: str | None = None
+    torch: str | None = None  # versions the kernels were timed with
+    triton: str | None = None
+    decode_attention: dict[str, dict[str, Any]] | None = None  # decode batch bucket -> launch and times
+    gemm: dict[str, dict[str, dict[str, Any]]] | None = None  # gemm_key -> rows bucket -> kernel and times
+    prefill_attention: dict[str, Any] | None = None  # the prefill kernel's launch; none for float32 engines
+    seconds: float | None = None  # how long the tuning took
+
+    def to_dict(self) -> dict[str, Any]:
+        return records.to_dict(self)
+
+    @classmethod
+    def from_dict(cls, values: Any) -> TuningRecord:
+        return records.from_dict(cls, values, "tuning")
 
 
 @dataclasses.dataclass

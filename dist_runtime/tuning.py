@@ -9,34 +9,11 @@ hands one KernelChoices to every layer that has a `kernels` attribute; on the CP
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from torch import nn
 
-from dist_runtime import records
-
-
-@dataclasses.dataclass
-class TuningRecord:
-    """engine.json's "tuning": the winners the build timed on its GPU, or why it timed none."""
-
-    tuned: bool
-    reason: str | None = None  # why not, when not tuned
-    gpu: str | None = None
-    torch: str | None = None  # versions the kernels were timed with
-    triton: str | None = None
-    decode_attention: dict[str, dict[str, Any]] | None = None  # decode batch bucket -> launch and times
-    gemm: dict[str, dict[str, dict[str, Any]]] | None = None  # gemm_key -> rows bucket -> kernel and times
-    prefill_attention: dict[str, Any] | None = None  # the prefill kernel's launch; none for float32 engines
-    seconds: float | None = None  # how long the tuning took
-
-    def to_dict(self) -> dict[str, Any]:
-        return records.to_dict(self)
-
-    @classmethod
-    def from_dict(cls, values: Any) -> TuningRecord:
-        return records.from_dict(cls, values, "tuning")
+from dist_runtime.engine import TuningRecord
 
 
 def skipped(reason: str) -> TuningRecord:

@@ -34,12 +34,13 @@ import torch
 
 from dist_runtime.config import ModelConfig
 from dist_runtime.cuda_graphs import buckets, replay_ms
+from dist_runtime.engine import TuningRecord
 from dist_runtime.layers.linear import linear
 from dist_runtime.layers.quantized import fp8_input, fp8_linear
 from dist_runtime.models import build_model
 from dist_runtime.plan import DTYPES, Plan
 from dist_runtime.quantization import QUANTIZED_DTYPES, quantize_weight
-from dist_runtime.tuning import TuningRecord, gemm_key, skipped
+from dist_runtime.tuning import gemm_key, skipped
 
 L2_FLUSH_BYTES = 256 << 20
 MAX_KV_TOKENS = 1 << 20  # per attention timing: a batch of 512 is timed at contexts of up to 2048

@@ -13,10 +13,10 @@ import torch
 from conftest import PROMPTS, cli
 
 from dist_runtime import LLM, SamplingParams
-from dist_runtime.engine import Engine
+from dist_runtime.engine import Engine, TuningRecord
 from dist_runtime.mapping import Mapping
 from dist_runtime.models import build_model
-from dist_runtime.tuning import KernelChoices, TuningRecord, gemm_key, install
+from dist_runtime.tuning import KernelChoices, gemm_key, install
 
 RECORD = {
     "tuned": True, "gpu": "test", "seconds": 1.0,
