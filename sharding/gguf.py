@@ -8,14 +8,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+
 from dist_runtime.errors import CheckpointError
 
 
 def convert(gguf_file: str | Path, out: str | Path) -> Path:
     """Write the checkpoint folder `out` from `gguf_file`; returns `out`."""
     try:
-        import torch
-        from safetensors.torch import save_file
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:
         raise CheckpointError(f"reading GGUF needs transformers, gguf and accelerate: "
