@@ -9,9 +9,9 @@ import os
 # Llama-3-8B fp8 throughput; CUDA_MODULE_LOADING=LAZY in the environment keeps the lazy way.
 os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
 
-# The API's names, imported on first use: every module of the package runs this file first, and
-# the launchers' environment reading (launch.rank_info, which sbatch's preflight imports alone)
-# must not load the engine, and the launchers with it, through it.
+# The API's names load on first use: importing any module of the package runs this file first,
+# and launch.rank_info (which sbatch's preflight imports alone) must not pull in the engine, and
+# the launchers the engine imports, this way.
 _API = {"LLM": "dist_runtime.llm", "CompletionOutput": "dist_runtime.outputs", "RequestOutput": "dist_runtime.outputs",
         "StreamChunk": "dist_runtime.outputs", "SamplingParams": "dist_runtime.sampling_params"}
 __all__ = list(_API)
