@@ -26,7 +26,7 @@ from dist_runtime.block_manager import BlockManager
 from dist_runtime.sequence import Sequence, Status
 
 
-@dataclass
+@dataclass(slots=True)
 class Chunk:
     """Tokens [start, end) of one sequence, run in one step. It `samples` the sequence's next
     token when `end` is the sequence's length, placeholders included."""
@@ -67,21 +67,26 @@ class Scheduler:
         against the batch size."""
         running = [s for s in self.running if placeholders or not s.num_in_flight]
         on_placeholders = placeholders and any(s.num_in_flight for s in running)
-        # Those whose token in flight takes them to a length limit stop there: they neither run
-        # nor count against the batch size. (A stop token is known only once it lands: that
-        # sequence runs one step more, whose token is dropped.)
-        stopping = {s for s in running if s.num_placeholders
-                    and self.reaches_length_limit(s, len(s) + s.num_placeholders)}
-        running = [s for s in running if s not in stopping]
-        excluded = len(self.running) - len(running)
-        ordered = [s for s in running if s.num_unscheduled == 1] + [s for s in running if s.num_unscheduled > 1]
+        stopping = set()
         if on_placeholders:
-            chunks = self._schedule_on_placeholders(ordered, bool(stopping))
+            # Those whose token in flight takes them to a length limit stop there: they neither
+            # run nor count against the batch size. (A stop token is known only once it lands:
+            # that sequence runs one step more, whose token is dropped.)
+            stopping = {s for s in running if s.num_placeholders
+                        and self.reaches_length_limit(s, len(s) + s.num_placeholders)}
+            running = [s for s in running if s not in stopping]
+        excluded = len(self.running) - len(running)
+        decoding, prefilling = [], []
+        for seq in running:
+            (decoding if seq.num_unscheduled == 1 else prefilling).append(seq)
+        if on_placeholders:
+            scheduled = self._schedule_on_placeholders(decoding + prefilling, bool(stopping))
         else:
-            chunks = self._schedule_preempting(ordered)
-        if chunks is None:
+            scheduled = self._schedule_preempting(decoding + prefilling)
+        if scheduled is None:
             return None
-        self._admit(chunks, self.max_num_tokens - sum(c.num_tokens for c in chunks.values()), excluded)
+        chunks, budget = scheduled
+        self._admit(chunks, budget, excluded)
         for chunk in chunks.values():
             chunk.seq.num_in_flight += chunk.num_tokens
             chunk.seq.num_placeholders += chunk.samples
@@ -89,13 +94,12 @@ class Scheduler:
 
     def _chunk(self, seq: Sequence, budget: int) -> Chunk:
         """The tokens of `seq` that no step has taken yet, as many as `budget` allows."""
-        start = seq.num_cached + seq.num_in_flight
-        n = min(seq.num_unscheduled, budget)
-        return Chunk(seq, start, start + n, n == seq.num_unscheduled)
+        start, left = seq.num_cached + seq.num_in_flight, seq.num_unscheduled
+        return Chunk(seq, start, start + min(left, budget), left <= budget)
 
-    def _schedule_preempting(self, ordered: list[Sequence]) -> dict[Sequence, Chunk]:
+    def _schedule_preempting(self, ordered: list[Sequence]) -> tuple[dict[Sequence, Chunk], int]:
         """Chunks of the running sequences in `ordered` with their blocks, preempting the newest
-        running sequences not in flight while the blocks are short."""
+        running sequences not in flight while the blocks are short; and the budget left."""
         chunks: dict[Sequence, Chunk] = {}  # insertion-ordered
         budget = self.max_num_tokens
         for seq in ordered:
@@ -106,7 +110,7 @@ class Scheduler:
                 if kept:
                     chunks[seq] = chunk
                     budget -= chunk.num_tokens
-        return chunks
+        return chunks, budget
 
     def _reserve(self, chunk: Chunk, chunks: dict[Sequence, Chunk]) -> tuple[bool, int]:
         """Blocks for `chunk`, preempting the newest running sequences not in flight (and
@@ -123,7 +127,8 @@ class Scheduler:
         self.blocks.grow(chunk.seq, chunk.end)
         return True, refund
 
-    def _schedule_on_placeholders(self, ordered: list[Sequence], stopping: bool) -> dict[Sequence, Chunk] | None:
+    def _schedule_on_placeholders(self, ordered: list[Sequence],
+                                  stopping: bool) -> tuple[dict[Sequence, Chunk], int] | None:
         """Chunks of the running sequences in `ordered` while a step is in flight, or None where
         the step could differ from the one scheduled once its tokens land: penalties read
         every token, and short blocks would mean preempting, where the sequences that end with
@@ -145,7 +150,7 @@ class Scheduler:
             return None
         for chunk in chunks.values():
             self.blocks.grow(chunk.seq, chunk.end)
-        return chunks
+        return chunks, budget
 
     def _admit(self, chunks: dict[Sequence, Chunk], budget: int, excluded: int) -> None:
         """Waiting sequences join `chunks` in order, with their cached prefix, while `budget`
