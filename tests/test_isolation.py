@@ -85,7 +85,7 @@ def test_a_request_queued_while_a_rank_hangs_gets_the_rank_named_at_once(engines
         while not (running.seqs and running.seqs[0].num_output >= 2):
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        os.kill(llm._workers.procs[0].pid, signal.SIGSTOP)  # rank 1
+        os.kill(llm._executor.procs[0].pid, signal.SIGSTOP)  # rank 1
         time.sleep(0.5)  # the engine thread now waits in a step on rank 1
         start = time.monotonic()
         queued = llm.submit("a", GREEDY)
