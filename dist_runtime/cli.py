@@ -243,7 +243,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return code
     settings = ServerSettings(args.model_name or os.path.basename(os.path.normpath(config.engine_dir)), _api_key(args),
                               args.max_concurrency, args.max_request_sequences, args.max_body_bytes,
-                              args.drain_timeout)
+                              args.drain_timeout, args.chat_template)
     return serve(config.engine_dir, settings, args.host, args.port, config=config)
 
 
@@ -374,6 +374,9 @@ def parser() -> argparse.ArgumentParser:
                    help="request bodies past this size, once inflated, get 413 (default 1 MiB)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM or Ctrl-C: seconds requests in flight get to finish (default 30)")
+    p.add_argument("--chat-template", metavar="FILE_OR_NAME",
+                   help="a Jinja chat template file, or the name of one of the model's named templates, "
+                        "instead of the model's default")
     p.add_argument("--model-name", help="the model id clients name (default: the engine folder's name)")
     _add_runtime_options(p)
     p.set_defaults(func=cmd_serve)

@@ -22,7 +22,15 @@ from dist_runtime.plan import DTYPES, Plan
 
 FORMAT_VERSION = 2  # 2: engine.json holds a checksum of itself and of the tokenizer files
 ENGINE_JSON = "engine.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja", "chat_template.json")
+CHAT_TEMPLATES_DIR = "additional_chat_templates"  # named chat templates, one .jinja file each
+
+
+def tokenizer_files(folder: Path) -> list[str]:
+    """The tokenizer files a checkpoint or engine folder holds, named relative to it."""
+    named = [f"{CHAT_TEMPLATES_DIR}/{f.name}" for f in sorted((folder / CHAT_TEMPLATES_DIR).glob("*.jinja"))]
+    return [name for name in TOKENIZER_FILES if (folder / name).is_file()] + named
 
 
 def rank_file_name(rank: int) -> str:
@@ -128,7 +136,7 @@ class Engine:
 
     def check_tokenizer_files(self) -> None:
         """The tokenizer files are those of the build: none changed, lost or added."""
-        for name in TOKENIZER_FILES:
+        for name in sorted(set(tokenizer_files(self.path)) | set(self.tokenizer_files)):
             file, expected = self.path / name, self.tokenizer_files.get(name)
             if not file.is_file():
                 if expected is not None:

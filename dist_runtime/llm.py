@@ -107,6 +107,10 @@ class LLM:
         """Tokens a sequence may hold, prompt and output together."""
         return self.coordinator.max_seq_len
 
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.config.vocab_size
+
     def prompt_ids(self, prompt: Prompt, params: SamplingParams | None = None) -> list[int]:
         """The token ids `submit` would queue for `prompt`; a RequestError, naming the field,
         if this engine cannot serve it with `params`."""

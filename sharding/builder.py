@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from dist_runtime.config import ModelConfig
-from dist_runtime.engine import TOKENIZER_FILES, BuildRecord, Engine, rank_file_name, sha256_of
+from dist_runtime.engine import BuildRecord, Engine, rank_file_name, sha256_of, tokenizer_files
 from dist_runtime.errors import CheckpointError, EngineError
 from dist_runtime.models import build_model, checkpoint_layout
 from dist_runtime.plan import DTYPES, Plan
@@ -73,12 +73,12 @@ def build_engine(checkpoint: str | Path, out: str | Path, tp: int = 1, pp: int =
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = write_rank_files(ck, plan, out, progress, ranges.input_scales() if ranges and dtype == "fp8" else None)
-    for name in TOKENIZER_FILES:
-        if (ck.path / name).is_file():
-            shutil.copy(ck.path / name, out / name)
-        else:  # one left by an earlier build into this folder is not this engine's
-            (out / name).unlink(missing_ok=True)
-    tokenizer_files = {name: sha256_of(out / name) for name in TOKENIZER_FILES if (out / name).is_file()}
+    for name in tokenizer_files(out):  # those left by an earlier build into this folder are not this engine's
+        (out / name).unlink()
+    for name in tokenizer_files(ck.path):
+        (out / name).parent.mkdir(exist_ok=True)
+        shutil.copy(ck.path / name, out / name)
+    copied = {name: sha256_of(out / name) for name in tokenizer_files(out)}
     build = BuildRecord(dtype, str(ck.path.resolve()), ck.config.dtype, _utc_now())
     if ranges is not None:
         build.calibration = {"text": str(Path(calib).resolve()), "tokens": ranges.tokens}
@@ -86,7 +86,7 @@ def build_engine(checkpoint: str | Path, out: str | Path, tp: int = 1, pp: int =
         build.kv_scales = ranges.kv_scales() if ranges is not None else {
             kv: [[DEFAULT_KV_SCALE] * ck.config.num_kv_heads] * ck.config.num_layers for kv in "kv"}
     tuning = tune_kernels(ck.config, plan) if tune else skipped("not asked for (--no-tune)")
-    engine = Engine(out, ck.config, plan, build, files, tuning, tokenizer_files)
+    engine = Engine(out, ck.config, plan, build, files, tuning, copied)
     engine.save()
     return engine
 

@@ -114,9 +114,14 @@ def train_tokenizer(vocab_size: int, add_bos: bool) -> Tokenizer:
     return tokenizer
 
 
+# a plain role-tagged format, for the chat routes of random-weight checkpoints
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
 def write_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
     tokenizer.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
-        "model_max_length": 1 << 30,
+        "model_max_length": 1 << 30, "chat_template": CHAT_TEMPLATE,
     }, indent=2))

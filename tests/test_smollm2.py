@@ -35,3 +35,43 @@ def test_greedy_tokens_equal_transformers_on_real_weights(smollm2, expected, tmp
         outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
     assert [o.token_ids for o in outs] == expected
     assert "Paris" in outs[0].text
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Capital of Italy?"},
+     {"role": "assistant", "content": "Rome"}, {"role": "user", "content": "And of Spain?"}],
+]
+
+
+def test_chat_prompts_equal_apply_chat_template(smollm2):
+    from transformers import AutoTokenizer
+
+    from dist_runtime.server.chat_template import ChatTemplate
+    from dist_runtime.tokenizer import Tokenizer
+
+    hf = AutoTokenizer.from_pretrained(smollm2)
+    ours = Tokenizer(smollm2)
+    template = ChatTemplate(ours.chat_templates, ours.special_tokens)
+    for messages in CONVERSATIONS:
+        text = template.render(messages)
+        assert text == hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        expected = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
+        assert ours.encode(text, add_special_tokens=False) == list(expected)
+
+
+def test_a_chat_request_for_the_capital_of_france_is_answered_with_paris(smollm2, tmp_path):
+    import httpx
+    from conftest import Server
+
+    engine = tmp_path / "eng"
+    build_engine(smollm2, engine, 1, 1, "fp32", progress=False, max_batch_size=4, max_seq_len=256)
+    server = Server(engine)
+    try:
+        body = {"model": "tiny", "messages": CONVERSATIONS[0], "max_tokens": 20, "temperature": 0}
+        reply = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120).json()
+        assert "Paris" in reply["choices"][0]["message"]["content"]
+        assert reply["choices"][0]["finish_reason"] == "stop"  # <|im_end|>, the tokenizer's eos
+    finally:
+        server.stop()

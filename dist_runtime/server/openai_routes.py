@@ -22,7 +22,7 @@ def router(served: Served) -> APIRouter:
 
     def card() -> dict:
         return {"id": name, "object": "model", "created": 0, "owned_by": "dist-runtime",
-                "max_model_len": llm.max_seq_len}
+                "max_model_len": llm.max_seq_len, "vocab_size": llm.vocab_size}
 
     @r.get("/v1/models")
     async def models():

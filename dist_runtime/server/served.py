@@ -28,6 +28,7 @@ class ServerSettings:
     max_request_sequences: int | None = None  # sequences one request may run (default: max_concurrency)
     max_body_bytes: int = 1 << 20
     drain_timeout_s: float = 30.0  # on SIGTERM, how long requests in flight may take to finish
+    chat_template: str | None = None  # a template file, or a named template of the model's
 
 
 class Served:
@@ -37,7 +38,9 @@ class Served:
         self.llm, self.settings, self.model_name = llm, settings, settings.model_name
         self.jobs = Jobs(llm, settings.max_concurrency, settings.max_request_sequences)
         self.metrics = Metrics(llm)
-        self.chat_template = ChatTemplate(llm.tokenizer.config if llm.tokenizer else {})
+        tokenizer = llm.tokenizer
+        self.chat_template = ChatTemplate(tokenizer.chat_templates if tokenizer else {},
+                                          tokenizer.special_tokens if tokenizer else {}, settings.chat_template)
 
     def token_ids(self, prompt: Prompt, params: SamplingParams, field: str = "prompt") -> list[int]:
         """A prompt's token ids, checked against the engine's limits; else a 400 naming the field."""
@@ -55,9 +58,8 @@ class Served:
             text = self.chat_template.render(messages)
         except RequestError as e:
             raise ApiError(400, str(e), param="messages") from e
-        bos = self.chat_template.special.get("bos_token")
-        try:
-            ids = self.llm.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+        try:  # the template writes the special tokens itself, as apply_chat_template assumes
+            ids = self.llm.tokenizer.encode(text, add_special_tokens=False)
         except RequestError as e:
             raise ApiError(400, f"messages: {e}", param="messages") from e
         return self.token_ids(ids, params, "messages")
