@@ -37,7 +37,7 @@ def router(served: Served) -> APIRouter:
     async def completions(request: Request):
         body: CompletionRequest = parse(await request.body(), CompletionRequest)
         served.known_model(body.model)
-        params = sampling(lambda: body.sampling_params(body.logprobs))
+        params = sampling(lambda: body.sampling_params(body.logprobs, served.sampling_defaults))
         prompts = body.prompts()
         if body.stream and len(prompts) != 1:
             raise ApiError(400, "prompt: streaming takes one prompt", param="prompt")
@@ -58,7 +58,8 @@ def router(served: Served) -> APIRouter:
     async def chat(request: Request):
         body: ChatRequest = parse(await request.body(), ChatRequest)
         served.known_model(body.model)
-        params = sampling(lambda: body.sampling_params((body.top_logprobs or 0) if body.logprobs else None))
+        params = sampling(lambda: body.sampling_params((body.top_logprobs or 0) if body.logprobs else None,
+                                                         served.sampling_defaults))
         prompt = served.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages], params)
         job = served.jobs.admit(params.n, "n")
         if body.stream:

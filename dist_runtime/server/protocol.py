@@ -13,6 +13,7 @@ from dist_runtime.errors import RequestError
 from dist_runtime.sampling_params import INT32_MAX, LIMITS, MAX_STOP_STRINGS, SamplingParams
 
 DEFAULT_MAX_TOKENS = 16
+GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")  # a model may set these
 
 
 def _bounded(name: str):
@@ -71,15 +72,19 @@ class OpenAISampling(Body):
     function_call: Unsupported = None
     response_format: Unsupported = None
 
-    def sampling_params(self, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, logprobs: int | None, defaults: dict | None = None) -> SamplingParams:
+        """`defaults` (the model's generation_config.json) stand in for the sampling fields the
+        request leaves out."""
+        given = self.model_fields_set
+        sampled = {name: getattr(self, name) if name in given or name not in (defaults or {}) else defaults[name]
+                   for name in GENERATION_DEFAULTS}
         bias = {}
         for token, value in (self.logit_bias or {}).items():
             if not token.isdigit():
                 raise RequestError(f"logit_bias: keys are token ids, got {token!r}", "logit_bias")
             bias[int(token)] = value
         return SamplingParams(max_tokens=self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS,
-                              temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
-                              repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                              **sampled, presence_penalty=self.presence_penalty,
                               frequency_penalty=self.frequency_penalty, seed=self.seed,
                               stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
                               stop_token_ids=tuple(self.stop_token_ids), ignore_eos=self.ignore_eos, n=self.n,

@@ -11,13 +11,13 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 
-from dist_runtime.errors import DistRuntimeError, RequestError
+from dist_runtime.errors import DistRuntimeError, EngineError, RequestError
 from dist_runtime.llm import LLM, Prompt
-from dist_runtime.sampling_params import SamplingParams
+from dist_runtime.sampling_params import LIMITS, SamplingParams
 from dist_runtime.server.chat_template import ChatTemplate
 from dist_runtime.server.jobs import ApiError, Job, Jobs
 from dist_runtime.server.metrics import Metrics
-from dist_runtime.server.protocol import describe
+from dist_runtime.server.protocol import GENERATION_DEFAULTS, describe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +39,7 @@ class Served:
         self.jobs = Jobs(llm, settings.max_concurrency, settings.max_request_sequences)
         self.metrics = Metrics(llm)
         tokenizer = llm.tokenizer
+        self.sampling_defaults = _sampling_defaults(tokenizer.generation_config if tokenizer else {})
         self.chat_template = ChatTemplate(tokenizer.chat_templates if tokenizer else {},
                                           tokenizer.special_tokens if tokenizer else {}, settings.chat_template)
 
@@ -108,3 +109,11 @@ def sse(job: Job, events: AsyncIterator[dict], done_marker: bool = True) -> Stre
     return StreamingResponse(body(), media_type="text/event-stream", background=BackgroundTask(job.release))
 
 
+def _sampling_defaults(generation_config: dict) -> dict:
+    """The sampling settings a model's generation_config.json gives, for requests that leave them
+    out; one out of LIMITS' range stops the server at start, naming it."""
+    defaults = {name: generation_config[name] for name in GENERATION_DEFAULTS if name in generation_config}
+    for name, value in defaults.items():
+        if problem := LIMITS[name].problem(value):
+            raise EngineError(f"generation_config.json: {name} {problem}")
+    return defaults
