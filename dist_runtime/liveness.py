@@ -205,7 +205,7 @@ class Monitor(_Watch):
         self._leaving = True
         if self._listener is not None:
             self._listener.close()
-        for sock in self._conns.values():
+        for sock in list(self._conns.values()):  # the monitor thread may still be adding one
             sock.close()
         super().close()
 
