@@ -128,14 +128,14 @@ def test_micro_batches_in_flight_are_never_scheduled_or_preempted_and_every_requ
 
 def test_decodes_keep_running_while_a_long_prompt_prefills_in_chunks():
     sched = _scheduler(64, 8)
-    short = Sequence(0, [1, 2], SamplingParams(), 0)
-    sched.add(short)
+    decoding = Sequence(0, [1, 2], SamplingParams(), 0)
+    sched.add(decoding)
     _land(sched, sched.schedule())
     sched.add(Sequence(1, list(range(50)), SamplingParams(), 0))
     chunks = []
     for _ in range(8):
         step = sched.schedule()
-        assert step[0].seq is short and step[0].num_tokens == 1  # the decode is in every step, first
+        assert step[0].seq is decoding and step[0].num_tokens == 1  # the decode is in every step, first
         chunks += [c.num_tokens for c in step[1:]]
         _land(sched, step)
     assert chunks[:7] == [7] * 7 and sum(chunks) == 50
