@@ -63,8 +63,8 @@ class DecodeGraphs:
         before = torch.cuda.memory_allocated(device)
         pool = torch.cuda.graph_pool_handle()
         for b in sorted(buckets(max_batch), reverse=True):  # largest first: the rest reuse its memory
-            for short_context in (False, True) if b in self.short_contexts else (False,):
-                self.graphs[b, short_context] = self._capture(b, short_context, pool)
+            for short_context_launch in (False, True) if b in self.short_contexts else (False,):
+                self.graphs[b, short_context_launch] = self._capture(b, short_context_launch, pool)
             log.debug("captured the decode graph of batch %d", b)
         torch.cuda.synchronize(device)
         self.memory_bytes = torch.cuda.memory_allocated(device) - before
@@ -84,21 +84,23 @@ class DecodeGraphs:
         rows = self._rows(b)
         return (*buffer[: 4 * rows].reshape(4, rows)[:, :b], buffer[4 * rows: self._size(b)].reshape(b, self.width))
 
-    def _forward(self, b: int, short_context: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, b: int, short_context_launch: bool) -> tuple[torch.Tensor, torch.Tensor]:
         ids, positions, slots, context_lens, tables = self._views(self.inputs, b)
-        meta = AttentionMetadata(slots, [], [], tables, context_lens, decode=True, short=short_context)
+        meta = AttentionMetadata(slots, [], [], tables, context_lens, decode=True,
+                                 short_context_launch=short_context_launch)
         logits = self.model.compute_logits(self.model(ids, positions, meta))
         return logits, logits.argmax(-1)
 
-    def _capture(self, b: int, short_context: bool, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+    def _capture(self, b: int, short_context_launch: bool,
+                 pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
         _, _, slots, context_lens, tables = self._views(self.inputs, b)
         slots.fill_(self.pad_slot)  # capture on padding rows: they write to the spare block
         context_lens.fill_(1)
         tables.fill_(self.pad_block)
-        self._forward(b, short_context)  # compile and warm up outside the capture
+        self._forward(b, short_context_launch)  # compile and warm up outside the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            logits, greedy = self._forward(b, short_context)
+            logits, greedy = self._forward(b, short_context_launch)
         return graph, logits, greedy
 
     def close(self) -> None:
@@ -121,7 +123,7 @@ class DecodeGraphs:
         `step.prev_rows`, gathered on the device."""
         n = step.num_seqs
         b = self.bucket(n)
-        short_context = b in self.short_contexts and bool(step.context_lens.max() <= self.short_contexts[b])
+        short_context_launch = b in self.short_contexts and bool(step.context_lens.max() <= self.short_contexts[b])
         self.copied.synchronize()
         ids, positions, slots, context_lens, tables = self._views(self.host_array, b)
         # The rows travel in the token ids' place, so the inputs are still one copy.
@@ -140,7 +142,7 @@ class DecodeGraphs:
         if prev_sampled is not None:
             device_ids = self._views(self.inputs, b)[0][:n]
             device_ids.copy_(prev_sampled[device_ids])
-        graph, logits, greedy = self.graphs[b, short_context]
+        graph, logits, greedy = self.graphs[b, short_context_launch]
         graph.replay()
         return logits[:n], greedy[:n]
 

@@ -251,9 +251,9 @@ class EngineLoop:
     def _new_text(handle: RequestHandle, seq: Sequence, detok: IncrementalDetokenizer) -> str:
         """Text not streamed yet. While a stop string could still be completing, its possible
         beginning is held back, so a streamed chunk never has to be taken back."""
-        hold = 0 if seq.is_finished or not seq.params.stop else max(map(len, seq.params.stop)) - 1
+        held_back = 0 if seq.is_finished or not seq.params.stop else max(map(len, seq.params.stop)) - 1
         start = handle.emitted[seq.index]
-        text = detok.text[start: max(start, len(detok.text) - hold)]
+        text = detok.text[start: max(start, len(detok.text) - held_back)]
         handle.emitted[seq.index] += len(text)
         return text
 

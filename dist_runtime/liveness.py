@@ -233,7 +233,7 @@ class Heartbeat(_Watch):
 
     def _heartbeat(self) -> None:
         sock, buffer = self._upstream, b""
-        heard = last_beat = time.monotonic()
+        last_heard = last_beat = time.monotonic()
         while True:
             try:
                 readable, _, _ = select.select([sock], [], [], 0.2)
@@ -244,7 +244,7 @@ class Heartbeat(_Watch):
                 data = _recv(sock)
                 if not data:
                     return None if self._leaving else self.on_exit("rank 0 lost (connection closed)")
-                heard = now
+                last_heard = now
                 *lines, buffer = (buffer + data).split(b"\n")
                 for line in lines:
                     if line == b"bye":
@@ -253,8 +253,8 @@ class Heartbeat(_Watch):
                         return self.on_exit(line[6:].decode())
             if self._leaving:
                 continue  # rank 0 is shutting down: its silence or close is expected
-            if now - heard > self.silence_s:
-                return self.on_exit(f"rank 0 lost (no heartbeat for {now - heard:.0f} s)")
+            if now - last_heard > self.silence_s:
+                return self.on_exit(f"rank 0 lost (no heartbeat for {now - last_heard:.0f} s)")
             if now - last_beat >= HEARTBEAT_S:
                 last_beat = now
                 try:

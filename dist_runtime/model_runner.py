@@ -261,13 +261,14 @@ class ModelRunner:
                 logits = logits.float()
             sampled = Sampled(greedy, None) if plain else sample(logits, step)
             # only the rows that asked, copied out of what may be a graph's output
-            wanted = None if step.return_logits is None else logits[to_device(step.return_logits, self.device)].float()
+            returned_logits = (None if step.return_logits is None
+                               else logits[to_device(step.return_logits, self.device)].float())
         # Perhaps a view of a graph's output, which the next replay overwrites: a step taking
         # its inputs from here gathers them before its own replay.
         self.last_sampled = sampled.token_ids
         if m.rank == 0:
-            return self._to_host(sampled.token_ids, sampled.logprobs, wanted)
-        for tensor in (sampled.token_ids, sampled.logprobs, wanted):
+            return self._to_host(sampled.token_ids, sampled.logprobs, returned_logits)
+        for tensor in (sampled.token_ids, sampled.logprobs, returned_logits):
             if tensor is not None:
                 self.comm.send(tensor, 0)
         return None

@@ -57,12 +57,12 @@ def format_plan(config: ModelConfig, plan: Plan, suggestion: Plan | None, source
     lines += [_table(rows), "", _table(_weight_patterns(plan)), ""]
     lines.append("memory: weights exact; KV cache at max batch x max length; activations estimated")
     if plan.gpu_mem_bytes is not None:
-        worst = plan.largest_rank()
+        largest = plan.largest_rank()
         if plan.fits:
-            lines.append(f"fits: yes, largest rank needs {human_bytes(worst.total_bytes)} of "
+            lines.append(f"fits: yes, largest rank needs {human_bytes(largest.total_bytes)} of "
                          f"{human_bytes(plan.gpu_mem_bytes)}")
         else:
-            lines.append(f"fits: NO, rank {worst.rank} needs {human_bytes(worst.total_bytes)} > "
+            lines.append(f"fits: NO, rank {largest.rank} needs {human_bytes(largest.total_bytes)} > "
                          f"{human_bytes(plan.gpu_mem_bytes)} per GPU")
             lines.append(f"fewest GPUs that fit: tp={suggestion.tp} x pp={suggestion.pp} "
                          f"({suggestion.world_size} GPUs)" if suggestion else "no layout up to 256 GPUs fits")

@@ -25,12 +25,12 @@ def _by_bucket(table: dict[str, Any]) -> list[tuple[int, Any]]:
     return sorted((int(bucket), choice) for bucket, choice in table.items())
 
 
-def _pick(table: list[tuple[int, Any]], n: int, beyond: Any) -> Any:
-    """The choice of the smallest bucket >= n; `beyond` past the largest."""
+def _pick(table: list[tuple[int, Any]], n: int, past_largest: Any) -> Any:
+    """The choice of the smallest bucket >= n; `past_largest` past the largest."""
     for bucket, choice in table:
         if n <= bucket:
             return choice
-    return beyond
+    return past_largest
 
 
 class KernelChoices:
@@ -46,14 +46,15 @@ class KernelChoices:
     def from_record(cls, record: TuningRecord | None) -> KernelChoices | None:
         return cls(record) if record and record.tuned else None
 
-    def attention(self, num_seqs: int, short: bool = False) -> dict[str, int]:
+    def attention(self, num_seqs: int, short_context_launch: bool = False) -> dict[str, int]:
         """Keyword arguments of paged_decode_attention: splits, block_n, num_warps, and vector,
         f16, convert_on_load, fp8_products or num_stages where the tuning picked that variant.
-        `short`: every context is within short_context(num_seqs), and that launch is wanted."""
+        `short_context_launch`: every context is within short_context(num_seqs), and that launch
+        is wanted."""
         if not self._attention:
             return {}
         choice = self._attention_choice(num_seqs)
-        if short and "short" in choice:
+        if short_context_launch and "short" in choice:
             choice = choice["short"]
         keys = ("splits", "block_n", "num_warps", "vector", "f16", "convert_on_load", "fp8_products", "num_stages")
         return {key: choice[key] for key in keys if key in choice}

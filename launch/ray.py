@@ -110,8 +110,8 @@ class RayExecutor(StartupWatch, Executor):
     def _reserve(world_size: int, bundle: dict[str, float], timeout_s: float):
         """A ready placement group of one bundle per rank, bundle 0 on this node."""
         ip = ray.util.get_node_ip_address()
-        here = f"node:{ip}"
-        if here not in ray.cluster_resources():
+        this_node = f"node:{ip}"  # the resource Ray gives this node alone
+        if this_node not in ray.cluster_resources():
             raise LaunchError(f"this host ({ip}) is not a node of the Ray cluster; rank 0 runs in this process, "
                               "so start it on one of the cluster's nodes")
         node_id = ray.get_runtime_context().get_node_id()
@@ -119,16 +119,16 @@ class RayExecutor(StartupWatch, Executor):
         # STRICT_PACK keeps every rank on this host (TP traffic stays in the node); when this node
         # cannot hold them all it would never be ready, so PACK then fills as few nodes as it can.
         strategy = "STRICT_PACK" if all(node.get(k, 0) >= v * world_size for k, v in bundle.items()) else "PACK"
-        pg = placement_group([bundle | {here: 0.001}] + [bundle] * (world_size - 1), strategy=strategy)
+        pg = placement_group([bundle | {this_node: 0.001}] + [bundle] * (world_size - 1), strategy=strategy)
         ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
         if ready:
             return pg
         remove_placement_group(pg)
         total, free = ray.cluster_resources(), ray.available_resources()
-        short = ", ".join(f"{v * world_size:g} {k} needed, the cluster has {total.get(k, 0):g} "
-                          f"({free.get(k, 0):g} free)" for k, v in bundle.items())
+        shortfall = ", ".join(f"{v * world_size:g} {k} needed, the cluster has {total.get(k, 0):g} "
+                              f"({free.get(k, 0):g} free)" for k, v in bundle.items())
         raise LaunchError(f"Ray could not place {world_size} ranks ({world_size} x {bundle}, {strategy}, rank 0 "
-                          f"on {ip}) within {timeout_s:g} s: {short}; set {ENV_TIMEOUT} to wait longer")
+                          f"on {ip}) within {timeout_s:g} s: {shortfall}; set {ENV_TIMEOUT} to wait longer")
 
     def _ended(self) -> str | None:
         done, _ = ray.wait(self.runs, num_returns=1, timeout=0)

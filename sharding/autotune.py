@@ -204,9 +204,10 @@ def _tune_attention(shape: tuple, batches: list[int], plan: Plan, dtype: torch.d
         default = next(i for i, c in enumerate(candidates) if c == DEFAULT)
         table[str(b)] = {**candidates[best], "contexts": used_contexts, "us": _us(times[best]),
                          "default_us": _us(times[default])}
-        short = min(times, key=lambda i: times[i][0])
-        if len(used_contexts) > 1 and times[short][0] < SHORT_MARGIN * times[best][0]:
-            table[str(b)]["short"] = {**candidates[short], "context": used_contexts[0], "us": _us(times[short][:1])}
+        best_short = min(times, key=lambda i: times[i][0])
+        if len(used_contexts) > 1 and times[best_short][0] < SHORT_MARGIN * times[best][0]:
+            table[str(b)]["short"] = {**candidates[best_short], "context": used_contexts[0],
+                                      "us": _us(times[best_short][:1])}
     return table
 
 
@@ -214,8 +215,8 @@ def _prefill_step(plan: Plan) -> list[tuple[int, int]]:
     """(new tokens, context) of the sequences of a full prefill step: as many whole prompts of
     max_seq_len as max_num_tokens holds, and the rest as the last chunk of one more prompt."""
     length = min(plan.max_seq_len, plan.max_num_tokens)
-    whole, rest = divmod(plan.max_num_tokens, length)
-    return [(length, length)] * whole + [(rest, length)] * bool(rest)
+    full_prompts, rest = divmod(plan.max_num_tokens, length)
+    return [(length, length)] * full_prompts + [(rest, length)] * bool(rest)
 
 
 def _tune_prefill(shape: tuple, plan: Plan, dtype: torch.dtype) -> dict[str, Any]:
@@ -290,20 +291,22 @@ def _tune_gemm(m: int, k: int, weights: list, bias: torch.Tensor | None, dtype: 
     choice = {}
     if weight_fmt == "fp8":
         rows_in = fp8_input(x, None)
-        exact = _try_time([partial(fp8_linear, rows_in, w, s, bias=bias) for w, s in weights])
-        fast = _try_time([partial(fp8_linear, rows_in, w, s, bias=bias, fast_accumulate=True) for w, s in weights])
-        choice = {"fast_accumulate": fast < FAST_MARGIN * exact, "cublas_fast_us": _us([fast])[0]}
-        cublas = fast if choice["fast_accumulate"] else exact
+        float32_sum_time = _try_time([partial(fp8_linear, rows_in, w, s, bias=bias) for w, s in weights])
+        fast_sum_time = _try_time([partial(fp8_linear, rows_in, w, s, bias=bias, fast_accumulate=True)
+                                   for w, s in weights])
+        choice = {"fast_accumulate": fast_sum_time < FAST_MARGIN * float32_sum_time,
+                  "cublas_fast_us": _us([fast_sum_time])[0]}
+        cublas_time = fast_sum_time if choice["fast_accumulate"] else float32_sum_time
     else:
-        exact = cublas = _try_time([partial(linear, x, w, bias, scale=s) for w, s in weights])
-    choice = {"kernel": "cublas", "us": _us([cublas])[0], **choice, "cublas_us": _us([exact])[0]}
+        float32_sum_time = cublas_time = _try_time([partial(linear, x, w, bias, scale=s) for w, s in weights])
+    choice = {"kernel": "cublas", "us": _us([cublas_time])[0], **choice, "cublas_us": _us([float32_sum_time])[0]}
     if m > SKINNY_ROWS:
         return choice
     configs = CONFIGS + ROW_CONFIGS if m == 1 else CONFIGS
     triton_times = [_try_time([partial(skinny_linear, x, w, bias, *c, scale=s) for w, s in weights]) for c in configs]
     best = min(range(len(configs)), key=triton_times.__getitem__)
     choice["best_triton_us"] = _us([triton_times[best]])[0]
-    if triton_times[best] < TRITON_MARGIN * cublas:
+    if triton_times[best] < TRITON_MARGIN * cublas_time:
         block_n, block_k, num_warps, num_stages = configs[best]
         choice.update(kernel="triton", block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
                       us=choice["best_triton_us"])

@@ -76,8 +76,8 @@ def test_shared_prefix_blocks_are_reused_and_skip_prefill():
     assert bm.take_cached_prefix(second) == 8
     assert second.block_table == first.block_table[:2]
     assert bm.ref_count[first.block_table[0]] == 2
-    whole = Sequence(2, [1, 2, 3, 4, 5, 6, 7, 8], SamplingParams(), 0)  # its last token must still run
-    assert bm.take_cached_prefix(whole) == 4
+    fully_cached = Sequence(2, [1, 2, 3, 4, 5, 6, 7, 8], SamplingParams(), 0)  # its last token must still run
+    assert bm.take_cached_prefix(fully_cached) == 4
 
 
 def test_evicted_blocks_are_least_recently_used_first():

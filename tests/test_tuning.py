@@ -52,9 +52,9 @@ def test_engine_json_keeps_the_tuned_choices_and_the_runner_reads_them(engines, 
     assert choices.attention(5) == choices.attention(300) == {"splits": 1, "block_n": 64, "num_warps": 4,
                                                               "fp8_products": True, "num_stages": 2}
     # the launch kept for short contexts, where the tuning kept one
-    assert choices.attention(5, short=True) == {"splits": 1, "block_n": 32, "num_warps": 4, "fp8_products": True,
-                                                "num_stages": 1}
-    assert choices.attention(4, short=True) == choices.attention(4)
+    assert choices.attention(5, short_context_launch=True) == {"splits": 1, "block_n": 32, "num_warps": 4,
+                                                               "fp8_products": True, "num_stages": 1}
+    assert choices.attention(4, short_context_launch=True) == choices.attention(4)
     assert choices.short_context(8) == choices.short_context(300) == 256 and choices.short_context(4) == 0
     assert choices.gemm(1, 96, 64) == {"block_n": 16, "block_k": 256, "num_warps": 4, "num_stages": 4}
     assert choices.gemm(2, 96, 64) is None  # cuBLAS won at 4 rows
@@ -92,17 +92,17 @@ def test_fp8_layers_take_their_input_quantized_only_where_scaled_mm_runs():
     """The kernel before an fp8 linear layer quantizes its output for it (an Fp8Rows) unless the
     tuning picked the Triton kernel for that many rows, which reads the input unquantized."""
     from dist_runtime.layers.linear import ColumnParallelLinear
-    from dist_runtime.layers.quantized import feeds_fp8
+    from dist_runtime.layers.quantized import takes_fp8_rows
     from dist_runtime.quantization import FP8
 
     layer = ColumnParallelLinear(64, 96, 1, 0, bias=False)
-    assert not feeds_fp8(layer, 1)  # float weights
+    assert not takes_fp8_rows(layer, 1)  # float weights
     layer.weight.data = layer.weight.data.to(FP8)
-    assert feeds_fp8(layer, 1) and feeds_fp8(layer, 4)  # untuned: _scaled_mm
+    assert takes_fp8_rows(layer, 1) and takes_fp8_rows(layer, 4)  # untuned: _scaled_mm
     layer.kernels = KernelChoices(TuningRecord.from_dict(RECORD))
-    assert not feeds_fp8(layer, 1)  # Triton won at one row
-    assert feeds_fp8(layer, 4) and feeds_fp8(layer, 64)  # cuBLAS at 4; no Triton past 16 rows
-    assert not feeds_fp8(None, 1)
+    assert not takes_fp8_rows(layer, 1)  # Triton won at one row
+    assert takes_fp8_rows(layer, 4) and takes_fp8_rows(layer, 64)  # cuBLAS at 4; no Triton past 16 rows
+    assert not takes_fp8_rows(None, 1)
 
 
 def test_the_tuning_times_the_lm_head_unquantized(engines):
@@ -156,9 +156,10 @@ def test_tuned_and_forced_kernels_give_the_untuned_outputs(checkpoints, tmp_path
         assert fp8_tables and all("fast_accumulate" in c for t in fp8_tables for c in t.values())
     assert tuple(record.prefill_attention["launch"]) in PREFILL_LAUNCHES
     assert record.prefill_attention["tokens"] == tuned.plan.max_num_tokens
-    short = {"splits": 2, "block_n": 64, "num_warps": 8, "context": 128}  # every context here: the short graphs
+    # every context here is within 128: the short graphs
+    short_context_choice = {"splits": 2, "block_n": 64, "num_warps": 8, "context": 128}
     forced = dataclasses.replace(
-        record, decode_attention={"4": {"splits": 4, "block_n": 32, "num_warps": 4, "short": short}},
+        record, decode_attention={"4": {"splits": 4, "block_n": 32, "num_warps": 4, "short": short_context_choice}},
         gemm={shape: {"4": {"kernel": "triton", "block_n": 32, "block_k": 128, "num_warps": 4, "num_stages": 3}}
               for shape in record.gemm},
         prefill_attention={"launch": [16, 32, 4, 1]})

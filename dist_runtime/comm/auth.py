@@ -60,25 +60,25 @@ def _handshake(steps: Callable[[socket.socket, str], None], sock: socket.socket,
 
 
 def _dial(sock: socket.socket, secret: str) -> None:
-    mine = secrets.token_bytes(NONCE_BYTES)
-    sock.sendall(mine)
-    theirs = _recv_exactly(sock, NONCE_BYTES)
-    sock.sendall(_mac(secret, b"dial", mine, theirs))
+    my_nonce = secrets.token_bytes(NONCE_BYTES)
+    sock.sendall(my_nonce)
+    their_nonce = _recv_exactly(sock, NONCE_BYTES)
+    sock.sendall(_mac(secret, b"dial", my_nonce, their_nonce))
     try:
         proof = _recv_exactly(sock, MAC_BYTES)
     except AuthError:
         raise AuthError("the listener refused our proof: its job secret is another") from None
-    if not hmac.compare_digest(proof, _mac(secret, b"listen", mine, theirs)):
+    if not hmac.compare_digest(proof, _mac(secret, b"listen", my_nonce, their_nonce)):
         raise AuthError("the listener does not know the job's secret")
 
 
 def _listen(sock: socket.socket, secret: str) -> None:
-    theirs = _recv_exactly(sock, NONCE_BYTES)
-    mine = secrets.token_bytes(NONCE_BYTES)
-    sock.sendall(mine)
-    if not hmac.compare_digest(_recv_exactly(sock, MAC_BYTES), _mac(secret, b"dial", theirs, mine)):
+    their_nonce = _recv_exactly(sock, NONCE_BYTES)
+    my_nonce = secrets.token_bytes(NONCE_BYTES)
+    sock.sendall(my_nonce)
+    if not hmac.compare_digest(_recv_exactly(sock, MAC_BYTES), _mac(secret, b"dial", their_nonce, my_nonce)):
         raise AuthError("wrong proof of the job's secret")
-    sock.sendall(_mac(secret, b"listen", theirs, mine))
+    sock.sendall(_mac(secret, b"listen", their_nonce, my_nonce))
 
 
 def dial(address: tuple[str, int], secret: str, wait_s: float = 0.0) -> socket.socket:

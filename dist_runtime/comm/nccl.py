@@ -58,9 +58,9 @@ class NcclCommunicator(Communicator):
         if one_shot.error is None:
             check = torch.full((1024,), self.mapping.tp_rank + 1.0, device="cuda")
             one_shot(check)
-            wrong = bool((check != self.mapping.tp * (self.mapping.tp + 1) / 2).any())
-            wrongs = self.control.broadcast_object(self.control.gather_object(wrong))
-            one_shot.error = "its sums were wrong" if any(wrongs) else None
+            sums_wrong = bool((check != self.mapping.tp * (self.mapping.tp + 1) / 2).any())
+            sums_wrong_by_rank = self.control.broadcast_object(self.control.gather_object(sums_wrong))
+            one_shot.error = "its sums were wrong" if any(sums_wrong_by_rank) else None
         if one_shot.error is not None:
             one_shot.close()
             self.tuning = {"one_shot": f"off: {one_shot.error}"}

@@ -212,13 +212,14 @@ class OneShotAllReduce:
             cupy.cuda.runtime.memset(self._signals.ptr, 0, self._signals.size)
             self._counters = cupy.zeros((_LANES, _MAX_BLOCKS), dtype=cupy.uint64)
             cupy.cuda.runtime.deviceSynchronize()  # zeroed before any peer can write a flag
-            mine = (m.pp_rank, m.tp_rank, socket.gethostname(), cupy.cuda.runtime.ipcGetMemHandle(self._buffer.ptr),
-                    cupy.cuda.runtime.ipcGetMemHandle(self._signals.ptr))
-            everyone = control.broadcast_object(control.gather_object(mine))
-            if any(len({h[2] for h in everyone if h[0] == stage}) > 1 for stage in range(m.pp)):
+            own_handles = (m.pp_rank, m.tp_rank, socket.gethostname(),
+                           cupy.cuda.runtime.ipcGetMemHandle(self._buffer.ptr),
+                           cupy.cuda.runtime.ipcGetMemHandle(self._signals.ptr))
+            handles_by_rank = control.broadcast_object(control.gather_object(own_handles))
+            if any(len({h[2] for h in handles_by_rank if h[0] == stage}) > 1 for stage in range(m.pp)):
                 self.error = "a TP group spans hosts"
             else:
-                self._open(sorted(h for h in everyone if h[0] == m.pp_rank))
+                self._open(sorted(h for h in handles_by_rank if h[0] == m.pp_rank))
             errors = control.broadcast_object(control.gather_object(self.error))
             self.error = next((e for e in errors if e), None)
             module = cupy.RawModule(code=_SOURCE, options=("-std=c++17",))

@@ -101,15 +101,15 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if m > MAX_ROWS:
         raise ValueError(f"skinny_linear takes at most {MAX_ROWS} rows, got {m}")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    extra = (bias if bias is not None else weight, scale if scale is not None else weight)
+    bias_and_scale = (bias if bias is not None else weight, scale if scale is not None else weight)
     flags = dict(HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, BLOCK_N=block_n, BLOCK_K=block_k,
                  EVEN_K=k % block_k == 0, num_warps=num_warps, num_stages=num_stages, **pdl.launch(x))
     if block_n < 16:
         if m != 1:
             raise ValueError(f"block_n {block_n} is the one-row kernel's; x has {m} rows")
-        _row_kernel[(triton.cdiv(n, block_n),)](rows, weight, *extra, out, n, k, weight.stride(0), **flags)
+        _row_kernel[(triton.cdiv(n, block_n),)](rows, weight, *bias_and_scale, out, n, k, weight.stride(0), **flags)
         return out.view(*x.shape[:-1], n)
     _skinny_kernel[(triton.cdiv(n, block_n),)](
-        rows, weight, *extra, out, m, n, k, rows.stride(0), weight.stride(0), out.stride(0), BLOCK_M=MAX_ROWS,
+        rows, weight, *bias_and_scale, out, m, n, k, rows.stride(0), weight.stride(0), out.stride(0), BLOCK_M=MAX_ROWS,
         IEEE=x.dtype == torch.float32, **flags)
     return out.view(*x.shape[:-1], n)

@@ -21,7 +21,7 @@ def declare(param: nn.Parameter, parallel: str, shard_of: ShardFn, linear: bool 
     return param
 
 
-def whole(tensors: list[torch.Tensor]) -> torch.Tensor:
+def unsliced(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The replicated rule: one source tensor, taken as it is."""
     (tensor,) = tensors
     return tensor

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_runtime.errors import CheckpointError
-from dist_runtime.layers.quantized import feeds_fp8
+from dist_runtime.layers.quantized import takes_fp8_rows
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -28,24 +28,25 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return ACTIVATIONS[name]
 
 
-def gated(act: Callable[[torch.Tensor], torch.Tensor], gate_up: torch.Tensor, feeds=None):
+def gated(act: Callable[[torch.Tensor], torch.Tensor], gate_up: torch.Tensor, next_layer=None):
     """act(gate) * up over a fused [gate | up] tensor (SiLU-and-mul for Llama; one kernel on a
-    GPU, which also quantizes the result when the linear layer it `feeds` has fp8 weights)."""
+    GPU, which also quantizes the result when `next_layer`, the linear layer it goes to, has fp8
+    weights)."""
     if gate_up.is_cuda and act is F.silu:
         from dist_runtime.kernels.fused import fp8_rows, silu_and_mul
 
-        if feeds_fp8(feeds, gate_up.numel() // gate_up.shape[-1]):
-            return fp8_rows(gate_up.reshape(-1, gate_up.shape[-1]), feeds.input_scale, act="silu_mul")
+        if takes_fp8_rows(next_layer, gate_up.numel() // gate_up.shape[-1]):
+            return fp8_rows(gate_up.reshape(-1, gate_up.shape[-1]), next_layer.input_scale, act="silu_mul")
         return silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return act(gate) * up
 
 
-def activate(act: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, feeds=None):
-    """act(x); on a GPU, GELU (tanh) comes quantized from one kernel when the linear layer it
-    `feeds` has fp8 weights (GPT-J's fc_out)."""
-    if x.is_cuda and act is gelu_tanh and feeds_fp8(feeds, x.numel() // x.shape[-1]):
+def activate(act: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, next_layer=None):
+    """act(x); on a GPU, GELU (tanh) comes quantized from one kernel when `next_layer`, the
+    linear layer it goes to, has fp8 weights (GPT-J's fc_out)."""
+    if x.is_cuda and act is gelu_tanh and takes_fp8_rows(next_layer, x.numel() // x.shape[-1]):
         from dist_runtime.kernels.fused import fp8_rows
 
-        return fp8_rows(x.reshape(-1, x.shape[-1]), feeds.input_scale, act="gelu_tanh")
+        return fp8_rows(x.reshape(-1, x.shape[-1]), next_layer.input_scale, act="gelu_tanh")
     return act(x)

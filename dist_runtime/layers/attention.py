@@ -28,12 +28,13 @@ class AttentionMetadata:
     context_lens_tensor: torch.Tensor | None = None  # the same on the device (the decode kernel reads it)
     decode: bool = False  # every sequence brings exactly one token
     num_decodes: int = 0  # the leading sequences that bring one token each (the scheduler puts them first)
-    short: bool = False  # decode attention takes the tuning's launch for short contexts (a graph of its own)
+    # decode attention takes the launch the tuning kept for short contexts (a graph of its own)
+    short_context_launch: bool = False
     # What every layer of the step derives alike (the prefill's batches, their index tensors):
     # derived by the first layer that needs it, not again in each of the others
     derived: dict = dataclasses.field(default_factory=dict, repr=False)
 
-    def once(self, key: tuple, derive: Callable[[], object]) -> object:
+    def derive_once(self, key: tuple, derive: Callable[[], object]) -> object:
         """derive(), computed by the first layer that asks for `key` and kept for the others."""
         if key not in self.derived:
             self.derived[key] = derive()
@@ -75,7 +76,7 @@ class PagedAttention(nn.Module):
 
         decodes = len(meta.context_lens_tensor) if meta.decode else meta.num_decodes
         launch = {"k_scale": self.k_scale, "v_scale": self.v_scale,
-                  **(self.kernels.attention(decodes, meta.short) if self.kernels is not None else {})}
+                  **(self.kernels.attention(decodes, meta.short_context_launch) if self.kernels is not None else {})}
         if meta.decode:  # the kernel's output as it is: no copy (a graph node per layer) into `out`
             return paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens_tensor,
                                           self.scale, self.sliding_window, **launch).flatten(1)
@@ -131,7 +132,7 @@ class PagedAttention(nn.Module):
 
         tuned = self.kernels.prefill() if self.kernels is not None else None
         launch = tuned or launch_for(self.head_dim, self.k_scale is not None, q.dtype)
-        tiles, query_start = meta.once(("prefill", first, launch[0]), lambda: (
+        tiles, query_start = meta.derive_once(("prefill", first, launch[0]), lambda: (
             to_device(prefill_tiles(meta.query_start, meta.context_lens, first, launch[0]), q.device),
             to_device(np.asarray(meta.query_start, dtype=np.int32), q.device)))
         paged_prefill_attention(q, self.k_cache, self.v_cache, meta.block_tables, tiles, query_start,

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_runtime.layers import declare, split, whole
+from dist_runtime.layers import declare, split, unsliced
 from dist_runtime.layers.linear import linear
 
 
@@ -31,7 +31,7 @@ class _VocabParallel(nn.Module):
         self.start = tp_rank * self.rows
 
         def shard(tensors: list[torch.Tensor]) -> torch.Tensor:
-            return split(_pad_rows(whole(tensors), padded), 0, tp, tp_rank)
+            return split(_pad_rows(unsliced(tensors), padded), 0, tp, tp_rank)
 
         self.weight = declare(nn.Parameter(torch.empty(self.rows, hidden)), "vocab", shard)
         self.bias = declare(nn.Parameter(torch.empty(self.rows)), "vocab", shard) if bias else None

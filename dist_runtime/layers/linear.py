@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_runtime.errors import PlanError
-from dist_runtime.layers import declare, split, whole
+from dist_runtime.layers import declare, split, unsliced
 from dist_runtime.layers.quantized import quantized_linear
 from dist_runtime.quantization import Fp8Rows
 
@@ -32,8 +32,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ker
     if choice is None:
         if scale is None:
             return F.linear(x, weight, bias)
-        fast = kernels is not None and kernels.fast_accumulate(rows, *weight.shape)
-        return quantized_linear(x, weight, scale, bias, input_scale, fast)
+        fast_accumulate = kernels is not None and kernels.fast_accumulate(rows, *weight.shape)
+        return quantized_linear(x, weight, scale, bias, input_scale, fast_accumulate)
     from dist_runtime.kernels.skinny_gemm import skinny_linear
 
     return skinny_linear(x, weight, bias, scale=scale, **choice)
@@ -133,8 +133,8 @@ class RowParallelLinear(nn.Module):
             raise PlanError(f"{name}: input size {in_features} does not divide by tp={tp}")
         self.tp, self.tp_rank, self.comm = tp, tp_rank, comm
         self.weight = declare(nn.Parameter(torch.empty(out_features, in_features // tp)), self.parallel,
-                              lambda ts: split(whole(ts), 1, tp, tp_rank), linear=True)
-        self.bias = declare(nn.Parameter(torch.empty(out_features)), "replicated", whole) if bias else None
+                              lambda ts: split(unsliced(ts), 1, tp, tp_rank), linear=True)
+        self.bias = declare(nn.Parameter(torch.empty(out_features)), "replicated", unsliced) if bias else None
         self.kernels = None  # KernelChoices, set by a GPU runner
         self.weight_scale = None  # per output row, when the engine's weights are quantized
         self.input_scale = None  # per tensor, when an fp8 engine was calibrated

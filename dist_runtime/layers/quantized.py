@@ -29,7 +29,7 @@ def check_device(dtype: torch.dtype, device: torch.device, kv_cache: bool = Fals
                           f"this hardware")
 
 
-def feeds_fp8(layer, rows: int) -> bool:
+def takes_fp8_rows(layer, rows: int) -> bool:
     """Whether `layer` (a linear layer, or None) multiplies `rows` rows by fp8 weights with
     _scaled_mm: then the kernel before it may hand it an Fp8Rows. Not where the engine's tuning
     picked the Triton kernel for that many rows, which reads x unquantized."""

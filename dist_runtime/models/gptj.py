@@ -41,7 +41,7 @@ class GPTJMLP(nn.Module):
         self.act = activation(c.hidden_act)
 
     def partial(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc_out.partial(activate(self.act, self.fc_in(x), feeds=self.fc_out))
+        return self.fc_out.partial(activate(self.act, self.fc_in(x), next_layer=self.fc_out))
 
 
 class GPTJBlock(nn.Module):
@@ -52,7 +52,7 @@ class GPTJBlock(nn.Module):
         self.mlp = GPTJMLP(c, m, comm)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        h = self.ln_1(x, feeds=(self.attn.qkv_proj, self.mlp.fc_in))
+        h = self.ln_1(x, next_layers=(self.attn.qkv_proj, self.mlp.fc_in))
         # Attention and MLP read the same input, so their partial sums share one all-reduce.
         partial = self.attn.partial(h, positions, meta) + self.mlp.partial(h)
         return x + self.mlp.fc_out.finish(partial)

@@ -44,7 +44,7 @@ class LlamaMLP(nn.Module):
 
     def partial(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's share of the output, before down_proj's all-reduce."""
-        return self.down_proj.partial(gated(self.act, self.gate_up_proj(x), feeds=self.down_proj))
+        return self.down_proj.partial(gated(self.act, self.gate_up_proj(x), next_layer=self.down_proj))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -56,18 +56,18 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(c, m, comm)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
-                meta: AttentionMetadata, owed=None) -> tuple[torch.Tensor, torch.Tensor]:
+                meta: AttentionMetadata, unfinished_layer=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's output, the residual stream before it): their sum is the hidden state.
-        Outputs are partial sums, owed their all-reduce (x's by `owed`, the previous layer's
-        down_proj): each norm all-reduces them and adds the residual first, in one kernel on GPUs
-        where the communicator can."""
+        Outputs are partial sums, still owed their all-reduce (x's by `unfinished_layer`, the
+        previous layer's down_proj): each norm all-reduces them and adds the residual first, in
+        one kernel on GPUs where the communicator can."""
         qkv, gate_up = self.self_attn.qkv_proj, self.mlp.gate_up_proj
         if residual is None:
-            h, residual = self.input_layernorm(x, feeds=qkv), x
+            h, residual = self.input_layernorm(x, next_layer=qkv), x
         else:
-            h, residual = self.input_layernorm(x, residual, feeds=qkv, owed=owed)
+            h, residual = self.input_layernorm(x, residual, next_layer=qkv, unfinished_layer=unfinished_layer)
         h, residual = self.post_attention_layernorm(self.self_attn.partial(h, positions, meta), residual,
-                                                    feeds=gate_up, owed=self.self_attn.o_proj)
+                                                    next_layer=gate_up, unfinished_layer=self.self_attn.o_proj)
         return self.mlp.partial(h), residual
 
 
@@ -96,12 +96,12 @@ class LlamaForCausalLM(CausalLM):
 
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.model.embed_tokens(inputs) if self.mapping.is_first_stage else inputs
-        residual = owed = None
+        residual = unfinished_layer = None
         for layer in self.model.layers.values():
-            x, residual = layer(x, residual, positions, meta, owed)
-            owed = layer.mlp.down_proj
+            x, residual = layer(x, residual, positions, meta, unfinished_layer)
+            unfinished_layer = layer.mlp.down_proj
         if residual is None:  # a stage without layers
             return self.model.norm(x) if self.mapping.is_last_stage else x
         if self.mapping.is_last_stage:
-            return self.model.norm(x, residual, owed=owed)[0]
-        return owed.finish(x) + residual
+            return self.model.norm(x, residual, unfinished_layer=unfinished_layer)[0]
+        return unfinished_layer.finish(x) + residual
