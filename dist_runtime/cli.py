@@ -244,7 +244,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(args.model_name or os.path.basename(os.path.normpath(config.engine_dir)), _api_key(args),
                               args.max_concurrency, args.max_request_sequences, args.max_body_bytes,
                               args.drain_timeout, args.chat_template)
-    return serve(config.engine_dir, settings, args.host, args.port, config=config)
+    return serve(config, settings, args.host, args.port)
 
 
 def _api_key(args: argparse.Namespace) -> str | None:

@@ -29,7 +29,6 @@ from dist_runtime.comm.auth import HANDSHAKE_TIMEOUT_S, Listener, dial
 from dist_runtime.errors import DistRuntimeError
 
 HEARTBEAT_S = 1.0
-DEFAULT_RANK_TIMEOUT_S = 30.0
 
 
 class RankLostError(DistRuntimeError):
@@ -65,7 +64,7 @@ def exit_process(why: str) -> None:
 class _Watch:
     """What both sides share: this rank's Activity, its timeouts, and whether it is leaving."""
 
-    def __init__(self, rank: int, world_size: int, timeout_s: float = DEFAULT_RANK_TIMEOUT_S) -> None:
+    def __init__(self, rank: int, world_size: int, timeout_s: float) -> None:
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
         self.silence_s = max(3 * HEARTBEAT_S, timeout_s / 3)  # heartbeats come every second
         self.activity = Activity()
@@ -87,7 +86,7 @@ class Monitor(_Watch):
     stuck becomes one verdict, handed to `on_lost` and sent to every rank. With one rank,
     just the Activity."""
 
-    def __init__(self, rank: int, world_size: int, timeout_s: float = DEFAULT_RANK_TIMEOUT_S) -> None:
+    def __init__(self, rank: int, world_size: int, timeout_s: float) -> None:
         super().__init__(rank, world_size, timeout_s)
         self.failure: RankLostError | None = None
         self.on_lost: list[Callable[[RankLostError], None]] = []
@@ -215,7 +214,7 @@ class Heartbeat(_Watch):
     says how long this rank has been inside its step, and `on_exit` once rank 0 is gone or
     gives its verdict."""
 
-    def __init__(self, rank: int, world_size: int, timeout_s: float = DEFAULT_RANK_TIMEOUT_S) -> None:
+    def __init__(self, rank: int, world_size: int, timeout_s: float) -> None:
         super().__init__(rank, world_size, timeout_s)
         self.on_exit: Callable[[str], None] = exit_process
         self._upstream: socket.socket | None = None

@@ -13,10 +13,10 @@ import time
 import uvicorn
 
 from dist_runtime.llm import LLM
+from dist_runtime.runtime_config import RuntimeConfig
 from dist_runtime.server.app import create_app
 from dist_runtime.server.edge import HeaderTimeoutH11
 from dist_runtime.server.served import Served, ServerSettings
-from launch.rank_info import from_environment
 
 LINGER_S = 3.0  # after a rank is lost: clients read their errors and /health's 503 before the exit
 CUT_GRACE_S = 5.0  # after the drain's deadline: requests cut short get this long to send their last words
@@ -67,11 +67,8 @@ def drain(served: Served, timeout_s: float) -> None:
             time.sleep(0.05)
 
 
-def serve(engine_dir: str, settings: ServerSettings, host: str, port: int, **llm_options) -> int:
-    info = from_environment()
-    if info is not None and info.rank != 0:  # under a launcher: serve steps until rank 0 stops
-        LLM(engine_dir, **llm_options)
-        return 0
+def serve(config: RuntimeConfig, settings: ServerSettings, host: str, port: int) -> int:
+    """Rank 0's server (the CLI has the other ranks of an SPMD launch serve rank 0's calls)."""
     gate = LoadingGate()
     server = uvicorn.Server(uvicorn.Config(gate, host=host, port=port, log_level="warning", lifespan="off",
                                            http=HeaderTimeoutH11, timeout_graceful_shutdown=CUT_GRACE_S))
@@ -82,7 +79,7 @@ def serve(engine_dir: str, settings: ServerSettings, host: str, port: int, **llm
             return 1  # could not bind: uvicorn said why
         time.sleep(0.02)
     try:
-        with LLM(engine_dir, **llm_options) as llm:
+        with LLM(config=config) as llm:
             stop = _stop_on_signals()  # set once loaded: a launcher's library (Ray) installs its own
             gate.app, served = create_app(llm, settings)
             print(f"serving {settings.model_name} on http://{host}:{port}", file=sys.stderr, flush=True)
