@@ -6,6 +6,7 @@ import pytest
 from conftest import cli
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [[], ["--concurrency", "3"], ["--request-rate", "50"]])
 def test_bench_reports_throughput_latency_memory_and_kv_usage(engines, mode):
     proc = cli("bench", str(engines("llama", 2, 2)), "--isl", "20", "--osl", "6", "--num-requests", "8",

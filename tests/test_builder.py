@@ -72,6 +72,7 @@ def test_an_unknown_dtype_is_refused_by_name(checkpoints, tmp_path):
         build_engine(checkpoints["llama"], tmp_path / "eng", dtype="int4", progress=False)
 
 
+@pytest.mark.slow
 def test_corrupt_rank_file_is_refused_naming_the_file(engines, tmp_path):
     engine = shutil.copytree(engines("llama", 2, 1), tmp_path / "eng")
     with open(engine / "rank-00001.safetensors", "r+b") as f:
@@ -94,6 +95,7 @@ def test_missing_rank_file_and_other_format_version_are_refused(engines, tmp_pat
         Engine.load(engine).load_rank_weights(0)
 
 
+@pytest.mark.slow
 def test_refit_gives_the_tokens_of_a_fresh_build(checkpoints, tmp_path):
     other = write_checkpoint(preset_config("tiny", "llama"), tmp_path / "other", seed=5, progress=False)
     refit = build_engine(checkpoints["llama"], tmp_path / "refit", 2, 2, "fp32", progress=False, **SMALL_PLAN)
@@ -122,6 +124,7 @@ def _peak_rss(*cmd: str) -> int:
                               text=True).stdout)
 
 
+@pytest.mark.slow
 def test_build_streams_tensors_instead_of_loading_the_model(tmp_path):
     config = preset_config("tiny", "llama") | {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8,
                                                "num_attention_heads": 8, "head_dim": 64, "vocab_size": 32000}

@@ -71,6 +71,7 @@ def _spawn_tcp(script) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess([], code, outs[0][0], "".join(err for _, err in outs))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transport", ["mpi", "tcp"])
 def test_communicator_collectives_point_to_point_and_control_plane(transport, tmp_path):
     script = tmp_path / "comm.py"

@@ -65,6 +65,7 @@ def refused_while_draining(url: str) -> httpx.Response:
     raise AssertionError("no 503 while draining")
 
 
+@pytest.mark.slow
 def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_ones(engine):
     server = Server(engine, "--drain-timeout", "60")
     work = InFlight(server.url, max_tokens=200)
@@ -82,6 +83,7 @@ def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_ones(engine):
     print(f"drained 2 requests of 200 tokens in {drained_s:.1f} s")
 
 
+@pytest.mark.slow
 def test_past_the_drain_timeout_requests_end_with_a_last_event_or_503(engine):
     server = Server(engine, "--drain-timeout", "0.5")
     work = InFlight(server.url, max_tokens=490)

@@ -107,6 +107,7 @@ def engine(engines):
     return engines("llama", 2, 2, **LONG)
 
 
+@pytest.mark.slow
 def test_health_says_not_ready_until_every_rank_has_loaded(engine):
     server = Serve(engine)
     try:
@@ -117,6 +118,7 @@ def test_health_says_not_ready_until_every_rank_has_loaded(engine):
         assert server.proc.wait(30) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["kill -9", "SIGSTOP"])
 def test_a_lost_rank_is_named_to_clients_and_every_process_exits(engine, how):
     before = shm()
@@ -138,6 +140,7 @@ def test_a_lost_rank_is_named_to_clients_and_every_process_exits(engine, how):
     assert shm() <= before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_or_ctrl_c_on_rank_0_of_a_server_drains_and_stops_every_rank(engine, sig):
     """The stream in flight outlasts the 1 s drain: it ends with a last event and [DONE]; then
@@ -152,6 +155,7 @@ def test_sigterm_or_ctrl_c_on_rank_0_of_a_server_drains_and_stops_every_rank(eng
     assert result["events"][-1] == "[DONE]" and "shutting down" in result["events"][-2], result["events"][-3:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_or_ctrl_c_on_generate_stops_every_rank_within_10_s(engine, sig):
     proc, ranks, _ = start_generate(engine)
@@ -184,6 +188,7 @@ def start_generate(engine) -> tuple[subprocess.Popen, dict[int, int], list[str]]
     return proc, ranks, lines
 
 
+@pytest.mark.slow
 def test_a_killed_rank_fails_generate_with_its_name(engine):
     proc, ranks, stderr = start_generate(engine)
     os.kill(ranks[2], signal.SIGKILL)
@@ -196,6 +201,7 @@ def test_a_killed_rank_fails_generate_with_its_name(engine):
     wait_gone(ranks.values(), 10)
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_mpirun_stops_a_server_cleanly_within_10_s(engine):
     """mpirun hands Ctrl-C to every rank at once (as Slurm's scancel does SIGTERM): the ranks
     other than 0 leave the stop to rank 0, which ends them all cleanly."""

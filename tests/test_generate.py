@@ -20,12 +20,14 @@ def _prompts(*prompts: str) -> list[str]:
     return [arg for p in prompts for arg in ("--prompt", p)]
 
 
+@pytest.mark.slow
 def test_spawned_ranks_give_the_same_tokens_as_mpirun(engines):
     engine = str(engines("llama", 2, 2))
     args = ["generate", engine, "--temperature", "0", "--max-tokens", "10", "--json", *_prompts(*PROMPTS)]
     assert json_lines(cli(*args)) == json_lines(mpirun(4, *args))
 
 
+@pytest.mark.slow
 def test_batched_prompts_equal_each_prompt_alone(engines):
     """The command's batch against each prompt alone, run through one LLM (its ranks started once)."""
     engine = str(engines("gptj", 2, 1))
@@ -37,6 +39,7 @@ def test_batched_prompts_equal_each_prompt_alone(engines):
         (c.token_ids, c.text, c.finish_reason) for c in alone]
 
 
+@pytest.mark.slow
 def test_same_seed_same_tokens_whatever_the_layout(engines):
     runs = [json_lines(cli("generate", str(engines("llama", tp, pp)), *SAMPLED, *_prompts(*PROMPTS)))
             for tp, pp in [(1, 1), (2, 2), (4, 1)]]

@@ -76,6 +76,7 @@ def test_a_request_that_fails_on_rank_0_fails_alone_and_the_engine_serves_on(llm
     assert llm.coordinator.blocks.num_used == 0  # the failed request's KV blocks came back
 
 
+@pytest.mark.slow
 def test_a_request_queued_while_a_rank_hangs_gets_the_rank_named_at_once(engines):
     timeout_s = 4.0
     llm = LLM(str(engines("llama", 2, 1, max_batch_size=8, max_seq_len=512)), rank_timeout_s=timeout_s)

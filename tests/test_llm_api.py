@@ -38,6 +38,7 @@ def alone(llm):
     return [llm.generate([p], sp)[0].token_ids for p, sp in zip(MIXED, PARAMS)]
 
 
+@pytest.mark.slow
 def test_requests_arriving_at_different_times_equal_each_run_alone(llm, alone):
     handles = []
     for prompt, params in zip(MIXED, PARAMS):
@@ -65,6 +66,7 @@ def test_prefix_cache_skips_the_shared_system_prompt_and_keeps_the_tokens(llm, e
         assert [o.token_ids for o in plain.generate(questions, params)] == [o.token_ids for o in outs]
 
 
+@pytest.mark.slow
 def test_preemption_under_a_tiny_kv_pool_loses_nothing(engines, alone):
     with LLM(str(engines("llama", 2, 2, max_seq_len=256, max_num_tokens=32)), num_kv_blocks=8) as small:
         outs = small.generate(MIXED, PARAMS)
@@ -172,6 +174,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_llm_api_under_mpirun_and_interpreter_exit_shut_down_every_rank(engines, tmp_path):
     engine = str(engines("llama", 2, 2))
     script = tmp_path / "script.py"

@@ -48,6 +48,7 @@ def _workloads(greedy: list[list[int]]) -> list:
     return [lengths, stops, sampled]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp", [1, 2])
 def test_pp2_micro_batches_give_the_tokens_of_micro_batching_off_and_of_one_rank(engines, one_rank, greedy, tp):
     engine = str(engines("llama", tp, 2, **PLAN))
@@ -99,6 +100,7 @@ def wide_pp2(tmp_path_factory):
     return str(root / "eng")
 
 
+@pytest.mark.slow
 def test_bench_reports_a_smaller_bubble_with_micro_batches_on(wide_pp2):
     reports = []
     for extra in ([], ["--no-overlap"]):

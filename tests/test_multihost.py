@@ -56,6 +56,7 @@ def two_hosts():
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+@pytest.mark.slow
 def test_tp2_pp2_split_over_two_hosts_gives_the_single_host_tokens(engines, two_hosts):
     engine = str(engines("llama", 2, 2))
     (ns_a, dev_a), (ns_b, dev_b) = two_hosts

@@ -143,6 +143,7 @@ def test_sequences_ending_late_in_a_tiny_kv_pool_leak_and_corrupt_no_block(engin
         assert c.blocks.num_free == c.blocks.num_blocks and not any(c.blocks.ref_count)
 
 
+@pytest.mark.slow
 def test_cli_no_overlap_gives_the_same_tokens_and_bench_reports_it(engine):
     args = ["generate", engine, "--temperature", "0", "--max-tokens", "8", "--json",
             *[a for p in PROMPTS for a in ("--prompt", p)]]
@@ -156,6 +157,7 @@ def test_cli_no_overlap_gives_the_same_tokens_and_bench_reports_it(engine):
     assert not reports[1]["overlap"] and reports[1]["steps_launched_ahead"] == 0
 
 
+@pytest.mark.slow
 def test_tp2_ranks_launch_greedy_decodes_ahead_and_wait_for_sampled_ids(engines):
     """Every rank of a TP group holds the same gathered logits, so after a greedy step each
     takes their argmax as the next inputs and rank 0 goes ahead; after a sampling step only

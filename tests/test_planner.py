@@ -78,6 +78,7 @@ def test_llama_405b_needs_more_than_one_node_in_bf16_and_fits_one_in_fp8():
     assert make_plan(config, tp=8, dtype="fp8", gpu_mem_gib=80).fits
 
 
+@pytest.mark.slow
 def test_plan_command_prints_a_table_and_refuses_what_does_not_fit():
     ok = cli("plan", "--preset", "llama-3-70b", "--tp", "8", "--gpu-mem", "80")
     assert ok.returncode == 0, ok.stderr

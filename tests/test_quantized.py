@@ -29,6 +29,7 @@ FP8_GPU = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_dev
                              reason="fp8 needs a CUDA GPU of compute capability 8.9+")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama", "gptj"])
 def test_int8wo_engine_on_cpu_ranks_stays_close_to_fp32(engines, name):
     reference = engines(name, 1, 1, "fp32", **ROOM)
@@ -179,6 +180,7 @@ def test_fp8_engine_on_the_gpu_stays_close_to_bf16(engines, name):
     assert report["logit_cosine_mean"] > 0.99 and report["top1_agreement"] > 0.8, report
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama", "gptj"])
 def test_fp8_kv_cache_stays_close_to_the_same_engine_with_its_own_cache(engines, name):
     """Measured: cosine 0.99976 / 0.99990, top-1 0.964 / 0.978 (llama / gptj, default scale 1)."""

@@ -129,6 +129,7 @@ def served(engines, tmp_path_factory):
         server.stop()
 
 
+@pytest.mark.slow
 def test_strangers_on_the_heartbeat_port_do_not_stop_the_job(served):
     before = served.greedy_tokens()
     host, port = listens_at(served.log, "liveness monitor")

@@ -71,6 +71,7 @@ def test_ranks_on_a_node_get_local_ranks_in_rank_order():
     assert node_local_ranks(["a", "b", "a", "b", "b"]) == [(0, 2, 0), (0, 3, 1), (1, 2, 0), (1, 3, 1), (2, 3, 1)]
 
 
+@pytest.mark.slow
 def test_ray_actor_ranks_give_the_same_tokens_as_mpirun(engines, ray_head):
     engine = str(engines("llama", 2, 2))
     started = time.monotonic()
@@ -82,6 +83,7 @@ def test_ray_actor_ranks_give_the_same_tokens_as_mpirun(engines, ray_head):
     _assert_nothing_left(ray_head)
 
 
+@pytest.mark.slow
 def test_more_ranks_than_the_cluster_has_cpus_is_a_clear_error(engines, ray_head):
     engine = str(engines("llama", 4, 2))  # 8 ranks on 4 CPUs
     env = {**os.environ, "DIST_RUNTIME_RAY_TIMEOUT_S": "2"}
@@ -96,6 +98,7 @@ def test_more_ranks_than_the_cluster_has_cpus_is_a_clear_error(engines, ray_head
     _assert_nothing_left(ray_head)
 
 
+@pytest.mark.slow
 def test_a_lost_actor_ends_the_job_instead_of_hanging(engines, ray_head):
     # 500 tokens on 4 ranks take several seconds: still running when the actor is killed
     proc = subprocess.Popen([tool("dist-runtime"), "generate", str(engines("llama", 2, 2, max_seq_len=512)),
@@ -117,6 +120,7 @@ def test_a_lost_actor_ends_the_job_instead_of_hanging(engines, ray_head):
     _assert_nothing_left(ray_head)
 
 
+@pytest.mark.slow
 def test_serve_on_ray_actors_stops_cleanly_on_sigterm(engines, ray_head):
     """Ray installs its own SIGTERM handler in the driver; the server's graceful stop still wins."""
     import httpx

@@ -32,6 +32,7 @@ def test_flags_override_the_config_file_and_what_neither_gives_is_the_dataclass_
     assert _from_command_line("bench", "eng/") == RuntimeConfig("eng/")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text,error", [
     ("engine_dir: eng/\ncache_fraction: 0.5\n", "unknown keys cache_fraction"),
     ("engine_dir: eng/\nverify: 'no'\n", "verify must be true or false, got 'no'"),
@@ -68,6 +69,7 @@ def test_the_readme_config_file_is_valid(tmp_path):
     assert RuntimeConfig.from_file(str(path)).engine_dir == "eng/"
 
 
+@pytest.mark.slow
 def test_generate_with_the_engine_in_the_config_file_gives_the_same_tokens_spawned_or_under_mpirun(
         engines, tmp_path):
     engine = str(engines("llama", 2, 1))

@@ -25,6 +25,7 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
 
 
+@pytest.mark.slow
 def test_greedy_completion_equals_the_generate_command(server, client, engines):
     reply = client.completions.create(model="tiny", prompt="Hello, world!", max_tokens=10, temperature=0,
                                       extra_body={"ignore_eos": True})
@@ -117,6 +118,7 @@ def test_a_client_that_disconnects_frees_its_kv_blocks(server):
         assert name in metrics
 
 
+@pytest.mark.slow
 def test_api_key_guards_every_route_but_health_and_metrics(engines):
     s = Server(engines("llama", 1, 1, max_seq_len=512), "--api-key", "sesame", "--max-concurrency", "1")
     try:
@@ -173,6 +175,7 @@ def test_triton_kserve_v2_routes_with_tritonclient_and_generate(server):
     assert bad.status_code == 400 and "beams" in bad.json()["error"]  # Triton's error body
 
 
+@pytest.mark.slow
 def test_bench_url_drives_the_server_over_http(server):
     proc = cli("bench", "--url", server.url, "--isl", "12", "--osl", "5", "--num-requests", "16",
                "--concurrency", "8", "--json")

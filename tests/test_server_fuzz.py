@@ -82,6 +82,7 @@ def greedy_before(http):
 
 
 # no shrinking: each example is a request to a live server, and the failure message shows the body
+@pytest.mark.slow
 @settings(max_examples=1000, deadline=None, derandomize=True, database=None, phases=[Phase.generate],
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(request=request, header=binary_header)
@@ -94,6 +95,7 @@ def test_no_body_gets_a_5xx_or_a_hang(http, greedy_before, request, header):
     assert r.status_code < 500, (route, body[:300], r.text[:300])
 
 
+@pytest.mark.slow
 def test_the_server_lives_and_answers_the_same_after_the_fuzz(http, greedy_before):
     assert sum(STATUSES.values()) >= 1000, STATUSES
     print(f"fuzz: {sum(STATUSES.values())} bodies, statuses {dict(STATUSES)}")

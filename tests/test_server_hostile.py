@@ -255,6 +255,7 @@ def test_a_gzip_bomb_is_refused_and_gzip_and_deflate_bodies_are_read(http):
     assert http.post("/v1/completions", content=body, headers={"Content-Encoding": "br"}).status_code == 415
 
 
+@pytest.mark.slow
 def test_a_connection_that_never_finishes_its_headers_is_closed(server):
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # and never the rest
@@ -272,6 +273,7 @@ def test_the_key_guards_every_route_but_health_and_metrics(server):
         assert httpx.get(server.url + path).status_code == 200, path
 
 
+@pytest.mark.slow
 def test_the_key_can_come_from_the_environment(engine):
     s = Server(engine, env={"DIST_RUNTIME_API_KEY": "from-env"})
     try:

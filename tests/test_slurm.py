@@ -57,6 +57,7 @@ def processes_of(engine: str) -> list[str]:
     return left
 
 
+@pytest.mark.slow
 def test_generate_job_gives_the_tokens_of_a_local_run(engines, tmp_path):
     engine = str(engines("llama", 2, 2))
     code, out, err = sbatch(tmp_path, "generate.sbatch", engine, *GREEDY)

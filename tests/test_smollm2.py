@@ -27,6 +27,7 @@ def expected(smollm2) -> list[list[int]]:
     return outs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp", [1, 3])
 def test_greedy_tokens_equal_transformers_on_real_weights(smollm2, expected, tmp_path, tp):
     engine = tmp_path / "eng"
@@ -61,6 +62,7 @@ def test_chat_prompts_equal_apply_chat_template(smollm2):
         assert ours.encode(text, add_special_tokens=False) == list(expected)
 
 
+@pytest.mark.slow
 def test_a_chat_request_for_the_capital_of_france_is_answered_with_paris(smollm2, tmp_path):
     import httpx
     from conftest import Server

@@ -47,6 +47,7 @@ def _check_against_reference(outputs, logits_file, runs):
         assert rel < 1e-4, f"prompt {i}: logits differ by {rel:.2e} relative"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,pp", LAYOUTS)
 @pytest.mark.parametrize("arch", ["llama", "gptj"])
 def test_greedy_tokens_and_logits_equal_transformers_under_mpirun(arch, tp, pp, engines, reference, tmp_path):
@@ -61,6 +62,7 @@ def test_greedy_tokens_and_logits_equal_transformers_under_mpirun(arch, tp, pp, 
     _check_against_reference(outputs, logits_file, reference(arch))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama-tied", "mistral"])
 def test_tied_embeddings_and_sliding_window_equal_transformers(name, engines, reference, tmp_path):
     """llama-tied: tied embeddings split over two stages (the last stage gets its own copy) and
