@@ -4,7 +4,6 @@ Triton/KServe routers over one LLM on rank 0. Thin: every decision is the LLM AP
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from dist_runtime.errors import DistRuntimeError
@@ -27,13 +26,6 @@ def create_app(llm: LLM, settings: ServerSettings) -> tuple[Edge, Served]:
     @app.exception_handler(DistRuntimeError)
     async def runtime_error(request: Request, e: DistRuntimeError):
         return await api_error(request, ApiError.of(e))
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_parameter(request: Request, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
-        field = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return JSONResponse(error_body(400, f"{field}: {first.get('msg', 'invalid')}", request.url.path,
-                                       param=field), 400)
 
     @app.get("/health")
     async def health():
