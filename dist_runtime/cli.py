@@ -404,9 +404,22 @@ def _stop_requested(signum: int, frame) -> None:
     timer = threading.Timer(STOP_GRACE_S, os._exit, args=(128 + signum,))
     timer.daemon = True
     timer.start()
+    _signalled.append(signum)
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
     raise SystemExit(128 + signum)
+
+
+_signalled: list[int] = []  # the signals that stopped this process
+
+
+def _exit_after_signal() -> None:
+    """Leave at once once a signal's unwinding has stopped every rank: the interpreter's own
+    teardown would run the destructors of communicators whose threads may still be inside a
+    collective with a rank that was just ended, and those can abort the process."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + _signalled[0])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -428,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        if _signalled:
+            _exit_after_signal()
 
 
 if __name__ == "__main__":

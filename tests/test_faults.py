@@ -158,10 +158,10 @@ def test_sigterm_or_ctrl_c_on_rank_0_of_a_server_drains_and_stops_every_rank(eng
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_or_ctrl_c_on_generate_stops_every_rank_within_10_s(engine, sig):
-    proc, ranks, _ = start_generate(engine)
+    proc, ranks, stderr = start_generate(engine)
     proc.send_signal(sig)
     start = time.monotonic()
-    assert proc.wait(10) == 128 + sig
+    assert proc.wait(10) == 128 + sig, "".join(stderr[-30:])
     wait_gone(ranks.values(), 10 - (time.monotonic() - start))
 
 

@@ -30,7 +30,9 @@ def _unsupported(value):
 
 Unsupported = Annotated[Any, BeforeValidator(_unsupported)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=INT32_MAX)]], Field(min_length=1)]
-Stop = str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_STRINGS)]
+# one stop string, or a list of them: read as a list, so an error names the field and the item
+Stop = Annotated[list[Annotated[str, Field(min_length=1)]], BeforeValidator(lambda v: [v] if isinstance(v, str) else v),
+                 Field(max_length=MAX_STOP_STRINGS)]
 
 
 class Body(BaseModel):
@@ -86,7 +88,7 @@ class OpenAISampling(Body):
         return SamplingParams(max_tokens=self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS,
                               **sampled, presence_penalty=self.presence_penalty,
                               frequency_penalty=self.frequency_penalty, seed=self.seed,
-                              stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
+                              stop=tuple(self.stop or ()),
                               stop_token_ids=tuple(self.stop_token_ids), ignore_eos=self.ignore_eos, n=self.n,
                               logprobs=logprobs, logit_bias=bias)
 
@@ -163,8 +165,7 @@ class TritonOptions(Body):
                               top_p=self.top_p, repetition_penalty=self.repetition_penalty,
                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                               seed=self.random_seed,
-                              stop=(self.stop_words,) if isinstance(self.stop_words, str) else tuple(
-                                  self.stop_words or ()),
+                              stop=tuple(self.stop_words or ()),
                               stop_token_ids=() if self.end_id is None else (self.end_id,))
 
     @property
@@ -240,7 +241,12 @@ class InferRequest(Body):
 
 
 def describe(error: ValidationError) -> tuple[str, str | None]:
-    """(a message naming the field and what it allows, the field) from pydantic's first error."""
+    """(a message naming the field and what it allows, the field) from pydantic's first error;
+    the path leaves out the union member pydantic tried ("prompt", not "prompt.list[int]")."""
     first = error.errors(include_url=False)[0]
-    field = ".".join(str(p) for p in first["loc"]) or None
+    path = [str(p) for p in first["loc"] if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p))]
+    field = ".".join(path) or None
     return f"{field or 'body'}: {first['msg']}", field
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}
