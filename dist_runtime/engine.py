@@ -10,7 +10,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors import safe_open
@@ -37,9 +37,25 @@ def rank_file_name(rank: int) -> str:
     return f"rank-{rank:05d}.safetensors"
 
 
+class _Record:
+    """One of engine.json's records, stored under KEY: written without its unset fields, read
+    back with any key it has no field for refused by name."""
+
+    KEY: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return records.to_dict(self)
+
+    @classmethod
+    def from_dict(cls, values: Any) -> _Record:
+        return records.from_dict(cls, values, cls.KEY)
+
+
 @dataclasses.dataclass
-class BuildRecord:
+class BuildRecord(_Record):
     """engine.json's "build": what the engine was built from, and how."""
+
+    KEY: ClassVar[str] = "build"
 
     dtype: str  # the engine's, as `build --dtype` takes it
     checkpoint: str  # the checkpoint folder, resolved
@@ -49,17 +65,12 @@ class BuildRecord:
     kv_scales: dict[str, list[list[float]]] | None = None  # fp8 KV cache: {"k" | "v": [layer][kv head]}
     refit_at: str | None = None  # when `refit` last swapped in another checkpoint's weights
 
-    def to_dict(self) -> dict[str, Any]:
-        return records.to_dict(self)
-
-    @classmethod
-    def from_dict(cls, values: Any) -> BuildRecord:
-        return records.from_dict(cls, values, "build")
-
 
 @dataclasses.dataclass
-class TuningRecord:
+class TuningRecord(_Record):
     """engine.json's "tuning": the winners the build timed on its GPU, or why it timed none."""
+
+    KEY: ClassVar[str] = "tuning"
 
     tuned: bool
     reason: str | None = None  # why not, when not tuned
@@ -70,13 +81,6 @@ class TuningRecord:
     gemm: dict[str, dict[str, dict[str, Any]]] | None = None  # gemm_key -> rows bucket -> kernel and times
     prefill_attention: dict[str, Any] | None = None  # the prefill kernel's launch; none for float32 engines
     seconds: float | None = None  # how long the tuning took
-
-    def to_dict(self) -> dict[str, Any]:
-        return records.to_dict(self)
-
-    @classmethod
-    def from_dict(cls, values: Any) -> TuningRecord:
-        return records.from_dict(cls, values, "tuning")
 
 
 @dataclasses.dataclass
