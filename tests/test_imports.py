@@ -177,3 +177,24 @@ def test_no_module_imports_itself_back():
     for module in graph:
         visit(module, [])
     assert not cycles, "import cycles (imports inside functions count):\n" + "\n".join(cycles)
+
+
+def test_every_module_imports():
+    """The fast tier loads every module at least: one that cannot even import fails here, not in
+    a slow test or on a GPU. Modules of the GPU extra (CuPy) are skipped where it is missing. In
+    a process of its own: importing mpi4py starts MPI."""
+    import subprocess
+    import sys
+
+    script = (
+        "import importlib, importlib.util, sys\n"
+        "for module in sys.argv[1:]:\n"
+        "    try:\n"
+        "        importlib.import_module(module)\n"
+        "    except ImportError as e:\n"
+        "        if not (e.name == 'cupy' and importlib.util.find_spec('cupy') is None):\n"
+        "            print(f'{module}: {e}')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, *sorted(MODULES)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert out.returncode == 0 and not out.stdout, out.stdout + out.stderr[-3000:]
