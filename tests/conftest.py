@@ -76,6 +76,19 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 120) -> list
     raise TimeoutError(f"{url} did not become healthy within {timeout} s")
 
 
+def metrics_showing(url: str, *lines: str, timeout: float = 15) -> str:
+    """The server's /metrics text once it holds every one of `lines`, or the last one read when
+    `timeout` runs out (the caller asserts on it)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        metrics = httpx.get(url + "/metrics", timeout=5).text
+        if all(line in metrics for line in lines) or time.monotonic() > deadline:
+            return metrics
+        time.sleep(0.05)
+
+
 def json_lines(proc: subprocess.CompletedProcess) -> list[dict]:
     assert proc.returncode == 0, proc.stderr
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from conftest import Server
+from conftest import Server, metrics_showing
 
 LONG = dict(max_batch_size=8, max_seq_len=512)
 
@@ -34,10 +34,8 @@ class InFlight:
         for t in self.threads:
             t.start()
         assert self.first.wait(60)
-        deadline = time.monotonic() + 30
-        while "dist_runtime_running_sequences 2.0" not in httpx.get(url + "/metrics").text:  # both admitted
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        both_admitted = "dist_runtime_running_sequences 2.0"
+        assert both_admitted in metrics_showing(url, both_admitted, timeout=30)
 
     def _stream(self, url: str, body: dict) -> None:
         with httpx.stream("POST", url + "/v1/completions", json=body | {"stream": True}, timeout=120) as r:

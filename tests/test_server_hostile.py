@@ -15,7 +15,7 @@ import zlib
 import httpx
 import openai
 import pytest
-from conftest import Server, checkpoint_with_template
+from conftest import Server, checkpoint_with_template, metrics_showing
 
 from sharding.builder import build_engine
 
@@ -196,12 +196,7 @@ def test_a_client_that_leaves_a_non_streamed_request_frees_its_slots_and_blocks(
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
                      + b"\r\nContent-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
         time.sleep(0.5)  # generating
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        metrics = http.get("/metrics").text
-        if "dist_runtime_running_sequences 0.0" in metrics and "dist_runtime_kv_cache_usage 0.0" in metrics:
-            break
-        time.sleep(0.1)
+    metrics = metrics_showing(server.url, "dist_runtime_running_sequences 0.0", "dist_runtime_kv_cache_usage 0.0")
     assert "dist_runtime_kv_cache_usage 0.0" in metrics
     # every slot is free again: a request of the whole limit is admitted
     whole = http.post("/v1/completions", json={"prompt": "x", "n": MAX_CONCURRENCY, "max_tokens": 1})

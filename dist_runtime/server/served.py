@@ -35,7 +35,7 @@ class Served:
     """What every route works with: the LLM, its requests in flight, metrics, chat template."""
 
     def __init__(self, llm: LLM, settings: ServerSettings) -> None:
-        self.llm, self.settings, self.model_name = llm, settings, settings.model_name
+        self.llm, self.model_name = llm, settings.model_name
         self.jobs = Jobs(llm, settings.max_concurrency, settings.max_request_sequences)
         self.metrics = Metrics(llm)
         tokenizer = llm.tokenizer
