@@ -13,13 +13,18 @@ from typing import Any
 
 from dist_runtime.errors import CheckpointError
 
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "gptj": "gptj"}
+# model_type -> the model file that runs it (models/__init__.py MODELS)
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "qwen3", "phi3": "phi3",
+                 "gptj": "gptj"}
 ROPE_TYPES = ("default", "linear", "llama3")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+# (qkv bias, o_proj bias) that transformers' model class fixes, whatever attention_bias says
+FIXED_BIASES = {"qwen2": (True, False), "phi3": (False, False)}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    architecture: str  # "llama" or "gptj": which model file runs it
+    architecture: str  # which model file runs it (a value of ARCHITECTURES)
     model_type: str  # as the checkpoint names it
     vocab_size: int
     hidden_size: int
@@ -28,16 +33,18 @@ class ModelConfig:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rotary_dim: int  # < head_dim for partial rotary (GPT-J)
+    rotary_dim: int  # < head_dim for partial rotary (GPT-J, Phi-3's partial_rotary_factor)
     rope_theta: float
     rope_scaling: dict[str, Any] | None
     max_position_embeddings: int
     norm_eps: float
     hidden_act: str
     tie_word_embeddings: bool
-    attention_bias: bool
+    qkv_bias: bool  # q, k and v projections carry a bias (Qwen2; Llama's attention_bias)
+    o_proj_bias: bool  # the attention output projection carries one (Llama's attention_bias)
     mlp_bias: bool
-    sliding_window: int | None
+    sliding_window: int | None  # keys a "sliding_attention" layer sees, itself included
+    layer_types: tuple[str, ...]  # per layer: "full_attention" or "sliding_attention", as transformers names them
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     dtype: str  # the checkpoint's own dtype, e.g. "bfloat16"
@@ -79,13 +86,20 @@ class ModelConfig:
             )
         if self.rotary_dim > self.head_dim or self.rotary_dim % 2:
             raise CheckpointError(f"rotary_dim {self.rotary_dim} must be even and <= head_dim {self.head_dim}")
+        if len(self.layer_types) != self.num_layers or set(self.layer_types) - set(LAYER_TYPES):
+            raise CheckpointError(f"layer_types {list(self.layer_types)} must name one of {', '.join(LAYER_TYPES)} "
+                                  f"for each of the {self.num_layers} layers")
+
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of layer `layer` (global index), None where it sees every earlier key."""
+        return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        data = dict(data, eos_token_ids=tuple(data["eos_token_ids"]))
+        data = dict(data, eos_token_ids=tuple(data["eos_token_ids"]), layer_types=tuple(data["layer_types"]))
         return cls(**data)
 
 
@@ -100,24 +114,57 @@ def read_config_json(path: str | Path) -> dict[str, Any]:
 
 
 def _read_llama(hf: dict[str, Any]) -> dict[str, Any]:
+    """Llama and the families that read like it: Mistral, Qwen2, Qwen3, Phi-3."""
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    layers = hf["num_hidden_layers"]
+    qkv_bias = o_proj_bias = hf.get("attention_bias", False)
+    if hf["model_type"] in FIXED_BIASES:
+        qkv_bias, o_proj_bias = FIXED_BIASES[hf["model_type"]]
+    window = hf.get("sliding_window")
+    if hf["model_type"] in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+        window = None  # their checkpoints carry a sliding_window that applies only with use_sliding_window
+    rotary_dim = head_dim
+    if hf["model_type"] == "phi3":
+        rotary_dim = int(head_dim * _partial_rotary_factor(hf))
     return dict(
         hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"],
+        num_layers=layers,
         num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=head_dim,
-        rotary_dim=head_dim,
+        rotary_dim=rotary_dim,
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         hidden_act=hf.get("hidden_act", "silu"),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
-        attention_bias=hf.get("attention_bias", False),
+        qkv_bias=qkv_bias,
+        o_proj_bias=o_proj_bias,
         mlp_bias=hf.get("mlp_bias", False),
-        sliding_window=hf.get("sliding_window"),
+        sliding_window=window,
+        layer_types=_layer_types(hf, layers, window),
     )
+
+
+def _layer_types(hf: dict[str, Any], layers: int, window: int | None) -> tuple[str, ...]:
+    """Which layers attend over the sliding window: as config.json lists them (transformers 5
+    writes them), else Qwen's rule (the layers from max_window_layers on), else every layer
+    when there is a window."""
+    if window is None:
+        return ("full_attention",) * layers
+    if hf.get("layer_types"):
+        return tuple(hf["layer_types"])
+    if hf["model_type"] in ("qwen2", "qwen3"):
+        first = hf.get("max_window_layers", 28)  # transformers' default for both
+        return tuple("sliding_attention" if i >= first else "full_attention" for i in range(layers))
+    return ("sliding_attention",) * layers
+
+
+def _partial_rotary_factor(hf: dict[str, Any]) -> float:
+    """The share of each head that is rotated: in rope_parameters (transformers 5) or at the top (4)."""
+    params = hf.get("rope_parameters") or {}
+    return float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor") or 1.0))
 
 
 def _read_gptj(hf: dict[str, Any]) -> dict[str, Any]:
@@ -135,9 +182,11 @@ def _read_gptj(hf: dict[str, Any]) -> dict[str, Any]:
         norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         hidden_act=hf.get("activation_function", "gelu_new"),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
-        attention_bias=False,
+        qkv_bias=False,
+        o_proj_bias=False,
         mlp_bias=True,
         sliding_window=None,
+        layer_types=("full_attention",) * hf["n_layer"],
     )
 
 
@@ -147,6 +196,7 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     if params is not None:
         scaling = dict(params)
         theta = scaling.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling.pop("partial_rotary_factor", None)  # read with the head's shape (_partial_rotary_factor)
     else:
         theta = hf.get("rope_theta", 10000.0)
         scaling = dict(hf["rope_scaling"]) if hf.get("rope_scaling") else None

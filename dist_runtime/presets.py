@@ -29,6 +29,28 @@ def _llama(hidden, inter, layers, heads, kv, vocab, max_pos, theta, rope_scaling
     return config
 
 
+def _mistral(hidden, inter, layers, heads, kv, vocab, max_pos, theta, window) -> dict[str, Any]:
+    return _llama(hidden, inter, layers, heads, kv, vocab, max_pos, theta) | {
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": window}
+
+
+def _qwen(model_type, hidden, inter, layers, heads, kv, vocab, max_pos, tie, head_dim=None) -> dict[str, Any]:
+    """Qwen2 / 2.5 (q, k and v biased) and Qwen3 (q and k normed per head, head_dim given):
+    their checkpoints name a sliding window that use_sliding_window leaves off."""
+    arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[model_type]
+    return _llama(hidden, inter, layers, heads, kv, vocab, max_pos, 1000000.0, tie=tie, head_dim=head_dim,
+                  eps=1e-6) | {"architectures": [arch], "model_type": model_type, "use_sliding_window": False,
+                               "sliding_window": None if model_type == "qwen3" else max_pos,
+                               "max_window_layers": layers}
+
+
+def _phi3(hidden, inter, layers, heads, kv, vocab, max_pos, window) -> dict[str, Any]:
+    """Phi-3-mini-4k's layout: q, k and v (and gate and up) fused in the checkpoint."""
+    return _llama(hidden, inter, layers, heads, kv, vocab, max_pos, 10000.0) | {
+        "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "original_max_position_embeddings": max_pos,
+        "sliding_window": window, "pad_token_id": 32000}
+
+
 def _gptj(hidden, layers, heads, rotary_dim, vocab, max_pos) -> dict[str, Any]:
     return {
         "architectures": ["GPTJForCausalLM"], "model_type": "gptj", "n_embd": hidden, "n_layer": layers,
@@ -50,6 +72,29 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "llama-3.1-8b": _llama(4096, 14336, 32, 32, 8, 128256, 131072, 500000.0, dict(_LLAMA3_ROPE)),
         "llama-3-70b": _llama(8192, 28672, 80, 64, 8, 128256, 8192, 500000.0),
         "llama-3.1-405b": _llama(16384, 53248, 126, 128, 8, 128256, 131072, 500000.0, dict(_LLAMA3_ROPE)),
+    },
+    "mistral": {
+        "mistral-7b": _mistral(4096, 14336, 32, 32, 8, 32000, 32768, 10000.0, 4096),  # v0.1
+    },
+    "qwen2": {
+        # the sliding window on for the layers from max_window_layers on (here 2 and 3)
+        "tiny": _qwen("qwen2", 64, 160, 4, 4, 2, 512, 512, tie=False) | {
+            "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2, "torch_dtype": "float32"},
+        "qwen2.5-0.5b": _qwen("qwen2", 896, 4864, 24, 14, 2, 151936, 32768, tie=True),
+        "qwen2.5-7b": _qwen("qwen2", 3584, 18944, 28, 28, 4, 152064, 131072, tie=False),
+    },
+    "qwen3": {
+        # head_dim 32, not hidden / heads (16), as Qwen3-32B's 128 is not 5120 / 64
+        "tiny": _qwen("qwen3", 64, 160, 4, 4, 2, 512, 512, tie=False, head_dim=32) | {"torch_dtype": "float32"},
+        "qwen3-0.6b": _qwen("qwen3", 1024, 3072, 28, 16, 8, 151936, 40960, tie=True, head_dim=128),
+        "qwen3-8b": _qwen("qwen3", 4096, 12288, 36, 32, 8, 151936, 40960, tie=False, head_dim=128),
+        "qwen3-32b": _qwen("qwen3", 5120, 25600, 64, 64, 8, 151936, 40960, tie=False, head_dim=128),
+    },
+    "phi3": {
+        # half of each head rotated (Phi-4-mini rotates 3/4), a window shorter than the test sequences
+        "tiny": _phi3(64, 160, 4, 4, 2, 512, 512, 8) | {"partial_rotary_factor": 0.5, "pad_token_id": None,
+                                                         "torch_dtype": "float32"},
+        "phi-3-mini": _phi3(3072, 8192, 32, 32, 32, 32064, 4096, 2047),  # Phi-3-mini-4k
     },
     "gptj": {
         "tiny": _gptj(64, 4, 4, 8, 512, 512) | {"torch_dtype": "float32"},
@@ -77,5 +122,7 @@ def to_transformers5_layout(config: dict[str, Any]) -> dict[str, Any]:
     if config["model_type"] != "gptj":
         params = {"rope_type": "default", **(config.pop("rope_scaling") or {})}
         params["rope_theta"] = config.pop("rope_theta")
+        if "partial_rotary_factor" in config:
+            params["partial_rotary_factor"] = config.pop("partial_rotary_factor")
         config["rope_parameters"] = params
     return config

@@ -43,7 +43,9 @@ class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W's output rows split over TP ranks; the output stays split.
 
     `out_features` may list several pieces fused into one GEMM (gate and up); each piece is
-    split on its own so that every rank holds its part of each.
+    split on its own so that every rank holds its part of each. The checkpoint may hold the
+    pieces as separate tensors (Llama) or already fused into one (Phi-3): the slicing cuts each
+    piece out of either.
     """
 
     parallel = "column"
@@ -53,6 +55,7 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         pieces = [out_features] if isinstance(out_features, int) else list(out_features)
         self.tp, self.tp_rank = tp, tp_rank
+        self.piece_sizes = pieces
         self.local_sizes = self.local_piece_sizes(pieces, name)
         out = sum(self.local_sizes)
         self.weight = declare(nn.Parameter(torch.empty(out, in_features)), self.parallel,
@@ -72,6 +75,8 @@ class ColumnParallelLinear(nn.Module):
         return split(tensor, 0, self.tp, self.tp_rank)
 
     def _shard(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        if len(tensors) == 1 and len(self.piece_sizes) > 1:  # one checkpoint tensor holds every piece
+            tensors = tensors[0].split(self.piece_sizes)
         return torch.cat([self.shard_piece(i, t) for i, t in enumerate(tensors)], dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,11 @@ from dist_runtime.mapping import Mapping
 from dist_runtime.models.base import CausalLM
 from dist_runtime.models.gptj import GPTJForCausalLM
 from dist_runtime.models.llama import LlamaForCausalLM
+from dist_runtime.models.phi3 import Phi3ForCausalLM
+from dist_runtime.models.qwen3 import Qwen3ForCausalLM
 
-MODELS: dict[str, type[CausalLM]] = {"llama": LlamaForCausalLM, "gptj": GPTJForCausalLM}
+MODELS: dict[str, type[CausalLM]] = {"llama": LlamaForCausalLM, "qwen3": Qwen3ForCausalLM, "phi3": Phi3ForCausalLM,
+                                     "gptj": GPTJForCausalLM}
 
 
 def build_model(config: ModelConfig, mapping: Mapping, layers: range, dtype: torch.dtype,

@@ -1,4 +1,5 @@
-"""Llama 2 / 3 / 3.1 and Mistral: RMSNorm, rotary (rotate-half), GQA, SiLU-gated MLP."""
+"""Llama 2 / 3 / 3.1, Mistral and Qwen2 / 2.5: RMSNorm, rotary (rotate-half), GQA, SiLU-gated MLP;
+Qwen2's bias on q, k and v (not o_proj) and per-layer sliding windows come from the config."""
 
 from __future__ import annotations
 
@@ -17,19 +18,23 @@ from dist_runtime.models.base import CausalLM
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, c: ModelConfig, m: Mapping, rotary: RotaryEmbedding, comm) -> None:
+    def __init__(self, c: ModelConfig, m: Mapping, rotary: RotaryEmbedding, comm, layer: int) -> None:
         super().__init__()
         self.qkv_proj = QKVParallelLinear(c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads,
-                                          m.tp, m.tp_rank, c.attention_bias)
+                                          m.tp, m.tp_rank, c.qkv_bias)
         self.o_proj = RowParallelLinear(c.num_heads * c.head_dim, c.hidden_size, m.tp, m.tp_rank,
-                                        c.attention_bias, comm, name="o_proj")
+                                        c.o_proj_bias, comm, name="o_proj")
         self.rotary = rotary
         self.attn = PagedAttention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, c.head_dim,
-                                   c.head_dim**-0.5, c.sliding_window)
+                                   c.head_dim**-0.5, c.window_of(layer))
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [tokens, heads, head_dim], k and v [tokens, kv_heads, head_dim], before rotary."""
+        return self.qkv_proj.split_qkv(self.qkv_proj(x))
 
     def partial(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """This rank's share of the output, before o_proj's all-reduce."""
-        q, k, v = self.qkv_proj.split_qkv(self.qkv_proj(x))
+        q, k, v = self.qkv(x)
         return self.o_proj.partial(self.attn(q, k, v, meta, self.rotary, positions))
 
 
@@ -48,10 +53,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, c: ModelConfig, m: Mapping, rotary: RotaryEmbedding, comm) -> None:
+    def __init__(self, c: ModelConfig, m: Mapping, rotary: RotaryEmbedding, comm, layer: int,
+                 attention: type[LlamaAttention] = LlamaAttention) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
-        self.self_attn = LlamaAttention(c, m, rotary, comm)
+        self.self_attn = attention(c, m, rotary, comm, layer)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
         self.mlp = LlamaMLP(c, m, comm)
 
@@ -72,12 +78,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, c: ModelConfig, m: Mapping, layers: range, comm) -> None:
+    def __init__(self, c: ModelConfig, m: Mapping, layers: range, comm,
+                 attention: type[LlamaAttention] = LlamaAttention) -> None:
         super().__init__()
         rotary = RotaryEmbedding(c.head_dim, c.rotary_dim, c.rope_theta, c.rope_scaling, interleaved=False)
         if m.is_first_stage:
             self.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size, m.tp, m.tp_rank, comm)
-        self.layers = nn.ModuleDict({str(i): LlamaDecoderLayer(c, m, rotary, comm) for i in layers})
+        self.layers = nn.ModuleDict({str(i): LlamaDecoderLayer(c, m, rotary, comm, i, attention) for i in layers})
         if m.is_last_stage:
             self.norm = RMSNorm(c.hidden_size, c.norm_eps)
 
@@ -85,10 +92,11 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(CausalLM):
     packed = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
     embed_weight = "model.embed_tokens.weight"
+    attention: type[LlamaAttention] = LlamaAttention  # the families that differ only there swap it
 
     def __init__(self, config: ModelConfig, mapping: Mapping, layers: range, comm=None) -> None:
         super().__init__(config, mapping, layers, comm)
-        self.model = LlamaModel(config, mapping, layers, comm)
+        self.model = LlamaModel(config, mapping, layers, comm, self.attention)
         if mapping.is_last_stage:
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, mapping.tp, mapping.tp_rank, comm)
             if config.tie_word_embeddings and mapping.is_first_stage:
