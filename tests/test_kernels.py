@@ -41,24 +41,27 @@ def test_prefill_tiles_cover_each_prompt_once_longest_first():
 def test_kernels_match_their_references_in_tritons_interpreter():
     """Prefill: decodes in front (their rows left alone), fresh prompts, chunks after cached
     keys, with and without a sliding window, an fp8 cache, tiles smaller than a prompt. Decode:
-    one split and several, the vector kernel, windows, fp8. The fused kernels at awkward sizes."""
+    one split and several, the vector kernel, windows, fp8. Both with soft-capped scores too
+    (Gemma 2), alone and beside a window. The fused kernels at awkward sizes."""
     run = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "TRITON_INTERPRET": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == 18
+    assert len(results) == 24
     for case, err in results.items():
         assert err < 1e-5, (case, err)
 
 
-def _attention(heads: int, kv_heads: int, dim: int, block_size: int, blocks: int, window: int | None, fp8: bool):
-    """A layer over a random cache (divided by per-KV-head scales into E4M3 with `fp8`)."""
+def _attention(heads: int, kv_heads: int, dim: int, block_size: int, blocks: int, window: int | None, fp8: bool,
+               softcap: float | None = None):
+    """A layer over a random cache (divided by per-KV-head scales into E4M3 with `fp8`). Its
+    scores have about unit spread, so a soft cap of 1 or 2 changes them much."""
     from conftest import quantize_cache
 
     from dist_runtime.layers.attention import PagedAttention
 
     torch.manual_seed(0)
-    attn = PagedAttention(heads, kv_heads, dim, dim**-0.5, window)
+    attn = PagedAttention(heads, kv_heads, dim, dim**-0.5, window, softcap)
     attn.k_cache = torch.randn(blocks, block_size, kv_heads, dim)
     attn.v_cache = torch.randn_like(attn.k_cache) * 2
     if fp8:
@@ -83,12 +86,13 @@ def _prefill_checks() -> dict[str, float]:
         starts.append(starts[-1] + new)
     context = [ctx for _, ctx in seqs]
     results = {}
-    for block_size, window, fp8, launch in [(4, None, False, None), (16, None, False, (16, 16, 1, 1)),
-                                            (8, 5, False, None), (16, 37, False, (16, 16, 1, 1)),
-                                            (4, None, True, None), (16, 20, True, (32, 16, 1, 1)),
-                                            (16, None, True, (16, 32, 1, 1)), (32, None, False, (16, 16, 1, 1))]:
+    for block_size, window, fp8, launch, softcap in [
+            (4, None, False, None, None), (16, None, False, (16, 16, 1, 1), None), (8, 5, False, None, None),
+            (16, 37, False, (16, 16, 1, 1), None), (4, None, True, None, None), (16, 20, True, (32, 16, 1, 1), None),
+            (16, None, True, (16, 32, 1, 1), None), (32, None, False, (16, 16, 1, 1), None),
+            (16, None, False, (16, 16, 1, 1), 1.5), (8, 5, False, None, 2.0), (4, None, True, None, 1.0)]:
         blocks = -(-max(context) // block_size)
-        attn = _attention(4, 2, 16, block_size, len(seqs) * blocks, window, fp8)
+        attn = _attention(4, 2, 16, block_size, len(seqs) * blocks, window, fp8, softcap)
         tables = torch.randperm(len(seqs) * blocks).view(len(seqs), blocks)
         meta = AttentionMetadata(torch.empty(0), starts, context, tables, torch.tensor(context), num_decodes=2)
         q = torch.randn(starts[-1], 4, 16)
@@ -99,9 +103,9 @@ def _prefill_checks() -> dict[str, float]:
             tiles = torch.from_numpy(prefill_tiles(starts, context, 2, launch[0]))
             paged_prefill_attention(q, attn.k_cache, attn.v_cache, tables, tiles,
                                     torch.tensor(starts, dtype=torch.int32), meta.context_lens_tensor, attn.scale,
-                                    window, out, attn.k_scale, attn.v_scale, launch)
+                                    window, out, attn.k_scale, attn.v_scale, launch, softcap or 0.0)
         err = _rel_err(out[2:], attn.reference(q.double(), meta)[2:]) if (out[:2] == 7).all() else float("inf")
-        results[f"prefill block_size={block_size} window={window} fp8={fp8} launch={launch}"] = err
+        results[f"prefill block_size={block_size} window={window} fp8={fp8} launch={launch} softcap={softcap}"] = err
     return results
 
 
@@ -111,18 +115,20 @@ def _decode_checks() -> dict[str, float]:
 
     context = [1, 2, 3, 4, 5, 40, 77]
     results = {}
-    for heads, kv_heads, window, fp8, launch in [(8, 2, None, False, {}),
-                                                 (8, 2, 5, False, {"splits": 3, "block_n": 16}),
-                                                 (4, 4, None, True, {"vector": True, "block_n": 16}),
-                                                 (8, 2, 30, True, {"splits": 2, "num_warps": 8})]:
+    for heads, kv_heads, window, fp8, launch, softcap in [
+            (8, 2, None, False, {}, None), (8, 2, 5, False, {"splits": 3, "block_n": 16}, None),
+            (4, 4, None, True, {"vector": True, "block_n": 16}, None),
+            (8, 2, 30, True, {"splits": 2, "num_warps": 8}, None), (8, 2, None, False, {}, 1.5),
+            (8, 2, 5, False, {"splits": 3, "block_n": 16}, 2.0),
+            (4, 4, None, True, {"vector": True, "block_n": 16}, 1.0)]:
         blocks = -(-max(context) // 4)
-        attn = _attention(heads, kv_heads, 16, 4, len(context) * blocks, window, fp8)
+        attn = _attention(heads, kv_heads, 16, 4, len(context) * blocks, window, fp8, softcap)
         tables = torch.randperm(len(context) * blocks).view(len(context), blocks)
         q = torch.randn(len(context), heads, 16)
         out = paged_decode_attention(q, attn.k_cache, attn.v_cache, tables, torch.tensor(context), attn.scale, window,
-                                     k_scale=attn.k_scale, v_scale=attn.v_scale, **launch)
+                                     k_scale=attn.k_scale, v_scale=attn.v_scale, softcap=softcap or 0.0, **launch)
         meta = AttentionMetadata(torch.empty(0), list(range(len(context) + 1)), context, tables)
-        results[f"decode {heads}/{kv_heads} window={window} fp8={fp8} {launch}"] = _rel_err(
+        results[f"decode {heads}/{kv_heads} window={window} fp8={fp8} {launch} softcap={softcap}"] = _rel_err(
             out, attn.reference(q.double(), meta))
     return results
 

@@ -14,6 +14,7 @@ reference is `PagedAttention.reference` (layers/attention.py); the split count, 
 num_warps are tuned per batch size at build time (sharding/autotune.py). With one query head per
 KV head (GPT-J), the tensor-core tile would be 15/16 padding, and the tuning may pick the
 `vector` kernel: multiply-adds over [BLOCK_N, head_dim] tiles, summed over keys once at the end.
+Scores may be soft-capped (Gemma 2), tanh(score / cap) * cap, before the mask and the softmax.
 """
 
 from __future__ import annotations
@@ -56,6 +57,14 @@ def _kv_tile(k_cache, v_cache, block_tables, seq, kv_head, start, first, ctx, st
 
 
 @triton.jit
+def soft_cap(s, CAP: tl.constexpr):
+    """Scores squashed into (-CAP, CAP) as tanh(s / CAP) * CAP (Gemma 2's attention soft-capping);
+    both attention kernels apply it before the mask, as the reference does. tanh through one
+    exponential (which saturates to +-1 at either end), which Triton's interpreter runs too."""
+    return (1.0 - 2.0 / (tl.exp(2.0 * s / CAP) + 1.0)) * CAP
+
+
+@triton.jit
 def e4m3_rows(x):
     """x [rows, cols] float32 in E4M3, each row at a scale of its largest magnitude over 448
     (E4M3's largest value): (the rounded rows, each row's largest magnitude). The fp8 products of
@@ -67,7 +76,7 @@ def e4m3_rows(x):
 @triton.jit
 def _fp8_products(q_ptr, k_cache, v_cache, block_tables, seq, kv_head, begin, end, first, ctx, scale, stride_qt,
                   stride_qh, stride_bt, stride_kb, stride_ks, stride_kh, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, SOFTCAP: tl.constexpr):
     """The online softmax over keys [begin, end) of an fp8 cache, the scores from fp8 tensor-core
     products: (acc [GROUP_PAD, HEAD_DIM], maxima, sums). q goes in as two E4M3 parts, its rounding
     and what that left (scaled per row), in one operand of 2 * GROUP_PAD rows, so the scores keep
@@ -90,7 +99,10 @@ def _fp8_products(q_ptr, k_cache, v_cache, block_tables, seq, kv_head, begin, en
         valid, k, v = _kv_tile(k_cache, v_cache, block_tables, seq, kv_head, start, first, ctx, stride_bt, stride_kb,
                                stride_ks, stride_kh, BLOCK_SIZE, BLOCK_N, HEAD_DIM)
         both = tl.dot(k, tl.trans(parts)) * part_scale[None, :]
-        s = tl.where(valid[:, None], tl.sum(tl.reshape(both, [BLOCK_N, 2, GROUP_PAD]), 1), float("-inf"))
+        s = tl.sum(tl.reshape(both, [BLOCK_N, 2, GROUP_PAD]), 1)
+        if SOFTCAP > 0:
+            s = soft_cap(s, SOFTCAP)
+        s = tl.where(valid[:, None], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 0))
         p = tl.exp(s - m_new[None, :])
         alpha = tl.exp(m - m_new)
@@ -109,7 +121,7 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
                          HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                          IEEE: tl.constexpr, PARTIAL: tl.constexpr, KV_SCALED: tl.constexpr, VECTOR: tl.constexpr,
                          F16: tl.constexpr, CONVERT_ON_LOAD: tl.constexpr, FP8_PRODUCTS: tl.constexpr,
-                         PDL: tl.constexpr):
+                         SOFTCAP: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
     kv_head = tl.program_id(0)
     seq = tl.program_id(1)
@@ -131,7 +143,7 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
         end = tl.minimum(begin + chunk, ctx)
         acc, m, denom = _fp8_products(q_ptr, k_cache, v_cache, block_tables, seq, kv_head, begin, end, first, ctx,
                                       scale, stride_qt, stride_qh, stride_bt, stride_kb, stride_ks, stride_kh, GROUP,
-                                      GROUP_PAD, BLOCK_SIZE, BLOCK_N, HEAD_DIM)
+                                      GROUP_PAD, BLOCK_SIZE, BLOCK_N, HEAD_DIM, SOFTCAP)
     else:
         q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=(g < GROUP)[:, None],
                     other=0.0)
@@ -151,7 +163,10 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
         for start in range(begin, tl.minimum(begin + chunk, ctx), BLOCK_N):
             valid, k, v = _kv_tile(k_cache, v_cache, block_tables, seq, kv_head, start, first, ctx, stride_bt,
                                    stride_kb, stride_ks, stride_kh, BLOCK_SIZE, BLOCK_N, HEAD_DIM)
-            s = tl.where(valid, tl.sum(k.to(tl.float32) * qv[None, :], 1) * scale, float("-inf"))
+            s = tl.sum(k.to(tl.float32) * qv[None, :], 1) * scale
+            if SOFTCAP > 0:
+                s = soft_cap(s, SOFTCAP)
+            s = tl.where(valid, s, float("-inf"))
             tile_max = tl.max(s, 0)
             if tile_max > ref + 8.0:
                 alpha = tl.exp(ref - tile_max)
@@ -175,7 +190,10 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
                 s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
             else:
                 s = tl.dot(q, tl.trans(k.to(q.dtype)))
-            s = tl.where(valid[None, :], s * scale, float("-inf"))
+            s = s * scale
+            if SOFTCAP > 0:
+                s = soft_cap(s, SOFTCAP)
+            s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m - m_new)
@@ -244,7 +262,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            sliding_window: int | None = None, splits: int = 1, block_n: int = 64,
                            num_warps: int = 4, vector: bool = False, f16: bool = False, convert_on_load: bool = False,
                            fp8_products: bool = False, num_stages: int | None = None,
-                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                           softcap: float = 0.0) -> torch.Tensor:
     """q: [seqs, heads, head_dim]; caches: [blocks, block_size, kv_heads, head_dim] (q's dtype,
     or fp8 with float32 k_scale and v_scale [kv_heads]); block_tables: [seqs, max_blocks]
     int32/64; context_lens: [seqs] (this token included). `vector`: for one query head per KV
@@ -257,7 +276,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     memory when the loads are pipelined). `fp8_products`: for an fp8 cache, the scores from fp8
     tensor-core products of the keys as stored and q in two E4M3 parts (_fp8_products; Hopper's
     wgmma, so 4 warps). `num_stages`: how deep Triton pipelines the tensor-core loop's loads
-    (1: not at all; None: Triton's default, 3 on Hopper)."""
+    (1: not at all; None: Triton's default, 3 on Hopper). `softcap`: scores become
+    tanh(score / softcap) * softcap before the mask (0: as they are)."""
     seqs, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     group = heads // kv_heads
@@ -282,7 +302,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, GROUP=group,
         GROUP_PAD=_group_pad(group, vector, fp8_products),
         BLOCK_N=block_n, IEEE=q.dtype == torch.float32, PARTIAL=partial, KV_SCALED=k_scale is not None,
-        VECTOR=vector, F16=f16, CONVERT_ON_LOAD=convert_on_load, FP8_PRODUCTS=fp8_products, num_warps=num_warps,
+        VECTOR=vector, F16=f16, CONVERT_ON_LOAD=convert_on_load, FP8_PRODUCTS=fp8_products,
+        SOFTCAP=float(softcap), num_warps=num_warps,
         **({"num_stages": num_stages} if num_stages else {}),
         **pdl.launch(q),
     )

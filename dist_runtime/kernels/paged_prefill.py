@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from dist_runtime.kernels import pdl
-from dist_runtime.kernels.paged_decode import e4m3_rows
+from dist_runtime.kernels.paged_decode import e4m3_rows, soft_cap
 from dist_runtime.kernels.pdl import wait_for_inputs
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by (head_dim, fp8 cache), for engines built without
@@ -40,6 +40,7 @@ from dist_runtime.kernels.pdl import wait_for_inputs
 # over a step of five prompts or chunks of 544 to 2,048 tokens (BENCHMARKS.md). Over fp8 (fp8
 # scores), timed between fp8 GEMMs at the clocks of the GPU's power cap, as in the engine: 574 us
 # for head_dim 128 and 482 us for 256.
+LOG2E = 1.4426950408889634  # the kernel's scores are in base 2 (exp2), its soft cap too
 LAUNCH = {(128, False): (64, 64, 4, 2), (128, True): (64, 64, 4, 2), (256, False): (128, 128, 8, 2),
           (256, True): (64, 64, 4, 2)}
 DEFAULT_LAUNCH = (64, 32, 4, 2)
@@ -96,8 +97,9 @@ def _kv_rows(block_tables, seq, kv_head, start, ctx, stride_bt, stride_kb, strid
 def _attend_tile(q, q_scale, k_cache, v_cache, block_tables, seq, kv_head, start, pos, ctx, window, m, denom, acc,
                  scale, stride_bt, stride_kb, stride_ks, stride_kh, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                  HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, WINDOWED: tl.constexpr, IEEE: tl.constexpr,
-                 F16: tl.constexpr, FP8_SCORES: tl.constexpr):
-    """One BLOCK_N tile of keys into the online softmax (base-2: `scale` holds log2(e))."""
+                 F16: tl.constexpr, FP8_SCORES: tl.constexpr, SOFTCAP: tl.constexpr):
+    """One BLOCK_N tile of keys into the online softmax (base-2: `scale` holds log2(e), and so
+    does SOFTCAP: tanh(s / (cap log2(e))) cap log2(e) is the natural-unit cap in base 2)."""
     n = start + tl.arange(0, BLOCK_N)
     d = tl.arange(0, HEAD_DIM)
     rows = _kv_rows(block_tables, seq, kv_head, start, ctx, stride_bt, stride_kb, stride_ks, stride_kh, BLOCK_SIZE,
@@ -119,6 +121,8 @@ def _attend_tile(q, q_scale, k_cache, v_cache, block_tables, seq, kv_head, start
         s = tl.dot(q, tl.trans(k.to(v.dtype)), input_precision="ieee") * scale
     else:
         s = tl.dot(q, tl.trans(k.to(v.dtype))) * scale
+    if SOFTCAP > 0:
+        s = soft_cap(s, SOFTCAP)
     if MASKED:
         visible = (n[None, :] <= pos[:, None]) & (n[None, :] < ctx)
         if WINDOWED:
@@ -145,7 +149,7 @@ def _paged_prefill_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, blo
                           stride_bt, stride_ot, stride_oh, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           KV_SCALED: tl.constexpr, WINDOWED: tl.constexpr, IEEE: tl.constexpr, F16: tl.constexpr,
-                          FP8_SCORES: tl.constexpr, PDL: tl.constexpr):
+                          FP8_SCORES: tl.constexpr, SOFTCAP: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
     head = tl.program_id(0)
     tile = tl.program_id(1)
@@ -183,11 +187,11 @@ def _paged_prefill_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, blo
     for start in range(lo, full, BLOCK_N):
         m, denom, acc = _attend_tile(q, q_scale, k_cache, v_cache, block_tables, seq, kv_head, start, pos, ctx,
                                      window, m, denom, acc, scale, stride_bt, stride_kb, stride_ks, stride_kh,
-                                     BLOCK_SIZE, BLOCK_N, HEAD_DIM, False, WINDOWED, IEEE, F16, FP8_SCORES)
+                                     BLOCK_SIZE, BLOCK_N, HEAD_DIM, False, WINDOWED, IEEE, F16, FP8_SCORES, SOFTCAP)
     for start in range(full, last, BLOCK_N):
         m, denom, acc = _attend_tile(q, q_scale, k_cache, v_cache, block_tables, seq, kv_head, start, pos, ctx,
                                      window, m, denom, acc, scale, stride_bt, stride_kb, stride_ks, stride_kh,
-                                     BLOCK_SIZE, BLOCK_N, HEAD_DIM, True, WINDOWED, IEEE, F16, FP8_SCORES)
+                                     BLOCK_SIZE, BLOCK_N, HEAD_DIM, True, WINDOWED, IEEE, F16, FP8_SCORES, SOFTCAP)
     out = acc / denom[:, None]
     if KV_SCALED:
         out = out * tl.load(v_scale_ptr + kv_head)
@@ -200,13 +204,14 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             context_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
                             out: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
                             v_scale: torch.Tensor | None = None, launch: tuple[int, int, int, int] | None = None,
-                            ) -> torch.Tensor:
+                            softcap: float = 0.0) -> torch.Tensor:
     """q: [tokens, heads, head_dim], the step's queries; caches [blocks, block_size, kv_heads,
     head_dim] holding every key the queries see, theirs included (q's dtype, or fp8 with float32
     k_scale and v_scale [kv_heads]); block_tables [seqs, max_blocks]; query_start [seqs + 1] and
     context_lens [seqs] (integers, on the device); `tiles` from `prefill_tiles()` at the
     launch's BLOCK_M, for the sequences to attend (the others' rows of `out` are left as they
     are). `launch`: (BLOCK_M, BLOCK_N, num_warps, num_stages), by default `launch_for`'s.
+    `softcap`: scores become tanh(score / softcap) * softcap before the mask (0: as they are).
     Returns `out` (a new tensor like q if not given)."""
     _, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
@@ -224,5 +229,5 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             out.stride(1), GROUP=heads // kv_heads, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_M=block_m,
             BLOCK_N=block_n, KV_SCALED=k_scale is not None, WINDOWED=sliding_window is not None,
             IEEE=q.dtype == torch.float32, F16=f16, FP8_SCORES=f16 and fp8_scores_fit(head_dim),
-            num_warps=num_warps, num_stages=num_stages, **pdl.launch(q))
+            SOFTCAP=float(softcap) * LOG2E, num_warps=num_warps, num_stages=num_stages, **pdl.launch(q))
     return out

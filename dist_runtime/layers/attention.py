@@ -2,7 +2,8 @@
 and what every fast path is checked against; on a GPU, decoding sequences take one Triton
 kernel (kernels/paged_decode.py) and the rest of a step, prompts and chunks of them, another
 (kernels/paged_prefill.py), both reading keys and values from the cache. An fp8 (E4M3) cache
-holds keys and values divided by one static scale per KV head; every reader multiplies it back."""
+holds keys and values divided by one static scale per KV head; every reader multiplies it back.
+Scores may be soft-capped (Gemma 2): tanh(score / cap) * cap, before the mask."""
 
 from __future__ import annotations
 
@@ -43,13 +44,15 @@ class AttentionMetadata:
 
 class PagedAttention(nn.Module):
     """Writes this step's keys and values into the cache, then attends causally over each
-    sequence's cached context. Grouped-query: several query heads read one KV head."""
+    sequence's cached context. Grouped-query: several query heads read one KV head.
+    `sliding_window`: a query sees only the last that many keys, itself included; `softcap`:
+    the scores' soft cap (None: none)."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 sliding_window: int | None = None) -> None:
+                 sliding_window: int | None = None, softcap: float | None = None) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scale, self.sliding_window = scale, sliding_window
+        self.scale, self.sliding_window, self.softcap = scale, sliding_window, softcap
         self.k_cache = torch.empty(0)  # [blocks, block_size, kv_heads, head_dim], set by the runner
         self.v_cache = torch.empty(0)
         self.k_scale = self.v_scale = None  # [kv_heads] float32 when the cache is fp8, set by the runner
@@ -75,7 +78,7 @@ class PagedAttention(nn.Module):
         from dist_runtime.kernels.paged_decode import paged_decode_attention
 
         decodes = len(meta.context_lens_tensor) if meta.decode else meta.num_decodes
-        launch = {"k_scale": self.k_scale, "v_scale": self.v_scale,
+        launch = {"k_scale": self.k_scale, "v_scale": self.v_scale, "softcap": self.softcap or 0.0,
                   **(self.kernels.attention(decodes, meta.short_context_launch) if self.kernels is not None else {})}
         if meta.decode:  # the kernel's output as it is: no copy (a graph node per layer) into `out`
             return paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens_tensor,
@@ -113,6 +116,8 @@ class PagedAttention(nn.Module):
         keys = keys.repeat_interleave(group, dim=1)
         values = values.repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q.float(), keys) * self.scale
+        if self.softcap:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
         scores.masked_fill_(self._mask(q.shape[0], ctx, q.device), float("-inf"))
         return torch.einsum("hqk,khd->qhd", scores.softmax(-1), values).to(q.dtype)
 
@@ -137,4 +142,4 @@ class PagedAttention(nn.Module):
             to_device(np.asarray(meta.query_start, dtype=np.int32), q.device)))
         paged_prefill_attention(q, self.k_cache, self.v_cache, meta.block_tables, tiles, query_start,
                                 meta.context_lens_tensor, self.scale, self.sliding_window, out, self.k_scale,
-                                self.v_scale, launch)
+                                self.v_scale, launch, self.softcap or 0.0)
