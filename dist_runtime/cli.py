@@ -18,6 +18,7 @@ from dist_runtime.accuracy import compare
 from dist_runtime.bench import run_bench
 from dist_runtime.config import ModelConfig
 from dist_runtime.demo import run_demo
+from dist_runtime.engine_cache import CACHE_ENV, HUB_ID, prepare
 from dist_runtime.errors import DistRuntimeError
 from dist_runtime.llm import LLM
 from dist_runtime.plan_report import format_plan
@@ -27,12 +28,14 @@ from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.tuning import summary
 from launch.rank_info import from_environment
 from launch.spmd import serve_other_rank
-from sharding.builder import build_engine, refit_engine
+from sharding.builder import BUILDABLE, build_engine, refit_engine
 from sharding.gguf import convert
 from sharding.planner import make_plan, smallest_fitting_plan
 from sharding.synth import write_checkpoint
 
 API_KEY_ENV = "DIST_RUNTIME_API_KEY"
+MODEL_HELP = ("a Hugging Face checkpoint folder, a Hub id in the local Hugging Face cache, or an engine folder "
+              "(or engine_dir in --config FILE)")
 
 
 def _add_plan_options(p: argparse.ArgumentParser) -> None:
@@ -87,16 +90,38 @@ def _add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank-timeout", dest="rank_timeout_s", type=float, default=unset,
                    help="seconds a rank may be silent or stuck in one step before it counts as lost and the job "
                    f"stops (default {d.rank_timeout_s:g})")
+    limits = p.add_argument_group("serving limits, set at each start (default: those the engine was planned with)")
+    limits.add_argument("--max-batch-size", type=_positive_int, default=unset, help="sequences running at once")
+    limits.add_argument("--max-seq-len", type=_positive_int, default=unset,
+                        help="tokens per sequence, prompt and output, up to the model's positions")
+    limits.add_argument("--max-num-tokens", type=_positive_int, default=unset, help="tokens per step")
+    build = p.add_argument_group("building a model's engine on first use (MODEL a checkpoint folder or Hub id)")
+    build.add_argument("--tp", type=_positive_int, default=unset, help="tensor-parallel ranks (default 1)")
+    build.add_argument("--pp", type=_positive_int, default=unset, help="pipeline-parallel stages (default 1)")
+    build.add_argument("--dtype", choices=BUILDABLE, default=unset, help="engine precision (default: the "
+                       "checkpoint's own quantization, else bf16 on GPUs and fp32 on CPUs)")
+    build.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default=unset, help="(default auto)")
+    build.add_argument("--engine-cache", metavar="DIR", default=unset, help="where built engines are kept (default "
+                       f"${CACHE_ENV}, else ~/.cache/dist-runtime/engines)")
+    build.add_argument("--no-tune", dest="tune", action="store_false", default=unset,
+                       help="skip timing kernel candidates on the GPU while building")
 
 
-def _runtime_config(args: argparse.Namespace, engine: str | None) -> RuntimeConfig:
+def _runtime_config(args: argparse.Namespace, model: str | None) -> RuntimeConfig:
     """The job's RuntimeConfig: the --config file's options, with the flags given over them."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RuntimeConfig) if hasattr(args, f.name)}
-    if engine:
-        given["engine_dir"] = engine
+    if model:
+        given["engine_dir"] = model
     if args.config:
         return RuntimeConfig.from_file(args.config, **given)
     return RuntimeConfig.from_dict(given, "the command line")
+
+
+def _prepared(config: RuntimeConfig) -> RuntimeConfig:
+    """`config` naming the engine to run: its model's engine is built now if it was not before
+    (under a launcher by whichever rank comes first; the others wait for it and reuse it)."""
+    rank = getattr(from_environment(), "rank", 0)
+    return prepare(config, say=lambda line: print(line, file=sys.stderr) if rank == 0 else None)
 
 
 def _default_dtype(config) -> str:
@@ -165,7 +190,7 @@ def _sampling(args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     params = _sampling(args)  # bad parameters fail before any rank starts
-    config = _runtime_config(args, args.engine)
+    config = _prepared(_runtime_config(args, args.model))
     if (code := serve_other_rank(config)) is not None:
         return code
     prompts = args.prompt or ["Hello, world!"]
@@ -195,8 +220,8 @@ def _completion_json(c) -> dict:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.concurrency and args.request_rate:
         raise DistRuntimeError("give --concurrency or --request-rate, not both")
-    if bool(args.engine or args.config) == bool(args.url):
-        raise DistRuntimeError("give an engine folder, or --url of a running server (one of them)")
+    if bool(args.model or args.config) == bool(args.url):
+        raise DistRuntimeError("give a model or engine folder, or --url of a running server (one of them)")
     if args.url:
         from dist_runtime.bench_http import run_http_bench  # httpx, which only this needs
 
@@ -207,7 +232,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"{report['output_tokens_per_s']:.1f} output tokens/s; client-side TTFT p50/p90/p99 "
               f"{_p(report['ttft_ms'])} ms; TPOT {_p(report['tpot_ms'])} ms")
         return 0
-    config = _runtime_config(args, args.engine)
+    config = _prepared(_runtime_config(args, args.model))
     if (code := serve_other_rank(config)) is not None:
         return code
     with LLM(config=config) as llm:
@@ -238,13 +263,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dist_runtime.server.lifecycle import serve  # FastAPI and uvicorn: the serve extra
     from dist_runtime.server.served import ServerSettings
 
-    config = _runtime_config(args, args.engine)
+    given = _runtime_config(args, args.model)
+    config = _prepared(given)
     if (code := serve_other_rank(config)) is not None:
         return code
-    settings = ServerSettings(args.model_name or os.path.basename(os.path.normpath(config.engine_dir)), _api_key(args),
+    settings = ServerSettings(args.model_name or _model_name(given.engine_dir), _api_key(args),
                               args.max_concurrency, args.max_request_sequences, args.max_body_bytes,
                               args.drain_timeout, args.chat_template)
     return serve(config, settings, args.host, args.port)
+
+
+def _model_name(model: str) -> str:
+    """What clients call the model: a Hub id as it is, a folder by its name."""
+    return model if not os.path.exists(model) and HUB_ID.fullmatch(model) else os.path.basename(os.path.normpath(model))
 
 
 def _api_key(args: argparse.Namespace) -> str | None:
@@ -324,7 +355,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_refit)
 
     p = sub.add_parser("generate", help="generate text; spawns the engine's ranks unless a launcher did")
-    p.add_argument("engine", nargs="?", help="engine folder (or engine_dir in --config FILE)")
+    p.add_argument("model", nargs="?", help=MODEL_HELP)
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1.0)")
@@ -345,7 +376,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="throughput and latency on a synthetic workload")
-    p.add_argument("engine", nargs="?", help="engine folder (or engine_dir in --config FILE, or --url)")
+    p.add_argument("model", nargs="?", help=MODEL_HELP + " (or --url)")
     p.add_argument("--url", help="drive a running `serve` over HTTP instead, e.g. http://127.0.0.1:8000")
     p.add_argument("--api-key", help="for --url (or set DIST_RUNTIME_API_KEY)")
     p.add_argument("--isl", type=int, default=128, help="input tokens per request (default 128)")
@@ -360,7 +391,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server on rank 0")
-    p.add_argument("engine", nargs="?", help="engine folder (or engine_dir in --config FILE)")
+    p.add_argument("model", nargs="?", help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this host only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require Authorization: Bearer KEY on every route but health and metrics "

@@ -19,6 +19,7 @@ from dist_runtime import records
 from dist_runtime.config import ModelConfig
 from dist_runtime.errors import EngineError
 from dist_runtime.plan import DTYPES, Plan
+from dist_runtime.runtime_config import RuntimeConfig
 
 FORMAT_VERSION = 2  # 2: engine.json holds a checksum of itself and of the tokenizer files
 ENGINE_JSON = "engine.json"
@@ -118,6 +119,12 @@ class Engine:
             raise EngineError(f"{meta_file}: malformed ({e})") from e
         engine.check_tokenizer_files()
         return engine
+
+    def serving(self, config: RuntimeConfig) -> Engine:
+        """This engine with the serving limits `config` sets at start in place of the plan's."""
+        plan = self.plan.with_limits(self.config.max_position_embeddings, config.max_batch_size, config.max_seq_len,
+                                     config.max_num_tokens)
+        return dataclasses.replace(self, plan=plan)
 
     def save(self) -> None:
         """Write engine.json, with the checksum of what it now holds (tuning and refit rewrite it)."""

@@ -1,15 +1,17 @@
-"""The Python API: `LLM(engine_dir)`, then `generate`, `stream` or `submit`."""
+"""The Python API: `LLM(model)`, then `generate`, `stream` or `submit`."""
 
 from __future__ import annotations
 
 import atexit
 import dataclasses
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from dist_runtime.coordinator import Coordinator
 from dist_runtime.engine import Engine
+from dist_runtime.engine_cache import prepare
 from dist_runtime.engine_loop import EngineLoop, RequestHandle
 from dist_runtime.errors import RequestError
 from dist_runtime.liveness import RankLostError
@@ -18,13 +20,23 @@ from dist_runtime.runtime_config import RuntimeConfig
 from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.tokenizer import Tokenizer
 from launch.executors import executor_for
+from launch.rank_info import from_environment
 
 Prompt = str | list[int]
 
 
+def _say(line: str) -> None:
+    """Where the engine comes from: on stderr, from rank 0 only (every rank prepares it)."""
+    info = from_environment()
+    if info is None or info.rank == 0:
+        print(line, file=sys.stderr)
+
+
 class LLM:
-    """Runs an engine across its ranks, as `config` (a RuntimeConfig) says, with `options` (its
-    fields: `LLM("eng/", device="cuda", rank_timeout_s=60)`) over it.
+    """Runs a model across its ranks, as `config` (a RuntimeConfig) says, with `options` (its
+    fields: `LLM("eng/", device="cuda", rank_timeout_s=60)`) over it. `model` is an engine
+    folder, or a Hugging Face checkpoint folder or Hub id, whose engine is built on first use
+    (`LLM("./SmolLM2-135M-Instruct", tp=2, dtype="bf16")`; see engine_cache.py).
 
     Under mpirun or srun every rank runs the same program: on rank 0 `LLM(...)` drives the job,
     and on every other rank it serves rank 0's calls until rank 0 shuts down, then ends the
@@ -34,13 +46,13 @@ class LLM:
     A rank that dies, or is silent or stuck in one step for `rank_timeout_s`, ends the engine:
     every request in flight gets a RankLostError naming it."""
 
-    def __init__(self, engine_dir: str | Path | None = None, *, config: RuntimeConfig | None = None,
+    def __init__(self, model: str | Path | None = None, *, config: RuntimeConfig | None = None,
                  **options: Any) -> None:
         values = dataclasses.asdict(config) if config is not None else {}
-        if engine_dir is not None:
-            values["engine_dir"] = str(engine_dir)
-        self.config = RuntimeConfig.from_dict(values | options, "LLM()")
-        self.engine = Engine.load(self.config.engine_dir)
+        if model is not None:
+            values["engine_dir"] = str(model)
+        self.config = prepare(RuntimeConfig.from_dict(values | options, "LLM()"), say=_say)
+        self.engine = Engine.load(self.config.engine_dir).serving(self.config)
         # read before any rank starts: a broken tokenizer file stops nothing but this call
         self.tokenizer = Tokenizer(self.config.engine_dir) if (self.engine.path / "tokenizer.json").is_file() else None
         self.device = self.config.device

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from dist_runtime.errors import PlanError
 from dist_runtime.mapping import Mapping
 from dist_runtime.quantization import FP8
 
@@ -75,6 +76,20 @@ class Plan:
     @property
     def fits(self) -> bool:
         return self.gpu_mem_bytes is None or all(r.total_bytes <= self.gpu_mem_bytes for r in self.ranks)
+
+    def with_limits(self, positions: int, max_batch_size: int | None = None, max_seq_len: int | None = None,
+                    max_num_tokens: int | None = None) -> Plan:
+        """This plan serving other limits than it was built with (None: its own): none of them is
+        in the weights, so they are the start's to choose. `positions`: the model's, past which
+        no sequence may grow. A CPU rank's KV cache is sized by them (a GPU's by its memory)."""
+        batch = max_batch_size or self.max_batch_size
+        seq_len = max_seq_len or self.max_seq_len
+        if seq_len > positions:
+            raise PlanError(f"max_seq_len {seq_len} exceeds the model's {positions} positions")
+        tokens = max_num_tokens or (self.max_num_tokens if (batch, seq_len) == (self.max_batch_size, self.max_seq_len)
+                                    else min(8192, batch * seq_len))
+        return dataclasses.replace(self, max_batch_size=batch, max_seq_len=seq_len, max_num_tokens=tokens,
+                                   num_kv_blocks=batch * -(-seq_len // self.block_size))
 
     def largest_rank(self) -> RankPlan:
         return max(self.ranks, key=lambda r: r.total_bytes)

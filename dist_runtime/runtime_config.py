@@ -22,6 +22,8 @@ LAUNCHERS = ("local", "ray")
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
+    # An engine folder; or a model to build one from on first use (a Hugging Face checkpoint
+    # folder, or a Hub id in the local Hugging Face cache), cached in `engine_cache` (engine_cache.py)
     engine_dir: str
     device: str = "cpu"  # or cuda: each rank takes GPU local_rank of its node
     verify: bool = True  # check each rank file's sha256 against engine.json before loading it
@@ -32,6 +34,20 @@ class RuntimeConfig:
     num_kv_blocks: int | None = None  # at most this many KV blocks (None: as many as fit)
     launcher: str = "local"  # who starts ranks 1..N-1 when no launcher started this process: "local" or "ray"
     ray_address: str | None = None  # with launcher "ray": HOST:PORT or "auto"; None: auto, else a new local Ray
+    # Serving limits, over those the engine was planned with (None: the plan's)
+    max_batch_size: int | None = None  # sequences running at once
+    max_seq_len: int | None = None  # tokens a sequence may hold, prompt and output; at most the model's positions
+    max_num_tokens: int | None = None  # tokens one step may carry (prompt chunks and decodes)
+    # How a model is built into an engine on first use (None: as the engine_cache module decides);
+    # given with an engine folder, they must be what it was built with
+    tp: int | None = None
+    pp: int | None = None
+    # the engine's precision (build --dtype); None: the checkpoint's own quantization, else bf16 on GPUs, fp32 on CPUs
+    dtype: str | None = None
+    kv_cache_dtype: str | None = None  # auto or fp8
+    # where built engines are kept; None: $DIST_RUNTIME_ENGINE_CACHE, else ~/.cache/dist-runtime/engines
+    engine_cache: str | None = None
+    tune: bool = True  # time kernel candidates on the GPU when building (as `build` does unless --no-tune)
 
     def __post_init__(self) -> None:
         for name, hint in _HINTS.items():
@@ -47,6 +63,9 @@ class RuntimeConfig:
             raise ConfigError(f"rank_timeout_s must be above 0, got {self.rank_timeout_s}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ConfigError(f"num_kv_blocks must be at least 1, got {self.num_kv_blocks}")
+        for name in ("max_batch_size", "max_seq_len", "max_num_tokens", "tp", "pp"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.launcher not in LAUNCHERS:
             raise ConfigError(f"launcher must be one of {', '.join(LAUNCHERS)}, got {self.launcher!r}")
 

@@ -148,7 +148,7 @@ def _load(engine: Engine, info: RankInfo, mapping: Mapping, comm: Communicator, 
 def run_worker(config: RuntimeConfig, info: RankInfo) -> None:
     """A rank other than 0: join, then run what rank 0 asks (Worker) until it says stop;
     signals wait for rank 0 to end the job."""
-    runner, liveness = join(Engine.load(config.engine_dir), info, config)
+    runner, liveness = join(Engine.load(config.engine_dir).serving(config), info, config)
     liveness.defer_signals()
     try:
         serve(Worker(runner), runner.comm, liveness.activity)

@@ -14,6 +14,7 @@ PACKAGES = ("dist_runtime", "sharding", "launch")
 TOP = [
     "dist_runtime/__init__.py",  # the public API: LLM
     "dist_runtime/llm.py",  # picks a launcher
+    "dist_runtime/engine_cache.py",  # builds a model's engine on first use
     "dist_runtime/cli.py",
     "dist_runtime/server/",
     "dist_runtime/bench.py",

@@ -20,7 +20,7 @@ GREEDY = ["--prompt", "hello", "--max-tokens", "6", "--temperature", "0", "--jso
 
 def _from_command_line(*argv: str) -> RuntimeConfig:
     args = parser().parse_args(list(argv))
-    return _runtime_config(args, args.engine)
+    return _runtime_config(args, args.model)
 
 
 def test_flags_override_the_config_file_and_what_neither_gives_is_the_dataclass_default(tmp_path):
