@@ -22,7 +22,7 @@ from dist_runtime.engine_cache import CACHE_ENV, HUB_ID, prepare
 from dist_runtime.errors import DistRuntimeError
 from dist_runtime.llm import LLM
 from dist_runtime.plan_report import format_plan
-from dist_runtime.presets import preset_config, to_transformers5_layout
+from dist_runtime.presets import PRESETS, preset_config, to_transformers5_layout
 from dist_runtime.runtime_config import LAUNCHERS, RuntimeConfig
 from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.tuning import summary
@@ -312,8 +312,9 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write a random-weight Hugging Face checkpoint of a named shape")
-    p.add_argument("--arch", choices=["llama", "gptj"], help="architecture (picks among presets named alike)")
-    p.add_argument("--preset", default="tiny", help="tiny, llama-3.2-1b, llama-2-7b, llama-3-8b, gpt-j-6b, ...")
+    p.add_argument("--arch", choices=list(PRESETS), help="family (picks among presets named alike, e.g. tiny)")
+    p.add_argument("--preset", default="tiny", help="tiny, llama-3-8b, qwen2.5-7b, qwen3-8b, phi-3-mini, "
+                   "mistral-7b, gpt-j-6b, ...")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: the preset's")
@@ -332,7 +333,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="how a model splits over tp x pp ranks, and whether it fits")
     p.add_argument("checkpoint", nargs="?", help="Hugging Face checkpoint folder")
     p.add_argument("--preset", help="plan a named shape without a checkpoint (e.g. llama-3-70b)")
-    p.add_argument("--arch", choices=["llama", "gptj"])
+    p.add_argument("--arch", choices=list(PRESETS))
     _add_plan_options(p)
     p.add_argument("--gpu-mem", type=float, help="GiB of memory per GPU to check the plan against")
     p.add_argument("--gpus-per-node", type=int, default=8, help="for the suggested layout (default 8)")

@@ -98,7 +98,9 @@ def json_lines(proc: subprocess.CompletedProcess) -> list[dict]:
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     """llama: GQA (2 KV heads) with Llama 3.1 rope scaling, sharded safetensors;
     llama-tied: tied embeddings, config in the transformers 5 layout; gptj: partial rotary;
-    mistral: sliding-window attention (8 tokens, shorter than the test sequences)."""
+    mistral: sliding-window attention (8 tokens, shorter than the test sequences); qwen2: q, k
+    and v biased, the window on its upper layers; qwen3: q/k norms, head_dim 32 (not 64 / 4),
+    config in the transformers 5 layout; phi3: fused qkv and gate/up tensors, half rotary, a window."""
     root = tmp_path_factory.mktemp("ckpt")
     tied = to_transformers5_layout(preset_config("tiny", "llama") | {"tie_word_embeddings": True})
     mistral = preset_config("tiny", "llama") | {"model_type": "mistral", "architectures": ["MistralForCausalLM"],
@@ -109,6 +111,10 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
         "llama-tied": write_checkpoint(tied, root / "llama-tied", seed=1, progress=False),
         "gptj": write_checkpoint(preset_config("tiny", "gptj"), root / "gptj", seed=2, progress=False),
         "mistral": write_checkpoint(mistral, root / "mistral", seed=3, progress=False),
+        "qwen2": write_checkpoint(preset_config("tiny", "qwen2"), root / "qwen2", seed=4, progress=False),
+        "qwen3": write_checkpoint(to_transformers5_layout(preset_config("tiny", "qwen3")), root / "qwen3", seed=5,
+                                  progress=False),
+        "phi3": write_checkpoint(preset_config("tiny", "phi3"), root / "phi3", seed=6, progress=False),
     }
 
 

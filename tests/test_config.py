@@ -55,3 +55,34 @@ def test_missing_or_broken_config_json_is_named(tmp_path):
 def test_config_round_trips_through_engine_json():
     c = ModelConfig.from_hf(preset_config("llama-3.1-405b"))
     assert ModelConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_qwen_sliding_window_applies_only_with_use_sliding_window_from_max_window_layers_on():
+    qwen = preset_config("qwen2.5-7b")  # sliding_window 131072, use_sliding_window false
+    c = ModelConfig.from_hf(qwen)
+    assert c.sliding_window is None and {c.window_of(i) for i in range(c.num_layers)} == {None}
+    on = ModelConfig.from_hf(qwen | {"use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 20})
+    assert [on.window_of(i) for i in (0, 19, 20, 27)] == [None, None, 4096, 4096]
+    listed = ["full_attention", "sliding_attention"] * 14  # transformers 5 writes the list itself
+    assert ModelConfig.from_hf(qwen | {"use_sliding_window": True, "layer_types": listed}).layer_types == tuple(listed)
+
+
+def test_qwen2_biases_q_k_and_v_but_not_o_proj_whatever_attention_bias_says():
+    for attention_bias in (None, False, True):
+        c = ModelConfig.from_hf(preset_config("qwen2.5-0.5b") | {"attention_bias": attention_bias})
+        assert (c.qkv_bias, c.o_proj_bias, c.tie_word_embeddings) == (True, False, True)
+    llama = ModelConfig.from_hf(preset_config("llama-3-8b") | {"attention_bias": True})
+    assert (llama.qkv_bias, llama.o_proj_bias) == (True, True)
+
+
+def test_qwen3_keeps_its_explicit_head_dim():
+    c = ModelConfig.from_hf(preset_config("qwen3-32b"))
+    assert (c.architecture, c.hidden_size, c.num_heads, c.head_dim, c.qkv_bias) == ("qwen3", 5120, 64, 128, False)
+
+
+def test_phi3_partial_rotary_factor_reads_from_either_layout():
+    phi = preset_config("phi-3-mini")
+    assert ModelConfig.from_hf(phi).rotary_dim == 96 and ModelConfig.from_hf(phi).sliding_window == 2047
+    partial = phi | {"partial_rotary_factor": 0.75}
+    assert ModelConfig.from_hf(partial).rotary_dim == ModelConfig.from_hf(to_transformers5_layout(partial)).rotary_dim
+    assert ModelConfig.from_hf(partial).rotary_dim == 72

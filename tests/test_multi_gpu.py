@@ -100,14 +100,15 @@ def test_one_shot_all_reduce_sums_as_nccl_does_eagerly_and_in_cuda_graphs():
     assert all("ok" in o for o in outputs)
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_tp_and_pp_engines_on_gpus_give_the_tp1_greedy_tokens(tp, pp, engines):
+@pytest.mark.parametrize("arch,tp,pp", [("llama", 2, 1), ("llama", 1, 2), ("qwen3", 2, 1), ("phi3", 2, 1)])
+def test_tp_and_pp_engines_on_gpus_give_the_tp1_greedy_tokens(arch, tp, pp, engines):
     """float32 on GPUs, CUDA graphs and the one-shot all-reduce included: 16 greedy tokens of
     every prompt equal the one-GPU engine's, and the job exits (it once hung at exit). bf16
     sums in another order flip the random tiny model's near-ties; benchmarks/multi_gpu.py
-    compares bf16 tokens on the 8B shape."""
+    compares bf16 tokens on the 8B shape. qwen3: q/k norms on each rank's heads; phi3: each
+    rank's slices of the checkpoint's fused qkv and gate/up tensors."""
     args = ["--device", "cuda", "--temperature", "0", "--ignore-eos", "--max-tokens", "16", "--json",
             *[a for p in PROMPTS for a in ("--prompt", p)]]
-    single = json_lines(cli("generate", str(engines("llama", 1, 1)), *args, timeout=120))
-    several = json_lines(cli("generate", str(engines("llama", tp, pp)), *args, timeout=120))
+    single = json_lines(cli("generate", str(engines(arch, 1, 1)), *args, timeout=120))
+    several = json_lines(cli("generate", str(engines(arch, tp, pp)), *args, timeout=120))
     assert [o["token_ids"] for o in several] == [o["token_ids"] for o in single]

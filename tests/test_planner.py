@@ -116,3 +116,41 @@ def test_synth_can_give_a_model_more_positions_than_its_preset(tmp_path):
     assert make_plan(config, max_seq_len=1024).max_seq_len == 1024
     with pytest.raises(PlanError, match="max_seq_len 1024 exceeds the model's 512 positions"):
         make_plan(ModelConfig.from_hf(preset_config("tiny", "gptj")), max_seq_len=1024)
+
+
+def test_qwen3_8b_weights_count_exactly_with_its_per_head_norms():
+    """Qwen3-8B has 8,190,735,360 parameters: q_norm and k_norm of head_dim 128 in each of its
+    36 layers, an LM head of its own; its 32 heads of 128 are wider than its hidden size."""
+    plan = make_plan(_config("qwen3-8b"), dtype="bf16")
+    assert plan.ranks[0].memory["weights"] == 2 * 8_190_735_360
+    weights = _weights(make_plan(_config("qwen3-32b"), tp=8, dtype="bf16"), 7)
+    assert weights["model.layers.0.self_attn.qkv_proj.weight"].shape == [(8 + 2) * 128, 5120]
+    assert weights["model.layers.0.self_attn.q_norm.weight"].parallel == "replicated"
+
+
+def test_qwen2_5_counts_its_qkv_biases_and_one_tied_embedding_and_refuses_14_heads_over_tp4():
+    """Qwen2.5-0.5B: 494,032,768 parameters, q, k and v biased (o_proj not), embeddings tied."""
+    plan = make_plan(_config("qwen2.5-0.5b"), tp=2, dtype="bf16")
+    weights = _weights(plan, 1)
+    assert weights["model.layers.0.self_attn.qkv_proj.bias"].shape == [(7 + 1 + 1) * 64]  # 7 q heads, a k, a v
+    assert "model.layers.0.self_attn.o_proj.bias" not in weights
+    assert make_plan(_config("qwen2.5-0.5b"), dtype="bf16").ranks[0].memory["weights"] == 2 * 494_032_768
+    with pytest.raises(PlanError, match="14 attention heads do not divide by tp=4"):
+        make_plan(_config("qwen2.5-0.5b"), tp=4)
+
+
+def test_phi3_ranks_cut_their_slices_from_the_fused_checkpoint_tensors():
+    """Phi-3-mini (3,821,079,552 parameters) keeps q, k and v, and gate and up, fused in one
+    checkpoint tensor each: every rank's slice is made of that one tensor."""
+    assert make_plan(_config("phi-3-mini"), dtype="bf16").ranks[0].memory["weights"] == 2 * 3_821_079_552
+    weights = _weights(make_plan(_config("phi-3-mini"), tp=2, dtype="bf16"), 1)
+    qkv, gate_up = (weights[f"model.layers.3.{n}.weight"] for n in ("self_attn.qkv_proj", "mlp.gate_up_proj"))
+    assert qkv.shape == [3 * 16 * 96, 3072] and qkv.sources == ["model.layers.3.self_attn.qkv_proj.weight"]
+    assert gate_up.shape == [8192, 3072] and gate_up.sources == ["model.layers.3.mlp.gate_up_proj.weight"]
+
+
+def test_plan_command_sizes_qwen3_8b_in_fp8_on_one_80gb_gpu():
+    proc = cli("plan", "--preset", "qwen3-8b", "--dtype", "fp8", "--gpu-mem", "80")
+    assert proc.returncode == 0, proc.stderr
+    assert "model: qwen3-8b (qwen3), 36 layers" in proc.stdout and "fits: yes" in proc.stdout
+    assert "model.layers.*.self_attn.q_norm.weight" in proc.stdout

@@ -47,19 +47,22 @@ def _check_against_reference(outputs, logits_file, runs):
         assert rel < 1e-4, f"prompt {i}: logits differ by {rel:.2e} relative"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("tp,pp", LAYOUTS)
-@pytest.mark.parametrize("arch", ["llama", "gptj"])
-def test_greedy_tokens_and_logits_equal_transformers_under_mpirun(arch, tp, pp, engines, reference, tmp_path):
-    engine = engines(arch, tp, pp)
+def _generate_under_mpirun_equals_transformers(engine, ranks: int, runs, tmp_path) -> None:
     logits_file = tmp_path / "logits.safetensors"
     args = ["generate", str(engine), "--max-tokens", str(MAX_TOKENS), "--temperature", "0", "--json",
             "--save-logits", str(logits_file)]
     for prompt in PROMPTS:
         args += ["--prompt", prompt]
-    outputs = json_lines(mpirun(tp * pp, *args))
+    outputs = json_lines(mpirun(ranks, *args))
     assert [o["prompt"] for o in outputs] == PROMPTS
-    _check_against_reference(outputs, logits_file, reference(arch))
+    _check_against_reference(outputs, logits_file, runs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp", LAYOUTS)
+@pytest.mark.parametrize("arch", ["llama", "gptj"])
+def test_greedy_tokens_and_logits_equal_transformers_under_mpirun(arch, tp, pp, engines, reference, tmp_path):
+    _generate_under_mpirun_equals_transformers(engines(arch, tp, pp), tp * pp, reference(arch), tmp_path)
 
 
 @pytest.mark.slow
@@ -67,10 +70,14 @@ def test_greedy_tokens_and_logits_equal_transformers_under_mpirun(arch, tp, pp, 
 def test_tied_embeddings_and_sliding_window_equal_transformers(name, engines, reference, tmp_path):
     """llama-tied: tied embeddings split over two stages (the last stage gets its own copy) and
     a transformers-5 config; mistral: keys older than the window are not attended."""
-    engine = engines(name, 2, 2)
-    logits_file = tmp_path / "logits.safetensors"
-    args = ["generate", str(engine), "--max-tokens", str(MAX_TOKENS), "--temperature", "0", "--json",
-            "--save-logits", str(logits_file)]
-    for prompt in PROMPTS:
-        args += ["--prompt", prompt]
-    _check_against_reference(json_lines(mpirun(4, *args)), logits_file, reference(name))
+    _generate_under_mpirun_equals_transformers(engines(name, 2, 2), 4, reference(name), tmp_path)
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), *[pytest.param(tp, pp, marks=pytest.mark.slow)
+                                               for tp, pp in ((2, 2), (1, 2), (2, 1))]])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "phi3"])
+def test_qwen2_qwen3_and_phi3_equal_transformers_under_mpirun(family, tp, pp, engines, reference, tmp_path):
+    """qwen2: q, k and v biased (o_proj not), a window on layers 2 and 3 only; qwen3: q and k
+    normed per head before rotary, head_dim apart from hidden / heads; phi3: each rank's q, k,
+    v, gate and up cut from the checkpoint's fused tensors, half of each head rotated."""
+    _generate_under_mpirun_equals_transformers(engines(family, tp, pp), tp * pp, reference(family), tmp_path)
