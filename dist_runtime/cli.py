@@ -298,7 +298,7 @@ def _p(stats: dict) -> str:
 
 def cmd_accuracy(args: argparse.Namespace) -> int:
     config = _runtime_config(args, args.reference)  # LLM takes each engine folder over it
-    report = compare(args.reference, args.engine, args.prompts, args.steps, config=config)
+    report = compare(args.reference, args.engine, args.prompts, args.steps, text=args.text, config=config)
     print(json.dumps(report, indent=1))
     return 0
 
@@ -418,6 +418,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("engine", help="the engine to measure (e.g. fp8 or int8wo)")
     p.add_argument("--prompts", type=int, default=8, help="random prompts (default 8)")
     p.add_argument("--steps", type=int, default=125, help="positions per prompt (default 125: 1,000 in all)")
+    p.add_argument("--text", metavar="FILE", help="prompts cut from this text, as the reference's tokenizer reads "
+                   "it (default: random token ids)")
     _add_runtime_options(p)
     p.set_defaults(func=cmd_accuracy)
 

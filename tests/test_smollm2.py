@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import CALIB_TEXT as CORPUS
 
 from dist_runtime import LLM, SamplingParams
+from dist_runtime.accuracy import compare
 from sharding.builder import build_engine
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
@@ -30,9 +32,7 @@ def expected(smollm2) -> list[list[int]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("tp", [1, 3])
 def test_greedy_tokens_equal_transformers_on_real_weights(smollm2, expected, tmp_path, tp):
-    engine = tmp_path / "eng"
-    build_engine(smollm2, engine, tp, 1, "fp32", progress=False, max_batch_size=4, max_seq_len=64)
-    with LLM(str(engine)) as llm:
+    with LLM(smollm2, tp=tp, engine_cache=str(tmp_path), max_batch_size=4, max_seq_len=64) as llm:
         outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
     assert [o.token_ids for o in outs] == expected
     assert "Paris" in outs[0].text
@@ -77,3 +77,16 @@ def test_a_chat_request_for_the_capital_of_france_is_answered_with_paris(smollm2
         assert reply["choices"][0]["finish_reason"] == "stop"  # <|im_end|>, the tokenizer's eos
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_int8_weights_keep_the_bf16_engines_next_tokens_on_real_text(smollm2, tmp_path):
+    """The accuracy report on trained weights (BENCHMARKS.md holds the fp8 and int4 rows, from a GPU)."""
+    engines = {}
+    for dtype in ("bf16", "int8wo"):
+        engines[dtype] = tmp_path / dtype
+        build_engine(smollm2, engines[dtype], 1, 1, dtype, progress=False, max_batch_size=8, max_seq_len=64)
+    report = compare(str(engines["bf16"]), str(engines["int8wo"]), prompts=4, steps=16, text=CORPUS)
+    assert report["positions"] == 64
+    assert report["logit_cosine_mean"] > 0.995
+    assert report["top1_agreement"] >= 0.9
