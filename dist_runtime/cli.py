@@ -20,10 +20,11 @@ from dist_runtime.config import ModelConfig
 from dist_runtime.demo import run_demo
 from dist_runtime.engine_cache import CACHE_ENV, HUB_ID, prepare
 from dist_runtime.errors import DistRuntimeError
+from dist_runtime.layers.moe import EXCHANGES
 from dist_runtime.llm import LLM
 from dist_runtime.plan_report import format_plan
 from dist_runtime.presets import PRESETS, preset_config, to_transformers5_layout
-from dist_runtime.runtime_config import LAUNCHERS, RuntimeConfig
+from dist_runtime.runtime_config import CAPACITY_POLICIES, LAUNCHERS, RuntimeConfig
 from dist_runtime.sampling_params import SamplingParams
 from dist_runtime.tuning import summary
 from launch.rank_info import from_environment
@@ -31,6 +32,7 @@ from launch.spmd import serve_other_rank
 from sharding.builder import BUILDABLE, build_engine, refit_engine
 from sharding.gguf import convert
 from sharding.planner import make_plan, smallest_fitting_plan
+from sharding.prequantized import plan_options, read_scheme
 from sharding.synth import write_checkpoint
 
 API_KEY_ENV = "DIST_RUNTIME_API_KEY"
@@ -41,8 +43,13 @@ MODEL_HELP = ("a Hugging Face checkpoint folder, a Hub id in the local Hugging F
 def _add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (default 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages (default 1)")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16", "fp8", "int8wo"],
-                   help="engine precision (default: the checkpoint's own)")
+    p.add_argument("--ep", type=int, default=1, help="a mixture's experts in this many groups of whole experts per "
+                   "TP group, each expert split over tp / ep ranks (default 1: every rank a slice of each)")
+    p.add_argument("--expert-exchange", choices=EXCHANGES, default="all-reduce",
+                   help="with --ep > 1, how the ranks' expert outputs meet (default all-reduce)")
+    p.add_argument("--dtype", choices=BUILDABLE,
+                   help="engine precision (default: the checkpoint's own; int4 engines are W4A16, their activations "
+                   "bf16, or fp16 or fp32 as named)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                    help="auto: the engine's dtype (default); fp8: E4M3 with a scale per KV head, half the bytes")
     p.add_argument("--layers", help="layers per PP stage, e.g. 10,11,11 (default: as even as possible)")
@@ -63,7 +70,8 @@ def _positive_int(text: str) -> int:
 def _plan_kwargs(args: argparse.Namespace) -> dict:
     return dict(layer_counts=[int(x) for x in args.layers.split(",")] if args.layers else None,
                 kv_cache_dtype=args.kv_cache_dtype, max_batch_size=args.max_batch_size,
-                max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens, block_size=args.block_size)
+                max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens, block_size=args.block_size,
+                ep=args.ep, expert_exchange=args.expert_exchange)
 
 
 def _add_runtime_options(p: argparse.ArgumentParser) -> None:
@@ -95,6 +103,10 @@ def _add_runtime_options(p: argparse.ArgumentParser) -> None:
     limits.add_argument("--max-seq-len", type=_positive_int, default=unset,
                         help="tokens per sequence, prompt and output, up to the model's positions")
     limits.add_argument("--max-num-tokens", type=_positive_int, default=unset, help="tokens per step")
+    limits.add_argument("--capacity-policy", choices=CAPACITY_POLICIES, default=unset,
+                        help="max_utilization: admit while the KV cache has room, preempting (and later recomputing) "
+                        "the newest sequence when it fills; no_evict: admit a sequence only where the cache holds it "
+                        f"and every running one to their longest, never preempting (default {d.capacity_policy})")
     build = p.add_argument_group("building a model's engine on first use (MODEL a checkpoint folder or Hub id)")
     build.add_argument("--tp", type=_positive_int, default=unset, help="tensor-parallel ranks (default 1)")
     build.add_argument("--pp", type=_positive_int, default=unset, help="pipeline-parallel stages (default 1)")
@@ -124,7 +136,11 @@ def _prepared(config: RuntimeConfig) -> RuntimeConfig:
     return prepare(config, say=lambda line: print(line, file=sys.stderr) if rank == 0 else None)
 
 
-def _default_dtype(config) -> str:
+def _default_dtype(config, checkpoint: str | None = None) -> str:
+    """The checkpoint's own precision: its quantization's (fp8, int4), else its float dtype's."""
+    scheme = read_scheme(checkpoint) if checkpoint else None
+    if scheme is not None:
+        return scheme.kind
     return {"float32": "fp32", "float16": "fp16"}.get(config.dtype, "bf16")
 
 
@@ -150,21 +166,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise DistRuntimeError("give a checkpoint folder or --preset NAME (one of them)")
     config = (ModelConfig.from_hf(preset_config(args.preset, args.arch)) if args.preset
               else ModelConfig.from_dir(args.checkpoint))
-    dtype = args.dtype or _default_dtype(config)
-    plan = make_plan(config, args.tp, args.pp, dtype, gpu_mem_gib=args.gpu_mem, **_plan_kwargs(args))
+    options = _plan_kwargs(args) | (plan_options(args.checkpoint) if args.checkpoint else {})
+    dtype = args.dtype or _default_dtype(config, args.checkpoint)
+    plan = make_plan(config, args.tp, args.pp, dtype, gpu_mem_gib=args.gpu_mem, **options)
     suggestion = None
     if not plan.fits:
-        suggestion = smallest_fitting_plan(config, dtype, args.gpu_mem, args.gpus_per_node, **_plan_kwargs(args))
+        suggestion = smallest_fitting_plan(config, dtype, args.gpu_mem, args.gpus_per_node, **options)
     if args.json:
         print(json.dumps({"plan": plan.to_dict(), "fits": plan.fits,
-                          "smallest_fitting": suggestion and {"tp": suggestion.tp, "pp": suggestion.pp}}, indent=1))
+                          "smallest_fitting": suggestion and {"tp": suggestion.tp, "pp": suggestion.pp,
+                                                              "ep": suggestion.ep}}, indent=1))
     else:
-        print(format_plan(config, plan, suggestion, args.preset or args.checkpoint))
+        print(format_plan(config, plan, suggestion, args.preset or args.checkpoint, args.gpus_per_node))
     return 0 if plan.fits else 1
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    dtype = args.dtype or _default_dtype(ModelConfig.from_dir(args.checkpoint))
+    dtype = args.dtype or _default_dtype(ModelConfig.from_dir(args.checkpoint), args.checkpoint)
     engine = build_engine(args.checkpoint, args.out, args.tp, args.pp, dtype, progress=sys.stderr.isatty(),
                           tune=not args.no_tune, calib=args.calib, **_plan_kwargs(args))
     size = sum(f["bytes"] for f in engine.files.values())

@@ -103,7 +103,7 @@ class Coordinator:
         # One sequence must always fit in the KV cache alone, or preemption could never end.
         self.max_seq_len = min(plan.max_seq_len, self.blocks.num_blocks * plan.block_size)
         self.scheduler = Scheduler(self.blocks, plan.max_batch_size, max(plan.max_num_tokens, plan.max_batch_size),
-                                   self.max_seq_len)
+                                   self.max_seq_len, no_evict=config.capacity_policy == "no_evict")
         self._seq_ids = itertools.count()
         self.timings: deque[StepTiming] = deque(maxlen=TIMINGS_KEPT)  # bounded: a server runs for weeks
         self.peak_blocks_used = 0

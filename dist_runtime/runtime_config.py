@@ -18,6 +18,7 @@ from dist_runtime import records
 from dist_runtime.errors import ConfigError
 
 LAUNCHERS = ("local", "ray")
+CAPACITY_POLICIES = ("max_utilization", "no_evict")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,9 @@ class RuntimeConfig:
     overlap: bool = True  # schedule a step while the device runs the one before (pp > 1: a micro-batch per stage)
     prefix_caching: bool = True  # reuse the KV blocks of a prompt prefix another request computed
     num_kv_blocks: int | None = None  # at most this many KV blocks (None: as many as fit)
+    # max_utilization: admit while the cache has room now, preempting (and recomputing) the newest
+    # when it fills; no_evict: admit only what the cache holds to its longest, never preempting
+    capacity_policy: str = "max_utilization"
     launcher: str = "local"  # who starts ranks 1..N-1 when no launcher started this process: "local" or "ray"
     ray_address: str | None = None  # with launcher "ray": HOST:PORT or "auto"; None: auto, else a new local Ray
     # Serving limits, over those the engine was planned with (None: the plan's)
@@ -66,6 +70,9 @@ class RuntimeConfig:
         for name in ("max_batch_size", "max_seq_len", "max_num_tokens", "tp", "pp"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.capacity_policy not in CAPACITY_POLICIES:
+            raise ConfigError(f"capacity_policy must be one of {', '.join(CAPACITY_POLICIES)}, "
+                              f"got {self.capacity_policy!r}")
         if self.launcher not in LAUNCHERS:
             raise ConfigError(f"launcher must be one of {', '.join(LAUNCHERS)}, got {self.launcher!r}")
 

@@ -5,7 +5,10 @@ the chunks of prompts still being prefilled, so decoding never waits behind a lo
 waiting sequences join with what budget is left, a long prompt a chunk at a time. When the
 KV cache runs out of blocks, the newest running sequence is preempted: its blocks are freed
 and it waits again at the head of the queue, to be recomputed (prefix caching makes that
-cheap). No sequence is ever dropped.
+cheap). No sequence is ever dropped. With `no_evict` (TensorRT-LLM's GUARANTEED_NO_EVICT) a
+waiting sequence joins only if the free blocks, less those every running sequence may still
+need, hold it at its longest: then nothing is ever preempted, at the price of a cache
+reserved for lengths a stop may cut short.
 
 A step may be scheduled while steps before it still run. Their tokens count as taken, and
 each token they sample counts as the sequence's own, a placeholder until the coordinator
@@ -42,9 +45,11 @@ class Chunk:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_batch_size: int, max_num_tokens: int, max_seq_len: int) -> None:
+    def __init__(self, blocks: BlockManager, max_batch_size: int, max_num_tokens: int, max_seq_len: int,
+                 no_evict: bool = False) -> None:
         self.blocks = blocks
         self.max_batch_size, self.max_num_tokens, self.max_seq_len = max_batch_size, max_num_tokens, max_seq_len
+        self.no_evict = no_evict
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # oldest first
         self.num_preemptions = 0
@@ -152,19 +157,31 @@ class Scheduler:
             self.blocks.grow(chunk.seq, chunk.end)
         return chunks, budget
 
+    def _blocks_to_finish(self, seq: Sequence) -> int:
+        """Blocks `seq` may still take before a length limit ends it."""
+        longest = min(seq.num_prompt + seq.params.max_tokens, self.max_seq_len)
+        return max(0, self.blocks.blocks_for(longest) - len(seq.block_table))
+
     def _admit(self, chunks: dict[Sequence, Chunk], budget: int, excluded: int) -> None:
         """Waiting sequences join `chunks` in order, with their cached prefix, while `budget`
-        tokens, the batch size (less `excluded` running sequences) and the KV blocks allow;
+        tokens, the batch size (less `excluded` running sequences) and the KV blocks allow
+        (with no_evict: the blocks not promised to running sequences hold it to its end);
         a long prompt takes what budget is left."""
+        promised = sum(self._blocks_to_finish(s) for s in self.running) if self.no_evict else 0
         while self.waiting and budget > 0 and len(self.running) - excluded < self.max_batch_size:
             seq = self.waiting[0]
             self.blocks.take_cached_prefix(seq)
             chunk = self._chunk(seq, budget)
-            if not self.blocks.can_grow(seq, chunk.end):
+            if self.no_evict:
+                fits = self._blocks_to_finish(seq) <= self.blocks.num_free - promised
+            else:
+                fits = self.blocks.can_grow(seq, chunk.end)
+            if not fits:
                 self.blocks.free(seq)  # give back the cached prefix it took; it tries again next step
                 break
             self.waiting.popleft()
             self.blocks.grow(seq, chunk.end)
+            promised += self._blocks_to_finish(seq) if self.no_evict else 0
             seq.status = Status.RUNNING
             self.running.append(seq)
             chunks[seq] = chunk

@@ -197,3 +197,17 @@ def test_start_up_objects_are_kept_from_the_collector_while_the_engine_runs(engi
         assert gc.get_freeze_count() > 10_000
         assert len(llm.generate(PROMPTS[:1], SamplingParams(max_tokens=4, ignore_eos=True))[0].token_ids) == 4
     assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.slow
+def test_no_evict_policy_never_preempts_where_max_utilization_does_and_tokens_agree(engines):
+    """A cache of 12 blocks (192 tokens) and 6 requests that each grow to 4 blocks: filling the
+    cache preempts; never evicting admits fewer at once, preempts nothing, gives the same tokens."""
+    prompts = [[i + 1] * 20 for i in range(6)]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    runs = {}
+    for policy in ("max_utilization", "no_evict"):
+        with LLM(str(engines("llama", 1, 1)), num_kv_blocks=12, capacity_policy=policy, prefix_caching=False) as llm:
+            runs[policy] = ([o.token_ids for o in llm.generate(prompts, params)], llm.stats()["preemptions"])
+    assert runs["max_utilization"][1] > 0 and runs["no_evict"][1] == 0
+    assert runs["no_evict"][0] == runs["max_utilization"][0]

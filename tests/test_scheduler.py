@@ -18,8 +18,10 @@ from dist_runtime.sequence import Sequence
 BS = 4
 
 
-def _scheduler(num_blocks: int, max_num_tokens: int, max_batch_size: int = 4, prefix_caching: bool = True) -> Scheduler:
-    return Scheduler(BlockManager(num_blocks, BS, prefix_caching), max_batch_size, max_num_tokens, num_blocks * BS)
+def _scheduler(num_blocks: int, max_num_tokens: int, max_batch_size: int = 4, prefix_caching: bool = True,
+               no_evict: bool = False) -> Scheduler:
+    return Scheduler(BlockManager(num_blocks, BS, prefix_caching), max_batch_size, max_num_tokens, num_blocks * BS,
+                     no_evict)
 
 
 def _land(sched: Scheduler, chunks: list[Chunk]) -> None:
@@ -124,6 +126,32 @@ def test_micro_batches_in_flight_are_never_scheduled_or_preempted_and_every_requ
     _run(sched, seqs, kept_in_flight=depth, placeholders=False)
     assert all(s.output_ids == [0, 1, 2, 3, 4] for s in seqs)
     assert sched.blocks.num_free == num_blocks
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 40), st.integers(1, 8)), min_size=1, max_size=12), st.integers(8, 24),
+       st.integers(4, 32), st.booleans())
+def test_no_evict_never_preempts_and_every_request_gets_its_tokens(requests, num_blocks, budget, overlap):
+    """GUARANTEED_NO_EVICT: a sequence joins only where it fits to its end beside what the
+    running ones may still take, so no pool, budget or overlap ever forces a preemption."""
+    sched = _scheduler(num_blocks, max(budget, 4), no_evict=True)
+    seqs = _requests([n for n, _ in requests], num_blocks, [m for _, m in requests])
+    _run(sched, seqs, kept_in_flight=int(overlap), placeholders=overlap)
+    assert all(s.output_ids == list(range(m)) for s, (_, m) in zip(seqs, requests))
+    assert sched.num_preemptions == 0
+    assert sched.blocks.num_free == num_blocks
+
+
+def test_no_evict_holds_back_what_max_utilization_admits_and_later_preempts():
+    """Two sequences that each grow to 4 blocks, in a cache of 6: filling the cache takes both
+    in and preempts one; never evicting runs them one after the other."""
+    counts = {}
+    for no_evict in (False, True):
+        sched = _scheduler(6, 32, no_evict=no_evict)
+        seqs = [Sequence(i, [1 + i] + list(range(3)), SamplingParams(max_tokens=12), 0) for i in range(2)]
+        first = _run(sched, seqs, kept_in_flight=0, placeholders=False)[0]
+        counts[no_evict] = (len(first), sched.num_preemptions)
+    assert counts == {False: (2, 1), True: (1, 0)}
 
 
 def test_decodes_keep_running_while_a_long_prompt_prefills_in_chunks():
