@@ -82,6 +82,7 @@ class TuningRecord(_Record):
     gemm: dict[str, dict[str, dict[str, Any]]] | None = None  # gemm_key -> rows bucket -> kernel and times
     prefill_attention: dict[str, Any] | None = None  # the prefill kernel's launch; none for float32 engines
     seconds: float | None = None  # how long the tuning took
+    reused_from: str | None = None  # the tuning cache's file these winners came from, timed by an earlier build
 
 
 @dataclasses.dataclass

@@ -112,7 +112,8 @@ def summary(record: TuningRecord | None) -> str:
     gemms = [c for table in record.gemm.values() for c in table.values()]
     raced = [c for c in gemms if "best_triton_us" in c]
     triton = sum(c["kernel"] == "triton" for c in raced)
-    line = (f"kernels tuned on {record.gpu} in {record.seconds} s: decode-attention splits by batch "
+    when = f"in {record.seconds} s" if record.reused_from is None else f"(reused from {record.reused_from})"
+    line = (f"kernels tuned on {record.gpu} {when}: decode-attention splits by batch "
             f"{{{splits}}}; Triton GEMM faster than cuBLAS for {triton} of {len(raced)} (shape, rows) cases")
     fp8 = [c for c in gemms if "cublas_fast_us" in c]
     if fp8:

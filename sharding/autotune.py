@@ -23,15 +23,20 @@ L2_FLUSH_BYTES so that no timing reads a warm L2 cache.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import math
+import os
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from dist_runtime import kernels
 from dist_runtime.config import ModelConfig
 from dist_runtime.cuda_graphs import buckets, replay_ms
 from dist_runtime.engine import TuningRecord
@@ -42,6 +47,7 @@ from dist_runtime.plan import DTYPES, Plan
 from dist_runtime.quantization import QUANTIZED_DTYPES, quantize_weight
 from dist_runtime.tuning import gemm_key, skipped
 
+TUNING_CACHE_ENV = "DIST_RUNTIME_TUNING_CACHE"
 L2_FLUSH_BYTES = 256 << 20
 MAX_KV_TOKENS = 1 << 20  # per attention timing: a batch of 512 is timed at contexts of up to 2048
 SHORT_CONTEXT = 256
@@ -76,8 +82,11 @@ CALLS = 16  # per graph
 REPLAYS = 3
 
 
-def tune_kernels(config: ModelConfig, plan: Plan) -> TuningRecord:
-    """The tuning record for engine.json, or a record of why none was made."""
+def tune_kernels(config: ModelConfig, plan: Plan, cache: Path | None = None) -> TuningRecord:
+    """The tuning record for engine.json, or a record of why none was made. The winners are kept
+    in `cache` (default: tuning_cache()) by what decided them: the GPU model, the versions, the
+    shapes and sizes timed, and the tuner's and kernels' own source. A build of the same shapes
+    on the same kind of GPU takes them from there at once."""
     if not torch.cuda.is_available():
         return skipped("no CUDA GPU on the build machine")
     import triton
@@ -86,15 +95,49 @@ def tune_kernels(config: ModelConfig, plan: Plan) -> TuningRecord:
     dtype = DTYPES[plan.dtype][0]
     gemms, attention = _shapes(config, plan, dtype)
     batches = sorted({b for b in buckets(plan.max_batch_size) if b & (b - 1) == 0} | {plan.max_batch_size})
+    key = _cache_key(torch.cuda.get_device_name(), torch.__version__, triton.__version__, sorted(gemms), attention,
+                     batches, plan.dtype, plan.kv_cache_dtype, plan.max_seq_len, plan.max_num_tokens, plan.block_size)
+    file = (cache or tuning_cache()) / f"{key}.json"
+    if file.is_file():
+        try:
+            record = TuningRecord.from_dict(json.loads(file.read_text()))
+        except ValueError:  # unreadable (a crash mid-write, a hand edit): tune again and overwrite it
+            pass
+        else:
+            record.reused_from = str(file)
+            return record
+    record = _tune(gemms, attention, batches, plan, dtype, triton.__version__)
+    record.seconds = round(time.perf_counter() - start, 1)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record.to_dict()))
+    tmp.replace(file)
+    return record
+
+
+def tuning_cache() -> Path:
+    return Path(os.environ.get(TUNING_CACHE_ENV) or Path.home() / ".cache" / "dist-runtime" / "tuning")
+
+
+def _cache_key(*decided_by: Any) -> str:
+    """sha256 of what decides the winners, the tuner's and the kernels' source among it."""
+    sources = [Path(__file__), *sorted((Path(kernels.__file__).parent).glob("*.py"))]
+    digest = hashlib.sha256(json.dumps(decided_by, default=str).encode())
+    for source in sources:
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:24]
+
+
+def _tune(gemms: set, attention: tuple, batches: list[int], plan: Plan, dtype: torch.dtype,
+          triton_version: str) -> TuningRecord:
     with torch.inference_mode():
         record = TuningRecord(True, gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                              triton=triton.__version__,
+                              triton=triton_version,
                               decode_attention=_tune_attention(attention, batches, plan, dtype),
                               gemm=_tune_gemms(gemms, sorted({*batches, plan.max_num_tokens}), dtype, plan.dtype))
         if dtype in (torch.bfloat16, torch.float16):  # float32 queries keep the small exact tile (launch_for)
             record.prefill_attention = _tune_prefill(attention, plan, dtype)
     torch.cuda.empty_cache()
-    record.seconds = round(time.perf_counter() - start, 1)
     return record
 
 

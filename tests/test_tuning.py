@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 
 import pytest
 import torch
@@ -200,3 +201,20 @@ def test_tuned_and_forced_kernels_give_the_untuned_outputs(checkpoints, tmp_path
                 if x.token_id != y.token_id:  # a bf16 near tie may flip; then both are in each other's top 3
                     assert x.token_id in [t for t, _ in y.top] and y.token_id in [t for t, _ in x.top]
                     break
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to tune")
+def test_a_rebuild_of_the_same_shapes_takes_its_tuning_from_the_cache_in_seconds(checkpoints, tmp_path, monkeypatch):
+    from sharding.autotune import TUNING_CACHE_ENV
+    from sharding.builder import build_engine
+
+    monkeypatch.setenv(TUNING_CACHE_ENV, str(tmp_path / "tuning"))
+    options = dict(dtype="bf16", progress=False, tune=True, max_batch_size=4, max_seq_len=128)
+    first = build_engine(checkpoints["llama"], tmp_path / "a", **options)
+    start = time.monotonic()
+    second = build_engine(checkpoints["llama"], tmp_path / "b", **options)
+    assert time.monotonic() - start < 10
+    assert first.tuning.reused_from is None and second.tuning.reused_from.startswith(str(tmp_path / "tuning"))
+    assert dataclasses.replace(second.tuning, reused_from=None) == first.tuning
+    other = build_engine(checkpoints["llama"], tmp_path / "c", **(options | {"max_batch_size": 8}))
+    assert other.tuning.reused_from is None  # other batch buckets: timed afresh
