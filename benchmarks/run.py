@@ -67,9 +67,19 @@ def hf_generate(ckpt: Path, batch: int, isl: int, osl: int) -> float:
     return rate
 
 
-# name: (input tokens, output tokens, requests at a time: None for all at once, max throughput)
-RUNS = {"batch1": (128, 128, 1), "throughput": (128, 128, None), "ttft": (2048, 1, 1),
-        "throughput-128-2048": (128, 2048, None), "throughput-2048-128": (2048, 128, None)}
+# name: (input tokens, output tokens, requests at a time: None for all at once, max throughput);
+# besides these, throughput-ISL-OSL for any lengths (TensorRT-LLM's table: throughput-5000-500, ...)
+RUNS = {"batch1": (128, 128, 1), "throughput": (128, 128, None), "ttft": (2048, 1, 1)}
+
+
+def run_shape(name: str) -> tuple[int, int, int | None]:
+    if name in RUNS:
+        return RUNS[name]
+    kind, _, lengths = name.partition("-")
+    isl, _, osl = lengths.partition("-")
+    if kind != "throughput" or not (isl.isdigit() and osl.isdigit()):
+        raise ValueError(name)
+    return int(isl), int(osl), None
 
 
 def bench_options(isl: int, osl: int, concurrency: int | None, max_requests: int) -> list[str]:
@@ -92,10 +102,15 @@ def main() -> int:
     p.add_argument("--max-seq-len", type=int, default=2304, help="of the engine built (default 2304)")
     p.add_argument("--runs", default="batch1,throughput,ttft", help=f"comma-separated, of: {', '.join(RUNS)}")
     p.add_argument("--skip-profile", action="store_true")
+    p.add_argument("--capacity-policy", choices=["max_utilization", "no_evict"], help="of bench (default: its own)")
+    p.add_argument("--no-tune", action="store_true", help="build without timing kernel candidates (default "
+                   "launches and cuBLAS): faster to build, as fast to run for most shapes")
     args = p.parse_args()
-    unknown = set(args.runs.split(",")) - set(RUNS)
-    if unknown:
-        p.error(f"unknown runs {sorted(unknown)}; known: {', '.join(RUNS)}")
+    try:
+        shapes = {name: run_shape(name) for name in args.runs.split(",")}
+    except ValueError as e:
+        p.error(f"unknown run {e.args[0]!r}; known: {', '.join(RUNS)}, throughput-ISL-OSL")
+    policy = ["--capacity-policy", args.capacity_policy] if args.capacity_policy else []
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "bench.log", "a")  # noqa: SIM115
@@ -111,7 +126,7 @@ def main() -> int:
     if not args.skip_ours and not (engine / "engine.json").exists():
         sh([*CLI, "build", str(ckpt), "--dtype", args.dtype, "--kv-cache-dtype", args.kv_cache_dtype, "--out",
             str(engine), "--max-batch-size", str(args.max_batch_size), "--max-seq-len", str(args.max_seq_len),
-            "--max-num-tokens", "8192"], log)
+            "--max-num-tokens", "8192", *(["--no-tune"] if args.no_tune else [])], log)
     gpu = torch.cuda.get_device_name()
     # the bytes a batch-1 step reads: the engine's (quantized weights are smaller) once it is built
     weights = sum(f.stat().st_size for f in (engine if engine.exists() else ckpt).glob("*.safetensors"))
@@ -124,8 +139,9 @@ def main() -> int:
 
         results["tuning"] = tuning = json.loads((engine / "engine.json").read_text())["tuning"]
         record = TuningRecord.from_dict(tuning)
-        rows.append(("kernel tuning at build", f"{record.seconds or 0} s", summary(record)))
-    runs = {name: bench_options(*RUNS[name], args.max_requests) for name in args.runs.split(",")}
+        if record.tuned:
+            rows.append(("kernel tuning at build", f"{record.seconds or 0} s", summary(record)))
+    runs = {name: bench_options(*shape, args.max_requests) + policy for name, shape in shapes.items()}
     for name, extra in ({} if args.skip_ours else runs).items():
         cmd = [*CLI, "bench", str(engine), "--device", "cuda", "--json", "--no-verify", *extra]  # build hashed them
         report = json.loads(sh(cmd, log))
