@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from dist_runtime.errors import CheckpointError
 # model_type -> the model file that runs it (models/__init__.py MODELS)
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "qwen3", "phi3": "phi3",
                  "gptj": "gptj"}
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 # (qkv bias, o_proj bias) that transformers' model class fixes, whatever attention_bias says
 FIXED_BIASES = {"qwen2": (True, False), "phi3": (False, False)}
@@ -59,6 +60,9 @@ class ModelConfig:
         read = _read_gptj if ARCHITECTURES[model_type] == "gptj" else _read_llama
         fields = read(hf)
         theta, scaling = _rope(hf)
+        if scaling is not None and scaling["rope_type"] == "longrope":  # exact only within the original context
+            original = scaling["original_max_position_embeddings"]
+            fields["max_position_embeddings"] = min(fields["max_position_embeddings"], original)
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         fields.update(
@@ -86,6 +90,10 @@ class ModelConfig:
             )
         if self.rotary_dim > self.head_dim or self.rotary_dim % 2:
             raise CheckpointError(f"rotary_dim {self.rotary_dim} must be even and <= head_dim {self.head_dim}")
+        factors = (self.rope_scaling or {}).get("short_factor")
+        if factors is not None and len(factors) != self.rotary_dim // 2:
+            raise CheckpointError(f"longrope's short_factor has {len(factors)} entries; the {self.rotary_dim} "
+                                  f"rotated dims of a head need {self.rotary_dim // 2}")
         if len(self.layer_types) != self.num_layers or set(self.layer_types) - set(LAYER_TYPES):
             raise CheckpointError(f"layer_types {list(self.layer_types)} must name one of {', '.join(LAYER_TYPES)} "
                                   f"for each of the {self.num_layers} layers")
@@ -203,7 +211,27 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     if scaling is not None:
         rope_type = scaling.pop("rope_type", None) or scaling.pop("type", "default")
         scaling.pop("type", None)
+        if hf.get("model_type") == "phi3" and rope_type in ("su", "yarn"):
+            rope_type = "longrope"  # Phi-3's older names for it, as transformers reads them
         if rope_type not in ROPE_TYPES:
             raise CheckpointError(f"rope type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
         scaling = None if rope_type == "default" else {"rope_type": rope_type, **scaling}
+        if rope_type == "longrope":
+            scaling = _longrope(hf, scaling)
     return float(theta), scaling
+
+
+def _longrope(hf: dict[str, Any], scaling: dict[str, Any]) -> dict[str, Any]:
+    """Phi-3's long-context rope as transformers computes it within the original context:
+    frequencies divided by short_factor, cos and sin scaled by attention_factor (from the
+    context's growth when not given). Past original_max_position_embeddings transformers
+    switches to long_factor and recomputes the whole sequence, which a paged cache cannot
+    follow: a model with longrope keeps that many positions (ModelConfig.from_hf)."""
+    original = (hf.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
+                or hf["max_position_embeddings"])
+    growth = scaling.get("factor") or hf["max_position_embeddings"] / original
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if growth <= 1 else math.sqrt(1 + math.log(growth) / math.log(original))
+    return {"rope_type": "longrope", "short_factor": [float(f) for f in scaling["short_factor"]],
+            "original_max_position_embeddings": original, "attention_factor": float(attention_factor)}

@@ -91,9 +91,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "qwen3-32b": _qwen("qwen3", 5120, 25600, 64, 64, 8, 151936, 40960, tie=False, head_dim=128),
     },
     "phi3": {
-        # half of each head rotated (Phi-4-mini rotates 3/4), a window shorter than the test sequences
-        "tiny": _phi3(64, 160, 4, 4, 2, 512, 512, 8) | {"partial_rotary_factor": 0.5, "pad_token_id": None,
-                                                         "torch_dtype": "float32"},
+        # half of each head rotated (Phi-4-mini rotates 3/4), a window shorter than the test sequences,
+        # Phi-3.5's longrope (its 256 original positions are the ones served)
+        "tiny": _phi3(64, 160, 4, 4, 2, 512, 1024, 8) | {
+            "partial_rotary_factor": 0.5, "original_max_position_embeddings": 256, "pad_token_id": None,
+            "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0, 1.25, 2.5, 6.0],
+                             "long_factor": [1.5, 4.0, 12.0, 40.0]}, "torch_dtype": "float32"},
         "phi-3-mini": _phi3(3072, 8192, 32, 32, 32, 32064, 4096, 2047),  # Phi-3-mini-4k
     },
     "gptj": {

@@ -86,3 +86,21 @@ def test_phi3_partial_rotary_factor_reads_from_either_layout():
     partial = phi | {"partial_rotary_factor": 0.75}
     assert ModelConfig.from_hf(partial).rotary_dim == ModelConfig.from_hf(to_transformers5_layout(partial)).rotary_dim
     assert ModelConfig.from_hf(partial).rotary_dim == 72
+
+
+def test_phi3_longrope_keeps_the_original_positions_and_transformers_attention_factor():
+    """Phi-3.5-mini: 131,072 positions, 4,096 original. Within those transformers rotates by
+    short_factor and scales cos and sin by sqrt(1 + ln 32 / ln 4096); past them it switches to
+    long_factor and recomputes the whole sequence, which a paged cache cannot follow."""
+    factors = {"short_factor": [1.0] * 48, "long_factor": [2.0] * 48}
+    phi35 = preset_config("phi-3-mini") | {"max_position_embeddings": 131072, "sliding_window": 262144,
+                                           "rope_scaling": {"type": "longrope", **factors}}
+    c = ModelConfig.from_hf(phi35)
+    assert c.max_position_embeddings == 4096
+    assert c.rope_scaling == {"rope_type": "longrope", "short_factor": [1.0] * 48,
+                              "original_max_position_embeddings": 4096, "attention_factor": 1.1902380714238083}
+    assert ModelConfig.from_hf(to_transformers5_layout(phi35 | {"rope_scaling": {"rope_type": "longrope",
+                                                                                  **factors}})) == c
+    assert ModelConfig.from_hf(phi35 | {"rope_scaling": {"type": "su", **factors}}) == c  # its older name
+    with pytest.raises(CheckpointError, match="short_factor has 47 entries; the 96 rotated dims of a head need 48"):
+        ModelConfig.from_hf(phi35 | {"rope_scaling": {"type": "longrope", **factors, "short_factor": [1.0] * 47}})

@@ -1,5 +1,5 @@
 """Rotary position embeddings: full (Llama, rotate-half) or partial and interleaved (GPT-J),
-with Llama 3.1 and linear frequency scaling."""
+with Llama 3.1 and linear frequency scaling, and Phi-3's longrope within its original context."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ def inverse_frequencies(rotary_dim: int, theta: float, scaling: dict[str, Any] |
         return inv_freq
     if scaling["rope_type"] == "linear":
         return inv_freq / scaling["factor"]
+    if scaling["rope_type"] == "longrope":  # divided as transformers divides, for the same bits
+        return 1.0 / (torch.tensor(scaling["short_factor"], dtype=torch.float32, device="cpu") * theta**exponents)
     return _llama3_scaled(inv_freq, scaling)
 
 
@@ -39,10 +41,22 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim, self.rotary_dim, self.interleaved = head_dim, rotary_dim, interleaved
         self.register_buffer("inv_freq", inverse_frequencies(rotary_dim, theta, scaling), persistent=False)
+        # longrope's cos and sin come scaled: the rotated dims of q and k grow by this much
+        self.attention_factor = (scaling or {}).get("attention_factor", 1.0)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        if self.attention_factor != 1.0:
+            return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
         return freqs.cos(), freqs.sin()
+
+    def scale_rotated_(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        """On a GPU, longrope's attention factor goes into q and k's rotated dims before the fused
+        rotary kernel, which takes plain cos and sin (rotating a scaled vector is scaling the
+        rotated one)."""
+        if self.attention_factor != 1.0:
+            q[..., : self.rotary_dim] *= self.attention_factor
+            k[..., : self.rotary_dim] *= self.attention_factor
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]. On a GPU, rotated in
@@ -50,6 +64,7 @@ class RotaryEmbedding(nn.Module):
         if q.is_cuda:
             from dist_runtime.kernels.fused import rotary_
 
+            self.scale_rotated_(q, k)
             return rotary_(q, k, positions, self.inv_freq, self.interleaved)
         return self.reference(positions, q, k)
 
