@@ -55,6 +55,7 @@ BOTTOM = [
     "dist_runtime/plan.py",
     "dist_runtime/engine.py",
     "dist_runtime/quantization.py",
+    "dist_runtime/int4.py",
     "dist_runtime/errors.py",
     "dist_runtime/sampling_params.py",
     "dist_runtime/step.py",
