@@ -16,11 +16,26 @@ from dist_runtime.errors import CheckpointError
 
 # model_type -> the model file that runs it (models/__init__.py MODELS)
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "qwen3", "phi3": "phi3",
-                 "gptj": "gptj"}
+                 "mixtral": "mixtral", "qwen3_moe": "qwen3_moe", "gptj": "gptj"}
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 # (qkv bias, o_proj bias) that transformers' model class fixes, whatever attention_bias says
 FIXED_BIASES = {"qwen2": (True, False), "phi3": (False, False)}
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+    """A mixture of experts (Mixtral, Qwen3-MoE): `num_experts` SiLU-gated MLPs of
+    `intermediate_size`, `top_k` of them per token, weighted by their softmax probabilities,
+    renormalised over the chosen ones when `norm_topk_prob`. `dense_layers` (Qwen3-MoE's
+    mlp_only_layers, and those its decoder_sparse_step skips) have a plain MLP of the model's
+    intermediate_size instead."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    norm_topk_prob: bool
+    dense_layers: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +64,7 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     dtype: str  # the checkpoint's own dtype, e.g. "bfloat16"
+    moe: MoeConfig | None = None  # None: a dense model
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
@@ -74,6 +90,7 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
+            moe=_read_moe(hf),
         )
         config = cls(**fields)
         config.validate()
@@ -97,6 +114,9 @@ class ModelConfig:
         if len(self.layer_types) != self.num_layers or set(self.layer_types) - set(LAYER_TYPES):
             raise CheckpointError(f"layer_types {list(self.layer_types)} must name one of {', '.join(LAYER_TYPES)} "
                                   f"for each of the {self.num_layers} layers")
+        if self.moe and not 0 < self.moe.top_k <= self.moe.num_experts:
+            raise CheckpointError(f"num_experts_per_tok {self.moe.top_k} must be between 1 and the "
+                                  f"{self.moe.num_experts} experts")
 
     def window_of(self, layer: int) -> int | None:
         """The sliding window of layer `layer` (global index), None where it sees every earlier key."""
@@ -108,6 +128,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         data = dict(data, eos_token_ids=tuple(data["eos_token_ids"]), layer_types=tuple(data["layer_types"]))
+        if data.get("moe"):
+            data["moe"] = MoeConfig(**dict(data["moe"], dense_layers=tuple(data["moe"]["dense_layers"])))
         return cls(**data)
 
 
@@ -130,7 +152,7 @@ def _read_llama(hf: dict[str, Any]) -> dict[str, Any]:
     if hf["model_type"] in FIXED_BIASES:
         qkv_bias, o_proj_bias = FIXED_BIASES[hf["model_type"]]
     window = hf.get("sliding_window")
-    if hf["model_type"] in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+    if hf["model_type"] in ("qwen2", "qwen3", "qwen3_moe") and not hf.get("use_sliding_window", False):
         window = None  # their checkpoints carry a sliding_window that applies only with use_sliding_window
     rotary_dim = head_dim
     if hf["model_type"] == "phi3":
@@ -167,6 +189,18 @@ def _layer_types(hf: dict[str, Any], layers: int, window: int | None) -> tuple[s
         first = hf.get("max_window_layers", 28)  # transformers' default for both
         return tuple("sliding_attention" if i >= first else "full_attention" for i in range(layers))
     return ("sliding_attention",) * layers
+
+
+def _read_moe(hf: dict[str, Any]) -> MoeConfig | None:
+    """Mixtral's num_local_experts or Qwen3-MoE's num_experts (transformers 5 writes the former for
+    both); Mixtral always renormalises its top-k weights and names no norm_topk_prob."""
+    experts = hf.get("num_local_experts") or hf.get("num_experts")
+    if not experts:
+        return None
+    step, only = hf.get("decoder_sparse_step") or 1, set(hf.get("mlp_only_layers") or ())
+    dense = tuple(i for i in range(hf["num_hidden_layers"]) if i in only or (i + 1) % step)
+    return MoeConfig(experts, hf["num_experts_per_tok"], hf.get("moe_intermediate_size") or hf["intermediate_size"],
+                     hf.get("norm_topk_prob", hf["model_type"] == "mixtral"), dense)
 
 
 def _partial_rotary_factor(hf: dict[str, Any]) -> float:

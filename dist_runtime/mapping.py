@@ -1,4 +1,5 @@
-"""Rank arithmetic in one place: which TP slice and which PP stage a rank holds."""
+"""Rank arithmetic in one place: which TP slice and which PP stage a rank holds, and for a
+mixture of experts, which experts and which slice of each."""
 
 from __future__ import annotations
 
@@ -7,15 +8,23 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class Mapping:
-    """`rank = pp_rank * tp + tp_rank`. Every module asks this object; none recomputes it."""
+    """`rank = pp_rank * tp + tp_rank`. Every module asks this object; none recomputes it.
+
+    Expert parallelism (`ep`, as TensorRT-LLM's moe_ep_size) divides a TP group: attention
+    stays split over all `tp` ranks, while the experts form `ep` groups of whole experts, and
+    each expert's weights are split over the `moe_tp = tp // ep` ranks of its group. TP ranks
+    [g * moe_tp, (g + 1) * moe_tp) hold expert group g."""
 
     tp: int = 1
     pp: int = 1
     rank: int = 0
+    ep: int = 1
 
     def __post_init__(self) -> None:
-        if self.tp < 1 or self.pp < 1:
-            raise ValueError(f"tp and pp must be >= 1, got tp={self.tp} pp={self.pp}")
+        if self.tp < 1 or self.pp < 1 or self.ep < 1:
+            raise ValueError(f"tp, pp and ep must be >= 1, got tp={self.tp} pp={self.pp} ep={self.ep}")
+        if self.tp % self.ep:
+            raise ValueError(f"ep={self.ep} does not divide tp={self.tp}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside world of size {self.world_size}")
 
@@ -30,6 +39,35 @@ class Mapping:
     @property
     def pp_rank(self) -> int:
         return self.rank // self.tp
+
+    @property
+    def moe_tp(self) -> int:
+        """Ranks each expert's weights are split over."""
+        return self.tp // self.ep
+
+    @property
+    def ep_rank(self) -> int:
+        """This rank's expert group."""
+        return self.ep_rank_of(self.tp_rank)
+
+    @property
+    def moe_tp_rank(self) -> int:
+        """Which slice of each of its group's experts this rank holds."""
+        return self.tp_rank % self.moe_tp
+
+    def ep_rank_of(self, tp_rank: int) -> int:
+        """The expert group TP rank `tp_rank` holds."""
+        return tp_rank // self.moe_tp
+
+    def experts(self, num_experts: int, ep_rank: int | None = None) -> range:
+        """The experts (global ids) expert group `ep_rank` (default: this rank's) holds."""
+        local = num_experts // self.ep
+        group = self.ep_rank if ep_rank is None else ep_rank
+        return range(group * local, (group + 1) * local)
+
+    def expert_group(self, expert, num_experts: int):
+        """The group holding expert `expert` (an id, or a tensor of them)."""
+        return expert // (num_experts // self.ep)
 
     @property
     def is_first_stage(self) -> bool:
@@ -56,7 +94,7 @@ class Mapping:
         return (self.pp - 1) * self.tp
 
     def of_rank(self, rank: int) -> Mapping:
-        return Mapping(self.tp, self.pp, rank)
+        return dataclasses.replace(self, rank=rank)
 
     def all_ranks(self) -> list[Mapping]:
         return [self.of_rank(r) for r in range(self.world_size)]

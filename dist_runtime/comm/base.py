@@ -32,6 +32,12 @@ class Communicator(ABC):
         """Concatenate the TP group's tensors along the last dimension, in TP-rank order."""
 
     @abstractmethod
+    def all_to_all(self, send: list[torch.Tensor], recv: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Within the TP group: send[i] goes to TP rank i, and recv[i] is filled from TP rank i;
+        returns `recv`. The tensors share one dtype and trailing shape; their row counts may
+        differ (each pair of ranks knows beforehand what the other sends), zero included."""
+
+    @abstractmethod
     def send(self, tensor: torch.Tensor, dst: int) -> None:
         """To global rank `dst`."""
 

@@ -64,6 +64,15 @@ class GlooCommunicator(Communicator):
         self.tp_group.allgather([parts], [tensor]).wait()
         return gather_last_dim(parts)
 
+    def all_to_all(self, send: list[torch.Tensor], recv: list[torch.Tensor]) -> list[torch.Tensor]:
+        sizes = [len(r) for r in recv]
+        out = torch.empty((sum(sizes), *recv[0].shape[1:]), dtype=recv[0].dtype)
+        self.tp_group.alltoall_base(out, torch.cat(send), sizes, [len(s) for s in send],
+                                    dist.AllToAllOptions()).wait()
+        for part, into in zip(out.split(sizes), recv):
+            into.copy_(part)
+        return recv
+
     def send(self, tensor: torch.Tensor, dst: int) -> None:
         self.world.send([tensor.contiguous()], dst, 0).wait()
 

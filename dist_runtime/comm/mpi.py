@@ -79,6 +79,12 @@ def _wire(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy()
 
 
+def _counts(parts: list[torch.Tensor]) -> tuple[list[int], list[int]]:
+    """(elements, offsets) of each part within their concatenation, as Alltoallv takes them."""
+    counts = [part.numel() for part in parts]
+    return counts, [sum(counts[:i]) for i in range(len(counts))]
+
+
 class MpiCommunicator(Communicator):
     def __init__(self, mapping: Mapping, world: MPI.Comm | None = None) -> None:
         super().__init__(mapping)
@@ -100,6 +106,13 @@ class MpiCommunicator(Communicator):
         out = tensor.new_empty((self.mapping.tp, *tensor.shape))
         wait(self.tp_comm.Iallgather(_wire(tensor), _wire(out)))
         return gather_last_dim(list(out.unbind(0)))
+
+    def all_to_all(self, send: list[torch.Tensor], recv: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = torch.empty((sum(len(r) for r in recv), *recv[0].shape[1:]), dtype=recv[0].dtype)
+        wait(self.tp_comm.Ialltoallv([_wire(torch.cat(send)), _counts(send)], [_wire(out), _counts(recv)]))
+        for part, into in zip(out.split([len(r) for r in recv]), recv):
+            into.copy_(part)
+        return recv
 
     def send(self, tensor: torch.Tensor, dst: int) -> None:
         wait(self.world.Isend(_wire(tensor.contiguous()), dest=dst, tag=_TENSOR_TAG))

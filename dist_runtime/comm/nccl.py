@@ -100,6 +100,22 @@ class NcclCommunicator(Communicator):
                                _stream())
         return gather_last_dim(list(out.unbind(0)))
 
+    def all_to_all(self, send: list[torch.Tensor], recv: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One NCCL group of a send and a receive per peer (NCCL has no all-to-all of its own)."""
+        me = self.mapping.tp_rank
+        recv[me].copy_(send[me])
+        nccl.groupStart()
+        for peer in range(self.mapping.tp):
+            if peer == me:
+                continue
+            out, into = send[peer].contiguous(), recv[peer]
+            if out.numel():
+                self.tp_comm.send(out.data_ptr(), out.numel(), _NCCL_TYPES[out.dtype], peer, _stream())
+            if into.numel():
+                self.tp_comm.recv(into.data_ptr(), into.numel(), _NCCL_TYPES[into.dtype], peer, _stream())
+        nccl.groupEnd()
+        return recv
+
     def send(self, tensor: torch.Tensor, dst: int) -> None:
         tensor = tensor.contiguous()
         self.world.send(tensor.data_ptr(), tensor.numel(), _NCCL_TYPES[tensor.dtype], dst, _stream())

@@ -15,6 +15,10 @@ class SoloCommunicator(Communicator):
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
+    def all_to_all(self, send: list[torch.Tensor], recv: list[torch.Tensor]) -> list[torch.Tensor]:
+        recv[0].copy_(send[0])
+        return recv
+
     def send(self, tensor: torch.Tensor, dst: int) -> None:
         raise RuntimeError("a world of one rank has no one to send to")
 

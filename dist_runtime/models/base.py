@@ -27,9 +27,14 @@ class CausalLM(nn.Module):
         self.config, self.mapping, self.layer_range, self.comm = config, mapping, layers, comm
 
     def checkpoint_names(self, name: str) -> list[str]:
-        """The checkpoint tensors that parameter `name` is made of."""
+        """The checkpoint tensors that parameter `name` is made of (a module may name them
+        itself: `checkpoint_sources`, as the stacked experts do)."""
         if name == "lm_head.weight" and self.config.tie_word_embeddings:
             return [self.embed_weight]
+        module_name, _, param_name = name.rpartition(".")
+        sources = getattr(self.get_submodule(module_name), "checkpoint_sources", None)
+        if sources is not None:
+            return [f"{module_name}.{source}" for source, _ in sources(param_name)]
         for fused, pieces in self.packed.items():
             if f".{fused}." in name:
                 return [name.replace(f".{fused}.", f".{piece}.") for piece in pieces]

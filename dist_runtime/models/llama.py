@@ -3,6 +3,8 @@ Qwen2's bias on q, k and v (not o_proj) and per-layer sliding windows come from 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -51,15 +53,25 @@ class LlamaMLP(nn.Module):
         """This rank's share of the output, before down_proj's all-reduce."""
         return self.down_proj.partial(gated(self.act, self.gate_up_proj(x), next_layer=self.down_proj))
 
+    @property
+    def input_layer(self) -> ColumnParallelLinear:
+        """The GEMM the input goes to (a norm before it may hand it fp8 rows)."""
+        return self.gate_up_proj
+
+    @property
+    def output_layer(self) -> RowParallelLinear:
+        """The layer whose all-reduce the partial output still needs."""
+        return self.down_proj
+
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, c: ModelConfig, m: Mapping, rotary: RotaryEmbedding, comm, layer: int,
-                 attention: type[LlamaAttention] = LlamaAttention) -> None:
+                 attention: type[LlamaAttention] = LlamaAttention, mlp: nn.Module | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
         self.self_attn = attention(c, m, rotary, comm, layer)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
-        self.mlp = LlamaMLP(c, m, comm)
+        self.mlp = mlp or LlamaMLP(c, m, comm)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                 meta: AttentionMetadata, unfinished_layer=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +79,7 @@ class LlamaDecoderLayer(nn.Module):
         Outputs are partial sums, still owed their all-reduce (x's by `unfinished_layer`, the
         previous layer's down_proj): each norm all-reduces them and adds the residual first, in
         one kernel on GPUs where the communicator can."""
-        qkv, gate_up = self.self_attn.qkv_proj, self.mlp.gate_up_proj
+        qkv, gate_up = self.self_attn.qkv_proj, self.mlp.input_layer
         if residual is None:
             h, residual = self.input_layernorm(x, next_layer=qkv), x
         else:
@@ -79,12 +91,14 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(self, c: ModelConfig, m: Mapping, layers: range, comm,
-                 attention: type[LlamaAttention] = LlamaAttention) -> None:
+                 attention: type[LlamaAttention] = LlamaAttention,
+                 mlp: Callable[[int], nn.Module | None] | None = None) -> None:
         super().__init__()
         rotary = RotaryEmbedding(c.head_dim, c.rotary_dim, c.rope_theta, c.rope_scaling, interleaved=False)
         if m.is_first_stage:
             self.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size, m.tp, m.tp_rank, comm)
-        self.layers = nn.ModuleDict({str(i): LlamaDecoderLayer(c, m, rotary, comm, i, attention) for i in layers})
+        self.layers = nn.ModuleDict({str(i): LlamaDecoderLayer(c, m, rotary, comm, i, attention, mlp and mlp(i))
+                                     for i in layers})
         if m.is_last_stage:
             self.norm = RMSNorm(c.hidden_size, c.norm_eps)
 
@@ -94,9 +108,13 @@ class LlamaForCausalLM(CausalLM):
     embed_weight = "model.embed_tokens.weight"
     attention: type[LlamaAttention] = LlamaAttention  # the families that differ only there swap it
 
+    def mlp(self, layer: int) -> nn.Module | None:
+        """Layer `layer`'s MLP, in place of LlamaMLP (None: LlamaMLP); the mixtures of experts swap it."""
+        return None
+
     def __init__(self, config: ModelConfig, mapping: Mapping, layers: range, comm=None) -> None:
         super().__init__(config, mapping, layers, comm)
-        self.model = LlamaModel(config, mapping, layers, comm, self.attention)
+        self.model = LlamaModel(config, mapping, layers, comm, self.attention, self.mlp)
         if mapping.is_last_stage:
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, mapping.tp, mapping.tp_rank, comm)
             if config.tie_word_embeddings and mapping.is_first_stage:
@@ -107,7 +125,7 @@ class LlamaForCausalLM(CausalLM):
         residual = unfinished_layer = None
         for layer in self.model.layers.values():
             x, residual = layer(x, residual, positions, meta, unfinished_layer)
-            unfinished_layer = layer.mlp.down_proj
+            unfinished_layer = layer.mlp.output_layer
         if residual is None:  # a stage without layers
             return self.model.norm(x) if self.mapping.is_last_stage else x
         if self.mapping.is_last_stage:
