@@ -41,7 +41,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,window", [
     (4, 4, 16, 16, None), (8, 2, 64, 16, None), (32, 8, 128, 16, None), (8, 1, 128, 8, None),
-    (16, 16, 256, 32, None), (8, 2, 64, 16, 7), (4, 4, 64, 16, 7)])
+    (16, 16, 256, 32, None), (8, 2, 64, 16, 7), (4, 4, 64, 16, 7), (8, 8, 96, 16, None)])
 def test_paged_decode_kernel_matches_the_reference(dtype, heads, kv_heads, head_dim, block_size, window, launch,
                                                    kv):
     """Every launch the tuner may pick: one split, and flash-decoding splits (more splits than
@@ -90,7 +90,7 @@ def test_paged_decode_kernel_matches_the_reference(dtype, heads, kv_heads, head_
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,window", [
     (4, 4, 16, 16, None), (32, 8, 128, 16, None), (8, 1, 128, 8, None), (16, 16, 256, 32, None),
-    (8, 2, 64, 16, 37), (4, 4, 64, 16, 5)])
+    (8, 2, 64, 16, 37), (4, 4, 64, 16, 5), (8, 8, 96, 16, 37)])
 def test_paged_prefill_kernel_matches_the_reference(dtype, heads, kv_heads, head_dim, block_size, window, launch, kv):
     """Decodes in front (left alone), fresh prompts, chunks after cached keys, a one-token
     chunk: their rows of the output against the reference, which reads the same cache."""
@@ -353,7 +353,7 @@ def test_fused_layernorm_matches_the_reference(dtype, tokens, size):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim,rotary_dim,interleaved", [(16, 16, False), (128, 128, False), (16, 8, True),
-                                                             (256, 64, True)])
+                                                             (256, 64, True), (96, 96, False), (96, 48, False)])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (5, 3)])
 def test_fused_rotary_matches_the_reference(dtype, head_dim, rotary_dim, interleaved, heads, kv_heads):
     """One program rotates all of a token's heads (head counts that are not powers of two are
@@ -450,15 +450,15 @@ def test_sampling_noise_and_draws_are_the_same_on_gpu_and_cpu():
 
 
 @pytest.mark.parametrize("kv", ["auto", FP8_KV])
-@pytest.mark.parametrize("interleaved,rotary_dim", [(False, 64), (True, 16)])
-def test_fused_rotary_and_cache_write_match_the_cpu_path(interleaved, rotary_dim, kv):
+@pytest.mark.parametrize("interleaved,rotary_dim,dim", [(False, 64, 64), (True, 16, 64), (False, 96, 96)])
+def test_fused_rotary_and_cache_write_match_the_cpu_path(interleaved, rotary_dim, dim, kv):
     """PagedAttention with its rotary on the GPU (one kernel rotates and caches) against the
     same module on the CPU (rotate, then index_put), for decodes, a fresh prompt and a chunk;
     with an fp8 cache, both quantize with the KV heads' own scales."""
     from dist_runtime.layers.rotary import RotaryEmbedding
 
     torch.manual_seed(1)
-    heads, kv_heads, dim, bs = 6, 3, 64, 16
+    heads, kv_heads, bs = 6, 3, 16
     seqs = [(1, 20), (1, 3), (12, 12), (5, 30)]  # (new tokens, context)
     starts, slots = [0], []
     tables = torch.arange(len(seqs) * 2).view(len(seqs), 2)

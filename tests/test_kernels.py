@@ -42,12 +42,13 @@ def test_kernels_match_their_references_in_tritons_interpreter():
     """Prefill: decodes in front (their rows left alone), fresh prompts, chunks after cached
     keys, with and without a sliding window, an fp8 cache, tiles smaller than a prompt. Decode:
     one split and several, the vector kernel, windows, fp8. Both with soft-capped scores too
-    (Gemma 2), alone and beside a window. The fused kernels at awkward sizes."""
+    (Gemma 2), alone and beside a window. Heads of 24 wide, not a power of two, in both and in
+    the rotary kernel's cache write. The fused kernels at awkward sizes."""
     run = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "TRITON_INTERPRET": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == 24
+    assert len(results) == 29
     for case, err in results.items():
         assert err < 1e-5, (case, err)
 
@@ -86,16 +87,18 @@ def _prefill_checks() -> dict[str, float]:
         starts.append(starts[-1] + new)
     context = [ctx for _, ctx in seqs]
     results = {}
-    for block_size, window, fp8, launch, softcap in [
-            (4, None, False, None, None), (16, None, False, (16, 16, 1, 1), None), (8, 5, False, None, None),
-            (16, 37, False, (16, 16, 1, 1), None), (4, None, True, None, None), (16, 20, True, (32, 16, 1, 1), None),
-            (16, None, True, (16, 32, 1, 1), None), (32, None, False, (16, 16, 1, 1), None),
-            (16, None, False, (16, 16, 1, 1), 1.5), (8, 5, False, None, 2.0), (4, None, True, None, 1.0)]:
+    cases = [(4, None, False, None, None), (16, None, False, (16, 16, 1, 1), None), (8, 5, False, None, None),
+             (16, 37, False, (16, 16, 1, 1), None), (4, None, True, None, None), (16, 20, True, (32, 16, 1, 1), None),
+             (16, None, True, (16, 32, 1, 1), None), (32, None, False, (16, 16, 1, 1), None),
+             (16, None, False, (16, 16, 1, 1), 1.5), (8, 5, False, None, 2.0), (4, None, True, None, 1.0)]
+    # heads of 16, and of 24: not a power of two (Phi-3-mini's are 96), read into padded tiles
+    for block_size, window, fp8, launch, softcap, dim in [(*case, 16) for case in cases] + [
+            (16, 5, False, (16, 16, 1, 1), None, 24), (4, None, True, None, None, 24)]:
         blocks = -(-max(context) // block_size)
-        attn = _attention(4, 2, 16, block_size, len(seqs) * blocks, window, fp8, softcap)
+        attn = _attention(4, 2, dim, block_size, len(seqs) * blocks, window, fp8, softcap)
         tables = torch.randperm(len(seqs) * blocks).view(len(seqs), blocks)
         meta = AttentionMetadata(torch.empty(0), starts, context, tables, torch.tensor(context), num_decodes=2)
-        q = torch.randn(starts[-1], 4, 16)
+        q = torch.randn(starts[-1], 4, dim)
         out = torch.full_like(q, 7.0)
         if launch is None:  # the engine's way in, with its launch for float32
             attn._prefill(q, out, meta, first=2)
@@ -105,7 +108,8 @@ def _prefill_checks() -> dict[str, float]:
                                     torch.tensor(starts, dtype=torch.int32), meta.context_lens_tensor, attn.scale,
                                     window, out, attn.k_scale, attn.v_scale, launch, softcap or 0.0)
         err = _rel_err(out[2:], attn.reference(q.double(), meta)[2:]) if (out[:2] == 7).all() else float("inf")
-        results[f"prefill block_size={block_size} window={window} fp8={fp8} launch={launch} softcap={softcap}"] = err
+        results[f"prefill block_size={block_size} window={window} fp8={fp8} launch={launch} softcap={softcap} "
+                f"head_dim={dim}"] = err
     return results
 
 
@@ -115,21 +119,23 @@ def _decode_checks() -> dict[str, float]:
 
     context = [1, 2, 3, 4, 5, 40, 77]
     results = {}
-    for heads, kv_heads, window, fp8, launch, softcap in [
-            (8, 2, None, False, {}, None), (8, 2, 5, False, {"splits": 3, "block_n": 16}, None),
-            (4, 4, None, True, {"vector": True, "block_n": 16}, None),
-            (8, 2, 30, True, {"splits": 2, "num_warps": 8}, None), (8, 2, None, False, {}, 1.5),
-            (8, 2, 5, False, {"splits": 3, "block_n": 16}, 2.0),
-            (4, 4, None, True, {"vector": True, "block_n": 16}, 1.0)]:
+    cases = [(8, 2, None, False, {}, None), (8, 2, 5, False, {"splits": 3, "block_n": 16}, None),
+             (4, 4, None, True, {"vector": True, "block_n": 16}, None),
+             (8, 2, 30, True, {"splits": 2, "num_warps": 8}, None), (8, 2, None, False, {}, 1.5),
+             (8, 2, 5, False, {"splits": 3, "block_n": 16}, 2.0),
+             (4, 4, None, True, {"vector": True, "block_n": 16}, 1.0)]
+    for heads, kv_heads, window, fp8, launch, softcap, dim in [(*case, 16) for case in cases] + [
+            (8, 2, None, False, {"splits": 2, "block_n": 16}, None, 24),
+            (4, 4, None, True, {"vector": True, "block_n": 16}, None, 24)]:
         blocks = -(-max(context) // 4)
-        attn = _attention(heads, kv_heads, 16, 4, len(context) * blocks, window, fp8, softcap)
+        attn = _attention(heads, kv_heads, dim, 4, len(context) * blocks, window, fp8, softcap)
         tables = torch.randperm(len(context) * blocks).view(len(context), blocks)
-        q = torch.randn(len(context), heads, 16)
+        q = torch.randn(len(context), heads, dim)
         out = paged_decode_attention(q, attn.k_cache, attn.v_cache, tables, torch.tensor(context), attn.scale, window,
                                      k_scale=attn.k_scale, v_scale=attn.v_scale, softcap=softcap or 0.0, **launch)
         meta = AttentionMetadata(torch.empty(0), list(range(len(context) + 1)), context, tables)
-        results[f"decode {heads}/{kv_heads} window={window} fp8={fp8} {launch} softcap={softcap}"] = _rel_err(
-            out, attn.reference(q.double(), meta))
+        results[f"decode {heads}/{kv_heads} window={window} fp8={fp8} {launch} softcap={softcap} head_dim={dim}"] = (
+            _rel_err(out, attn.reference(q.double(), meta)))
     return results
 
 
@@ -162,6 +168,15 @@ def _fused_checks() -> dict[str, float]:
         got_q, got_k = rotary_(q.clone(), k.clone(), positions, rope.inv_freq, interleaved)
         results[f"rotary {head_dim}/{rotary_dim} interleaved={interleaved}"] = max(
             (got_q - ref_q).abs().max().item(), (got_k - ref_k).abs().max().item())
+    # heads of 24 (padded to 32 inside), k and v written to their cache slots [slots, kv_heads, head_dim]
+    rope = RotaryEmbedding(24, 24, 10000.0, None, False)
+    q, k, v = torch.randn(5, 4, 24), torch.randn(5, 2, 24), torch.randn(5, 2, 24)
+    k_cache, v_cache, slots = torch.zeros(8, 2, 24), torch.zeros(8, 2, 24), torch.tensor([6, 0, 3, 7, 1])
+    ref_q, ref_k = rope.reference(positions, q.clone(), k.clone())
+    got_q, _ = rotary_(q.clone(), k.clone(), positions, rope.inv_freq, False, v, k_cache, v_cache, slots)
+    results["rotary and cache write, heads of 24"] = max(
+        (got_q - ref_q).abs().max().item(), (k_cache[slots] - ref_k).abs().max().item(),
+        (v_cache[slots] - v).abs().max().item(), k_cache[[2, 4, 5]].abs().max().item())
     gate_up = torch.randn(3, 2 * 1100)  # past one block of 1,024
     gate, up = gate_up.chunk(2, dim=-1)
     results["silu_and_mul"] = (silu_and_mul(gate_up) - torch.nn.functional.silu(gate) * up).abs().max().item()

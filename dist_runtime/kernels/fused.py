@@ -156,8 +156,8 @@ def _rotate_heads(row, stride_h, i, mask, cos, sin, HEADS: tl.constexpr, HEADS_P
 def _rotary_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, inv_freq_ptr, slots_ptr, k_cache, v_cache, k_scale_ptr,
                    v_scale_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, HQ: tl.constexpr,
                    HQ_PAD: tl.constexpr, KVH: tl.constexpr, KVH_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   HALF: tl.constexpr, HALF_PAD: tl.constexpr, INTERLEAVED: tl.constexpr, WRITE_CACHE: tl.constexpr,
-                   KV_SCALED: tl.constexpr, FP8_MAX: tl.constexpr, PDL: tl.constexpr):
+                   HEAD_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, INTERLEAVED: tl.constexpr,
+                   WRITE_CACHE: tl.constexpr, KV_SCALED: tl.constexpr, FP8_MAX: tl.constexpr, PDL: tl.constexpr):
     """One program per token, for all its heads: cos and sin are computed once, and a prefill
     of 8,192 tokens launches 8,192 programs (one per token and head, it launched 327,680 for
     Llama-3-8B, and the launches cost more than the work)."""
@@ -173,8 +173,8 @@ def _rotary_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, inv_freq_ptr, slots_ptr, 
     if WRITE_CACHE:  # the rotated keys and the values go straight to the token's cache slot
         tl.debug_barrier()  # the rotated keys, stored above by other threads, are read back whole
         h = tl.arange(0, KVH_PAD)
-        d = tl.arange(0, HEAD_DIM)
-        valid = (h < KVH)[:, None]
+        d = tl.arange(0, HEAD_PAD)  # a power of two: Phi-3-mini's heads of 96 are read as 128, masked
+        valid = (h < KVH)[:, None] & (d < HEAD_DIM)[None, :]
         dst = tl.load(slots_ptr + token) * (KVH * HEAD_DIM) + h[:, None] * HEAD_DIM + d[None, :]
         k = tl.load(k_row + h[:, None] * stride_kh + d[None, :], mask=valid)
         v = tl.load(v_ptr + token * stride_vt + h[:, None] * stride_vh + d[None, :], mask=valid)
@@ -205,7 +205,8 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq:
             v_cache if write else k, k if k_scale is None else k_scale, k if v_scale is None else v_scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), HQ=heads,
             HQ_PAD=triton.next_power_of_2(heads), KVH=kv_heads, KVH_PAD=triton.next_power_of_2(kv_heads),
-            HEAD_DIM=head_dim, HALF=half, HALF_PAD=triton.next_power_of_2(half), INTERLEAVED=interleaved,
+            HEAD_DIM=head_dim, HEAD_PAD=triton.next_power_of_2(head_dim), HALF=half,
+            HALF_PAD=triton.next_power_of_2(half), INTERLEAVED=interleaved,
             WRITE_CACHE=write, KV_SCALED=k_scale is not None, FP8_MAX=FP8_MAX, **pdl.launch(q))
     return q, k
 

@@ -15,6 +15,8 @@ num_warps are tuned per batch size at build time (sharding/autotune.py). With on
 KV head (GPT-J), the tensor-core tile would be 15/16 padding, and the tuning may pick the
 `vector` kernel: multiply-adds over [BLOCK_N, head_dim] tiles, summed over keys once at the end.
 Scores may be soft-capped (Gemma 2), tanh(score / cap) * cap, before the mask and the softmax.
+A head of HEAD_DIM values that is not a power of two (Phi-3-mini's 96) is read into tiles of
+HEAD_PAD, the next one, its extra columns masked to zero.
 """
 
 from __future__ import annotations
@@ -42,17 +44,19 @@ def _e4m3_to_f16(x):
 
 @triton.jit
 def _kv_tile(k_cache, v_cache, block_tables, seq, kv_head, start, first, ctx, stride_bt, stride_kb, stride_ks,
-             stride_kh, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+             stride_kh, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+             HEAD_PAD: tl.constexpr):
     """Keys and values, as stored, of a sequence's tokens [start, start + BLOCK_N), found through
     its block table; `valid` marks those in [first, ctx). Both loads are issued before either is
     used, so they are in flight together."""
     n = start + tl.arange(0, BLOCK_N)
-    d = tl.arange(0, HEAD_DIM)
+    d = tl.arange(0, HEAD_PAD)
     valid = (n < ctx) & (n >= first)
     block = tl.load(block_tables + seq * stride_bt + n // BLOCK_SIZE, mask=valid, other=0)
     rows = block.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
-    k = tl.load(k_cache + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-    v = tl.load(v_cache + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+    mask = valid[:, None] & (d < HEAD_DIM)[None, :]
+    k = tl.load(k_cache + rows[:, None] + d[None, :], mask=mask, other=0.0)
+    v = tl.load(v_cache + rows[:, None] + d[None, :], mask=mask, other=0.0)
     return valid, k, v
 
 
@@ -76,28 +80,29 @@ def e4m3_rows(x):
 @triton.jit
 def _fp8_products(q_ptr, k_cache, v_cache, block_tables, seq, kv_head, begin, end, first, ctx, scale, stride_qt,
                   stride_qh, stride_bt, stride_kb, stride_ks, stride_kh, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, SOFTCAP: tl.constexpr):
+                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+                  SOFTCAP: tl.constexpr):
     """The online softmax over keys [begin, end) of an fp8 cache, the scores from fp8 tensor-core
-    products: (acc [GROUP_PAD, HEAD_DIM], maxima, sums). q goes in as two E4M3 parts, its rounding
+    products: (acc [GROUP_PAD, HEAD_PAD], maxima, sums). q goes in as two E4M3 parts, its rounding
     and what that left (scaled per row), in one operand of 2 * GROUP_PAD rows, so the scores keep
     about 2^-8 of q, closer than the cache's keys; the keys are multiplied as stored, on the
     tile's long side (S^T = K q^T), and the two parts' scores are summed after the product. The
     values are converted and multiplied in float16 (O^T = V^T P^T)."""
     r = tl.arange(0, 2 * GROUP_PAD)
-    d = tl.arange(0, HEAD_DIM)
+    d = tl.arange(0, HEAD_PAD)
     heads = kv_head * GROUP + r % GROUP_PAD
     q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :],
-                mask=(r % GROUP_PAD < GROUP)[:, None], other=0.0).to(tl.float32)
+                mask=(r % GROUP_PAD < GROUP)[:, None] & (d < HEAD_DIM)[None, :], other=0.0).to(tl.float32)
     rounded, q_max = e4m3_rows(q)
     rest, rest_max = e4m3_rows(q - rounded.to(tl.float32) * (q_max / 448.0)[:, None])
     parts = tl.where((r < GROUP_PAD)[:, None], rounded, rest)
     part_scale = tl.where(r < GROUP_PAD, q_max, rest_max) * (scale / 448.0)
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     denom = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([HEAD_DIM, GROUP_PAD], tl.float32)
+    acc = tl.zeros([HEAD_PAD, GROUP_PAD], tl.float32)
     for start in range(begin, end, BLOCK_N):
         valid, k, v = _kv_tile(k_cache, v_cache, block_tables, seq, kv_head, start, first, ctx, stride_bt, stride_kb,
-                               stride_ks, stride_kh, BLOCK_SIZE, BLOCK_N, HEAD_DIM)
+                               stride_ks, stride_kh, BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_PAD)
         both = tl.dot(k, tl.trans(parts)) * part_scale[None, :]
         s = tl.sum(tl.reshape(both, [BLOCK_N, 2, GROUP_PAD]), 1)
         if SOFTCAP > 0:
@@ -118,7 +123,8 @@ def _fp8_products(q_ptr, k_cache, v_cache, block_tables, seq, kv_head, begin, en
 def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, block_tables, context_lens, out_ptr,
                          acc_ptr, ml_ptr, scale, window, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
                          stride_bt, stride_ot, stride_oh, HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                         HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, GROUP: tl.constexpr,
+                         GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                          IEEE: tl.constexpr, PARTIAL: tl.constexpr, KV_SCALED: tl.constexpr, VECTOR: tl.constexpr,
                          F16: tl.constexpr, CONVERT_ON_LOAD: tl.constexpr, FP8_PRODUCTS: tl.constexpr,
                          SOFTCAP: tl.constexpr, PDL: tl.constexpr):
@@ -129,7 +135,8 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
     splits = tl.num_programs(2)
     ctx = tl.load(context_lens + seq)
     g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, HEAD_DIM)
+    d = tl.arange(0, HEAD_PAD)
+    in_head = (d < HEAD_DIM)[None, :]
     heads = kv_head * GROUP + g
     if KV_SCALED:
         scale = scale * tl.load(k_scale_ptr + kv_head)
@@ -143,18 +150,18 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
         end = tl.minimum(begin + chunk, ctx)
         acc, m, denom = _fp8_products(q_ptr, k_cache, v_cache, block_tables, seq, kv_head, begin, end, first, ctx,
                                       scale, stride_qt, stride_qh, stride_bt, stride_kb, stride_ks, stride_kh, GROUP,
-                                      GROUP_PAD, BLOCK_SIZE, BLOCK_N, HEAD_DIM, SOFTCAP)
+                                      GROUP_PAD, BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_PAD, SOFTCAP)
     else:
-        q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=(g < GROUP)[:, None],
-                    other=0.0)
+        q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                    mask=(g < GROUP)[:, None] & in_head, other=0.0)
         if F16:  # keys and values (E4M3, exact in float16) then convert in one instruction per two
             q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         denom = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
     if VECTOR:  # one query head per KV head (GPT-J): multiply-adds on [BLOCK_N, HEAD_DIM] tiles
-        qv = tl.sum(q.to(tl.float32), 0)  # [HEAD_DIM]; GROUP_PAD is 1
-        weighted = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)  # summed over keys once, after the loop
+        qv = tl.sum(q.to(tl.float32), 0)  # [HEAD_PAD]; GROUP_PAD is 1
+        weighted = tl.zeros([BLOCK_N, HEAD_PAD], tl.float32)  # summed over keys once, after the loop
         # The exponentials are taken against `ref`, which moves only when a score passes it by
         # more than e^8: the running maximum settles within a few tiles, and every other tile
         # then skips rescaling the whole [BLOCK_N, HEAD_DIM] sum (weights stay below e^8).
@@ -162,7 +169,7 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
         total = tl.sum(denom, 0)
         for start in range(begin, tl.minimum(begin + chunk, ctx), BLOCK_N):
             valid, k, v = _kv_tile(k_cache, v_cache, block_tables, seq, kv_head, start, first, ctx, stride_bt,
-                                   stride_kb, stride_ks, stride_kh, BLOCK_SIZE, BLOCK_N, HEAD_DIM)
+                                   stride_kb, stride_ks, stride_kh, BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_PAD)
             s = tl.sum(k.to(tl.float32) * qv[None, :], 1) * scale
             if SOFTCAP > 0:
                 s = soft_cap(s, SOFTCAP)
@@ -182,7 +189,7 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
     elif not FP8_PRODUCTS:
         for start in range(begin, tl.minimum(begin + chunk, ctx), BLOCK_N):
             valid, k, v = _kv_tile(k_cache, v_cache, block_tables, seq, kv_head, start, first, ctx, stride_bt,
-                                   stride_kb, stride_ks, stride_kh, BLOCK_SIZE, BLOCK_N, HEAD_DIM)
+                                   stride_kb, stride_ks, stride_kh, BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_PAD)
             if CONVERT_ON_LOAD:
                 k = _e4m3_to_f16(k)
                 v = _e4m3_to_f16(v)
@@ -207,31 +214,32 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
         acc = acc * tl.load(v_scale_ptr + kv_head)
     if PARTIAL:  # [seqs, heads, splits] maxima and sums, [seqs, heads, splits, head_dim] weighted values
         row = (seq * HEADS + heads) * splits + split
-        tl.store(acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=(g < GROUP)[:, None])
+        tl.store(acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=(g < GROUP)[:, None] & in_head)
         tl.store(ml_ptr + 2 * row, m, mask=g < GROUP)
         tl.store(ml_ptr + 2 * row + 1, denom, mask=g < GROUP)
     else:
         out = acc / denom[:, None]
         tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None])
+                 out.to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None] & in_head)
 
 
 @triton.jit
 def _combine_kernel(acc_ptr, ml_ptr, out_ptr, splits, stride_ot, stride_oh, HEADS: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     s = tl.arange(0, SPLITS_PAD)
-    d = tl.arange(0, HEAD_DIM)
+    d = tl.arange(0, HEAD_PAD)
     valid = s < splits
     row = (seq * HEADS + head) * splits + s
     m = tl.load(ml_ptr + 2 * row, mask=valid, other=float("-inf"))
     denom = tl.load(ml_ptr + 2 * row + 1, mask=valid, other=0.0)
     weight = tl.exp(m - tl.max(m, 0))  # an empty split (maximum -inf) weighs 0
-    acc = tl.load(acc_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
+    acc = tl.load(acc_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None] & (d < HEAD_DIM)[None, :],
+                  other=0.0)
     out = tl.sum(acc * weight[:, None], 0) / tl.sum(denom * weight, 0)
-    tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 # fp8 products on an H200 (Triton 3.6) give the reference's values with bfloat16 queries and 1 to 5
@@ -299,7 +307,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, q if k_scale is None else k_scale, q if v_scale is None else v_scale, block_tables,
         context_lens, out, acc, ml, scale, sliding_window or 0, q.stride(0), q.stride(1), k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1), HEADS=heads,
-        BLOCK_SIZE=block_size, HEAD_DIM=head_dim, GROUP=group,
+        BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEAD_PAD=triton.next_power_of_2(head_dim), GROUP=group,
         GROUP_PAD=_group_pad(group, vector, fp8_products),
         BLOCK_N=block_n, IEEE=q.dtype == torch.float32, PARTIAL=partial, KV_SCALED=k_scale is not None,
         VECTOR=vector, F16=f16, CONVERT_ON_LOAD=convert_on_load, FP8_PRODUCTS=fp8_products,
@@ -309,6 +317,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     )
     if partial:
         _combine_kernel[(seqs, heads)](acc, ml, out, splits, out.stride(0), out.stride(1), HEADS=heads,
-                                       HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(splits),
+                                       HEAD_DIM=head_dim, HEAD_PAD=triton.next_power_of_2(head_dim),
+                                       SPLITS_PAD=triton.next_power_of_2(splits),
                                        **pdl.launch(q))
     return out

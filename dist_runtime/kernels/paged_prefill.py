@@ -19,7 +19,8 @@ DIST_RUNTIME_FP8_SCORES=0 keeps q exact (float16 products). Float32 queries conv
 values to float32. The per-KV-head scales fold into the softmax scale (keys) and the output
 (values). Keys of this step's own tokens are read back from the cache too (written there just
 before, by the rotary kernel), as the reference reads them: `PagedAttention.reference`
-(layers/attention.py).
+(layers/attention.py). A head that is not a power of two wide (Phi-3-mini's 96) is read
+into tiles of HEAD_PAD, the next one, its extra columns masked to zero.
 """
 
 from __future__ import annotations
@@ -96,18 +97,21 @@ def _kv_rows(block_tables, seq, kv_head, start, ctx, stride_bt, stride_kb, strid
 @triton.jit
 def _attend_tile(q, q_scale, k_cache, v_cache, block_tables, seq, kv_head, start, pos, ctx, window, m, denom, acc,
                  scale, stride_bt, stride_kb, stride_ks, stride_kh, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, WINDOWED: tl.constexpr, IEEE: tl.constexpr,
-                 F16: tl.constexpr, FP8_SCORES: tl.constexpr, SOFTCAP: tl.constexpr):
+                 HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, MASKED: tl.constexpr, WINDOWED: tl.constexpr,
+                 IEEE: tl.constexpr, F16: tl.constexpr, FP8_SCORES: tl.constexpr, SOFTCAP: tl.constexpr):
     """One BLOCK_N tile of keys into the online softmax (base-2: `scale` holds log2(e), and so
     does SOFTCAP: tanh(s / (cap log2(e))) cap log2(e) is the natural-unit cap in base 2)."""
     n = start + tl.arange(0, BLOCK_N)
-    d = tl.arange(0, HEAD_DIM)
+    d = tl.arange(0, HEAD_PAD)
     rows = _kv_rows(block_tables, seq, kv_head, start, ctx, stride_bt, stride_kb, stride_ks, stride_kh, BLOCK_SIZE,
                     BLOCK_N)
     if MASKED:
-        in_ctx = (n < ctx)[:, None]
+        in_ctx = (n < ctx)[:, None] & (d < HEAD_DIM)[None, :]
         k = tl.load(k_cache + rows[:, None] + d[None, :], mask=in_ctx, other=0.0)
         v = tl.load(v_cache + rows[:, None] + d[None, :], mask=in_ctx, other=0.0)
+    elif HEAD_PAD != HEAD_DIM:
+        k = tl.load(k_cache + rows[:, None] + d[None, :], mask=(d < HEAD_DIM)[None, :], other=0.0)
+        v = tl.load(v_cache + rows[:, None] + d[None, :], mask=(d < HEAD_DIM)[None, :], other=0.0)
     else:
         k = tl.load(k_cache + rows[:, None] + d[None, :])
         v = tl.load(v_cache + rows[:, None] + d[None, :])
@@ -147,7 +151,8 @@ def _attend_tile(q, q_scale, k_cache, v_cache, block_tables, seq, kv_head, start
 def _paged_prefill_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, block_tables, tiles_ptr, query_start,
                           context_lens, out_ptr, scale, window, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
                           stride_bt, stride_ot, stride_oh, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr,
                           KV_SCALED: tl.constexpr, WINDOWED: tl.constexpr, IEEE: tl.constexpr, F16: tl.constexpr,
                           FP8_SCORES: tl.constexpr, SOFTCAP: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
@@ -160,11 +165,12 @@ def _paged_prefill_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, blo
     ctx = tl.load(context_lens + seq)
     kv_head = head // GROUP
     rows = m0 + tl.arange(0, BLOCK_M)
-    d = tl.arange(0, HEAD_DIM)
+    d = tl.arange(0, HEAD_PAD)
     valid = rows < new
+    in_head = valid[:, None] & (d < HEAD_DIM)[None, :]
     pos = ctx - new + rows  # each query's place in its sequence; pad rows lie past ctx
     q = tl.load(q_ptr + (q_begin + rows).to(tl.int64)[:, None] * stride_qt + head * stride_qh + d[None, :],
-                mask=valid[:, None], other=0.0)
+                mask=in_head, other=0.0)
     if KV_SCALED:
         scale = scale * tl.load(k_scale_ptr + kv_head)
     scale = scale * 1.4426950408889634  # log2(e): exp2 below
@@ -176,7 +182,7 @@ def _paged_prefill_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, blo
         q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     denom = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
     first_pos = ctx - new + m0
     last = tl.minimum(first_pos + BLOCK_M, ctx)  # one past the last key any of its queries sees
     lo = 0
@@ -187,16 +193,18 @@ def _paged_prefill_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, blo
     for start in range(lo, full, BLOCK_N):
         m, denom, acc = _attend_tile(q, q_scale, k_cache, v_cache, block_tables, seq, kv_head, start, pos, ctx,
                                      window, m, denom, acc, scale, stride_bt, stride_kb, stride_ks, stride_kh,
-                                     BLOCK_SIZE, BLOCK_N, HEAD_DIM, False, WINDOWED, IEEE, F16, FP8_SCORES, SOFTCAP)
+                                     BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_PAD, False, WINDOWED, IEEE, F16, FP8_SCORES,
+                                     SOFTCAP)
     for start in range(full, last, BLOCK_N):
         m, denom, acc = _attend_tile(q, q_scale, k_cache, v_cache, block_tables, seq, kv_head, start, pos, ctx,
                                      window, m, denom, acc, scale, stride_bt, stride_kb, stride_ks, stride_kh,
-                                     BLOCK_SIZE, BLOCK_N, HEAD_DIM, True, WINDOWED, IEEE, F16, FP8_SCORES, SOFTCAP)
+                                     BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_PAD, True, WINDOWED, IEEE, F16, FP8_SCORES,
+                                     SOFTCAP)
     out = acc / denom[:, None]
     if KV_SCALED:
         out = out * tl.load(v_scale_ptr + kv_head)
     tl.store(out_ptr + (q_begin + rows).to(tl.int64)[:, None] * stride_ot + head * stride_oh + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=valid[:, None])
+             out.to(out_ptr.dtype.element_ty), mask=in_head)
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -226,7 +234,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             q, k_cache, v_cache, q if k_scale is None else k_scale, q if v_scale is None else v_scale, block_tables,
             tiles, query_start, context_lens, out, scale, sliding_window or 0, q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), out.stride(0),
-            out.stride(1), GROUP=heads // kv_heads, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_M=block_m,
+            out.stride(1), GROUP=heads // kv_heads, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
+            HEAD_PAD=triton.next_power_of_2(head_dim), BLOCK_M=block_m,
             BLOCK_N=block_n, KV_SCALED=k_scale is not None, WINDOWED=sliding_window is not None,
             IEEE=q.dtype == torch.float32, F16=f16, FP8_SCORES=f16 and fp8_scores_fit(head_dim),
             SOFTCAP=float(softcap) * LOG2E, num_warps=num_warps, num_stages=num_stages, **pdl.launch(q))
