@@ -22,6 +22,7 @@ from dist_runtime.engine import Engine
 from dist_runtime.errors import EngineError
 from dist_runtime.layers.attention import AttentionMetadata
 from dist_runtime.layers.linear import kv_head_range
+from dist_runtime.layers.moe import set_expert_exchange
 from dist_runtime.layers.quantized import check_device
 from dist_runtime.mapping import Mapping
 from dist_runtime.models import build_model
@@ -69,6 +70,7 @@ class ModelRunner:
         _load_weights(self.model, engine.load_rank_weights(mapping.rank, self.device, verify),
                       engine.rank_path(mapping.rank))
         self.model.to(self.device)  # the buffers (rotary frequencies) follow the weights
+        set_expert_exchange(self.model, plan.expert_exchange)
         if plan.kv_cache_dtype == "fp8":
             check_device(plan.kv_dtype, self.device, kv_cache=True)
             self._set_kv_scales()
@@ -135,8 +137,10 @@ class ModelRunner:
         self._allocate_kv(num_blocks)
         m = self.mapping
         # One stage only: a graph cannot wait for another stage's activations. NCCL all-reduces
-        # of a TP group run inside the graph.
-        if self.device.type == "cuda" and self.use_cuda_graphs and m.pp == 1:
+        # of a TP group run inside the graph; the experts' all-to-all cannot (its sizes are the
+        # step's routing, read on the host).
+        graphs = m.pp == 1 and self.engine.plan.expert_exchange == "all-reduce"
+        if self.device.type == "cuda" and self.use_cuda_graphs and graphs:
             plan = self.engine.plan
             short_contexts = ({b: self.kernels.short_context(b) for b in buckets(plan.max_batch_size)}
                               if self.kernels else {})

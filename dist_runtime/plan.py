@@ -37,6 +37,7 @@ class RankPlan:
     layers: list[int]  # [first, last + 1)
     memory: dict[str, int]  # bytes: weights, kv_cache, activations (+ runtime when sized for a GPU)
     weights: list[WeightSlice]
+    experts: list[int] | None = None  # [first, last + 1) of a mixture's experts it holds (a slice of each)
 
     @property
     def total_bytes(self) -> int:
@@ -57,6 +58,8 @@ class Plan:
     num_kv_blocks: int
     gpu_mem_bytes: int | None
     ranks: list[RankPlan]
+    ep: int = 1  # expert-parallel groups of each TP group (Mapping.ep)
+    expert_exchange: str = "all-reduce"  # how a TP group's expert outputs meet (layers/moe.py)
 
     @property
     def world_size(self) -> int:
@@ -67,7 +70,7 @@ class Plan:
         return range(start, start + self.layer_counts[pp_rank])
 
     def mapping(self, rank: int = 0) -> Mapping:
-        return Mapping(self.tp, self.pp, rank)
+        return Mapping(self.tp, self.pp, rank, self.ep)
 
     @property
     def kv_dtype(self) -> torch.dtype:

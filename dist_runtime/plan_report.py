@@ -27,12 +27,45 @@ def _weight_patterns(plan: Plan) -> list[list[str]]:
     for rank in plan.ranks:
         for w in rank.weights:
             key = re.sub(r"\.\d+\.", ".*.", w.name)
-            sources = ", ".join(re.sub(r"\.\d+\.", ".*.", s).rsplit(".", 2)[-2] for s in w.sources)
+            sources = ", ".join(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", s).rsplit(".", 2)[-2] for s in w.sources))
             seen.setdefault(key, [key, w.parallel, "x".join(map(str, w.shape)), sources])
     return [["weight", "split", "per-rank shape", "made of"], *seen.values()]
 
 
-def format_plan(config: ModelConfig, plan: Plan, suggestion: Plan | None, source: str) -> str:
+def _span(first: int, stop: int) -> str:
+    return f"{first}-{stop - 1}" if stop - first > 1 else str(first)
+
+
+def _experts(config: ModelConfig, plan: Plan) -> list[str]:
+    """The line on a mixture's experts: how they are split, and how their outputs meet."""
+    moe, m = config.moe, plan.mapping()
+    chosen = f"top {moe.top_k}" + (", renormalised" if moe.norm_topk_prob else "")
+    split = f"each split over tp/ep={m.moe_tp} ranks" if m.moe_tp > 1 else "whole"
+    if plan.ep > 1:
+        split = (f"in ep={plan.ep} groups of {moe.num_experts // plan.ep}, {split}; "
+                 f"outputs meet by {plan.expert_exchange}")
+    dense = f"; layers {', '.join(map(str, moe.dense_layers))} dense" if moe.dense_layers else ""
+    return [f"experts: {moe.num_experts} per layer ({chosen}), {split}{dense}"]
+
+
+def _nodes(plan: Plan, gpus_per_node: int) -> list[str]:
+    """What each node of `gpus_per_node` GPUs holds, where the plan takes more than one."""
+    if plan.world_size <= gpus_per_node:
+        return []
+    lines = []
+    for node, first in enumerate(range(0, plan.world_size, gpus_per_node)):
+        ranks = plan.ranks[first:first + gpus_per_node]
+        stages = sorted({(r.pp_rank, *r.layers) for r in ranks})
+        held = "; ".join(f"stage {pp} (layers {_span(a, b)})" for pp, a, b in stages)
+        if ranks[0].experts is not None:
+            held += f"; experts {_span(min(r.experts[0] for r in ranks), max(r.experts[1] for r in ranks))}"
+        lines.append(f"node {node}: ranks {_span(ranks[0].rank, ranks[-1].rank + 1)}, {held}, "
+                     f"{human_bytes(sum(r.memory['weights'] for r in ranks))} of weights")
+    return [*lines, ""]
+
+
+def format_plan(config: ModelConfig, plan: Plan, suggestion: Plan | None, source: str,
+                gpus_per_node: int = 8) -> str:
     c = config
     kv_local = max(1, c.num_kv_heads // plan.tp)
     kv_note = (f"{c.num_kv_heads} KV heads over tp={plan.tp}: "
@@ -47,14 +80,19 @@ def format_plan(config: ModelConfig, plan: Plan, suggestion: Plan | None, source
         f"(max batch {plan.max_batch_size} x {plan.max_seq_len} tokens)",
         f"{kv_note}; vocab {c.vocab_size} padded to {vocab} ({vocab // plan.tp} rows per rank)",
         f"layers per stage: {', '.join(map(str, plan.layer_counts))}",
+        *(_experts(c, plan) if c.moe else []),
         "",
     ]
     columns = list(plan.ranks[0].memory)
-    rows = [["rank", "tp", "pp", "layers", *columns, "total"]]
+    experts = ["experts"] if c.moe else []
+    rows = [["rank", "tp", "pp", "layers", *experts, *columns, "total"]]
     for r in plan.ranks:
-        rows.append([str(r.rank), str(r.tp_rank), str(r.pp_rank), f"{r.layers[0]}-{r.layers[1] - 1}",
+        m = plan.mapping(r.rank)
+        held = [_span(*r.experts) + (f" ({m.moe_tp_rank + 1}/{m.moe_tp} of each)" if m.moe_tp > 1 else "")
+                ] if c.moe else []
+        rows.append([str(r.rank), str(r.tp_rank), str(r.pp_rank), f"{r.layers[0]}-{r.layers[1] - 1}", *held,
                      *(human_bytes(r.memory[k]) for k in columns), human_bytes(r.total_bytes)])
-    lines += [_table(rows), "", _table(_weight_patterns(plan)), ""]
+    lines += [_table(rows), "", *_nodes(plan, gpus_per_node), _table(_weight_patterns(plan)), ""]
     lines.append("memory: weights exact; KV cache at max batch x max length; activations estimated")
     if plan.gpu_mem_bytes is not None:
         largest = plan.largest_rank()
@@ -64,6 +102,7 @@ def format_plan(config: ModelConfig, plan: Plan, suggestion: Plan | None, source
         else:
             lines.append(f"fits: NO, rank {largest.rank} needs {human_bytes(largest.total_bytes)} > "
                          f"{human_bytes(plan.gpu_mem_bytes)} per GPU")
-            lines.append(f"fewest GPUs that fit: tp={suggestion.tp} x pp={suggestion.pp} "
+            ep = f", ep={suggestion.ep}" if c.moe else ""
+            lines.append(f"fewest GPUs that fit: tp={suggestion.tp} x pp={suggestion.pp}{ep} "
                          f"({suggestion.world_size} GPUs)" if suggestion else "no layout up to 256 GPUs fits")
     return "\n".join(lines)

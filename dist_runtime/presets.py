@@ -44,6 +44,22 @@ def _qwen(model_type, hidden, inter, layers, heads, kv, vocab, max_pos, tie, hea
                                "max_window_layers": layers}
 
 
+def _mixtral(hidden, inter, layers, heads, kv, vocab, max_pos) -> dict[str, Any]:
+    """Mixtral: Mistral's layers, each MLP 8 experts of `inter`, 2 per token; no sliding window."""
+    return _llama(hidden, inter, layers, heads, kv, vocab, max_pos, 1000000.0) | {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": 8,
+        "num_experts_per_tok": 2, "sliding_window": None}
+
+
+def _qwen3_moe(hidden, inter, moe_inter, layers, heads, kv, experts, top_k) -> dict[str, Any]:
+    """Qwen3-MoE: Qwen3's attention, every MLP `experts` of `moe_inter`, `top_k` per token, their
+    weights renormalised (`inter`: the dense MLPs of mlp_only_layers, which the released models leave empty)."""
+    return _qwen("qwen3", hidden, inter, layers, heads, kv, 151936, 40960, tie=False, head_dim=128) | {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "moe_intermediate_size": moe_inter,
+        "num_experts": experts, "num_experts_per_tok": top_k, "norm_topk_prob": True, "decoder_sparse_step": 1,
+        "mlp_only_layers": []}
+
+
 def _phi3(hidden, inter, layers, heads, kv, vocab, max_pos, window) -> dict[str, Any]:
     """Phi-3-mini-4k's layout: q, k and v (and gate and up) fused in the checkpoint."""
     return _llama(hidden, inter, layers, heads, kv, vocab, max_pos, 10000.0) | {
@@ -75,6 +91,20 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "mistral": {
         "mistral-7b": _mistral(4096, 14336, 32, 32, 8, 32000, 32768, 10000.0, 4096),  # v0.1
+    },
+    "mixtral": {
+        # 8 experts of 32 (TP 4 x EP 2 splits each over 2 ranks)
+        "tiny": _mixtral(64, 32, 4, 4, 2, 512, 512) | {"head_dim": 16, "torch_dtype": "float32"},
+        "mixtral-8x7b": _mixtral(4096, 14336, 32, 32, 8, 32000, 32768),
+        "mixtral-8x22b": _mixtral(6144, 16384, 56, 48, 8, 32000, 65536),
+    },
+    "qwen3_moe": {
+        # 4 of 8 experts per token, not renormalised, and layer 2 a dense MLP (mlp_only_layers)
+        "tiny": _qwen3_moe(64, 96, 32, 4, 4, 2, 8, 4) | {
+            "head_dim": 32, "vocab_size": 512, "max_position_embeddings": 512, "max_window_layers": 4,
+            "norm_topk_prob": False, "mlp_only_layers": [2], "torch_dtype": "float32"},
+        "qwen3-30b-a3b": _qwen3_moe(2048, 6144, 768, 48, 32, 4, 128, 8),
+        "qwen3-235b-a22b": _qwen3_moe(4096, 12288, 1536, 94, 64, 4, 128, 8),
     },
     "qwen2": {
         # the sliding window on for the layers from max_window_layers on (here 2 and 3)

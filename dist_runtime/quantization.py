@@ -39,7 +39,11 @@ def input_scale_name(weight_name: str) -> str:
 
 
 def quantize_weight(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(quantized weight, float32 scale per output row) for fmt "int8wo" or "fp8"."""
+    """(quantized weight, float32 scale per output row) for fmt "int8wo" or "fp8"; stacked weights
+    (a mixture's experts, [experts, out, in]) get one per row of each, [experts, out]."""
+    if weight.dim() > 2:
+        q, scale = quantize_weight(weight.reshape(-1, weight.shape[-1]), fmt)
+        return q.view(weight.shape), scale.view(weight.shape[:-1])
     if fmt == "int8wo":
         scale = channel_scales(weight, INT8_MAX)
         q = torch.round(weight.float() / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)

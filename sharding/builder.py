@@ -134,9 +134,12 @@ def write_rank_files(ck: Checkpoint, plan: Plan, out: Path, progress: bool,
                    for m, model in zip(mappings, models)]
         params = [dict(model.named_parameters()) for model in models]
         for name in params[0]:
-            sources = [ck.get(n) for n in models[0].checkpoint_names(name)]
-            for writer, rank_params in zip(writers, params):
-                param = rank_params[name]
+            read = None  # (names, tensors): TP ranks side by side share theirs (an expert group's)
+            for model, writer, rank_params in zip(models, writers, params):
+                names = model.checkpoint_names(name)
+                if read is None or read[0] != names:
+                    read = names, [ck.get(n) for n in names]
+                sources, param = read[1], rank_params[name]
                 if plan.dtype in QUANTIZED_DTYPES and param.is_linear_weight:
                     weight, scale = quantize_weight(param.shard_of(sources), plan.dtype)
                     writer.write(name, weight)
@@ -162,7 +165,7 @@ def _specs(model, dtype: torch.dtype, fmt: str, input_scales: bool) -> list[Tens
     for name, param in model.named_parameters():
         if fmt in QUANTIZED_DTYPES and param.is_linear_weight:
             specs += [TensorSpec(name, tuple(param.shape), QUANTIZED_DTYPES[fmt]),
-                      TensorSpec(name + SCALE_SUFFIX, (param.shape[0],), torch.float32)]
+                      TensorSpec(name + SCALE_SUFFIX, tuple(param.shape[:-1]), torch.float32)]
             if input_scales:
                 specs.append(TensorSpec(input_scale_name(name), (1,), torch.float32))
         else:

@@ -4,10 +4,13 @@ how much memory that takes, decided before anything is built."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 
 from dist_runtime.config import ModelConfig
 from dist_runtime.errors import PlanError
 from dist_runtime.layers.embedding import padded_vocab
+from dist_runtime.layers.moe import EXCHANGES
 from dist_runtime.mapping import Mapping
 from dist_runtime.models import build_model
 from dist_runtime.plan import DTYPES, KV_DTYPES, Plan, RankPlan, WeightSlice
@@ -31,7 +34,10 @@ def split_layers(num_layers: int, pp: int, counts: list[int] | None = None) -> l
 def make_plan(config: ModelConfig, tp: int = 1, pp: int = 1, dtype: str = "bf16", *,
               kv_cache_dtype: str = "auto", layer_counts: list[int] | None = None, max_batch_size: int = 16,
               max_seq_len: int | None = None, max_num_tokens: int | None = None, block_size: int = 16,
-              gpu_mem_gib: float | None = None) -> Plan:
+              gpu_mem_gib: float | None = None, ep: int = 1, expert_exchange: str = "all-reduce") -> Plan:
+    """`ep`: a mixture's experts split into that many groups of whole experts per TP group, and
+    `expert_exchange` how the group's expert outputs meet (layers/moe.py)."""
+    _check_experts(config, tp, ep, expert_exchange)
     if dtype not in DTYPES:
         raise PlanError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if kv_cache_dtype not in KV_DTYPES:
@@ -45,16 +51,20 @@ def make_plan(config: ModelConfig, tp: int = 1, pp: int = 1, dtype: str = "bf16"
     counts = split_layers(config.num_layers, pp, layer_counts)
     plan = Plan(tp, pp, dtype, kv_cache_dtype, counts, max_batch_size, max_seq_len, max_num_tokens, block_size,
                 num_kv_blocks=max_batch_size * -(-max_seq_len // block_size),
-                gpu_mem_bytes=None if gpu_mem_gib is None else int(gpu_mem_gib * GiB), ranks=[])
+                gpu_mem_bytes=None if gpu_mem_gib is None else int(gpu_mem_gib * GiB), ranks=[], ep=ep,
+                expert_exchange=expert_exchange if ep > 1 else "all-reduce")
     # The TP ranks of a stage hold slices of one shape (sizes divide evenly, or a KV head is
-    # replicated whole): one model build per stage, not per rank (a 405B search built 128).
+    # replicated whole, or each holds as many experts): one model build per stage, not per rank
+    # (a 405B search built 128).
     stages: dict[int, RankPlan] = {}
-    for m in Mapping(tp, pp).all_ranks():
+    for m in plan.mapping().all_ranks():
         if m.pp_rank not in stages:
             stages[m.pp_rank] = _plan_rank(config, plan, m)
         stage = stages[m.pp_rank]
+        experts = [m.experts(config.moe.num_experts)[i] for i in (0, -1)] if config.moe else None
         plan.ranks.append(dataclasses.replace(stage, rank=m.rank, tp_rank=m.tp_rank, memory=dict(stage.memory),
-                                              weights=list(stage.weights)))
+                                              weights=list(stage.weights),
+                                              experts=experts and [experts[0], experts[1] + 1]))
     return plan
 
 
@@ -64,9 +74,9 @@ def _plan_rank(config: ModelConfig, plan: Plan, mapping: Mapping) -> RankPlan:
     model = build_model(config, mapping, layers, act_dtype)
     weights, weight_bytes = [], 0
     for name, param in model.named_parameters():
-        weights.append(WeightSlice(name, list(param.shape), param.parallel, model.checkpoint_names(name)))
+        weights.append(WeightSlice(name, list(param.shape), param.parallel, _folded(model.checkpoint_names(name))))
         if quant_bytes and param.is_linear_weight:
-            weight_bytes += param.numel() * quant_bytes + param.shape[0] * 4  # + a float32 scale per row
+            weight_bytes += param.numel() * quant_bytes + param.numel() // param.shape[-1] * 4  # + a scale per row
         else:
             weight_bytes += param.numel() * act_dtype.itemsize
     attn = model.attention_layers()
@@ -79,24 +89,46 @@ def _plan_rank(config: ModelConfig, plan: Plan, mapping: Mapping) -> RankPlan:
     return RankPlan(mapping.rank, mapping.tp_rank, mapping.pp_rank, [layers.start, layers.stop], memory, weights)
 
 
+def _check_experts(config: ModelConfig, tp: int, ep: int, exchange: str) -> None:
+    if ep < 1 or tp % ep:
+        raise PlanError(f"ep={ep} must be at least 1 and divide tp={tp}")
+    if ep > 1 and config.moe is None:
+        raise PlanError(f"ep={ep}: {config.model_type} has no experts to split")
+    if exchange not in EXCHANGES:
+        raise PlanError(f"expert exchange {exchange!r} is not one of {', '.join(EXCHANGES)}")
+
+
+def _folded(names: list[str]) -> list[str]:
+    """Checkpoint names with an expert's number as {e}: a rank's experts are its RankPlan's."""
+    return list(dict.fromkeys(re.sub(r"\.experts\.\d+\.", ".experts.{e}.", name) for name in names))
+
+
 def _activation_bytes(c: ModelConfig, plan: Plan, item: int) -> int:
     """An estimate of the largest step's live activations: the residual stream and norm output,
-    the fused QKV and gate/up outputs of one layer, and the float32 logits of a full batch."""
+    the fused QKV and gate/up outputs of one layer (for experts, of every token's top k, and
+    their float32 router scores), and the float32 logits of a full batch."""
     tp = plan.tp
     qkv = (c.num_heads + 2 * max(1, c.num_kv_heads // tp) * tp) * c.head_dim // tp
     per_token = 3 * c.hidden_size + qkv + 3 * c.intermediate_size // tp
+    if c.moe:
+        per_token += 3 * c.moe.top_k * c.moe.intermediate_size * plan.ep // tp + c.moe.top_k * c.hidden_size
+        per_token += c.moe.num_experts * 4 // item
     return plan.max_num_tokens * per_token * item + plan.max_batch_size * padded_vocab(c.vocab_size, tp) * 4
 
 
 def smallest_fitting_plan(config: ModelConfig, dtype: str, gpu_mem_gib: float, gpus_per_node: int = 8,
                           max_gpus: int = 256, **options) -> Plan | None:
-    """The layout with the fewest GPUs that fits: TP within a node, then PP across nodes."""
+    """The layout with the fewest GPUs that fits: TP within a node, then PP across nodes. A
+    mixture's experts go in as many groups as both the TP group and they divide into: whole
+    experts per rank take the memory that slices of all of them do, in larger GEMMs."""
+    options.pop("ep", None)
     candidates = sorted(((tp, pp) for tp in (1, 2, 4, 8, 16) if tp <= gpus_per_node
                          for pp in range(1, config.num_layers + 1) if tp * pp <= max_gpus),
                         key=lambda tp_pp: (tp_pp[0] * tp_pp[1], tp_pp[1]))
     for tp, pp in candidates:
         try:
-            plan = make_plan(config, tp, pp, dtype, gpu_mem_gib=gpu_mem_gib, **options)
+            ep = math.gcd(tp, config.moe.num_experts) if config.moe else 1
+            plan = make_plan(config, tp, pp, dtype, gpu_mem_gib=gpu_mem_gib, ep=ep, **options)
         except PlanError:
             continue
         if plan.fits:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from dist_runtime.config import ModelConfig
 from dist_runtime.layers.embedding import _VocabParallel
+from dist_runtime.layers.moe import Router
 from dist_runtime.layers.norm import LayerNorm, RMSNorm
 from dist_runtime.models import checkpoint_layout
 from sharding.checkpoint import INDEX
@@ -51,6 +52,8 @@ def _scale(name: str, module: torch.nn.Module, noise: torch.Tensor, shape: tuple
         return 0.02 * noise
     if isinstance(module, _VocabParallel) and "lm_head" not in name:
         return noise  # embedding rows: unit scale, like the normed hidden states they become
+    if isinstance(module, Router):  # scores 4x apart: near-ties between experts would pick per layout
+        return 4 * noise / shape[-1] ** 0.5
     return noise / shape[-1] ** 0.5
 
 
