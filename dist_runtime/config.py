@@ -16,7 +16,8 @@ from dist_runtime.errors import CheckpointError
 
 # model_type -> the model file that runs it (models/__init__.py MODELS)
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "qwen3", "phi3": "phi3",
-                 "mixtral": "mixtral", "qwen3_moe": "qwen3_moe", "gptj": "gptj"}
+                 "mixtral": "mixtral", "qwen3_moe": "qwen3_moe", "gptj": "gptj",
+                 "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma"}
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 # (qkv bias, o_proj bias) that transformers' model class fixes, whatever attention_bias says
@@ -65,6 +66,14 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     dtype: str  # the checkpoint's own dtype, e.g. "bfloat16"
     moe: MoeConfig | None = None  # None: a dense model
+    # Gemma 2 and 3 (None elsewhere): the soft caps, tanh(x / cap) * cap, of the attention scores
+    # and of the final logits; the attention scale, query_pre_attn_scalar**-0.5 (not head_dim's);
+    # the sliding-window layers' own rotary base, unscaled (Gemma 3: rope_local_base_freq)
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    query_pre_attn_scalar: float | None = None
+    local_rope_theta: float | None = None
+    weight_prefix: str = ""  # of every checkpoint tensor name (a multimodal Gemma 3's text model: "language_model.")
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
@@ -73,7 +82,9 @@ class ModelConfig:
             raise CheckpointError(
                 f"unknown model_type {model_type!r} in config.json; supported: {', '.join(ARCHITECTURES)}"
             )
-        read = _read_gptj if ARCHITECTURES[model_type] == "gptj" else _read_llama
+        if ARCHITECTURES[model_type] == "gemma":
+            hf = gemma_text_config(hf)
+        read = {"gptj": _read_gptj, "gemma": _read_gemma}.get(ARCHITECTURES[model_type], _read_llama)
         fields = read(hf)
         theta, scaling = _rope(hf)
         if scaling is not None and scaling["rope_type"] == "longrope":  # exact only within the original context
@@ -207,6 +218,69 @@ def _partial_rotary_factor(hf: dict[str, Any]) -> float:
     """The share of each head that is rotated: in rope_parameters (transformers 5) or at the top (4)."""
     params = hf.get("rope_parameters") or {}
     return float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor") or 1.0))
+
+
+# What transformers' Gemma config classes take for a key config.json leaves out (a multimodal
+# Gemma 3's text_config lists little more than its shape).
+GEMMA_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma2": {"vocab_size": 256000, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+               "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 8192,
+               "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "rope_theta": 10000.0, "query_pre_attn_scalar": 256,
+               "sliding_window": 4096, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0},
+    "gemma3_text": {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+                    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+                    "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+                    "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "query_pre_attn_scalar": 256,
+                    "sliding_window": 4096, "sliding_window_pattern": 6, "final_logit_softcapping": None,
+                    "attn_logit_softcapping": None},
+}
+GEMMA_TEXT_PREFIX = "language_model."  # a multimodal Gemma 3's text tensors, as transformers saves them
+
+
+def gemma_text_config(hf: dict[str, Any]) -> dict[str, Any]:
+    """A Gemma config.json as _read_gemma takes it: a multimodal Gemma 3's text_config (with the
+    top level's token ids, dtype and tying over it), under transformers' defaults, with
+    transformers 5's per-layer-type rope_parameters split into the global layers' rope_parameters
+    and the local ones' rope_local_base_freq, and the layer pattern written out as layer_types."""
+    prefix = ""
+    if hf["model_type"] == "gemma3":
+        if not isinstance(hf.get("text_config"), dict):
+            raise CheckpointError("a gemma3 config.json without a text_config: no text model to serve")
+        top = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "dtype", "torch_dtype", "tie_word_embeddings")
+               if hf.get(k) is not None}
+        hf, prefix = {**hf["text_config"], **top, "model_type": "gemma3_text"}, GEMMA_TEXT_PREFIX
+    hf = {**GEMMA_DEFAULTS[hf["model_type"]], **hf, "weight_prefix": prefix}
+    if hf.get("use_bidirectional_attention"):
+        raise CheckpointError(f"{hf['model_type']} with use_bidirectional_attention: only causal attention is served")
+    params = hf.get("rope_parameters")
+    if isinstance(params, dict) and set(params) & set(LAYER_TYPES):  # transformers 5's Gemma 3
+        full, local = dict(params.get("full_attention") or {}), dict(params.get("sliding_attention") or {})
+        if local.get("rope_type", "default") != "default":
+            raise CheckpointError(f"rope type {local['rope_type']!r} on the sliding-window layers: only the "
+                                  f"default is supported there")
+        hf["rope_theta"] = full.pop("rope_theta", hf["rope_theta"])
+        hf["rope_local_base_freq"] = local.get("rope_theta", hf.get("rope_local_base_freq"))
+        hf["rope_parameters"] = {**full, "rope_theta": hf["rope_theta"]}
+    if not hf.get("layer_types"):  # every pattern-th layer global, the others local, as transformers lays them
+        pattern = 2 if hf["model_type"] == "gemma2" else (hf.get("sliding_window_pattern")
+                                                          or hf.get("_sliding_window_pattern") or 6)
+        hf["layer_types"] = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                             for i in range(hf["num_hidden_layers"])]
+    return hf
+
+
+def _read_gemma(hf: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 2 and 3 (text): Llama's fields under Gemma's names, and what only Gemma has."""
+    fields = _read_llama(hf)
+    fields.update(
+        hidden_act=hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh",
+        attn_logit_softcapping=hf.get("attn_logit_softcapping") if hf["model_type"] == "gemma2" else None,
+        final_logit_softcapping=hf.get("final_logit_softcapping"),
+        query_pre_attn_scalar=float(hf["query_pre_attn_scalar"]),
+        local_rope_theta=float(hf["rope_local_base_freq"]) if hf["model_type"] == "gemma3_text" else None,
+        weight_prefix=hf["weight_prefix"],
+    )
+    return fields
 
 
 def _read_gptj(hf: dict[str, Any]) -> dict[str, Any]:

@@ -67,6 +67,35 @@ def _phi3(hidden, inter, layers, heads, kv, vocab, max_pos, window) -> dict[str,
         "sliding_window": window, "pad_token_id": 32000}
 
 
+def _gemma2(hidden, inter, layers, heads, kv, head_dim, query_scalar) -> dict[str, Any]:
+    """Gemma 2: local (a 4,096-token window) and global layers in turn, soft caps of 50 on the
+    attention scores and 30 on the logits, tied embeddings."""
+    return {
+        "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "hidden_size": hidden,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv, "head_dim": head_dim, "vocab_size": 256000, "max_position_embeddings": 8192,
+        "rope_theta": 10000.0, "rope_scaling": None, "rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": query_scalar, "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0, "tie_word_embeddings": True, "attention_bias": False,
+        "torch_dtype": "bfloat16",
+    }
+
+
+def _gemma3(hidden, inter, layers, heads, kv, head_dim, vocab, max_pos, window, rope_scaling=None,
+            query_scalar=256) -> dict[str, Any]:
+    """Gemma 3's text model: five local layers (rotary base 10,000) to one global (1,000,000,
+    scaled linearly by 8 from the 4B up), q and k normed per head, no soft caps, tied embeddings."""
+    return {
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_size": hidden,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv, "head_dim": head_dim, "vocab_size": vocab, "max_position_embeddings": max_pos,
+        "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "rope_scaling": rope_scaling, "rms_norm_eps": 1e-6,
+        "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": query_scalar, "sliding_window": window,
+        "sliding_window_pattern": 6, "attn_logit_softcapping": None, "final_logit_softcapping": None,
+        "tie_word_embeddings": True, "attention_bias": False, "torch_dtype": "bfloat16",
+    }
+
+
 def _gptj(hidden, layers, heads, rotary_dim, vocab, max_pos) -> dict[str, Any]:
     return {
         "architectures": ["GPTJForCausalLM"], "model_type": "gptj", "n_embd": hidden, "n_layer": layers,
@@ -129,6 +158,30 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                              "long_factor": [1.5, 4.0, 12.0, 40.0]}, "torch_dtype": "float32"},
         "phi-3-mini": _phi3(3072, 8192, 32, 32, 32, 32064, 4096, 2047),  # Phi-3-mini-4k
     },
+    "gemma2": {
+        # windows of 8 (shorter than the test sequences), soft caps small enough to change the
+        # scores and logits much, query_pre_attn_scalar not head_dim
+        "tiny": _gemma2(64, 160, 4, 4, 2, 16, 32) | {
+            "vocab_size": 512, "max_position_embeddings": 512, "sliding_window": 8, "attn_logit_softcapping": 2.0,
+            "final_logit_softcapping": 10.0, "torch_dtype": "float32"},
+        "gemma-2-2b": _gemma2(2304, 9216, 26, 8, 4, 256, 256),
+        "gemma-2-9b": _gemma2(3584, 14336, 42, 16, 8, 256, 256),
+        "gemma-2-27b": _gemma2(4608, 36864, 46, 32, 16, 128, 144),
+    },
+    "gemma3": {
+        # every other layer global, head_dim 32 (not hidden / heads) and query_pre_attn_scalar
+        # not head_dim, a local rotary base (100) far from the global one and a window of 8, so
+        # that mixing them up shows
+        "tiny": _gemma3(64, 160, 4, 4, 2, 32, 512, 512, 8, {"rope_type": "linear", "factor": 8.0}) | {
+            "sliding_window_pattern": 2, "rope_local_base_freq": 100.0, "query_pre_attn_scalar": 24,
+            "torch_dtype": "float32"},
+        "gemma-3-1b": _gemma3(1152, 6912, 26, 4, 1, 256, 262144, 32768, 512),
+        "gemma-3-4b": _gemma3(2560, 10240, 34, 8, 4, 256, 262208, 131072, 1024, {"rope_type": "linear", "factor": 8.0}),
+        "gemma-3-12b": _gemma3(3840, 15360, 48, 16, 8, 256, 262208, 131072, 1024,
+                               {"rope_type": "linear", "factor": 8.0}),
+        "gemma-3-27b": _gemma3(5376, 21504, 62, 32, 16, 128, 262208, 131072, 1024,
+                               {"rope_type": "linear", "factor": 8.0}, query_scalar=168),
+    },
     "gptj": {
         "tiny": _gptj(64, 4, 4, 8, 512, 512) | {"torch_dtype": "float32"},
         "gpt-j-6b": _gptj(4096, 28, 16, 64, 50400, 2048),
@@ -158,4 +211,10 @@ def to_transformers5_layout(config: dict[str, Any]) -> dict[str, Any]:
         if "partial_rotary_factor" in config:
             params["partial_rotary_factor"] = config.pop("partial_rotary_factor")
         config["rope_parameters"] = params
+    if config["model_type"] == "gemma3_text":  # rotary per layer type, and the layer pattern written out
+        local = {"rope_type": "default", "rope_theta": config.pop("rope_local_base_freq")}
+        config["rope_parameters"] = {"full_attention": config["rope_parameters"], "sliding_attention": local}
+        pattern = config.pop("sliding_window_pattern")
+        config["layer_types"] = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                                 for i in range(config["num_hidden_layers"])]
     return config

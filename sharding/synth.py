@@ -47,11 +47,16 @@ def random_tensor(name: str, shape: tuple[int, ...], module: torch.nn.Module, se
 
 def _scale(name: str, module: torch.nn.Module, noise: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     if isinstance(module, (RMSNorm, LayerNorm)):
+        # about 1 as stored; Gemma's apply 1 + w, about 2, which keeps each block's normed output
+        # large beside the embedding in the residual stream (with tied embeddings, a stream that
+        # is mostly the input's embedding makes every token predict itself)
         return (1.0 + 0.1 * noise) if name.endswith("weight") else 0.1 * noise
     if name.endswith("bias"):
         return 0.02 * noise
     if isinstance(module, _VocabParallel) and "lm_head" not in name:
-        return noise  # embedding rows: unit scale, like the normed hidden states they become
+        # embedding rows: unit scale as looked up (after Gemma's sqrt(hidden) too), like the
+        # normed hidden states they become
+        return noise / getattr(module, "embed_scale", 1.0)
     if isinstance(module, Router):  # scores 4x apart: near-ties between experts would pick per layout
         return 4 * noise / shape[-1] ** 0.5
     return noise / shape[-1] ** 0.5

@@ -100,7 +100,9 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     llama-tied: tied embeddings, config in the transformers 5 layout; gptj: partial rotary;
     mistral: sliding-window attention (8 tokens, shorter than the test sequences); qwen2: q, k
     and v biased, the window on its upper layers; qwen3: q/k norms, head_dim 32 (not 64 / 4),
-    config in the transformers 5 layout; phi3: fused qkv and gate/up tensors, half rotary, a window."""
+    config in the transformers 5 layout; phi3: fused qkv and gate/up tensors, half rotary, a window;
+    gemma2: local and global layers in turn (windows of 8), small soft caps; gemma3: q/k norms,
+    local and global rotary bases, config in the transformers 5 layout (per layer type)."""
     root = tmp_path_factory.mktemp("ckpt")
     tied = to_transformers5_layout(preset_config("tiny", "llama") | {"tie_word_embeddings": True})
     mistral = preset_config("tiny", "llama") | {"model_type": "mistral", "architectures": ["MistralForCausalLM"],
@@ -115,6 +117,9 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
         "qwen3": write_checkpoint(to_transformers5_layout(preset_config("tiny", "qwen3")), root / "qwen3", seed=5,
                                   progress=False),
         "phi3": write_checkpoint(preset_config("tiny", "phi3"), root / "phi3", seed=6, progress=False),
+        "gemma2": write_checkpoint(preset_config("tiny", "gemma2"), root / "gemma2", seed=20, progress=False),
+        "gemma3": write_checkpoint(to_transformers5_layout(preset_config("tiny", "gemma3")), root / "gemma3",
+                                   seed=21, progress=False),
     }
 
 

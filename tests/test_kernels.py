@@ -48,7 +48,7 @@ def test_kernels_match_their_references_in_tritons_interpreter():
                          env={**os.environ, "TRITON_INTERPRET": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == 29
+    assert len(results) == 30
     for case, err in results.items():
         assert err < 1e-5, (case, err)
 
@@ -142,7 +142,7 @@ def _decode_checks() -> dict[str, float]:
 def _fused_checks() -> dict[str, float]:
     """Largest absolute differences from the references (infinite where a residual sum differs)."""
     from dist_runtime.kernels.fused import add_rmsnorm, layernorm, rotary_, silu_and_mul
-    from dist_runtime.layers.norm import LayerNorm, RMSNorm
+    from dist_runtime.layers.norm import GemmaRMSNorm, LayerNorm, RMSNorm
     from dist_runtime.layers.rotary import RotaryEmbedding
 
     torch.manual_seed(0)
@@ -155,6 +155,12 @@ def _fused_checks() -> dict[str, float]:
     ref, ref_summed = norm.reference(x, residual.clone())
     results["add_rmsnorm"] = (out - ref).abs().max().item() if torch.equal(summed, ref_summed) else float("inf")
     results["rmsnorm"] = (add_rmsnorm(x, norm.weight, 1e-5) - norm.reference(x)).abs().max().item()
+    gemma = GemmaRMSNorm(5000, 1e-6)  # weights stored as their offset from 1
+    torch.nn.init.normal_(gemma.weight, 0.0, 0.1)
+    summed = residual.clone()
+    out = add_rmsnorm(x, gemma.weight, 1e-6, summed, plus_one=True)
+    ref, ref_summed = gemma.reference(x, residual.clone())
+    results["gemma add_rmsnorm"] = (out - ref).abs().max().item() if torch.equal(summed, ref_summed) else float("inf")
     ln = LayerNorm(300, 1e-5)
     torch.nn.init.normal_(ln.weight, 1.0, 0.1)
     torch.nn.init.normal_(ln.bias, 0.0, 0.1)

@@ -57,7 +57,7 @@ def _fp8_scale(amax, static_ptr, row, scale_ptr, STATIC: tl.constexpr, FP8_MAX: 
 @triton.jit
 def _add_rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr, static_ptr, n_cols, eps,
                         HAS_RESIDUAL: tl.constexpr, FP8_OUT: tl.constexpr, STATIC: tl.constexpr,
-                        FP8_MAX: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+                        PLUS_ONE: tl.constexpr, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -69,7 +69,10 @@ def _add_rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr, sta
     x32 = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x32 * x32, 0) / n_cols + eps)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
-    y = w * (x32 * rstd).to(x.dtype)
+    if PLUS_ONE:  # Gemma: x * (1 + w), all in float32, rounded once
+        y = (x32 * rstd * (1.0 + w.to(tl.float32))).to(x.dtype)
+    else:
+        y = w * (x32 * rstd).to(x.dtype)
     if FP8_OUT:  # the next GEMM's input, quantized here instead of in a pass of its own
         scale = _fp8_scale(tl.max(tl.abs(y.to(tl.float32)), 0), static_ptr, row, scale_ptr, STATIC, FP8_MAX)
         y = _to_fp8(y, scale, FP8_MAX)
@@ -77,10 +80,12 @@ def _add_rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr, sta
 
 
 def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-                fp8: bool = False, input_scale: torch.Tensor | None = None) -> torch.Tensor | Fp8Rows:
+                fp8: bool = False, input_scale: torch.Tensor | None = None,
+                plus_one: bool = False) -> torch.Tensor | Fp8Rows:
     """RMSNorm(x + residual) (or of x); with a residual, it is updated in place to x + residual.
     With `fp8`, the result comes quantized for an fp8 GEMM (per row, or by the calibrated
-    `input_scale`), as quantize_input would quantize it."""
+    `input_scale`), as quantize_input would quantize it. `plus_one`: Gemma's weights, applied as
+    1 + w in float32 (GemmaRMSNorm.reference)."""
     x = x.contiguous()
     n = x.shape[-1]
     rows = x.numel() // n
@@ -89,7 +94,8 @@ def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: tor
     _add_rmsnorm_kernel[(rows,)](x, residual if residual is not None else x, weight, out, scale,
                                  input_scale if input_scale is not None else scale, n, eps,
                                  HAS_RESIDUAL=residual is not None, FP8_OUT=fp8, STATIC=input_scale is not None,
-                                 FP8_MAX=FP8_MAX, BLOCK=triton.next_power_of_2(n), num_warps=8 if n >= 4096 else 4,
+                                 PLUS_ONE=plus_one, FP8_MAX=FP8_MAX, BLOCK=triton.next_power_of_2(n),
+                                 num_warps=8 if n >= 4096 else 4,
                                  **pdl.launch(x))
     return Fp8Rows(out.view(rows, n), scale, x.dtype) if fp8 else out
 

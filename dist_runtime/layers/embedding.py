@@ -48,6 +48,19 @@ class VocabParallelEmbedding(_VocabParallel):
         return self.comm.all_reduce(out)
 
 
+class ScaledEmbedding(VocabParallelEmbedding):
+    """Rows multiplied by `embed_scale` as they are looked up (Gemma: sqrt(hidden_size)), the
+    factor first rounded to the weights' dtype, as transformers multiplies them."""
+
+    def __init__(self, vocab_size: int, hidden: int, tp: int, tp_rank: int, comm, embed_scale: float):
+        super().__init__(vocab_size, hidden, tp, tp_rank, comm)
+        self.embed_scale = embed_scale
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = super().forward(ids)
+        return rows * torch.tensor(self.embed_scale, dtype=rows.dtype).item()
+
+
 class ParallelLMHead(_VocabParallel):
     """Logits over the whole vocabulary: each rank computes its rows, then they are gathered."""
 

@@ -48,6 +48,34 @@ class RMSNorm(nn.Module):
         return out if residual is None else (out, residual)
 
 
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: the weight is stored as its offset from 1 and applied as x * (1 + w), in
+    float32 before the one rounding (Llama's rounds first, then multiplies). One fused kernel on a
+    GPU; a partial sum's all-reduce (`unfinished_layer`) runs before it, not in it."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, next_layer=None, unfinished_layer=None):
+        if unfinished_layer is not None:
+            x = unfinished_layer.finish(x)
+        if not x.is_cuda:
+            return self.reference(x, residual)
+        from dist_runtime.kernels.fused import add_rmsnorm
+
+        fp8 = takes_fp8_rows(next_layer, x.numel() // x.shape[-1])
+        input_scale = next_layer.input_scale if fp8 else None
+        if residual is None:
+            return add_rmsnorm(x, self.weight, self.eps, fp8=fp8, input_scale=input_scale, plus_one=True)
+        residual = residual.contiguous()
+        return add_rmsnorm(x, self.weight, self.eps, residual, fp8, input_scale, plus_one=True), residual
+
+    def reference(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is not None:
+            x = residual = x + residual
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = (normed * (1.0 + self.weight.float())).to(x.dtype)
+        return out if residual is None else (out, residual)
+
+
 class LayerNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()

@@ -7,6 +7,7 @@ import torch
 from dist_runtime.config import ModelConfig
 from dist_runtime.mapping import Mapping
 from dist_runtime.models.base import CausalLM
+from dist_runtime.models.gemma import GemmaForCausalLM
 from dist_runtime.models.gptj import GPTJForCausalLM
 from dist_runtime.models.llama import LlamaForCausalLM
 from dist_runtime.models.mixtral import MixtralForCausalLM
@@ -16,7 +17,7 @@ from dist_runtime.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODELS: dict[str, type[CausalLM]] = {"llama": LlamaForCausalLM, "qwen3": Qwen3ForCausalLM, "phi3": Phi3ForCausalLM,
                                      "mixtral": MixtralForCausalLM, "qwen3_moe": Qwen3MoeForCausalLM,
-                                     "gptj": GPTJForCausalLM}
+                                     "gemma": GemmaForCausalLM, "gptj": GPTJForCausalLM}
 
 
 def build_model(config: ModelConfig, mapping: Mapping, layers: range, dtype: torch.dtype,
