@@ -143,7 +143,8 @@ def _tune(gemms: set, attention: tuple, batches: list[int], plan: Plan, dtype: t
 
 def _shapes(config: ModelConfig, plan: Plan, dtype: torch.dtype) -> tuple[set, tuple]:
     """GEMM shapes (out, in, has bias, quantized in a quantized engine: not the LM head) of every
-    stage, and the attention shape (our models' layers share one)."""
+    stage, and the attention shape (our models' layers share one but for their window: where
+    local and global layers alternate, as in Gemma, a global one's, which reads the most keys)."""
     gemms, attention = set(), None
     for stage in range(plan.pp):
         model = build_model(config, plan.mapping(stage * plan.tp), plan.layer_range(stage), dtype, "meta")
@@ -151,7 +152,8 @@ def _shapes(config: ModelConfig, plan: Plan, dtype: torch.dtype) -> tuple[set, t
             if not hasattr(module, "kernels"):
                 continue
             if hasattr(module, "k_cache"):
-                attention = (module.num_heads, module.num_kv_heads, module.head_dim, module.sliding_window)
+                if attention is None or module.sliding_window is None:
+                    attention = (module.num_heads, module.num_kv_heads, module.head_dim, module.sliding_window)
             else:
                 gemms.add((*module.weight.shape, module.bias is not None, module.weight.is_linear_weight))
     return gemms, attention
