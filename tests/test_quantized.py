@@ -10,13 +10,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CALIB_TEXT, SMALL_PLAN, cli
+from conftest import CALIB_TEXT, SMALL_PLAN, cli, json_lines
 from safetensors import safe_open
 
 from dist_runtime.accuracy import compare
 from dist_runtime.config import ModelConfig
 from dist_runtime.engine import Engine
-from dist_runtime.layers.quantized import fp8_linear_reference, quantize_input, quantized_linear
+from dist_runtime.layers.quantized import cpu_runs_fp8_gemms, fp8_linear_reference, quantize_input, quantized_linear
 from dist_runtime.llm import LLM
 from dist_runtime.presets import preset_config
 from dist_runtime.quantization import FP8_MAX, QUANTIZED_DTYPES, dequantize_weight, quantize_weight
@@ -59,10 +59,16 @@ def test_planner_sizes_quantized_weights_as_written(engines):
     assert 0.5 < int8 / bf16 < 0.6  # GEMM weights halve; embeddings and norms stay bf16
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
-def test_fp8_engine_is_refused_on_the_cpu_with_the_reason(engines):
-    run = cli("generate", str(engines("llama", 1, 1, "fp8")), "--max-tokens", "2")
-    assert run.returncode == 1 and "compute capability 8.9" in run.stderr and "int8wo" in run.stderr
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's fp8 path, on a machine without a GPU")
+def test_an_fp8_engine_runs_on_a_cpu_whose_torch_has_fp8_gemms_and_is_refused_elsewhere(engines):
+    args = ["--max-tokens", "6", "--temperature", "0", "--ignore-eos", "--json", "--prompt", "Hello, world!"]
+    run = cli("generate", str(engines("llama", 1, 1, "fp8")), *args)
+    if not cpu_runs_fp8_gemms():
+        assert run.returncode == 1 and "compute capability 8.9" in run.stderr and "int8wo" in run.stderr
+        return
+    [fp8] = json_lines(run)
+    [bf16] = json_lines(cli("generate", str(engines("llama", 1, 1, "bf16")), *args))
+    assert fp8["token_ids"] == bf16["token_ids"]  # random weights: greedy picks far from ties
 
 
 @pytest.mark.parametrize("fmt", [pytest.param("int8wo", marks=GPU), pytest.param("fp8", marks=FP8_GPU)])
@@ -97,17 +103,8 @@ def test_a_static_input_scale_is_as_close_as_per_token_scaling_and_saturates_pas
     assert beyond.any() and (xq.float().abs()[beyond] == FP8_MAX).all()
 
 
-def _cpu_runs_scaled_mm() -> bool:
-    e4m3 = torch.zeros(16, 16).to(torch.float8_e4m3fn)
-    try:
-        torch._scaled_mm(e4m3, e4m3.t(), torch.ones(16, 1), torch.ones(1, 16), out_dtype=torch.bfloat16)  # per row
-    except (RuntimeError, NotImplementedError):
-        return False
-    return True
-
-
 # torch 2.13's CPU build runs fp8 _scaled_mm with per-row scales; 2.11's (the GPU machine's) only per tensor
-CPU_FP8 = pytest.mark.skipif(not _cpu_runs_scaled_mm(), reason="this torch build has no fp8 _scaled_mm on the CPU")
+CPU_FP8 = pytest.mark.skipif(not cpu_runs_fp8_gemms(), reason="this torch build has no fp8 _scaled_mm on the CPU")
 
 
 @pytest.mark.parametrize("device", [pytest.param("cpu", marks=CPU_FP8), pytest.param("cuda", marks=FP8_GPU)])
@@ -115,8 +112,8 @@ CPU_FP8 = pytest.mark.skipif(not _cpu_runs_scaled_mm(), reason="this torch build
 @pytest.mark.parametrize("rows,bias", [(1, False), (7, True), (300, False), (300, True)])
 @pytest.mark.parametrize("fast", [False, True])
 def test_fp8_gemm_matches_its_float32_emulation(rows, bias, static, device, fast):
-    """torch's CPU build runs _scaled_mm too (the runtime still refuses fp8 engines there: the
-    GPU is the point), which checks the call itself where no GPU is. A bias goes into the
+    """torch's CPU build runs _scaled_mm too (fp8 engines run there, slowly), which checks the
+    call itself where no GPU is. A bias goes into the
     GEMM (_scaled_mm adds it before its one rounding to bf16). Fast accumulation (which the
     tuning may pick) stays within the same bound."""
     torch.manual_seed(0)

@@ -9,6 +9,7 @@ from conftest import CALIB_TEXT as CORPUS
 
 from dist_runtime import LLM, SamplingParams
 from dist_runtime.accuracy import compare
+from dist_runtime.layers.quantized import cpu_runs_fp8_gemms
 from sharding.builder import build_engine
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
@@ -79,14 +80,24 @@ def test_a_chat_request_for_the_capital_of_france_is_answered_with_paris(smollm2
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def bf16_engine(smollm2, tmp_path_factory):
+    engine = tmp_path_factory.mktemp("smollm2") / "bf16"
+    build_engine(smollm2, engine, 1, 1, "bf16", progress=False, max_batch_size=8, max_seq_len=64)
+    return engine
+
+
 @pytest.mark.slow
-def test_int8_weights_keep_the_bf16_engines_next_tokens_on_real_text(smollm2, tmp_path):
-    """The accuracy report on trained weights (BENCHMARKS.md holds the fp8 and int4 rows, from a GPU)."""
-    engines = {}
-    for dtype in ("bf16", "int8wo"):
-        engines[dtype] = tmp_path / dtype
-        build_engine(smollm2, engines[dtype], 1, 1, dtype, progress=False, max_batch_size=8, max_seq_len=64)
-    report = compare(str(engines["bf16"]), str(engines["int8wo"]), prompts=4, steps=16, text=CORPUS)
+@pytest.mark.parametrize("dtype,cosine,top1", [
+    ("int8wo", 0.995, 0.9),  # measured 0.9994 and 0.94
+    pytest.param("fp8", 0.98, 0.75, marks=pytest.mark.skipif(  # measured 0.9925 and 0.81
+        not cpu_runs_fp8_gemms(), reason="this torch build has no fp8 GEMM on the CPU"))])
+def test_quantized_weights_keep_the_bf16_engines_next_tokens_on_real_text(smollm2, bf16_engine, tmp_path, dtype,
+                                                                        cosine, top1):
+    """The accuracy report on trained weights, teacher-forced at 64 positions of plain English
+    (BENCHMARKS.md holds the full table)."""
+    build_engine(smollm2, tmp_path / dtype, 1, 1, dtype, progress=False, max_batch_size=8, max_seq_len=64)
+    report = compare(str(bf16_engine), str(tmp_path / dtype), prompts=4, steps=16, text=CORPUS)
     assert report["positions"] == 64
-    assert report["logit_cosine_mean"] > 0.995
-    assert report["top1_agreement"] >= 0.9
+    assert report["logit_cosine_mean"] > cosine
+    assert report["top1_agreement"] >= top1

@@ -4,6 +4,8 @@ Each takes the weight's float32 scale per output row and returns activations in 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -13,12 +15,16 @@ from dist_runtime.quantization import FP8, Fp8Rows, dequantize_weight, quantize_
 
 def check_device(dtype: torch.dtype, device: torch.device, kv_cache: bool = False) -> None:
     """Refuse a format this device cannot run, before any work starts: fp8 GEMMs need a GPU of
-    compute capability 8.9+; so does an fp8 KV cache on a GPU (Triton's E4M3 casts), while the
-    CPU reference runs one."""
+    compute capability 8.9+, or a CPU whose torch build runs _scaled_mm with a scale per row
+    (2.13's does; slow, but the same E4M3 arithmetic, so fp8 engines run in CI and the accuracy
+    of fp8 weights is measured there); so does an fp8 KV cache on a GPU (Triton's E4M3 casts),
+    while the CPU reference runs one."""
     if dtype != FP8 or (kv_cache and device.type == "cpu"):
         return
+    if device.type == "cpu" and not kv_cache and cpu_runs_fp8_gemms():
+        return
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
-        where = "the CPU"
+        where = f"the CPU, under torch {torch.__version__} (2.13's CPU build runs fp8 GEMMs)"
         if device.type == "cuda":
             major, minor = torch.cuda.get_device_capability(device)
             where = f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
@@ -27,6 +33,17 @@ def check_device(dtype: torch.dtype, device: torch.device, kv_cache: bool = Fals
         raise EngineError(f"this engine's {what} fp8 (E4M3), which needs an NVIDIA GPU of compute capability "
                           f"8.9 or newer (Ada, Hopper); this rank runs on {where}. Build it with {instead} for "
                           f"this hardware")
+
+
+@functools.cache
+def cpu_runs_fp8_gemms() -> bool:
+    """Whether this torch build's CPU runs _scaled_mm with per-row scales, as fp8_linear calls it."""
+    e4m3 = torch.zeros(16, 16).to(FP8)
+    try:
+        torch._scaled_mm(e4m3, e4m3.t(), torch.ones(16, 1), torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
 
 
 def takes_fp8_rows(layer, rows: int) -> bool:
