@@ -52,9 +52,10 @@ def time_calls(calls: list) -> float:
     return replay_ms(graph, REPLAYS, rounds=3) * 1e3 / len(calls)
 
 
-def measure(m: int, n: int, k: int, dtype: torch.dtype, sweep: bool, group_size: int = 128) -> dict:
-    """One row: int4 (default launch) and bf16 F.linear at m rows of a [n, k] weight; with
-    `sweep`, every decode launch candidate too, and the best of them."""
+def measure(m: int, n: int, k: int, dtype: torch.dtype, sweep: bool, group_size: int = 128,
+            tables: torch.dtype = torch.float32) -> dict:
+    """One row: int4 (default launch) and bf16 F.linear at m rows of a [n, k] weight, the int4
+    scales and zeros in `tables`; with `sweep`, every decode launch candidate too, and the best."""
     from triton.runtime.errors import OutOfResources
 
     from dist_runtime.kernels.w4a16 import (
@@ -67,19 +68,20 @@ def measure(m: int, n: int, k: int, dtype: torch.dtype, sweep: bool, group_size:
     )
 
     x = torch.randn(m, k, device="cuda", dtype=dtype)
-    int4_bytes = n * k // 2 + 2 * n * (k // group_size) * dtype.itemsize  # packed weight, scales, zeros
+    int4_bytes = n * k // 2 + 2 * n * (k // group_size) * tables.itemsize  # packed weight, scales, zeros
     copies = min(CALLS, -(-POOL_BYTES // int4_bytes))
     weights = []
     for _ in range(copies):
         qweight, scales, zeros = quantize_int4(torch.randn(n, k, device="cuda") * 0.02, group_size)
-        weights.append((qweight, scales.to(dtype), zeros.to(dtype)))
+        weights.append((qweight, scales.to(tables), zeros.to(tables)))
 
     def int4_us(launch: dict | None) -> float:
         return time_calls([lambda w=w: w4a16_linear(x, *w, group_size, launch=launch) for w in weights])
 
     us = int4_us(None)
     dequantize = m >= DEQUANTIZE_ROWS
-    row = {"rows": m, "n": n, "k": k, "dtype": str(dtype).removeprefix("torch."), "int4_us": round(us, 2),
+    row = {"rows": m, "n": n, "k": k, "dtype": str(dtype).removeprefix("torch."),
+           "tables": str(tables).removeprefix("torch."), "int4_us": round(us, 2),
            "int4_gbps": round(int4_bytes / us / 1e3, 1),
            "launch": {"dequantize": True} if dequantize else launch_for(m, n, k, sm_count(x))}
     if m > DECODE_ROWS:  # where the default switches between the fused kernel and dequantize-then-cuBLAS
@@ -112,16 +114,21 @@ def main() -> None:
     p.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in LLAMA3_8B.values()),
                    help="NxK weights (default: Llama-3-8B's)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--tables", default="float32", choices=["float32", "activation"],
+                   help="dtype of the int4 scales and zeros: float32 (a bf16 engine's) or x's")
     p.add_argument("--no-sweep", action="store_true", help="skip timing every decode launch")
     p.add_argument("--out", help="a folder for w4a16.json")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
+    tables = torch.float32 if args.tables == "float32" else dtype
     names = {v: name for name, v in LLAMA3_8B.items()}
     rows = [{"device": torch.cuda.get_device_name(), "copy_gbps": round(copy_gbps(), 1)}]
     print(json.dumps(rows[0]), flush=True)
     for m in (int(r) for r in args.rows.split(",")):
         for n, k in (tuple(int(d) for d in shape.split("x")) for shape in args.shapes.split(",")):
-            row = {"layer": names.get((n, k), ""), **measure(m, n, k, dtype, not args.no_sweep and m <= 16)}
+            row = {"layer": names.get((n, k), ""), **measure(m, n, k, dtype, not args.no_sweep and m <= 16,
+                                                                 tables=tables)}
+            row["int4_of_copy"] = round(row["int4_gbps"] / rows[0]["copy_gbps"], 2)
             print(json.dumps(row), flush=True)
             rows.append(row)
     if args.out:

@@ -14,17 +14,25 @@ every sum is float32. Why each part is as it is:
   worth 1, giving the float 2^23 + q; subtracting 2^23 + zero leaves q - zero, exact because
   zeros are integers. (The same trick in fp16 or bf16 would skip the conversion to x's
   dtype, but Triton's interpreter cannot run bfloat16 arithmetic, so no CPU test could check it.)
+- **A thread unpacks whole words.** The 8 nibbles of a word are joined (tl.join) into 8
+  adjacent columns held by the thread that loaded it: constant shifts, and no word read by 8
+  threads each taking one nibble (which a broadcast [.., 8] shift would compile to).
 - **Scales after the dot.** An inner step (SUB_K columns) lies inside one group, so q - zero,
   a whole number from -15 to 15 and exact in fp16 or bf16, goes into the dot as it is, and the
   group's float32 scale multiplies the [BLOCK_N, BLOCK_M] product once instead of every weight.
-  Per weight that leaves a shift, a mask-and-or, a subtraction and a conversion. With g_idx
-  (act-order) a step's columns belong to any groups: each weight is scaled before the dot, its
-  scale and zero gathered per column; slower, the same code otherwise.
+  Per weight that leaves a shift, a mask, an OR, a subtraction and half a two-wide conversion
+  (ptxas for sm_90: about 6.5 instructions a weight, all counted). With g_idx (act-order) a
+  step's columns belong to any groups: each weight is scaled before the dot, its scale and zero
+  gathered per column; slower (int4.sort_act_order avoids it), the same code otherwise.
+- **One warp per 16 weight rows.** The tensor cores' tile is 16 rows high; a tile with more
+  warps than that has each compute the same rows (4x the work at BLOCK_N 16 with 4 warps).
+  BLOCK_N 64 with 4 warps (128 with 8) lets Hopper use its warpgroup MMA.
 - **Decode** (up to 16 rows, padded to 16: the smallest tensor-core tile) only streams the
-  weight. What counts is bytes in flight on every SM: narrow column tiles (BLOCK_N 16..64)
-  make enough programs for 132 SMs, deep K tiles and several stages keep loads outstanding,
-  and split-K adds programs where N is small (K/V projections). The splits write float32
-  partial sums that one torch sum adds in a fixed order: deterministic, unlike atomics.
+  weight. What counts is bytes in flight on every SM: enough programs for every SM (split-K
+  where N alone gives too few tiles) and several pipeline stages of loads outstanding. The
+  splits store float32 partial sums, and the last split of each tile to arrive (an atomic
+  count) adds them in split order and writes y, in the same launch: no second kernel, and
+  the same bits whichever split finishes last.
 - **Prefill** (many rows): larger tiles both ways; from DEQUANTIZE_ROWS rows on, the weight is
   dequantized into x's dtype once (one more kernel) and cuBLAS runs the GEMM, as the
   GEMM's own work then dwarfs the dequantization's.
