@@ -9,7 +9,8 @@ For a weight [N outputs, K inputs] and groups of `group_size` input columns:
 - `scales`, `zeros`: [N, groups] in the activation dtype (or float32); `zeros` in integer units
   (whole numbers 0..15; symmetric GPTQ: 8), which the GPU kernel relies on to subtract exactly.
 - `g_idx`: optional int32 [K], the group of each input column (GPTQ's act-order); None means
-  column k is in group k // group_size.
+  column k is in group k // group_size. With it, `scales` and `zeros` may hold more groups than
+  K columns make (a row-parallel slice keeps every group of the layer).
 
 weight[n, k] = (q[n, k] - zeros[n, g(k)]) * scales[n, g(k)]
 """
@@ -129,10 +130,10 @@ def check_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                          f"{g_idx.dtype} {tuple(g_idx.shape)}")
     groups = -(-k // group_size)
     for name, t in (("scales", scales), ("zeros", zeros)):
-        # act-order groups are still group_size columns each, so their count is the same
-        if t.dim() != 2 or t.shape[0] != n or t.shape[1] != groups:
+        # with g_idx any count: a row-parallel slice of an act-order weight keeps all the layer's groups
+        if t.dim() != 2 or t.shape[0] != n or (t.shape[1] != groups if g_idx is None else t.shape[1] < 1):
             raise ValueError(f"{name} has shape {tuple(t.shape)}; a [{n}, {k}] weight in groups of {group_size} "
-                             f"needs [{n}, {groups}]")
+                             f"needs [{n}, {groups if g_idx is None else 'groups'}]")
         if not t.dtype.is_floating_point:
             raise ValueError(f"{name} must be float16, bfloat16 or float32; got {t.dtype}")
     if zeros.dtype != scales.dtype:

@@ -143,6 +143,25 @@ def test_sorting_act_order_groups_gives_the_same_linear():
         sort_act_order(qweight, torch.zeros(k, dtype=torch.int32), group_size)
 
 
+def act_order_slice(m: int, dtype: torch.dtype, device: str = "cpu") -> tuple:
+    """A row-parallel rank's half of an act-order weight: its columns, their g_idx, and every
+    group's scales and zeros; with its half of x and the full weight's product on that half."""
+    torch.manual_seed(0)
+    k, group_size = 512, 128
+    qweight, scales, zeros = random_int4(48, k, group_size, dtype, device=device)
+    g_idx = act_order(k, group_size).to(device)
+    x = torch.randn(m, k, device=device).to(dtype)
+    x_half = torch.cat([x[:, : k // 2], torch.zeros_like(x[:, k // 2:])], dim=1)
+    full = int4_linear_reference(x_half.double(), qweight, scales, zeros, group_size, g_idx)
+    return x[:, : k // 2], qweight[:, : k // 16].contiguous(), scales, zeros, group_size, g_idx[: k // 2], full
+
+
+def test_a_row_parallel_slice_of_an_act_order_weight_keeps_every_group():
+    x, qweight, scales, zeros, group_size, g_idx, full = act_order_slice(3, torch.float32)
+    assert scales.shape[1] == 4 and qweight.shape[1] * 8 == 256  # four groups' scales, two groups' worth of columns
+    assert rel_err(int4_linear_reference(x, qweight, scales, zeros, group_size, g_idx), full) < 1e-6
+
+
 @pytest.mark.parametrize("change,match", [
     (dict(x=torch.randn(2, 128)), "x has 128 columns"),
     (dict(scales=torch.ones(48, 3)), r"scales has shape \(48, 3\)"),
@@ -180,13 +199,14 @@ def test_decode_launches_fill_an_h100s_sms(n, k):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, the compiled kernel's tests below run")
 def test_kernel_matches_the_reference_in_tritons_interpreter():
     """One row, 3 and 70; N=48 (a partial tile) and K=384 (a partial K tile); groups of 128, 64,
-    96 (gathered: no step lies inside one) and one per row; act-order g_idx; a bias; split-K
-    (its counters left at 0); the dequantize-then-linear path; float32, float16, bfloat16."""
+    96 (gathered: no step lies inside one) and one per row; act-order g_idx, and a row-parallel
+    slice of it; a bias; split-K (its counters left at 0); the dequantize-then-linear path;
+    float32, float16, bfloat16."""
     run = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "TRITON_INTERPRET": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == 3 * len(INTERPRETED_CASES) + 1
+    assert len(results) == 3 * len(INTERPRETED_CASES) + 3
     for case, (dtype, err) in results.items():
         assert err <= TOLERANCE[dtype], (case, err)
 
@@ -244,6 +264,10 @@ def _interpreted_checks() -> dict[str, tuple[str, float]]:
             err = rel_err(out, ref) if out.dtype == dtype and out.shape == ref.shape else float("inf")
             results[f"{dtype} m={m} n={n} k={k} group={group_size} act_order={with_g_idx} bias={with_bias} "
                      f"{launch}"] = (str(dtype).removeprefix("torch."), err)
+    for dtype in (torch.float32, torch.bfloat16):
+        x, qweight, scales, zeros, group_size, g_idx, full = act_order_slice(3, dtype)
+        out = w4a16_linear(x, qweight, scales, zeros, group_size, g_idx)
+        results[f"{dtype} row-parallel act-order slice"] = (str(dtype).removeprefix("torch."), rel_err(out, full))
     results["split-K counters back at 0"] = ("float32", float(_counters(torch.device("cpu")).abs().sum()))
     return results
 
@@ -282,6 +306,8 @@ def test_act_order_kernel_matches_the_reference(m):
     assert rel_err(w4a16_linear(x, qweight, scales, zeros, 128, g_idx), ref) < TOLERANCE["bfloat16"]
     sorted_qweight, perm = sort_act_order(qweight, g_idx, 128)
     assert rel_err(w4a16_linear(x[:, perm.long()], sorted_qweight, scales, zeros, 128), ref) < TOLERANCE["bfloat16"]
+    x, qweight, scales, zeros, group_size, g_idx, full = act_order_slice(m, torch.bfloat16, "cuda")
+    assert rel_err(w4a16_linear(x, qweight, scales, zeros, group_size, g_idx), full) < TOLERANCE["bfloat16"]
 
 
 @GPU
