@@ -550,3 +550,126 @@ def test_gpu_bf16_and_fp8_engines_of_qwen2_qwen3_and_phi3_follow_the_cpu_float32
             if x.token_id != y.token_id:
                 assert x.token_id in [t for t, _ in y.top] and y.token_id in [t for t, _ in x.top], (step, x, y)
                 break
+
+
+@pytest.mark.parametrize("kv", ["auto", FP8_KV])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,window", [(8, 2, None), (8, 2, 7), (4, 4, None)])
+def test_paged_attention_kernels_soft_cap_their_scores_as_the_reference(heads, kv_heads, window, dtype, kv):
+    """Gemma 2's soft cap (tanh(s / cap) * cap before the mask) in both kernels, beside a window,
+    over an fp8 cache, in the decode launches the tuner may pick; scores of about 4 times the
+    cap, so that the cap changes them much."""
+    from dist_runtime.kernels.paged_decode import fp8_products_fit, paged_decode_attention
+    from dist_runtime.kernels.paged_prefill import (
+        fp8_scores_fit,
+        launch_for,
+        paged_prefill_attention,
+        prefill_tiles,
+        round_q_e4m3,
+    )
+
+    torch.manual_seed(0)
+    head_dim, block_size, cap = 64, 16, 2.0
+    seqs = [(1, 9), (1, 300), (300, 300), (5, 5), (64, 200), (17, 17)]
+    max_blocks = -(-max(ctx for _, ctx in seqs) // block_size)
+    num_blocks = len(seqs) * max_blocks + 3
+    attn = PagedAttention(heads, kv_heads, head_dim, head_dim**-0.5, window, softcap=cap)
+    attn.k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda", dtype=dtype) * 3
+    attn.v_cache = torch.randn_like(attn.k_cache)
+    tables = torch.randperm(num_blocks, device="cuda")[: len(seqs) * max_blocks].view(len(seqs), max_blocks)
+    starts = [0]
+    for new, _ in seqs:
+        starts.append(starts[-1] + new)
+    context = [ctx for _, ctx in seqs]
+    q = torch.randn(starts[-1], heads, head_dim, device="cuda", dtype=dtype) * 3
+    if kv == "fp8":
+        quantize_cache(attn)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    # decode: each sequence's last query over its whole context
+    last = torch.tensor(starts[1:], device="cuda") - 1
+    meta = AttentionMetadata(torch.empty(0), list(range(len(seqs) + 1)), context, tables)
+    ref = attn.reference(q[last].double() if dtype == torch.float32 else q[last], meta)
+    launches = [{}, {"splits": 3, "block_n": 32, "num_warps": 8}]
+    if heads == kv_heads:
+        launches.append({"vector": True, "block_n": 16})
+    if fp8_products_fit(dtype, heads // kv_heads, head_dim, kv == "fp8"):
+        launches.append({"fp8_products": True, "num_stages": 1})
+    lens = torch.tensor(context, device="cuda", dtype=torch.int32)
+    for launch in launches:
+        out = paged_decode_attention(q[last], attn.k_cache, attn.v_cache, tables, lens, attn.scale, window,
+                                     k_scale=attn.k_scale, v_scale=attn.v_scale, softcap=cap, **launch)
+        limit = 5e-2 if launch.get("fp8_products") else tol
+        assert rel_err(out, ref) < limit, launch
+    # prefill: every sequence but the two decodes in front
+    meta = AttentionMetadata(torch.empty(0), starts, context, tables)
+    launch = launch_for(head_dim, kv == "fp8", dtype)
+    tiles = torch.from_numpy(prefill_tiles(starts, context, 2, launch[0])).cuda()
+    out = torch.full_like(q, 7.0)
+    paged_prefill_attention(q, attn.k_cache, attn.v_cache, tables, tiles,
+                            torch.tensor(starts, device="cuda", dtype=torch.int32), lens, attn.scale, window, out,
+                            attn.k_scale, attn.v_scale, launch, softcap=cap)
+    if kv == "fp8" and dtype != torch.float32 and fp8_scores_fit(head_dim):
+        q = round_q_e4m3(q).to(dtype)  # the fp8 scores take q rounded so
+    ref = attn.reference(q.double() if dtype == torch.float32 else q, meta)
+    assert (out[:2] == 7.0).all() and rel_err(out[2:], ref[2:]) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,size", [(1, 64), (7, 3584), (33, 5000)])
+def test_fused_gemma_rmsnorm_matches_the_reference(dtype, tokens, size):
+    """x * (1 + w) in float32, rounded once; with a residual, the sum as the reference rounds it;
+    and over each head of q, a strided view (Gemma 3's q_norm)."""
+    from dist_runtime.layers.norm import GemmaRMSNorm
+
+    torch.manual_seed(0)
+    norm = GemmaRMSNorm(size, 1e-6).cuda().to(dtype)
+    torch.nn.init.normal_(norm.weight, 0.0, 0.5)
+    x, residual = (torch.randn(tokens, size, device="cuda", dtype=dtype) * 3 for _ in range(2))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(norm(x).float(), norm.reference(x).float(), rtol=tol, atol=tol)
+    fused, summed = norm(x, residual.clone())
+    ref, ref_summed = norm.reference(x, residual.clone())
+    assert torch.equal(summed, ref_summed) and torch.allclose(fused.float(), ref.float(), rtol=tol, atol=tol)
+    head_norm = GemmaRMSNorm(32, 1e-6).cuda().to(dtype)
+    torch.nn.init.normal_(head_norm.weight, 0.0, 0.5)
+    heads = x[:, : size // 64 * 32].view(tokens, size // 64, 32)  # half of each row as heads: a strided view
+    assert torch.allclose(head_norm(heads).float(), head_norm.reference(heads).float(), rtol=tol, atol=tol)
+
+
+# a prompt longer than the windows (8) and than the step's token budget (32): chunked prefill
+# over windowed and global layers
+GEMMA_PROMPTS = [*PROMPTS, " ".join(f"word{i}" for i in range(40))]  # 144 tokens
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gpu_float32_engines_of_gemma2_and_gemma3_give_the_cpu_tokens(family, engines):
+    """Per-layer windows and rotary bases through the fused rotary kernel, q/k norms before it,
+    soft caps in both attention kernels and on the logits, the decode CUDA graphs, chunked
+    prefill: the CPU's tokens (which are transformers')."""
+    engine = str(engines(family, 1, 1, max_seq_len=256, max_num_tokens=32))
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    with LLM(engine) as cpu:
+        expected = [o.token_ids for o in cpu.generate(GEMMA_PROMPTS, params)]
+    with LLM(engine, device="cuda") as gpu:
+        assert gpu.coordinator.runner.graphs is not None
+        assert [o.token_ids for o in gpu.generate(GEMMA_PROMPTS, params)] == expected
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gpu_bf16_engines_of_gemma2_and_gemma3_follow_the_cpu_float32_reference(family, engines):
+    """Against the float32 engine on the CPU: the first logits within 5% (the CPU's own bf16
+    engine is 1 to 3.5% off: with a norm after each block, a block's rounding joins the residual
+    stream at full size), and the greedy tokens equal up to a near tie, where each side's token
+    is among the other's top 5."""
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=5)
+    with LLM(str(engines(family, 1, 1, "fp32", max_seq_len=256))) as cpu:
+        expected = cpu.generate(GEMMA_PROMPTS, params, return_logits=True)
+    with LLM(str(engines(family, 1, 1, "bf16", max_seq_len=256)), device="cuda") as gpu:
+        got = gpu.generate(GEMMA_PROMPTS, params, return_logits=True)
+    for ours, ref in zip(got, expected):
+        a, b = ours.outputs[0].logits[0].float().cpu(), ref.outputs[0].logits[0].float()
+        assert ((a - b).norm() / b.norm()).item() < 5e-2
+        for step, (x, y) in enumerate(zip(ours.outputs[0].logprobs, ref.outputs[0].logprobs)):
+            if x.token_id != y.token_id:
+                assert x.token_id in [t for t, _ in y.top] and y.token_id in [t for t, _ in x.top], (step, x, y)
+                break
