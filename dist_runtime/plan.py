@@ -11,12 +11,14 @@ import torch
 
 from dist_runtime.errors import PlanError
 from dist_runtime.mapping import Mapping
-from dist_runtime.quantization import FP8
+from dist_runtime.quantization import FP8, INT4_DTYPES
 
-# Engine dtypes: (dtype of activations and unquantized weights, bytes per quantized GEMM weight or None)
+# Engine dtypes: (dtype of activations and unquantized weights, bytes per quantized GEMM weight or None;
+# int4 engines pack two weights a byte, with tables per group: the planner counts them itself)
 DTYPES: dict[str, tuple[torch.dtype, int | None]] = {
     "fp32": (torch.float32, None), "fp16": (torch.float16, None), "bf16": (torch.bfloat16, None),
     "fp8": (torch.bfloat16, 1), "int8wo": (torch.bfloat16, 1),
+    **{name: (activations, None) for name, activations in INT4_DTYPES.items()},
 }
 KV_DTYPES = {"auto": None, "fp8": FP8}  # None: the activations' dtype
 

@@ -16,6 +16,10 @@ INT8_MAX = 127
 QUANTIZED_DTYPES = {"fp8": FP8, "int8wo": torch.int8}
 SCALE_SUFFIX = "_scale"
 INPUT_SCALE = "input_scale"  # a calibrated GEMM input scale, `<layer>.input_scale` beside `<layer>.weight`
+# W4A16 engines (dist_runtime/int4.py's layout), by the dtype of their activations: bf16, fp16, float32
+INT4_DTYPES = {"int4": torch.bfloat16, "int4-fp16": torch.float16, "int4-fp32": torch.float32}
+ZERO_SUFFIX = "_zero"  # an int4 weight's zero points, `<name>_zero` beside its `<name>_scale`
+G_IDX = "g_idx"  # an int4 weight's group of each input column (act-order), `<layer>.g_idx`
 # Without calibration (as vLLM): keys and values of real models sit well inside E4M3's +-448.
 DEFAULT_KV_SCALE = 1.0
 
@@ -36,6 +40,17 @@ def channel_scales(weight: torch.Tensor, limit: float) -> torch.Tensor:
 def input_scale_name(weight_name: str) -> str:
     """`<layer>.input_scale` beside `<layer>.weight`."""
     return weight_name.removesuffix("weight") + INPUT_SCALE
+
+
+def g_idx_name(weight_name: str) -> str:
+    """`<layer>.g_idx` beside `<layer>.weight`."""
+    return weight_name.removesuffix("weight") + G_IDX
+
+
+def int4_table_dtype(activations: torch.dtype) -> torch.dtype:
+    """The dtype of an int4 engine's scales and zero points: its activations' where they hold
+    every scale of a float16 checkpoint exactly (float16, float32), else float32."""
+    return activations if activations in (torch.float16, torch.float32) else torch.float32
 
 
 def quantize_weight(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:

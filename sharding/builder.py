@@ -17,22 +17,17 @@ from dist_runtime.engine import BuildRecord, Engine, rank_file_name, sha256_of, 
 from dist_runtime.errors import CheckpointError, EngineError
 from dist_runtime.models import build_model, checkpoint_layout
 from dist_runtime.plan import DTYPES, Plan
-from dist_runtime.quantization import (
-    DEFAULT_KV_SCALE,
-    QUANTIZED_DTYPES,
-    SCALE_SUFFIX,
-    input_scale_name,
-    quantize_weight,
-)
+from dist_runtime.quantization import DEFAULT_KV_SCALE, INT4_DTYPES
 from dist_runtime.tokenizer import Tokenizer
 from dist_runtime.tuning import skipped
+from sharding import rank_tensors
 from sharding.autotune import tune_kernels
 from sharding.calibrate import calibrate
 from sharding.checkpoint import Checkpoint
 from sharding.planner import make_plan
-from sharding.safetensors_writer import StreamingWriter, TensorSpec
+from sharding.safetensors_writer import StreamingWriter
 
-BUILDABLE = ("fp32", "fp16", "bf16", "int8wo", "fp8")
+BUILDABLE = ("fp32", "fp16", "bf16", "int8wo", "fp8", *INT4_DTYPES)
 
 
 def check_checkpoint(ck: Checkpoint) -> None:
@@ -63,7 +58,7 @@ def build_engine(checkpoint: str | Path, out: str | Path, tp: int = 1, pp: int =
     check_checkpoint(ck)
     if (ck.path / "tokenizer.json").is_file():
         Tokenizer(ck.path)  # a tokenizer file that does not parse is refused here, not when serving
-    plan = make_plan(ck.config, tp, pp, dtype, **plan_options)
+    plan = make_plan(ck.config, tp, pp, dtype, **(ck.scheme.plan_options() if ck.scheme else {}), **plan_options)
     ranges = None
     if calib is not None:
         if dtype != "fp8" and plan.kv_cache_dtype != "fp8":
@@ -121,7 +116,8 @@ def _shape_fields(config: ModelConfig) -> dict:
 def write_rank_files(ck: Checkpoint, plan: Plan, out: Path, progress: bool,
                      input_scales: dict[str, torch.Tensor] | None = None) -> dict[str, dict]:
     """Write every rank's file (to a temporary name, renamed when complete); return checksums.
-    `input_scales`: calibrated fp8 GEMM input scales by weight name, each beside its weight."""
+    `input_scales`: calibrated fp8 GEMM input scales by weight name, each beside its weight
+    (else a pre-quantized checkpoint's own, where it has them; see sharding/rank_tensors.py)."""
     dtype = DTYPES[plan.dtype][0]
     total = sum(len(r.weights) for r in plan.ranks)
     bar = tqdm(total=total, unit="tensor", desc=f"build {out}", disable=not progress)
@@ -129,25 +125,21 @@ def write_rank_files(ck: Checkpoint, plan: Plan, out: Path, progress: bool,
     for stage in range(plan.pp):
         mappings = [plan.mapping(stage * plan.tp + t) for t in range(plan.tp)]
         models = [build_model(ck.config, m, plan.layer_range(stage), dtype) for m in mappings]
-        writers = [StreamingWriter(out / (rank_file_name(m.rank) + ".tmp"),
-                                   _specs(model, dtype, plan.dtype, input_scales is not None))
-                   for m, model in zip(mappings, models)]
         params = [dict(model.named_parameters()) for model in models]
+        form = rank_tensors.forms(ck, plan, models[0], input_scales)
+        writers = [StreamingWriter(out / (rank_file_name(m.rank) + ".tmp"),
+                                   [spec for name, param in rank_params.items()
+                                    for spec in rank_tensors.specs(name, param, form[name], dtype, plan.dtype)])
+                   for m, rank_params in zip(mappings, params)]
         for name in params[0]:
-            read = None  # (names, tensors): TP ranks side by side share theirs (an expert group's)
+            read = None  # (names, what they hold): TP ranks side by side share theirs (an expert group's)
             for model, writer, rank_params in zip(models, writers, params):
                 names = model.checkpoint_names(name)
                 if read is None or read[0] != names:
-                    read = names, [ck.get(n) for n in names]
-                sources, param = read[1], rank_params[name]
-                if plan.dtype in QUANTIZED_DTYPES and param.is_linear_weight:
-                    weight, scale = quantize_weight(param.shard_of(sources), plan.dtype)
-                    writer.write(name, weight)
-                    writer.write(name + SCALE_SUFFIX, scale)
-                    if input_scales is not None:
-                        writer.write(input_scale_name(name), input_scales[name])
-                else:
-                    writer.write(name, param.shard_of(sources).to(dtype))
+                    read = names, rank_tensors.read(ck, names, form[name])
+                for tensor_name, tensor in rank_tensors.rank_tensors(name, rank_params[name], form[name], read[1],
+                                                                     dtype, plan.dtype):
+                    writer.write(tensor_name, tensor)
             bar.update(len(writers))
         for m, writer in zip(mappings, writers):
             sha = writer.close()
@@ -156,18 +148,3 @@ def write_rank_files(ck: Checkpoint, plan: Plan, out: Path, progress: bool,
             files[final.name] = {"sha256": sha, "bytes": writer.nbytes}
     bar.close()
     return files
-
-
-def _specs(model, dtype: torch.dtype, fmt: str, input_scales: bool) -> list[TensorSpec]:
-    """The rank file's tensors in writing order; a quantized GEMM weight is followed by its scale
-    (and its input's, when calibrated)."""
-    specs = []
-    for name, param in model.named_parameters():
-        if fmt in QUANTIZED_DTYPES and param.is_linear_weight:
-            specs += [TensorSpec(name, tuple(param.shape), QUANTIZED_DTYPES[fmt]),
-                      TensorSpec(name + SCALE_SUFFIX, tuple(param.shape[:-1]), torch.float32)]
-            if input_scales:
-                specs.append(TensorSpec(input_scale_name(name), (1,), torch.float32))
-        else:
-            specs.append(TensorSpec(name, tuple(param.shape), dtype))
-    return specs

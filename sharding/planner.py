@@ -14,9 +14,12 @@ from dist_runtime.layers.moe import EXCHANGES
 from dist_runtime.mapping import Mapping
 from dist_runtime.models import build_model
 from dist_runtime.plan import DTYPES, KV_DTYPES, Plan, RankPlan, WeightSlice
+from dist_runtime.quantization import INT4_DTYPES, int4_table_dtype
 
 GiB = 2**30
 RUNTIME_OVERHEAD = 1 * GiB  # CUDA context, cuBLAS/NCCL workspaces: counted only against --gpu-mem
+INT4_GROUP_SIZES = (128, 64, 32)  # tried in turn for int4 weights rounded here from float ones
+WHOLE_INPUT = -1  # an int4 group size of one group per layer's whole input, as Hugging Face configs write it
 
 
 def split_layers(num_layers: int, pp: int, counts: list[int] | None = None) -> list[int]:
@@ -34,8 +37,11 @@ def split_layers(num_layers: int, pp: int, counts: list[int] | None = None) -> l
 def make_plan(config: ModelConfig, tp: int = 1, pp: int = 1, dtype: str = "bf16", *,
               kv_cache_dtype: str = "auto", layer_counts: list[int] | None = None, max_batch_size: int = 16,
               max_seq_len: int | None = None, max_num_tokens: int | None = None, block_size: int = 16,
-              gpu_mem_gib: float | None = None, ep: int = 1, expert_exchange: str = "all-reduce") -> Plan:
-    """`ep`: a mixture's experts split into that many groups of whole experts per TP group, and
+              gpu_mem_gib: float | None = None, group_size: int | None = None, act_order: bool = False,
+              ep: int = 1, expert_exchange: str = "all-reduce") -> Plan:
+    """`group_size`, `act_order`: an int4 engine's groups as its checkpoint stores them (see
+    int4_group_size); the engine's own choice where it rounds float weights (None). `ep`: a
+    mixture's experts split into that many groups of whole experts per TP group, and
     `expert_exchange` how the group's expert outputs meet (layers/moe.py)."""
     _check_experts(config, tp, ep, expert_exchange)
     if dtype not in DTYPES:
@@ -59,7 +65,7 @@ def make_plan(config: ModelConfig, tp: int = 1, pp: int = 1, dtype: str = "bf16"
     stages: dict[int, RankPlan] = {}
     for m in plan.mapping().all_ranks():
         if m.pp_rank not in stages:
-            stages[m.pp_rank] = _plan_rank(config, plan, m)
+            stages[m.pp_rank] = _plan_rank(config, plan, m, group_size, act_order)
         stage = stages[m.pp_rank]
         experts = [m.experts(config.moe.num_experts)[i] for i in (0, -1)] if config.moe else None
         plan.ranks.append(dataclasses.replace(stage, rank=m.rank, tp_rank=m.tp_rank, memory=dict(stage.memory),
@@ -68,14 +74,19 @@ def make_plan(config: ModelConfig, tp: int = 1, pp: int = 1, dtype: str = "bf16"
     return plan
 
 
-def _plan_rank(config: ModelConfig, plan: Plan, mapping: Mapping) -> RankPlan:
+def _plan_rank(config: ModelConfig, plan: Plan, mapping: Mapping, group_size: int | None,
+               act_order: bool) -> RankPlan:
     act_dtype, quant_bytes = DTYPES[plan.dtype]
     layers = plan.layer_range(mapping.pp_rank)
     model = build_model(config, mapping, layers, act_dtype)
+    if plan.dtype in INT4_DTYPES:
+        group_size = int4_group_size(model, plan.tp, group_size)
     weights, weight_bytes = [], 0
     for name, param in model.named_parameters():
         weights.append(WeightSlice(name, list(param.shape), param.parallel, _folded(model.checkpoint_names(name))))
-        if quant_bytes and param.is_linear_weight:
+        if plan.dtype in INT4_DTYPES and param.is_linear_weight:
+            weight_bytes += _int4_bytes(param, plan.tp, group_size, act_order, int4_table_dtype(act_dtype).itemsize)
+        elif quant_bytes and param.is_linear_weight:
             weight_bytes += param.numel() * quant_bytes + param.numel() // param.shape[-1] * 4  # + a scale per row
         else:
             weight_bytes += param.numel() * act_dtype.itemsize
@@ -87,6 +98,41 @@ def _plan_rank(config: ModelConfig, plan: Plan, mapping: Mapping) -> RankPlan:
     if plan.gpu_mem_bytes is not None:
         memory["runtime"] = RUNTIME_OVERHEAD
     return RankPlan(mapping.rank, mapping.tp_rank, mapping.pp_rank, [layers.start, layers.stop], memory, weights)
+
+
+def int4_group_size(model, tp: int, group_size: int | None) -> int:
+    """The int4 group size of a stage's linear layers: `group_size` as a checkpoint stores it,
+    whose groups each rank's slice of a row-parallel layer's input must hold whole (unless a
+    group spans the whole input, WHOLE_INPUT, which every rank then keeps); or, for weights
+    rounded here (None), the largest of INT4_GROUP_SIZES that divides every such input."""
+    inputs = {name.removesuffix(".weight"): (param.shape[-1], param.parallel) for name, param in
+              model.named_parameters() if param.is_linear_weight}
+    stacked = next((layer for layer, (_, parallel) in inputs.items() if parallel not in ("column", "row")), None)
+    if stacked is not None:
+        raise PlanError(f"{stacked}: int4 engines hold linear layers, not a mixture's stacked experts; build this "
+                        f"model in fp8, int8wo or a float dtype")
+    if group_size is None:
+        for size in INT4_GROUP_SIZES:
+            if all(k % size == 0 for k, _ in inputs.values()):
+                return size
+        layer, (k, _) = next((n, i) for n, i in inputs.items() if i[0] % INT4_GROUP_SIZES[-1])
+        raise PlanError(f"{layer}: {k} input columns per rank (tp={tp}) hold no whole int4 groups of "
+                        f"{' or '.join(map(str, INT4_GROUP_SIZES))}")
+    for layer, (k, parallel) in inputs.items():
+        if group_size != WHOLE_INPUT and parallel == "row" and k % group_size:
+            raise PlanError(f"{layer}: its {k * tp} input columns over tp={tp} give each rank {k}, not a whole "
+                            f"number of the checkpoint's int4 groups of {group_size}")
+    return group_size
+
+
+def _int4_bytes(param, tp: int, group_size: int, act_order: bool, table_bytes: int) -> int:
+    """Packed int4 values, a scale and a zero point per row and group, and a group per input
+    column under act-order. A row-parallel slice under act-order (or of one whole-input
+    group) keeps the whole layer's groups: its columns may fall in any of them."""
+    out, k = param.shape
+    columns = k * tp if param.parallel == "row" and act_order else k
+    groups = 1 if group_size == WHOLE_INPUT else -(-columns // group_size)
+    return out * k // 2 + 2 * out * groups * table_bytes + (4 * k if act_order else 0)
 
 
 def _check_experts(config: ModelConfig, tp: int, ep: int, exchange: str) -> None:
@@ -125,7 +171,10 @@ def smallest_fitting_plan(config: ModelConfig, dtype: str, gpu_mem_gib: float, g
     candidates = sorted(((tp, pp) for tp in (1, 2, 4, 8, 16) if tp <= gpus_per_node
                          for pp in range(1, config.num_layers + 1) if tp * pp <= max_gpus),
                         key=lambda tp_pp: (tp_pp[0] * tp_pp[1], tp_pp[1]))
+    weights = None  # every rank's weights in the first layout (one GPU): fewer GPUs than they fill never fit
     for tp, pp in candidates:
+        if weights is not None and weights > tp * pp * gpu_mem_gib * GiB:
+            continue
         try:
             ep = math.gcd(tp, config.moe.num_experts) if config.moe else 1
             plan = make_plan(config, tp, pp, dtype, gpu_mem_gib=gpu_mem_gib, ep=ep, **options)
@@ -133,4 +182,5 @@ def smallest_fitting_plan(config: ModelConfig, dtype: str, gpu_mem_gib: float, g
             continue
         if plan.fits:
             return plan
+        weights = weights or sum(r.memory["weights"] for r in plan.ranks)
     return None

@@ -68,8 +68,8 @@ def test_shape_mismatch_is_named(checkpoints, tmp_path):
 
 
 def test_an_unknown_dtype_is_refused_by_name(checkpoints, tmp_path):
-    with pytest.raises(EngineError, match="--dtype int4"):
-        build_engine(checkpoints["llama"], tmp_path / "eng", dtype="int4", progress=False)
+    with pytest.raises(EngineError, match="--dtype int2"):
+        build_engine(checkpoints["llama"], tmp_path / "eng", dtype="int2", progress=False)
 
 
 @pytest.mark.slow
