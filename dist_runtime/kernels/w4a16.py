@@ -117,10 +117,10 @@ def _scales_and_zeros(s_ptr, z_ptr, g_ptr, rn, k0, N, K, stride_sn, GROUP_SIZE: 
 
 @triton.jit
 def _w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, k_per_split,
-                  stride_xm, stride_qn, stride_sn, stride_ym, GROUP_SIZE: tl.constexpr, HAS_G_IDX: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-                  PDL: tl.constexpr):
+                  stride_xm, stride_qn, stride_sn, stride_ym, stride_split, GROUP_SIZE: tl.constexpr,
+                  HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, EVEN_K: tl.constexpr,
+                  PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Program (n, split, m): y^T[n tile, m tile] summed over the K range of `split`."""
     wait_for_inputs(PDL)
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
@@ -153,13 +153,13 @@ def _w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, part_ptr, co
         # arrive adds them up in split order (the same bits whichever arrives last) and writes
         # y, in this launch: no second kernel. Its counter goes back to 0 for the next launch.
         parts = part_ptr + rm[None, :].to(tl.int64) * N + rn[:, None]
-        tl.store(parts + split * M * N, acc, mask=mask)
+        tl.store(parts + split * stride_split, acc, mask=mask)
         tl.debug_barrier()  # every thread's store before the count: a release orders what the CTA wrote
         counter = count_ptr + tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
         if tl.atomic_add(counter, 1, sem="acq_rel") == tl.num_programs(1) - 1:
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for other in range(tl.num_programs(1)):  # .cg: from the L2, never a stale L1 line
-                acc += tl.load(parts + other * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+                acc += tl.load(parts + other * stride_split, mask=mask, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(counter, 0)
             _store_y(acc, b_ptr, y_ptr, rn, rm, N, stride_ym, mask, HAS_BIAS)
     else:
@@ -295,8 +295,8 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     counters = _counters(x.device) if splits > 1 else qweight
     _w4a16_kernel[(triton.cdiv(n, block_n), splits, triton.cdiv(m, block_m))](
         rows, qweight, scales, zeros, g_arg, bias if bias is not None else qweight, out, partials, counters, m, n, k,
-        k_per_split, rows.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-        SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SUB_K=sub_k, EVEN_K=k % block_k == 0,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=given["num_warps"],
-        num_stages=given["num_stages"], **common)
+        k_per_split, rows.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), partials.stride(0),
+        HAS_BIAS=bias is not None, SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        SUB_K=sub_k, EVEN_K=k % block_k == 0, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=given["num_warps"], num_stages=given["num_stages"], **common)
     return out.view(*x.shape[:-1], n)
