@@ -20,13 +20,14 @@ from dist_runtime.comm.base import Communicator
 from dist_runtime.cuda_graphs import DecodeGraphs, buckets
 from dist_runtime.engine import Engine
 from dist_runtime.errors import EngineError
+from dist_runtime.int4 import NIBBLES
 from dist_runtime.layers.attention import AttentionMetadata
 from dist_runtime.layers.linear import kv_head_range
 from dist_runtime.layers.moe import set_expert_exchange
 from dist_runtime.layers.quantized import check_device
 from dist_runtime.mapping import Mapping
 from dist_runtime.models import build_model
-from dist_runtime.quantization import FP8, SCALE_SUFFIX, input_scale_name
+from dist_runtime.quantization import FP8, SCALE_SUFFIX, ZERO_SUFFIX, g_idx_name, input_scale_name
 from dist_runtime.sampler import Sampled, sample
 from dist_runtime.step import Step, to_device
 from dist_runtime.tuning import KernelChoices, install
@@ -343,11 +344,15 @@ def _leading_decodes(query_start) -> int:
 def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], file) -> None:
     """Put the rank file's tensors in place of the meta parameters; a tied parameter is
     replaced everywhere it is used. A quantized GEMM weight comes with `<name>_scale`, which
-    goes to its layer's `weight_scale`, and a calibrated fp8 one with `<layer>.input_scale`."""
+    goes to its layer's `weight_scale`, and a calibrated fp8 one with `<layer>.input_scale`;
+    an int4 one (packed, int32 [out, in / 8]) also with `<name>_zero` (`weight_zero`) and,
+    under act-order, `<layer>.g_idx`."""
     params = dict(model.named_parameters())
     tensors = dict(weights)
     scales = {name: tensors.pop(name + SCALE_SUFFIX) for name in params if name + SCALE_SUFFIX in tensors}
     input_scales = {name: tensors.pop(input_scale_name(name)) for name in scales if input_scale_name(name) in tensors}
+    zeros = {name: tensors.pop(name + ZERO_SUFFIX) for name in scales if name + ZERO_SUFFIX in tensors}
+    g_idx = {name: tensors.pop(g_idx_name(name)) for name in zeros if g_idx_name(name) in tensors}
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
         raise EngineError(f"{file}: does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -357,10 +362,13 @@ def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], file) -> N
             users.setdefault(id(param), []).append((module, attr))
     for name, param in params.items():
         tensor = tensors[name]
-        if tensor.shape != param.shape:
-            raise EngineError(f"{file}: {name} has shape {list(tensor.shape)}, the plan says {list(param.shape)}")
-        if (name in scales) != (tensor.dtype in (torch.int8, FP8)):
-            raise EngineError(f"{file}: {name} is {tensor.dtype} {'with' if name in scales else 'without'} a scale")
+        packed = (param.shape[0], param.shape[1] // NIBBLES) if name in zeros else param.shape
+        if tensor.shape != packed:
+            raise EngineError(f"{file}: {name} has shape {list(tensor.shape)}, the plan says {list(packed)}")
+        if (name in scales) != (tensor.dtype in (torch.int8, FP8, torch.int32)) or (name in zeros) != (
+                tensor.dtype == torch.int32):
+            raise EngineError(f"{file}: {name} is {tensor.dtype} {'with' if name in scales else 'without'} a scale"
+                              f"{' and zero points' if name in zeros else ''}")
         new = nn.Parameter(tensor, requires_grad=False)
         for module, attr in users[id(param)]:
             setattr(module, attr, new)
@@ -368,4 +376,7 @@ def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], file) -> N
                 check_device(tensor.dtype, tensor.device)
                 setattr(module, f"{attr}_scale", scales[name])
                 module.input_scale = input_scales.get(name)
+                if name in zeros:
+                    setattr(module, f"{attr}_zero", zeros[name])
+                    module.g_idx = g_idx.get(name)
 

@@ -10,12 +10,13 @@ from torch import nn
 
 from dist_runtime.errors import PlanError
 from dist_runtime.layers import declare, split, unsliced
-from dist_runtime.layers.quantized import quantized_linear
+from dist_runtime.layers.quantized import int4_linear, quantized_linear
 from dist_runtime.quantization import Fp8Rows
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernels=None,
-           scale: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+           scale: torch.Tensor | None = None, input_scale: torch.Tensor | None = None,
+           zero: torch.Tensor | None = None, g_idx: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, or the Triton kernel for a few rows where the engine's tuning found it faster
     for this shape on this GPU (`kernels`: the runner's KernelChoices, None on the CPU); with a
     `scale`, the weight is quantized (int8 or fp8, one scale per output row), and an fp8 one may
@@ -23,7 +24,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ker
     which the Triton kernel reads as they are: fp8 ones then multiply x unquantized (weight-only,
     for decode batches where reading the weight is the whole cost), while _scaled_mm quantizes x
     (or takes it quantized, an Fp8Rows) with `input_scale` or per token, accumulating fast
-    where the tuning found that faster."""
+    where the tuning found that faster. With a `zero` (and maybe a `g_idx`), the weight is int4,
+    packed (dist_runtime/int4.py), and takes its own kernel whatever the tuning chose."""
+    if zero is not None:
+        return int4_linear(x, weight, scale, zero, g_idx, bias)
     values = x.values if isinstance(x, Fp8Rows) else x
     rows = values.numel() // values.shape[-1]
     choice = None
@@ -62,8 +66,9 @@ class ColumnParallelLinear(nn.Module):
                               self._shard, linear=True)
         self.bias = declare(nn.Parameter(torch.empty(out)), self.parallel, self._shard) if bias else None
         self.kernels = None  # KernelChoices, set by a GPU runner
-        self.weight_scale = None  # per output row, when the engine's weights are quantized
+        self.weight_scale = None  # per output row (and group, int4), when the engine's weights are quantized
         self.input_scale = None  # per tensor, when an fp8 engine was calibrated
+        self.weight_zero = self.g_idx = None  # int4: zero points per row and group; act-order's groups
 
     def local_piece_sizes(self, pieces: list[int], name: str) -> list[int]:
         for size in pieces:
@@ -80,7 +85,8 @@ class ColumnParallelLinear(nn.Module):
         return torch.cat([self.shard_piece(i, t) for i, t in enumerate(tensors)], dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.kernels, self.weight_scale, self.input_scale)
+        return linear(x, self.weight, self.bias, self.kernels, self.weight_scale, self.input_scale, self.weight_zero,
+                      self.g_idx)
 
 
 def kv_head_range(num_kv_heads: int, tp: int, tp_rank: int) -> range:
@@ -141,12 +147,14 @@ class RowParallelLinear(nn.Module):
                               lambda ts: split(unsliced(ts), 1, tp, tp_rank), linear=True)
         self.bias = declare(nn.Parameter(torch.empty(out_features)), "replicated", unsliced) if bias else None
         self.kernels = None  # KernelChoices, set by a GPU runner
-        self.weight_scale = None  # per output row, when the engine's weights are quantized
+        self.weight_scale = None  # per output row (and group, int4), when the engine's weights are quantized
         self.input_scale = None  # per tensor, when an fp8 engine was calibrated
+        self.weight_zero = self.g_idx = None  # int4: zero points per row and group; act-order's groups
 
     def partial(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's share of the product, before the all-reduce and without the bias."""
-        return linear(x, self.weight, None, self.kernels, self.weight_scale, self.input_scale)
+        return linear(x, self.weight, None, self.kernels, self.weight_scale, self.input_scale, self.weight_zero,
+                      self.g_idx)
 
     def finish(self, partial_sum: torch.Tensor) -> torch.Tensor:
         """All-reduce partial sums (several layers' may be summed first) and add the bias."""

@@ -1,6 +1,7 @@
 """GEMMs with quantized weights (see dist_runtime/quantization.py): int8 weight-only, and fp8 (E4M3)
-weights with activations scaled per token at run time, or per tensor with a calibrated scale.
-Each takes the weight's float32 scale per output row and returns activations in x's dtype."""
+weights with activations scaled per token at run time, or per tensor with a calibrated scale,
+each with the weight's float32 scale per output row; and int4 weight-only (dist_runtime/int4.py),
+with scales and zero points per row and group. Each returns activations in x's dtype."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_runtime.errors import EngineError
+from dist_runtime.int4 import NIBBLES, int4_linear_reference
 from dist_runtime.quantization import FP8, Fp8Rows, dequantize_weight, quantize_fp8, quantize_rows_fp8
 
 
@@ -53,6 +55,21 @@ def takes_fp8_rows(layer, rows: int) -> bool:
     if layer is None or layer.weight.dtype != FP8:
         return False
     return layer.kernels is None or layer.kernels.gemm(rows, *layer.weight.shape) is None
+
+
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                g_idx: torch.Tensor | None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W4A16 (dist_runtime/int4.py's layout): the Triton kernel on a GPU, the torch reference on
+    the CPU. The group size is what the tables say: columns per group, or for a row-parallel
+    slice under act-order, which keeps every group of the layer while holding 1/tp of its
+    columns, the columns per group that makes their count add up (g_idx alone picks a
+    column's group there)."""
+    group_size = -(-qweight.shape[1] * NIBBLES // scales.shape[1])
+    if x.is_cuda:
+        from dist_runtime.kernels.w4a16 import w4a16_linear
+
+        return w4a16_linear(x, qweight, scales, zeros, group_size, g_idx, bias)
+    return int4_linear_reference(x, qweight, scales, zeros, group_size, g_idx, bias)
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
