@@ -244,9 +244,10 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
                  group_size: int, g_idx: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                  launch: dict | None = None) -> torch.Tensor:
     """int4_linear_reference's result from the Triton kernel, in x's dtype (leading dims of x
-    kept). `launch`: launch_for's keys (any left out are launch_for's for this shape, split_k
-    split_for's for the tiles given), or {"dequantize": True}: dequantize the weight, then
-    cuBLAS. Without it, x of DEQUANTIZE_ROWS rows or more takes the latter."""
+    kept); scales and zeros in any float dtype, x's or float32. `launch`: launch_for's keys (any
+    left out are launch_for's for this shape, split_k split_for's for the tiles given), or
+    {"dequantize": True}: dequantize the weight, then cuBLAS. Without it, x of DEQUANTIZE_ROWS
+    rows or more takes the latter."""
     check_int4(qweight, scales, zeros, group_size, g_idx)
     n, k = qweight.shape[0], qweight.shape[1] * NIBBLES
     if x.shape[-1] != k:
