@@ -173,7 +173,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # not head_dim, a local rotary base (100) far from the global one and a window of 8, so
         # that mixing them up shows
         "tiny": _gemma3(64, 160, 4, 4, 2, 32, 512, 512, 8, {"rope_type": "linear", "factor": 8.0}) | {
-            "sliding_window_pattern": 2, "rope_local_base_freq": 100.0, "query_pre_attn_scalar": 24,
+            "sliding_window_pattern": 2, "rope_local_base_freq": 100.0, "query_pre_attn_scalar": 64,
             "torch_dtype": "float32"},
         "gemma-3-1b": _gemma3(1152, 6912, 26, 4, 1, 256, 262144, 32768, 512),
         "gemma-3-4b": _gemma3(2560, 10240, 34, 8, 4, 256, 262208, 131072, 1024, {"rope_type": "linear", "factor": 8.0}),

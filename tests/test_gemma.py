@@ -79,7 +79,9 @@ def test_gemma_configs_we_cannot_run_are_refused_by_name(config, error):
 
 def _transformers_greedy(path) -> list[tuple[list[int], torch.Tensor]]:
     """HF greedy generate per prompt: (generated ids, per-step logits)."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model, loading = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    assert not any(loading.values()), loading  # every tensor transformers' class reads, in its shape, and no other
+    model.eval()
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     runs = []
     for prompt in PROMPTS:
