@@ -498,23 +498,26 @@ def test_fused_rotary_and_cache_write_match_the_cpu_path(interleaved, rotary_dim
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens,heads,kv_heads,head_dim", [(1, 8, 2, 128), (7, 5, 5, 96), (33, 4, 2, 16)])
-def test_per_head_rmsnorm_of_q_and_k_slices_matches_the_reference(dtype, tokens, heads, kv_heads, head_dim):
-    """Qwen3's q_norm and k_norm: the fused RMSNorm kernel over each head of q and k, strided
-    views into one qkv row as split_qkv gives them."""
-    from dist_runtime.layers.norm import RMSNorm
+@pytest.mark.parametrize("tokens,heads,kv_heads,head_dim", [(1, 8, 2, 128), (7, 5, 5, 96), (33, 4, 2, 16),
+                                                            (5, 64, 8, 128)])
+def test_q_and_k_norms_per_head_match_the_reference_in_place(dtype, tokens, heads, kv_heads, head_dim):
+    """Qwen3's q_norm and k_norm: one kernel over each head of q and k, in place in the strided
+    views split_qkv gives (v, beside them, untouched)."""
+    from dist_runtime.layers.norm import RMSNorm, norm_heads
 
     torch.manual_seed(0)
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, device="cuda", dtype=dtype) * 3
-    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    for x, h in ((q, heads), (k, kv_heads)):
-        norm = RMSNorm(head_dim, 1e-6).cuda().to(dtype)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim)
+    norms = [RMSNorm(head_dim, 1e-6).cuda().to(dtype) for _ in range(2)]
+    for norm in norms:
         torch.nn.init.normal_(norm.weight, 1.0, 0.1)
-        x = x.view(tokens, h, head_dim)
-        out = norm(x)
-        assert out.shape == x.shape
-        assert torch.allclose(out.float(), norm.reference(x).float(), rtol=1e-2 if dtype != torch.float32 else 1e-5,
-                              atol=1e-2 if dtype != torch.float32 else 1e-5)
+    expected, v_before = (norms[0].reference(q), norms[1].reference(k)), v.clone()
+    got = norm_heads(q, k, *norms)
+    assert got[0].data_ptr() == q.data_ptr() and got[1].data_ptr() == k.data_ptr() and torch.equal(v, v_before)
+    for out, ref in zip(got, expected):
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+        assert torch.allclose(out.float(), ref.float(), rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "phi3"])

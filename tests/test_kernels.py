@@ -43,12 +43,12 @@ def test_kernels_match_their_references_in_tritons_interpreter():
     keys, with and without a sliding window, an fp8 cache, tiles smaller than a prompt. Decode:
     one split and several, the vector kernel, windows, fp8. Both with soft-capped scores too
     (Gemma 2), alone and beside a window. Heads of 24 wide, not a power of two, in both and in
-    the rotary kernel's cache write. The fused kernels at awkward sizes."""
+    the rotary kernel's cache write. The fused kernels at awkward sizes, q and k norms in place."""
     run = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "TRITON_INTERPRET": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == 30
+    assert len(results) == 31
     for case, err in results.items():
         assert err < 1e-5, (case, err)
 
@@ -141,7 +141,7 @@ def _decode_checks() -> dict[str, float]:
 
 def _fused_checks() -> dict[str, float]:
     """Largest absolute differences from the references (infinite where a residual sum differs)."""
-    from dist_runtime.kernels.fused import add_rmsnorm, layernorm, rotary_, silu_and_mul
+    from dist_runtime.kernels.fused import add_rmsnorm, layernorm, qk_norm_, rotary_, silu_and_mul
     from dist_runtime.layers.norm import GemmaRMSNorm, LayerNorm, RMSNorm
     from dist_runtime.layers.rotary import RotaryEmbedding
 
@@ -183,6 +183,16 @@ def _fused_checks() -> dict[str, float]:
     results["rotary and cache write, heads of 24"] = max(
         (got_q - ref_q).abs().max().item(), (k_cache[slots] - ref_k).abs().max().item(),
         (v_cache[slots] - v).abs().max().item(), k_cache[[2, 4, 5]].abs().max().item())
+    # Qwen3's q and k norms: heads of 24 (padded inside), 5 and 3 of them, views into one qkv row
+    qkv = torch.randn(4, (5 + 2 * 3) * 24) * 3
+    q, k = qkv[:, :120].view(4, 5, 24), qkv[:, 120:192].view(4, 3, 24)
+    q_norm, k_norm = RMSNorm(24, 1e-6), RMSNorm(24, 1e-6)
+    for norm in (q_norm, k_norm):
+        torch.nn.init.normal_(norm.weight, 1.0, 0.1)
+    ref_q, ref_k, v = q_norm.reference(q), k_norm.reference(k), qkv[:, 192:].clone()
+    qk_norm_(q, k, q_norm.weight, k_norm.weight, 1e-6, 1e-6)
+    results["q and k norms per head, in place"] = max((q - ref_q).abs().max().item(), (k - ref_k).abs().max().item(),
+                                                      (qkv[:, 192:] - v).abs().max().item())
     gate_up = torch.randn(3, 2 * 1100)  # past one block of 1,024
     gate, up = gate_up.chunk(2, dim=-1)
     results["silu_and_mul"] = (silu_and_mul(gate_up) - torch.nn.functional.silu(gate) * up).abs().max().item()

@@ -1,8 +1,8 @@
 """Fused elementwise kernels for the GPU path, each replacing several torch ops (and their
-memory round trips and launches) with one pass. References: RMSNorm.reference,
-LayerNorm.reference, RotaryEmbedding.reference, activation.gated / activate and, for the fp8
-GEMM inputs that the norms and activations may write quantized, layers.quantized.quantize_input;
-the tests compare them."""
+memory round trips and launches) with one pass. References: RMSNorm.reference (per head too,
+for q and k), LayerNorm.reference, RotaryEmbedding.reference, activation.gated / activate and,
+for the fp8 GEMM inputs that the norms and activations may write quantized,
+layers.quantized.quantize_input; the tests compare them."""
 
 from __future__ import annotations
 
@@ -214,6 +214,48 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq:
             HEAD_DIM=head_dim, HEAD_PAD=triton.next_power_of_2(head_dim), HALF=half,
             HALF_PAD=triton.next_power_of_2(half), INTERLEAVED=interleaved,
             WRITE_CACHE=write, KV_SCALED=k_scale is not None, FP8_MAX=FP8_MAX, **pdl.launch(q))
+    return q, k
+
+
+@triton.jit
+def _norm_heads_(row, stride_h, weight_ptr, eps, HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr):
+    """RMSNorm over each head of one token, in place, rounded as RMSNorm.reference rounds it."""
+    h = tl.arange(0, HEADS_PAD)
+    d = tl.arange(0, HEAD_PAD)
+    mask = (h < HEADS)[:, None] & (d < HEAD_DIM)[None, :]
+    ptrs = row + h[:, None] * stride_h + d[None, :]
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    x32 = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x32 * x32, 1) / HEAD_DIM + eps)
+    w = tl.load(weight_ptr + d, mask=d < HEAD_DIM, other=0.0)
+    tl.store(ptrs, w[None, :] * (x32 * rstd[:, None]).to(x.dtype), mask=mask)
+
+
+@triton.jit
+def _qk_norm_kernel(q_ptr, k_ptr, q_weight, k_weight, q_eps, k_eps, stride_qt, stride_qh, stride_kt, stride_kh,
+                    HQ: tl.constexpr, HQ_PAD: tl.constexpr, KVH: tl.constexpr, KVH_PAD: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
+    token = tl.program_id(0).to(tl.int64)
+    _norm_heads_(q_ptr + token * stride_qt, stride_qh, q_weight, q_eps, HQ, HQ_PAD, HEAD_DIM, HEAD_PAD)
+    _norm_heads_(k_ptr + token * stride_kt, stride_kh, k_weight, k_eps, KVH, KVH_PAD, HEAD_DIM, HEAD_PAD)
+
+
+def qk_norm_(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q_eps: float,
+             k_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over each head of q [tokens, heads, head_dim] and k [tokens, kv_heads, head_dim]
+    (Qwen3's q_norm and k_norm), in place and in one launch: one program per token, reading the
+    heads where they lie (views into the qkv GEMM's output) instead of a copy and a launch each."""
+    tokens, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    pad = triton.next_power_of_2(head_dim)
+    if tokens:
+        _qk_norm_kernel[(tokens,)](q, k, q_weight, k_weight, q_eps, k_eps, q.stride(0), q.stride(1), k.stride(0),
+                                   k.stride(1), HQ=heads, HQ_PAD=triton.next_power_of_2(heads), KVH=kv_heads,
+                                   KVH_PAD=triton.next_power_of_2(kv_heads), HEAD_DIM=head_dim, HEAD_PAD=pad,
+                                   num_warps=8 if triton.next_power_of_2(heads) * pad >= 8192 else 4,
+                                   **pdl.launch(q))
     return q, k
 
 

@@ -76,6 +76,17 @@ class GemmaRMSNorm(RMSNorm):
         return out if residual is None else (out, residual)
 
 
+def norm_heads(q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [tokens, heads, head_dim] and k [tokens, kv_heads, head_dim], each head RMS-normed by
+    `q_norm` or `k_norm` (weights of head_dim: Qwen3). On a GPU one kernel does both in place:
+    they are views into the qkv GEMM's output, which nothing else reads."""
+    if q.is_cuda:
+        from dist_runtime.kernels.fused import qk_norm_
+
+        return qk_norm_(q, k, q_norm.weight, k_norm.weight, q_norm.eps, k_norm.eps)
+    return q_norm.reference(q), k_norm.reference(k)
+
+
 class LayerNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()

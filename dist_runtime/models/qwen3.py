@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from dist_runtime.config import ModelConfig
-from dist_runtime.layers.norm import RMSNorm
+from dist_runtime.layers.norm import RMSNorm, norm_heads
 from dist_runtime.layers.rotary import RotaryEmbedding
 from dist_runtime.mapping import Mapping
 from dist_runtime.models.llama import LlamaAttention, LlamaForCausalLM
@@ -23,7 +23,7 @@ class Qwen3Attention(LlamaAttention):
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normed before rotary, which on a GPU is one kernel with the cache write."""
         q, k, v = super().qkv(x)
-        return self.q_norm(q), self.k_norm(k), v
+        return (*norm_heads(q, k, self.q_norm, self.k_norm), v)
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
