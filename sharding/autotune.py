@@ -44,7 +44,7 @@ from dist_runtime.layers.linear import linear
 from dist_runtime.layers.quantized import fp8_input, fp8_linear
 from dist_runtime.models import build_model
 from dist_runtime.plan import DTYPES, Plan
-from dist_runtime.quantization import QUANTIZED_DTYPES, quantize_weight
+from dist_runtime.quantization import INT4_DTYPES, QUANTIZED_DTYPES, quantize_weight
 from dist_runtime.tuning import gemm_key, skipped
 
 TUNING_CACHE_ENV = "DIST_RUNTIME_TUNING_CACHE"
@@ -154,7 +154,7 @@ def _shapes(config: ModelConfig, plan: Plan, dtype: torch.dtype) -> tuple[set, t
             if hasattr(module, "k_cache"):
                 if attention is None or module.sliding_window is None:
                     attention = (module.num_heads, module.num_kv_heads, module.head_dim, module.sliding_window)
-            else:
+            elif not (plan.dtype in INT4_DTYPES and module.weight.is_linear_weight):  # int4: its own kernel always
                 gemms.add((*module.weight.shape, module.bias is not None, module.weight.is_linear_weight))
     return gemms, attention
 
