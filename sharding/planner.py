@@ -43,7 +43,7 @@ def make_plan(config: ModelConfig, tp: int = 1, pp: int = 1, dtype: str = "bf16"
     int4_group_size); the engine's own choice where it rounds float weights (None). `ep`: a
     mixture's experts split into that many groups of whole experts per TP group, and
     `expert_exchange` how the group's expert outputs meet (layers/moe.py)."""
-    _check_experts(config, tp, ep, expert_exchange)
+    _check_experts(config, tp, dtype, ep, expert_exchange)
     if dtype not in DTYPES:
         raise PlanError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if kv_cache_dtype not in KV_DTYPES:
@@ -135,7 +135,10 @@ def _int4_bytes(param, tp: int, group_size: int, act_order: bool, table_bytes: i
     return out * k // 2 + 2 * out * groups * table_bytes + (4 * k if act_order else 0)
 
 
-def _check_experts(config: ModelConfig, tp: int, ep: int, exchange: str) -> None:
+def _check_experts(config: ModelConfig, tp: int, dtype: str, ep: int, exchange: str) -> None:
+    if config.moe and dtype in INT4_DTYPES:
+        raise PlanError(f"--dtype {dtype}: int4 engines of mixtures of experts are not built yet; "
+                        f"fp8, int8wo, bf16 and fp16 are")
     if ep < 1 or tp % ep:
         raise PlanError(f"ep={ep} must be at least 1 and divide tp={tp}")
     if ep > 1 and config.moe is None:

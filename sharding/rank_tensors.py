@@ -162,7 +162,9 @@ def rank_tensors(name: str, param, form: Form, sources: list, dtype: torch.dtype
 
 def _rows(param, tensors: list[torch.Tensor]) -> torch.Tensor:
     """Per-output-row companions of a weight (scales), cut as its rows are: a row-parallel
-    layer's ranks each hold every output row."""
+    layer's ranks each hold every output row (of each of their experts, for stacked ones)."""
+    if param.parallel == "expert-row":
+        return torch.stack(tensors)
     return unsliced(tensors) if param.parallel == "row" else param.shard_of(tensors)
 
 

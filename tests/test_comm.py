@@ -1,6 +1,6 @@
 """Both CPU communicators between real ranks (MPI under mpirun, gloo and sockets over TCP):
-collectives over TP groups (small and large), stage-to-stage tensors, sampled ids received
-without waiting, and control messages, in float32 and bfloat16."""
+collectives over TP groups (small and large; all-to-all of uneven parts), stage-to-stage
+tensors, sampled ids received without waiting, and control messages, in float32 and bfloat16."""
 
 import os
 import secrets
@@ -37,6 +37,12 @@ PROGRAM = textwrap.dedent("""
         big = torch.full((600, 1024), float(rank + 1), dtype=dtype)
         assert comm.all_gather(big)[:, 1024:].eq(m.tp_group()[1] + 1).all(), rank
         assert comm.all_reduce(torch.empty(0, 4, dtype=dtype)).shape == (0, 4)
+        rows = [[1, 0], [2, 3]]  # TP rank i sends TP rank j rows[i][j] rows (none, too)
+        me = m.tp_rank
+        send = [torch.full((rows[me][j], 3), float(10 * rank + j), dtype=dtype) for j in range(2)]
+        got = comm.all_to_all(send, [torch.empty(rows[i][me], 3, dtype=dtype) for i in range(2)])
+        assert all(part.shape == (rows[i][me], 3) and part.eq(10 * m.tp_group()[i] + me).all()
+                   for i, part in enumerate(got)), (rank, got)
         if m.is_first_stage:
             comm.send(torch.arange(5, dtype=dtype) + rank, m.next_stage_rank())
         else:

@@ -134,10 +134,8 @@ class Experts(nn.Module):
         if x.is_cuda:
             from dist_runtime.kernels.fused_moe import fused_experts
 
-            out = fused_experts(x, self.gate_up_proj, self.down_proj, weights, ids, self.ids.start,
-                                self.gate_up_proj_scale, self.down_proj_scale)
-            if out is not None:
-                return out
+            return fused_experts(x, self.gate_up_proj, self.down_proj, weights, ids, self.ids.start,
+                                 self.gate_up_proj_scale, self.down_proj_scale)
         return experts_reference(x, self.gate_up_proj, self.down_proj, weights, ids, self.ids.start,
                                  self.gate_up_proj_scale, self.down_proj_scale)
 

@@ -1,0 +1,154 @@
+"""Mixtral and Qwen3-MoE against Hugging Face transformers on the same float32 checkpoints:
+greedy tokens and logits in one process, and on real ranks (mpirun) over TP {1, 2, 4} x
+PP {1, 2} and the expert-parallel layouts, with both ways the experts' outputs meet. The
+checkpoints are written with transformers' own config classes and load into its own models;
+their routers' k-th and (k+1)-th choices are far enough apart that no layout's rounding can
+swap them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from conftest import PROMPTS, SMALL_PLAN, json_lines, mpirun
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+
+from dist_runtime import LLM, SamplingParams
+from dist_runtime.config import ModelConfig
+from dist_runtime.presets import preset_config
+from sharding.builder import build_engine, check_checkpoint
+from sharding.checkpoint import Checkpoint
+from sharding.synth import write_checkpoint
+
+MAX_TOKENS = 12
+# (arch, tp, pp, ep, exchange): every TP x PP layout and every expert-parallel one, each once
+LAYOUTS = [("mixtral", 1, 2, 1, "all-reduce"), ("qwen3_moe", 2, 1, 1, "all-reduce"),
+           ("mixtral", 2, 2, 1, "all-reduce"), ("qwen3_moe", 4, 1, 1, "all-reduce"),
+           ("mixtral", 4, 2, 1, "all-reduce"),
+           ("qwen3_moe", 2, 1, 2, "all-to-all"), ("mixtral", 2, 2, 2, "all-reduce"),
+           ("mixtral", 4, 1, 2, "all-to-all"), ("qwen3_moe", 4, 1, 2, "all-reduce"),
+           ("qwen3_moe", 4, 1, 4, "all-to-all"), ("mixtral", 4, 1, 4, "all-reduce")]
+MIN_ROUTER_GAP = 1e-4  # far above float32 rounding between layouts (about 1e-6 here)
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoints(tmp_path_factory) -> dict[str, object]:
+    """mixtral: config.json as transformers 4 writes it (Mixtral renormalises its top 2 of 8);
+    qwen3_moe: as transformers 5's Qwen3MoeConfig writes it (num_local_experts, rope_parameters;
+    top 4 of 8 not renormalised, layer 2 dense)."""
+    root = tmp_path_factory.mktemp("moe")
+    qwen = transformers.Qwen3MoeConfig(**preset_config("tiny", "qwen3_moe")).to_dict()
+    assert "num_local_experts" in qwen and "rope_parameters" in qwen
+    return {"mixtral": write_checkpoint(preset_config("tiny", "mixtral"), root / "mixtral", seed=4, progress=False),
+            "qwen3_moe": write_checkpoint(qwen, root / "qwen3_moe", seed=5, progress=False)}
+
+
+@pytest.fixture(scope="module")
+def moe_engines(moe_checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe-engines")
+    built = {}
+
+    def get(arch: str, tp: int, pp: int, ep: int = 1, exchange: str = "all-reduce"):
+        key = (arch, tp, pp, ep, exchange)
+        if key not in built:
+            built[key] = root / "-".join(map(str, key))
+            build_engine(moe_checkpoints[arch], built[key], tp, pp, "fp32", progress=False, ep=ep,
+                         expert_exchange=exchange, **SMALL_PLAN)
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def reference(moe_checkpoints):
+    """transformers' greedy generate per prompt: (generated ids, per-step logits), with the gap
+    between every token's k-th and (k+1)-th router score on the way checked."""
+    cache = {}
+
+    def get(arch: str) -> list[tuple[list[int], torch.Tensor]]:
+        if arch in cache:
+            return cache[arch]
+        path = moe_checkpoints[arch]
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        gaps = []
+
+        def gap(module, inputs, output):
+            scores = torch.topk(output[0].float(), module.top_k + 1, dim=-1).values
+            gaps.append((scores[:, -2] - scores[:, -1]).min().item())
+
+        for layer in model.model.layers:
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.register_forward_hook(gap)
+        tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        runs = []
+        for prompt in PROMPTS:
+            ids = tok.encode(prompt).ids
+            out = model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True, pad_token_id=model.config.eos_token_id)
+            runs.append((out.sequences[0, len(ids):].tolist(), torch.cat(out.logits).float()))
+        assert min(gaps) > MIN_ROUTER_GAP, f"{arch}: routing has a near-tie ({min(gaps):.1e})"
+        cache[arch] = runs
+        return runs
+
+    return get
+
+
+def _assert_equal(tokens: list[list[int]], logits: list[torch.Tensor], runs) -> None:
+    for i, (ids, ours, (ref_ids, ref_logits)) in enumerate(zip(tokens, logits, runs)):
+        assert ids == ref_ids, f"prompt {i}"
+        assert ours.shape == ref_logits.shape
+        rel = ((ours - ref_logits).abs().max() / ref_logits.abs().max()).item()
+        assert rel < 1e-4, f"prompt {i}: logits differ by {rel:.2e} relative"
+
+
+def test_config_reads_experts_as_either_transformers_writes_them(moe_checkpoints):
+    t5 = ModelConfig.from_dir(moe_checkpoints["qwen3_moe"]).moe
+    t4 = ModelConfig.from_hf(preset_config("tiny", "qwen3_moe")).moe  # num_experts, rope_theta
+    assert t4 == t5 and (t5.num_experts, t5.top_k, t5.intermediate_size) == (8, 4, 32)
+    assert not t5.norm_topk_prob and t5.dense_layers == (2,)
+    assert ModelConfig.from_dir(moe_checkpoints["mixtral"]).moe.norm_topk_prob  # Mixtral names none: always
+    every_other = preset_config("tiny", "qwen3_moe") | {"decoder_sparse_step": 2, "mlp_only_layers": [3]}
+    assert ModelConfig.from_hf(every_other).moe.dense_layers == (0, 2, 3)
+    engine_json = ModelConfig.from_dict(json.loads(json.dumps(ModelConfig.from_hf(every_other).to_dict())))
+    assert engine_json == ModelConfig.from_hf(every_other)
+
+
+def test_experts_stacked_as_transformers_5_can_save_them_read_as_per_expert(moe_checkpoints, tmp_path):
+    """save_pretrained(save_original_format=False) keeps transformers 5's own layout: one
+    [experts, 2 x inter, hidden] tensor of every expert's gate and up rows, one of the down
+    projections (and Mixtral's block named mlp, not block_sparse_moe)."""
+    for arch, path in moe_checkpoints.items():
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model.save_pretrained(tmp_path / arch, save_original_format=False)
+        stacked, per_expert = Checkpoint(tmp_path / arch), Checkpoint(path)
+        assert "model.layers.0.mlp.experts.gate_up_proj" in load_file(tmp_path / arch / "model.safetensors")
+        check_checkpoint(stacked)
+        assert len(stacked.stacked) == {"mixtral": 4 * (8 * 3 + 1), "qwen3_moe": 3 * 8 * 3}[arch]  # + renamed routers
+        for name in per_expert.names():
+            assert stacked.shape(name) == per_expert.shape(name)
+            assert torch.equal(stacked.get(name), per_expert.get(name)), name
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_greedy_tokens_and_logits_equal_transformers(arch, moe_engines, reference):
+    with LLM(str(moe_engines(arch, 1, 1))) as llm:
+        outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0), return_logits=True)
+    _assert_equal([o.token_ids for o in outputs], [o.outputs[0].logits for o in outputs], reference(arch))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,tp,pp,ep,exchange", LAYOUTS)
+def test_sharded_and_expert_parallel_engines_equal_transformers_under_mpirun(arch, tp, pp, ep, exchange,
+                                                                              moe_engines, reference, tmp_path):
+    logits_file = tmp_path / "logits.safetensors"
+    args = ["generate", str(moe_engines(arch, tp, pp, ep, exchange)), "--max-tokens", str(MAX_TOKENS),
+            "--temperature", "0", "--json", "--save-logits", str(logits_file)]
+    for prompt in PROMPTS:
+        args += ["--prompt", prompt]
+    outputs = json_lines(mpirun(tp * pp, *args))
+    logits = load_file(logits_file)
+    _assert_equal([o["token_ids"] for o in outputs], [logits[f"prompt_{i}"] for i in range(len(PROMPTS))],
+                  reference(arch))
