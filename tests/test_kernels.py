@@ -174,13 +174,16 @@ def _fused_checks() -> dict[str, float]:
         got_q, got_k = rotary_(q.clone(), k.clone(), positions, rope.inv_freq, interleaved)
         results[f"rotary {head_dim}/{rotary_dim} interleaved={interleaved}"] = max(
             (got_q - ref_q).abs().max().item(), (got_k - ref_k).abs().max().item())
-    # heads of 24 (padded to 32 inside), k and v written to their cache slots [slots, kv_heads, head_dim]
-    rope = RotaryEmbedding(24, 24, 10000.0, None, False)
+    # heads of 24 (padded to 32 inside), longrope's scaled cos and sin, k and v written to their
+    # cache slots [slots, kv_heads, head_dim]
+    longrope = {"rope_type": "longrope", "short_factor": [1.0 + i / 4 for i in range(12)], "attention_factor": 1.2}
+    rope = RotaryEmbedding(24, 24, 10000.0, longrope, False)
     q, k, v = torch.randn(5, 4, 24), torch.randn(5, 2, 24), torch.randn(5, 2, 24)
     k_cache, v_cache, slots = torch.zeros(8, 2, 24), torch.zeros(8, 2, 24), torch.tensor([6, 0, 3, 7, 1])
     ref_q, ref_k = rope.reference(positions, q.clone(), k.clone())
-    got_q, _ = rotary_(q.clone(), k.clone(), positions, rope.inv_freq, False, v, k_cache, v_cache, slots)
-    results["rotary and cache write, heads of 24"] = max(
+    got_q, _ = rotary_(q.clone(), k.clone(), positions, rope.inv_freq, False, v, k_cache, v_cache, slots,
+                       attention_factor=rope.attention_factor)
+    results["rotary (longrope) and cache write, heads of 24"] = max(
         (got_q - ref_q).abs().max().item(), (k_cache[slots] - ref_k).abs().max().item(),
         (v_cache[slots] - v).abs().max().item(), k_cache[[2, 4, 5]].abs().max().item())
     # Qwen3's q and k norms: heads of 24 (padded inside), 5 and 3 of them, views into one qkv row

@@ -160,10 +160,11 @@ def _rotate_heads(row, stride_h, i, mask, cos, sin, HEADS: tl.constexpr, HEADS_P
 
 @triton.jit
 def _rotary_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, inv_freq_ptr, slots_ptr, k_cache, v_cache, k_scale_ptr,
-                   v_scale_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, HQ: tl.constexpr,
-                   HQ_PAD: tl.constexpr, KVH: tl.constexpr, KVH_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   HEAD_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, INTERLEAVED: tl.constexpr,
-                   WRITE_CACHE: tl.constexpr, KV_SCALED: tl.constexpr, FP8_MAX: tl.constexpr, PDL: tl.constexpr):
+                   v_scale_ptr, attention_factor, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                   HQ: tl.constexpr, HQ_PAD: tl.constexpr, KVH: tl.constexpr, KVH_PAD: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+                   INTERLEAVED: tl.constexpr, WRITE_CACHE: tl.constexpr, KV_SCALED: tl.constexpr,
+                   FP8_MAX: tl.constexpr, PDL: tl.constexpr):
     """One program per token, for all its heads: cos and sin are computed once, and a prefill
     of 8,192 tokens launches 8,192 programs (one per token and head, it launched 327,680 for
     Llama-3-8B, and the launches cost more than the work)."""
@@ -172,7 +173,7 @@ def _rotary_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, inv_freq_ptr, slots_ptr, 
     i = tl.arange(0, HALF_PAD)
     mask = i < HALF
     freq = tl.load(positions_ptr + token).to(tl.float32) * tl.load(inv_freq_ptr + i, mask=mask, other=0.0)
-    cos, sin = tl.cos(freq), tl.sin(freq)
+    cos, sin = tl.cos(freq) * attention_factor, tl.sin(freq) * attention_factor
     _rotate_heads(q_ptr + token * stride_qt, stride_qh, i, mask, cos, sin, HQ, HQ_PAD, HALF, INTERLEAVED)
     k_row = k_ptr + token * stride_kt
     _rotate_heads(k_row, stride_kh, i, mask, cos, sin, KVH, KVH_PAD, HALF, INTERLEAVED)
@@ -196,10 +197,11 @@ def _rotary_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, inv_freq_ptr, slots_ptr, 
 def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, interleaved: bool,
             v: torch.Tensor | None = None, k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
             slot_mapping: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
-            v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            v_scale: torch.Tensor | None = None, attention_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [tokens, heads, head_dim] and k [tokens, kv_heads, head_dim] in place (the first
-    2 * len(inv_freq) dims of each head); given the caches, also write k and v to their slots
-    (an fp8 cache comes with float32 k_scale and v_scale [kv_heads], as quantize_kv takes)."""
+    2 * len(inv_freq) dims of each head, by cos and sin times `attention_factor`: longrope's);
+    given the caches, also write k and v to their slots (an fp8 cache comes with float32 k_scale
+    and v_scale [kv_heads], as quantize_kv takes)."""
     half = inv_freq.numel()
     tokens, heads, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -209,7 +211,8 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq:
         _rotary_kernel[(tokens,)](
             q, k, v, positions, inv_freq, slot_mapping if write else positions, k_cache if write else k,
             v_cache if write else k, k if k_scale is None else k_scale, k if v_scale is None else v_scale,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), HQ=heads,
+            float(attention_factor), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            HQ=heads,
             HQ_PAD=triton.next_power_of_2(heads), KVH=kv_heads, KVH_PAD=triton.next_power_of_2(kv_heads),
             HEAD_DIM=head_dim, HEAD_PAD=triton.next_power_of_2(head_dim), HALF=half,
             HALF_PAD=triton.next_power_of_2(half), INTERLEAVED=interleaved,

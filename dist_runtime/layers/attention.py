@@ -65,9 +65,8 @@ class PagedAttention(nn.Module):
         if q.is_cuda and rotary is not None:
             from dist_runtime.kernels.fused import rotary_
 
-            rotary.scale_rotated_(q, k)
             rotary_(q, k, positions, rotary.inv_freq, rotary.interleaved, v, self.k_cache, self.v_cache,
-                    meta.slot_mapping, self.k_scale, self.v_scale)
+                    meta.slot_mapping, self.k_scale, self.v_scale, rotary.attention_factor)
         else:
             if rotary is not None:
                 q, k = rotary(positions, q, k)

@@ -42,7 +42,7 @@ class RotaryEmbedding(nn.Module):
         self.head_dim, self.rotary_dim, self.interleaved = head_dim, rotary_dim, interleaved
         self.register_buffer("inv_freq", inverse_frequencies(rotary_dim, theta, scaling), persistent=False)
         # longrope's cos and sin come scaled: the rotated dims of q and k grow by this much
-        self.attention_factor = (scaling or {}).get("attention_factor", 1.0)
+        self.attention_factor = float((scaling or {}).get("attention_factor", 1.0))
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
@@ -50,22 +50,13 @@ class RotaryEmbedding(nn.Module):
             return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
         return freqs.cos(), freqs.sin()
 
-    def scale_rotated_(self, q: torch.Tensor, k: torch.Tensor) -> None:
-        """On a GPU, longrope's attention factor goes into q and k's rotated dims before the fused
-        rotary kernel, which takes plain cos and sin (rotating a scaled vector is scaling the
-        rotated one)."""
-        if self.attention_factor != 1.0:
-            q[..., : self.rotary_dim] *= self.attention_factor
-            k[..., : self.rotary_dim] *= self.attention_factor
-
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]. On a GPU, rotated in
         place by one kernel each."""
         if q.is_cuda:
             from dist_runtime.kernels.fused import rotary_
 
-            self.scale_rotated_(q, k)
-            return rotary_(q, k, positions, self.inv_freq, self.interleaved)
+            return rotary_(q, k, positions, self.inv_freq, self.interleaved, attention_factor=self.attention_factor)
         return self.reference(positions, q, k)
 
     def reference(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
