@@ -21,7 +21,9 @@ from dist_runtime.errors import EngineError
 from dist_runtime.plan import DTYPES, Plan
 from dist_runtime.runtime_config import RuntimeConfig
 
-FORMAT_VERSION = 2  # 2: engine.json holds a checksum of itself and of the tokenizer files
+# 2: engine.json holds a checksum of itself and of the tokenizer files; 3: its model config
+# names qkv_bias and o_proj_bias apart (Qwen2) and lists each layer's attention type
+FORMAT_VERSION = 3
 ENGINE_JSON = "engine.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja", "chat_template.json")
