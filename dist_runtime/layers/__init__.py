@@ -1,6 +1,7 @@
 """Parallel building blocks. Each parameter carries how its TP slice is cut from the checkpoint:
 
-- `param.parallel`: "column", "row", "vocab" or "replicated" (read by the planner);
+- `param.parallel`: "column", "row", "vocab" or "replicated", or for a mixture's stacked experts
+  "expert-column" / "expert-row" (read by the planner);
 - `param.shard_of(tensors)`: this rank's slice, given the full checkpoint tensors it is made
   of (several when the layer fuses, e.g. q, k, v), read by the builder.
 """

@@ -15,6 +15,11 @@ own experts. The TP group's contributions then meet one of two ways, the plan's
 - "all-to-all": each token has an owner (tokens split evenly over the TP group), every rank sends
   only the rows it computed to their owners, which add them up, and an all-gather gives every
   rank every token's output.
+All-reduce is the plan's default: it runs inside CUDA graphs (the all-to-all's sizes are the
+step's routing, read on the host), and on 4 CPU ranks under MPI (Qwen3-30B-A3B's and
+Mixtral-8x7B's hidden size and routing, experts made small so that the exchange dominates) it
+was as fast or faster: 3.6 ms against 5.2 at batch 1, 35 against 39 at 256 (Qwen3), 22
+against 30 at 256 (Mixtral); benchmarks/moe_exchange.py measures it on any ranks.
 
 The torch code here is the CPU path and the reference of the GPU kernels (kernels/fused_moe.py).
 """
