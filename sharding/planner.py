@@ -105,12 +105,8 @@ def int4_group_size(model, tp: int, group_size: int | None) -> int:
     whose groups each rank's slice of a row-parallel layer's input must hold whole (unless a
     group spans the whole input, WHOLE_INPUT, which every rank then keeps); or, for weights
     rounded here (None), the largest of INT4_GROUP_SIZES that divides every such input."""
-    inputs = {name.removesuffix(".weight"): (param.shape[-1], param.parallel) for name, param in
-              model.named_parameters() if param.is_linear_weight}
-    stacked = next((layer for layer, (_, parallel) in inputs.items() if parallel not in ("column", "row")), None)
-    if stacked is not None:
-        raise PlanError(f"{stacked}: int4 engines hold linear layers, not a mixture's stacked experts; build this "
-                        f"model in fp8, int8wo or a float dtype")
+    inputs = {name.removesuffix(".weight"): (param.shape[1], param.parallel) for name, param in
+              model.named_parameters() if param.is_linear_weight}  # no experts: _check_experts refuses them
     if group_size is None:
         for size in INT4_GROUP_SIZES:
             if all(k % size == 0 for k, _ in inputs.values()):

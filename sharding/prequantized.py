@@ -56,7 +56,6 @@ class Scheme:
     method: str  # quant_method, as the checkpoint names it
     kind: str  # "fp8" or "int4": the engine dtype family that keeps its values as stored
     block: tuple[int, int] | None = None  # fp8: block-wise weight scales over blocks of this shape
-    static_inputs: bool = False  # fp8: activations scaled by a stored, calibrated input_scale
     packing: str | None = None  # int4: "awq" or "gptq"
     group_size: int | None = None  # int4: input columns per scale; None: all of a layer's
     zero_offset: int = 0  # int4: added to a stored zero point (GPTQ v1 stores it less one)
@@ -135,7 +134,7 @@ def _compressed_tensors(q: dict, refuse) -> Scheme:
     groups = list((q.get("config_groups") or {}).values())
     if not groups:
         raise refuse("no config_groups")
-    blocks, static = set(), set()
+    blocks = set()
     for group in groups:
         group_fmt = group.get("format") or fmt
         if group_fmt not in ("float-quantized", "naive-quantized"):
@@ -146,33 +145,33 @@ def _compressed_tensors(q: dict, refuse) -> Scheme:
         strategy = weights.get("strategy")
         if strategy not in ("tensor", "channel", "block"):
             raise refuse(f"weight strategy {strategy!r}")
+        if strategy == "block" and len(weights.get("block_structure") or ()) != 2:
+            raise refuse(f"block strategy with block_structure {weights.get('block_structure')!r}")
         blocks.add(tuple(weights["block_structure"]) if strategy == "block" else None)
         if inputs is not None:
             if (inputs.get("type"), inputs.get("num_bits")) != ("float", 8):
                 raise refuse(f"{inputs.get('num_bits')}-bit {inputs.get('type')} activations")
             if not inputs.get("dynamic") and inputs.get("strategy") != "tensor":
                 raise refuse(f"static activation strategy {inputs.get('strategy')!r}")
-        static.add(inputs is not None and not inputs.get("dynamic"))
-    if len(blocks) > 1 or len(static) > 1:
-        raise refuse("config groups that differ in weight blocks or activation scaling")
-    return Scheme("compressed-tensors", "fp8", block=blocks.pop(), static_inputs=static.pop())
+    if len(blocks) > 1:
+        raise refuse(f"config groups of different weight blocks {sorted(map(str, blocks))}")
+    return Scheme("compressed-tensors", "fp8", block=blocks.pop())
 
 
 def _modelopt(q: dict, refuse) -> Scheme:
     algo = str((q.get("quantization") or q).get("quant_algo", "")).upper()
     if algo not in ("FP8", "FP8_PER_CHANNEL_PER_TOKEN"):
         raise refuse(f"quant_algo {algo or None!r}")
-    return Scheme("modelopt", "fp8", static_inputs=algo == "FP8")
+    return Scheme("modelopt", "fp8")
 
 
 def _fp8(q: dict, refuse) -> Scheme:
     if q.get("fmt", "e4m3") != "e4m3":
         raise refuse(f"fmt {q.get('fmt')!r}")
     block = q.get("weight_block_size")
-    static = q.get("activation_scheme", "dynamic") == "static"
-    if block is not None and static:
-        raise refuse("block-wise weights and static activation scales")
-    return Scheme("fp8", "fp8", block=tuple(block) if block else None, static_inputs=static)
+    if block is not None and (len(block) != 2 or q.get("activation_scheme", "dynamic") != "dynamic"):
+        raise refuse(f"weight_block_size {block} and activation_scheme {q.get('activation_scheme')!r}")
+    return Scheme("fp8", "fp8", block=tuple(block) if block else None)
 
 
 def _awq(q: dict, refuse) -> Scheme:

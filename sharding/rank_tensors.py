@@ -78,15 +78,15 @@ def forms(ck: Checkpoint, plan: Plan, model, input_scales: dict[str, torch.Tenso
 def _fp8_form(ck: Checkpoint, plan: Plan, name: str, param, sources: list[str],
               input_scales: dict[str, torch.Tensor] | None) -> Form:
     """"fp8" where the checkpoint's E4M3 values and scales are what the engine keeps: per tensor
-    or per row, of a linear layer (a mixture's stacked experts are rounded again here)."""
+    or per row. Experts' inputs scale per token, whatever scale the checkpoint stores."""
     scheme = ck.scheme
     stored = (plan.dtype == "fp8" and scheme is not None and scheme.kind == "fp8" and scheme.block is None
-              and param.parallel in ("column", "row") and all(ck.fp8_scale(n) is not None for n in sources))
+              and all(ck.fp8_scale(n) is not None for n in sources))
     kind = "fp8" if stored else "rounded"
     if input_scales is not None:
         # experts have none (calibration sees GEMMs of whole weights): their inputs scale per token
         return Form(kind, input_scales.get(name))
-    scales = [ck.input_scale(n) for n in sources] if stored else [None]
+    scales = [ck.input_scale(n) for n in sources] if stored and param.parallel in ("column", "row") else [None]
     return Form(kind, None if None in scales else torch.stack(scales).amax(dim=0))
 
 
