@@ -67,10 +67,10 @@ def make_plan(config: ModelConfig, tp: int = 1, pp: int = 1, dtype: str = "bf16"
         if m.pp_rank not in stages:
             stages[m.pp_rank] = _plan_rank(config, plan, m, group_size, act_order)
         stage = stages[m.pp_rank]
-        experts = [m.experts(config.moe.num_experts)[i] for i in (0, -1)] if config.moe else None
+        held = m.experts(config.moe.num_experts) if config.moe else None
         plan.ranks.append(dataclasses.replace(stage, rank=m.rank, tp_rank=m.tp_rank, memory=dict(stage.memory),
                                               weights=list(stage.weights),
-                                              experts=experts and [experts[0], experts[1] + 1]))
+                                              experts=[held.start, held.stop] if held else None))
     return plan
 
 
