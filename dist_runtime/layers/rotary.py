@@ -46,9 +46,7 @@ class RotaryEmbedding(nn.Module):
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        if self.attention_factor != 1.0:
-            return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
-        return freqs.cos(), freqs.sin()
+        return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor  # exact at 1
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]. On a GPU, rotated in
