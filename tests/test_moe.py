@@ -72,7 +72,10 @@ def reference(moe_checkpoints):
         if arch in cache:
             return cache[arch]
         path = moe_checkpoints[arch]
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        model, loading = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                                           output_loading_info=True)
+        assert not any(loading.values()), loading  # transformers' own class takes every tensor, lacks none
+        model.eval()
         gaps = []
 
         def gap(module, inputs, output):
@@ -130,6 +133,21 @@ def test_experts_stacked_as_transformers_5_can_save_them_read_as_per_expert(moe_
         for name in per_expert.names():
             assert stacked.shape(name) == per_expert.shape(name)
             assert torch.equal(stacked.get(name), per_expert.get(name)), name
+
+
+def test_each_rank_file_holds_only_its_experts_slices(moe_checkpoints, moe_engines):
+    """TP 4 x EP 2: rank 3 holds experts 4-7, the second half of each one's rows (gate, up) and
+    columns (down); attention stays split over all four ranks."""
+    ck = Checkpoint(moe_checkpoints["mixtral"])
+    rank3 = load_file(moe_engines("mixtral", 4, 1, 2) / "rank-00003.safetensors")
+    layer = "model.layers.1.block_sparse_moe"
+    expected_gate_up = torch.stack([torch.cat([ck.get(f"{layer}.experts.{e}.{w}.weight")[16:] for w in ("w1", "w3")])
+                                    for e in range(4, 8)])
+    assert torch.equal(rank3["model.layers.1.mlp.experts.gate_up_proj"], expected_gate_up)
+    expected_down = torch.stack([ck.get(f"{layer}.experts.{e}.w2.weight")[:, 16:] for e in range(4, 8)])
+    assert torch.equal(rank3["model.layers.1.mlp.experts.down_proj"], expected_down)
+    assert torch.equal(rank3["model.layers.1.mlp.gate.weight"], ck.get(f"{layer}.gate.weight"))
+    assert rank3["model.layers.1.self_attn.qkv_proj.weight"].shape[0] == (16 + 2 * 16)  # a quarter of the heads
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
