@@ -4,6 +4,9 @@ mixture of experts, which experts and which slice of each."""
 from __future__ import annotations
 
 import dataclasses
+from typing import TypeVar
+
+Ids = TypeVar("Ids")  # an int, or a tensor of ints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,13 +62,12 @@ class Mapping:
         """The expert group TP rank `tp_rank` holds."""
         return tp_rank // self.moe_tp
 
-    def experts(self, num_experts: int, ep_rank: int | None = None) -> range:
-        """The experts (global ids) expert group `ep_rank` (default: this rank's) holds."""
+    def experts(self, num_experts: int) -> range:
+        """The experts (global ids) this rank's group holds."""
         local = num_experts // self.ep
-        group = self.ep_rank if ep_rank is None else ep_rank
-        return range(group * local, (group + 1) * local)
+        return range(self.ep_rank * local, (self.ep_rank + 1) * local)
 
-    def expert_group(self, expert, num_experts: int):
+    def expert_group(self, expert: Ids, num_experts: int) -> Ids:
         """The group holding expert `expert` (an id, or a tensor of them)."""
         return expert // (num_experts // self.ep)
 
