@@ -110,6 +110,8 @@ def _add_runtime_options(p: argparse.ArgumentParser) -> None:
     build = p.add_argument_group("building a model's engine on first use (MODEL a checkpoint folder or Hub id)")
     build.add_argument("--tp", type=_positive_int, default=unset, help="tensor-parallel ranks (default 1)")
     build.add_argument("--pp", type=_positive_int, default=unset, help="pipeline-parallel stages (default 1)")
+    build.add_argument("--ep", type=_positive_int, default=unset, help="expert-parallel groups of each TP group, a "
+                       "divisor of --tp (mixtures of experts; default 1)")
     build.add_argument("--dtype", choices=BUILDABLE, default=unset, help="engine precision (default: the "
                        "checkpoint's own quantization, else bf16 on GPUs and fp32 on CPUs)")
     build.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default=unset, help="(default auto)")

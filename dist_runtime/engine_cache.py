@@ -76,9 +76,7 @@ def prepare(config: RuntimeConfig, say: Say | None = None) -> RuntimeConfig:
     cache.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(json.dumps({"format": FORMAT_VERSION, "checkpoint": checkpoint_hash(folder, cache),
                                      "options": options}, sort_keys=True).encode()).hexdigest()[:16]
-    layout = f"tp{options['tp']}-pp{options['pp']}-{options['dtype']}" + (
-        "-kvfp8" if options["kv_cache_dtype"] == "fp8" else "")
-    engine_dir = cache / f"{folder.name}-{layout}-{key}"
+    engine_dir = cache / f"{folder.name}-{_layout_name(options)}-{key}"
     with _locked(cache / f"{engine_dir.name}.lock"):  # one build, whichever rank or job comes first
         if _usable(engine_dir):
             if say:
@@ -93,8 +91,15 @@ def build_options(config: RuntimeConfig, checkpoint: Path) -> dict:
     dtype = config.dtype or default_dtype(checkpoint, config.device)
     if dtype not in BUILDABLE:
         raise ConfigError(f"dtype {dtype!r} is not one an engine is built in; one of {', '.join(BUILDABLE)}")
-    return {"tp": config.tp or 1, "pp": config.pp or 1, "dtype": dtype,
+    return {"tp": config.tp or 1, "pp": config.pp or 1, "ep": config.ep or 1, "dtype": dtype,
             "kv_cache_dtype": config.kv_cache_dtype or "auto"}
+
+
+def _layout_name(options: dict) -> str:
+    """e.g. tp2-pp1-fp8, or tp8-pp2-ep8-fp8-kvfp8: a cached engine's name says what it is."""
+    parts = [f"tp{options['tp']}", f"pp{options['pp']}", *([f"ep{options['ep']}"] if options["ep"] > 1 else []),
+             options["dtype"], *(["kvfp8"] if options["kv_cache_dtype"] == "fp8" else [])]
+    return "-".join(parts)
 
 
 def default_dtype(checkpoint: Path, device: str) -> str:
@@ -108,7 +113,7 @@ def default_dtype(checkpoint: Path, device: str) -> str:
 
 def _check_build_options(config: RuntimeConfig, engine: Engine) -> None:
     """Build options given beside an engine folder must be the ones it was built with."""
-    built = {"tp": engine.plan.tp, "pp": engine.plan.pp, "dtype": engine.plan.dtype,
+    built = {"tp": engine.plan.tp, "pp": engine.plan.pp, "ep": engine.plan.ep, "dtype": engine.plan.dtype,
              "kv_cache_dtype": engine.plan.kv_cache_dtype}
     for name, value in built.items():
         asked = getattr(config, name)
@@ -168,7 +173,8 @@ def _build(checkpoint: Path, engine_dir: Path, options: dict, config: RuntimeCon
     gpu = config.device != "cpu"
     limits = {"max_batch_size": 256, "max_seq_len": ModelConfig.from_dir(checkpoint).max_position_embeddings}
     build_engine(checkpoint, partial, options["tp"], options["pp"], options["dtype"], progress=sys.stderr.isatty(),
-                 tune=config.tune and gpu, kv_cache_dtype=options["kv_cache_dtype"], **(limits if gpu else {}))
+                 tune=config.tune and gpu, kv_cache_dtype=options["kv_cache_dtype"], ep=options["ep"],
+                 **(limits if gpu else {}))
     partial.rename(engine_dir)
     if say:
         say(f"engine: built in {time.monotonic() - start:.1f} s")

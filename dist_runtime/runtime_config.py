@@ -46,6 +46,7 @@ class RuntimeConfig:
     # given with an engine folder, they must be what it was built with
     tp: int | None = None
     pp: int | None = None
+    ep: int | None = None  # expert-parallel groups of each TP group (mixtures of experts)
     # the engine's precision (build --dtype); None: the checkpoint's own quantization, else bf16 on GPUs, fp32 on CPUs
     dtype: str | None = None
     kv_cache_dtype: str | None = None  # auto or fp8
@@ -67,7 +68,7 @@ class RuntimeConfig:
             raise ConfigError(f"rank_timeout_s must be above 0, got {self.rank_timeout_s}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ConfigError(f"num_kv_blocks must be at least 1, got {self.num_kv_blocks}")
-        for name in ("max_batch_size", "max_seq_len", "max_num_tokens", "tp", "pp"):
+        for name in ("max_batch_size", "max_seq_len", "max_num_tokens", "tp", "pp", "ep"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.capacity_policy not in CAPACITY_POLICIES:

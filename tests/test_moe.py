@@ -170,3 +170,13 @@ def test_sharded_and_expert_parallel_engines_equal_transformers_under_mpirun(arc
     logits = load_file(logits_file)
     _assert_equal([o["token_ids"] for o in outputs], [logits[f"prompt_{i}"] for i in range(len(PROMPTS))],
                   reference(arch))
+
+
+@pytest.mark.slow
+def test_a_mixture_served_from_its_checkpoint_folder_builds_the_expert_parallel_engine_asked_for(
+        moe_checkpoints, reference, tmp_path):
+    with LLM(moe_checkpoints["mixtral"], tp=2, ep=2, engine_cache=str(tmp_path)) as llm:
+        assert (llm.engine.plan.tp, llm.engine.plan.ep) == (2, 2)
+        outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0), return_logits=True)
+    _assert_equal([o.token_ids for o in outputs], [o.outputs[0].logits for o in outputs], reference("mixtral"))
+    assert [p.name.split("-")[1:4] for p in tmp_path.iterdir() if p.is_dir()] == [["tp2", "pp1", "ep2"]]
