@@ -158,8 +158,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
     if args.layout == 5:
         config = to_transformers5_layout(config)
     out = write_checkpoint(config, args.out, seed=args.seed, dtype=args.dtype, device=args.device,
-                           shard_bytes=int(args.shard_gb * 2**30), progress=sys.stderr.isatty())
-    print(f"wrote {args.preset} ({config['model_type']}) checkpoint to {out}")
+                           shard_bytes=int(args.shard_gb * 2**30), progress=sys.stderr.isatty(), weights=args.weights)
+    weights = "" if args.weights else " (no weights: `build` draws them)"
+    print(f"wrote {args.preset} ({config['model_type']}) checkpoint to {out}{weights}")
     return 0
 
 
@@ -341,6 +342,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", type=int, choices=[4, 5], default=4, help="config.json as transformers 4 or 5 writes it")
     p.add_argument("--shard-gb", type=float, default=5.0, help="largest safetensors shard (default 5 GiB)")
     p.add_argument("--device", default="cpu", help="where random numbers are drawn (cuda is faster for 8B)")
+    p.add_argument("--no-weights", dest="weights", action="store_false",
+                   help="write config and tokenizer only: `build` draws each tensor as it reads it (the same "
+                   "bits), for an engine whose checkpoint would not fit beside it on disk")
     p.add_argument("--max-positions", type=int, help="positions in config.json instead of the preset's (GPT-J "
                    "6B has 2,048: a 2,048-token prompt and its output need more)")
     p.set_defaults(func=cmd_synth)

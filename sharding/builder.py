@@ -26,6 +26,7 @@ from sharding.calibrate import calibrate
 from sharding.checkpoint import Checkpoint
 from sharding.planner import make_plan
 from sharding.safetensors_writer import StreamingWriter
+from sharding.synth import open_checkpoint
 
 BUILDABLE = ("fp32", "fp16", "bf16", "int8wo", "fp8", *INT4_DTYPES)
 
@@ -54,7 +55,7 @@ def build_engine(checkpoint: str | Path, out: str | Path, tp: int = 1, pp: int =
     fp8 KV cache takes DEFAULT_KV_SCALE."""
     if dtype not in BUILDABLE:
         raise EngineError(f"--dtype {dtype}: this build step writes {', '.join(BUILDABLE)} engines")
-    ck = Checkpoint(checkpoint)
+    ck = open_checkpoint(checkpoint)
     check_checkpoint(ck)
     if (ck.path / "tokenizer.json").is_file():
         Tokenizer(ck.path)  # a tokenizer file that does not parse is refused here, not when serving

@@ -23,13 +23,14 @@ from dist_runtime.layers.embedding import _VocabParallel
 from dist_runtime.layers.moe import Router
 from dist_runtime.layers.norm import LayerNorm, RMSNorm
 from dist_runtime.models import checkpoint_layout
-from sharding.checkpoint import INDEX
+from sharding.checkpoint import INDEX, Checkpoint
 from sharding.safetensors_writer import StreamingWriter, TensorSpec
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 
 
 CHUNK_ELEMENTS = 1 << 24  # float32 noise is drawn this many elements at a time
+RANDOM_WEIGHTS = "random_weights.json"  # in place of the weights: the seed and device to draw them with
 
 
 def random_tensor(name: str, shape: tuple[int, ...], module: torch.nn.Module, seed: int, dtype: torch.dtype,
@@ -63,8 +64,10 @@ def _scale(name: str, module: torch.nn.Module, noise: torch.Tensor, shape: tuple
 
 
 def write_checkpoint(hf_config: dict[str, Any], out: str | Path, seed: int = 0, dtype: str | None = None,
-                     shard_bytes: int = 5 * 2**30, device: str = "cpu", progress: bool = True) -> Path:
-    """Write config.json, safetensors shards (with an index when more than one) and the tokenizer."""
+                     shard_bytes: int = 5 * 2**30, device: str = "cpu", progress: bool = True,
+                     weights: bool = True) -> Path:
+    """Write config.json, safetensors shards (with an index when more than one) and the tokenizer.
+    Without `weights`, a note of the seed and device in their place (RandomCheckpoint)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     hf_config = dict(hf_config)
@@ -73,6 +76,11 @@ def write_checkpoint(hf_config: dict[str, Any], out: str | Path, seed: int = 0, 
     if dtype:
         hf_config["dtype" if "dtype" in hf_config else "torch_dtype"] = dtype
     config = ModelConfig.from_hf(hf_config)
+    if not weights:
+        (out / RANDOM_WEIGHTS).write_text(json.dumps({"seed": seed, "device": device}))
+        (out / "config.json").write_text(json.dumps(hf_config, indent=2))
+        write_tokenizer(tokenizer, out)
+        return out
     torch_dtype = getattr(torch, config.dtype)  # Hugging Face names dtypes as torch does
     specs = [(TensorSpec(name, shape, torch_dtype), module) for name, shape, module in checkpoint_layout(config)]
     shards = _group(specs, shard_bytes)
@@ -92,6 +100,34 @@ def write_checkpoint(hf_config: dict[str, Any], out: str | Path, seed: int = 0, 
     (out / "config.json").write_text(json.dumps(hf_config, indent=2))
     write_tokenizer(tokenizer, out)
     return out
+
+
+class RandomCheckpoint(Checkpoint):
+    """A checkpoint written without its weights (`synth --no-weights`): every tensor is drawn
+    when the build reads it, as write_checkpoint would have drawn it (same seed, same device,
+    the same bits). An engine of a model whose checkpoint would not fit beside it on disk (a
+    61 GB Qwen3-30B-A3B in bf16 next to its engine, on a 64 GB disk) builds from it."""
+
+    def __init__(self, path: str | Path) -> None:
+        note = json.loads((Path(path) / RANDOM_WEIGHTS).read_text())
+        self.seed, self.device = note["seed"], note["device"]
+        super().__init__(path)
+
+    def _weight_map(self) -> dict[str, str]:
+        self._layout = {name: (shape, module) for name, shape, module in checkpoint_layout(self.config)}
+        return dict.fromkeys(self._layout, RANDOM_WEIGHTS)
+
+    def _read(self, name: str) -> torch.Tensor:
+        shape, module = self._layout[name]
+        return random_tensor(name, shape, module, self.seed, getattr(torch, self.config.dtype), self.device)
+
+    def _stored_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._layout[name][0])
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """The checkpoint at `path`: its weights read from its files, or drawn (RandomCheckpoint)."""
+    return RandomCheckpoint(path) if (Path(path) / RANDOM_WEIGHTS).is_file() else Checkpoint(path)
 
 
 def _group(specs: list, shard_bytes: int) -> list[list]:

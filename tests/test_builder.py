@@ -134,3 +134,16 @@ def test_build_streams_tensors_instead_of_loading_the_model(tmp_path):
     peak = _peak_rss(sys.executable, "-m", "dist_runtime.cli", "build", str(ckpt), "--tp", "2",
                      "--out", str(tmp_path / "eng"))
     assert peak - baseline < 0.6 * model_bytes, (peak, baseline, model_bytes)
+
+
+def test_a_checkpoint_without_weights_builds_the_engine_its_written_weights_would(tmp_path):
+    """`synth --no-weights`: the build draws each tensor as synth would have written it."""
+    for weights in ("--no-weights", None):
+        ckpt = tmp_path / f"ckpt{weights or ''}"
+        assert cli("synth", "--preset", "tiny", "--arch", "mixtral", "--seed", "3", "--out", str(ckpt),
+                   *([weights] if weights else [])).returncode == 0
+        assert cli("build", str(ckpt), "--tp", "2", "--ep", "2", "--out", str(tmp_path / f"eng{weights or ''}"),
+                   "--no-tune").returncode == 0
+    assert not list((tmp_path / "ckpt--no-weights").glob("*.safetensors"))
+    drawn, written = (Engine.load(tmp_path / name) for name in ("eng--no-weights", "eng"))
+    assert drawn.files == written.files  # every rank file's sha256
