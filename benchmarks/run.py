@@ -6,6 +6,11 @@ dated row per figure to BENCHMARKS.md.
     python benchmarks/run.py --preset llama-3-8b --out $OUT
     python benchmarks/run.py --preset llama-3-8b --dtype fp8 --kv-cache-dtype fp8 --max-batch-size 1024 \
         --runs throughput,throughput-128-2048,throughput-2048-128,batch1 --skip-hf --out $OUT   # issue 7's table
+    python benchmarks/run.py --preset qwen3-30b-a3b --dtype fp8 --no-weights --max-batch-size 512 \
+        --runs batch1,throughput,throughput-2048-128 --out $OUT   # a mixture: 61 GB of bf16 weights, never on disk
+
+A mixture's batch-1 roofline counts the weights one token reads (attention, dense layers, and
+its top-k experts of each sparse layer), as the active-parameter figures of MoE models do.
 """
 
 from __future__ import annotations
@@ -46,6 +51,29 @@ def copy_bandwidth() -> float:
         dst.copy_(src)
     torch.cuda.synchronize()
     return 2 * src.numel() * 4 * 20 / (time.perf_counter() - start)
+
+
+def active_weight_bytes(config: ModelConfig, weights: int) -> int:
+    """What a batch-1 step reads of `weights` bytes: all of a dense model; of a mixture, every
+    expert's share but the top_k it routes a token to left out (3 matrices of hidden x
+    intermediate per expert per sparse layer, at the bytes per parameter the engine stores)."""
+    moe = config.moe
+    if moe is None:
+        return weights
+    sparse_layers = config.num_layers - len(moe.dense_layers)
+    expert_params = sparse_layers * moe.num_experts * 3 * config.hidden_size * moe.intermediate_size
+    total_params = expert_params + _dense_params(config, sparse_layers)
+    expert_bytes = weights * expert_params / total_params
+    return int(weights - expert_bytes * (1 - moe.top_k / moe.num_experts))
+
+
+def _dense_params(config: ModelConfig, sparse_layers: int) -> int:
+    """Parameters outside the experts: attention, dense MLPs, embeddings and head (norms and routers are small)."""
+    c = config
+    attention = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+    dense_mlp = 3 * c.hidden_size * c.intermediate_size * (c.num_layers - sparse_layers)
+    heads = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+    return c.num_layers * attention + dense_mlp + heads
 
 
 def hf_generate(ckpt: Path, batch: int, isl: int, osl: int) -> float:
@@ -102,6 +130,8 @@ def main() -> int:
     p.add_argument("--max-seq-len", type=int, default=2304, help="of the engine built (default 2304)")
     p.add_argument("--runs", default="batch1,throughput,ttft", help=f"comma-separated, of: {', '.join(RUNS)}")
     p.add_argument("--skip-profile", action="store_true")
+    p.add_argument("--no-weights", action="store_true", help="synthesise the checkpoint without weights (the build "
+                   "draws them): for models whose checkpoint and engine would not both fit on disk; implies --skip-hf")
     p.add_argument("--capacity-policy", choices=["max_utilization", "no_evict"], help="of bench (default: its own)")
     p.add_argument("--no-tune", action="store_true", help="build without timing kernel candidates (default "
                    "launches and cuBLAS): faster to build, as fast to run for most shapes")
@@ -122,7 +152,8 @@ def main() -> int:
     engine = work / f"eng-{ckpt.name[5:]}-{args.dtype}{kv}-b{args.max_batch_size}-s{args.max_seq_len}"
     if not (ckpt / "config.json").exists():
         sh([*CLI, "synth", "--preset", args.preset, "--out", str(ckpt), "--device", "cuda",
-            *(["--max-positions", str(args.max_seq_len)] if raise_positions else [])], log)
+            *(["--max-positions", str(args.max_seq_len)] if raise_positions else []),
+            *(["--no-weights"] if args.no_weights else [])], log)
     if not args.skip_ours and not (engine / "engine.json").exists():
         sh([*CLI, "build", str(ckpt), "--dtype", args.dtype, "--kv-cache-dtype", args.kv_cache_dtype, "--out",
             str(engine), "--max-batch-size", str(args.max_batch_size), "--max-seq-len", str(args.max_seq_len),
@@ -158,9 +189,11 @@ def main() -> int:
     for name, extra in ({} if args.skip_ours or args.skip_profile else profiles).items():
         sh([*CLI, "bench", str(engine), "--device", "cuda", "--json", "--no-verify", *extra, "--profile",
             str(out / f"profile_{name}.txt")], log)
-    rows.append((f"roofline batch 1, {args.dtype} (weights / copy bandwidth)", f"{bw / weights:.1f} tok/s",
-                 f"{weights / 1e9:.2f} GB of weights, {bw / 1e12:.2f} TB/s measured copy"))
-    if not args.skip_hf:
+    active = active_weight_bytes(ModelConfig.from_hf(preset_config(args.preset)), weights)
+    what = "weights" if active == weights else "the weights one token reads (its top-k experts of each layer)"
+    rows.append((f"roofline batch 1, {args.dtype} ({what} / copy bandwidth)", f"{bw / active:.1f} tok/s",
+                 f"{active / 1e9:.2f} GB read per token, {bw / 1e12:.2f} TB/s measured copy"))
+    if not args.skip_hf and not args.no_weights:
         for batch in (1, 64):
             rate = hf_generate(ckpt, batch, 128, 128)
             results[f"hf batch {batch}"] = rate
