@@ -28,13 +28,12 @@ from dist_runtime.engine import ENGINE_JSON, FORMAT_VERSION, Engine, sha256_of, 
 from dist_runtime.errors import ConfigError, EngineError
 from dist_runtime.runtime_config import RuntimeConfig
 from sharding.builder import BUILDABLE, build_engine
+from sharding.prequantized import read_scheme
 
 CACHE_ENV = "DIST_RUNTIME_ENGINE_CACHE"
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 # The checkpoint files an engine is made of: config, weights, tokenizer and chat template
 WEIGHT_FILES = ("*.json", "*.safetensors")
-# Precision of a checkpoint's own quantization_config, by quant_method
-PREQUANTIZED = {"compressed-tensors": "fp8", "modelopt": "fp8", "fp8": "fp8", "awq": "int4", "gptq": "int4"}
 
 Say = Callable[[str], None]
 
@@ -103,11 +102,11 @@ def _layout_name(options: dict) -> str:
 
 
 def default_dtype(checkpoint: Path, device: str) -> str:
-    """A pre-quantized checkpoint's own precision, else bf16 on GPUs and the float32 reference on CPUs."""
-    quant = read_config_json(checkpoint).get("quantization_config")
-    method = quant.get("quant_method") if isinstance(quant, dict) else None
-    if method in PREQUANTIZED and PREQUANTIZED[method] in BUILDABLE:
-        return PREQUANTIZED[method]
+    """A pre-quantized checkpoint's own precision (fp8, int4), else bf16 on GPUs and the float32
+    reference on CPUs. A quantization no engine reads is refused here, by name."""
+    scheme = read_scheme(checkpoint)
+    if scheme is not None:
+        return scheme.kind
     return "fp32" if device == "cpu" else "bf16"
 
 
