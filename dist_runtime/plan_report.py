@@ -102,7 +102,10 @@ def format_plan(config: ModelConfig, plan: Plan, suggestion: Plan | None, source
         else:
             lines.append(f"fits: NO, rank {largest.rank} needs {human_bytes(largest.total_bytes)} > "
                          f"{human_bytes(plan.gpu_mem_bytes)} per GPU")
-            ep = f", ep={suggestion.ep}" if c.moe else ""
-            lines.append(f"fewest GPUs that fit: tp={suggestion.tp} x pp={suggestion.pp}{ep} "
-                         f"({suggestion.world_size} GPUs)" if suggestion else "no layout up to 256 GPUs fits")
+            if suggestion is None:
+                lines.append("no layout up to 256 GPUs fits")
+            else:
+                ep = f", ep={suggestion.ep}" if c.moe else ""
+                lines.append(f"fewest GPUs that fit: tp={suggestion.tp} x pp={suggestion.pp}{ep} "
+                             f"({suggestion.world_size} GPUs)")
     return "\n".join(lines)

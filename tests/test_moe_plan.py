@@ -11,6 +11,7 @@ from conftest import cli
 from dist_runtime.config import ModelConfig
 from dist_runtime.errors import PlanError
 from dist_runtime.mapping import Mapping
+from dist_runtime.plan_report import format_plan
 from dist_runtime.presets import preset_config
 from sharding.planner import GiB, make_plan, smallest_fitting_plan
 
@@ -78,6 +79,14 @@ def test_qwen3_235b_in_bf16_on_four_gpus_does_not_fit_and_the_smallest_layout_th
     smallest = smallest_fitting_plan(config, "bf16", 80, ep=4)
     assert smallest.fits and smallest.world_size == 6  # 470 GB of weights: 6 GPUs of 80 GiB, not 5
     assert (smallest.tp, smallest.pp, smallest.ep) == (2, 3, 2)
+
+
+def test_plan_report_of_a_mixture_that_fits_no_layout_says_so():
+    config = _config("qwen3-30b-a3b")
+    plan = make_plan(config, tp=2, ep=2, dtype="bf16", gpu_mem_gib=1)
+    assert not plan.fits
+    report = format_plan(config, plan, None, "qwen3-30b-a3b")
+    assert report.splitlines()[-1] == "no layout up to 256 GPUs fits"
 
 
 @pytest.mark.slow
