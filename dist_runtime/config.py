@@ -129,6 +129,11 @@ class ModelConfig:
             raise CheckpointError(f"num_experts_per_tok {self.moe.top_k} must be between 1 and the "
                                   f"{self.moe.num_experts} experts")
 
+    @property
+    def attention_scale(self) -> float:
+        """What attention scores are multiplied by: head_dim**-0.5, or Gemma's query_pre_attn_scalar**-0.5."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
     def window_of(self, layer: int) -> int | None:
         """The sliding window of layer `layer` (global index), None where it sees every earlier key."""
         return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None

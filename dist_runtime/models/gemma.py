@@ -13,37 +13,32 @@ import torch
 from torch import nn
 
 from dist_runtime.config import ModelConfig
-from dist_runtime.layers.attention import AttentionMetadata, PagedAttention
+from dist_runtime.layers.attention import AttentionMetadata
 from dist_runtime.layers.embedding import ParallelLMHead, ScaledEmbedding
-from dist_runtime.layers.linear import QKVParallelLinear, RowParallelLinear
 from dist_runtime.layers.norm import GemmaRMSNorm
 from dist_runtime.layers.rotary import RotaryEmbedding
 from dist_runtime.mapping import Mapping
 from dist_runtime.models.base import CausalLM
-from dist_runtime.models.llama import LlamaMLP
+from dist_runtime.models.llama import LlamaAttention, LlamaMLP
 
 
-class GemmaAttention(nn.Module):
+class GemmaAttention(LlamaAttention):
+    """Llama's, scaled and soft-capped as the config says; Gemma 3 norms each query and key head
+    before rotary (one weight per head dimension, replicated on every TP rank)."""
+
     def __init__(self, c: ModelConfig, m: Mapping, rotary: RotaryEmbedding, comm, layer: int) -> None:
-        super().__init__()
-        self.qkv_proj = QKVParallelLinear(c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads,
-                                          m.tp, m.tp_rank, c.qkv_bias)
-        self.o_proj = RowParallelLinear(c.num_heads * c.head_dim, c.hidden_size, m.tp, m.tp_rank,
-                                        c.o_proj_bias, comm, name="o_proj")
+        super().__init__(c, m, rotary, comm, layer)
         self.q_norm = self.k_norm = None
-        if c.model_type != "gemma2":  # Gemma 3: one weight per head dimension, replicated on every TP rank
+        if c.model_type != "gemma2":
             self.q_norm = GemmaRMSNorm(c.head_dim, c.norm_eps)
             self.k_norm = GemmaRMSNorm(c.head_dim, c.norm_eps)
-        self.rotary = rotary
-        self.attn = PagedAttention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, c.head_dim,
-                                   c.query_pre_attn_scalar**-0.5, c.window_of(layer), c.attn_logit_softcapping)
 
-    def partial(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """This rank's share of the output, before o_proj's all-reduce."""
-        q, k, v = self.qkv_proj.split_qkv(self.qkv_proj(x))
-        if self.q_norm is not None:  # before rotary, which on a GPU is one kernel with the cache write
-            q, k = self.q_norm(q), self.k_norm(k)
-        return self.o_proj.partial(self.attn(q, k, v, meta, self.rotary, positions))
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gemma 3's q and k normed before rotary, which on a GPU is one kernel with the cache write."""
+        q, k, v = super().qkv(x)
+        if self.q_norm is None:
+            return q, k, v
+        return self.q_norm(q), self.k_norm(k), v
 
 
 class GemmaDecoderLayer(nn.Module):
