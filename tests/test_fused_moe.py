@@ -75,6 +75,16 @@ def test_pairs_are_laid_out_by_expert_in_padded_blocks_and_other_ranks_experts_l
     assert one[1].tolist() == [9, -1] and one[0][:2].tolist() == [0, 1]
 
 
+def test_fused_experts_refuses_weights_whose_rows_are_not_contiguous():
+    x, gate_up, down, weights, ids = _case(2, 64, 32, 4, 2)
+    columns_first = gate_up.transpose(1, 2).contiguous().transpose(1, 2)  # same values, rows strided
+    with pytest.raises(ValueError, match="each weight row contiguous"):
+        fused_experts(x, columns_first, down, weights, ids, 0)
+    (qg, sg), (qd, sd) = quantize_weight(gate_up, "int8wo"), quantize_weight(down, "int8wo")
+    with pytest.raises(ValueError, match="scales as contiguous"):
+        fused_experts(x, qg, qd, weights, ids, 0, sg.t().contiguous().t(), sd)
+
+
 def _interpreted_checks() -> dict[str, float]:
     """Relative errors of the kernels against their references, float32 activations."""
     errors = {}

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dist_runtime.kernels.fused import fp8_rows
 from dist_runtime.quantization import FP8, quantize_rows_fp8
 
 
@@ -90,7 +91,7 @@ def sort_by_expert(ids: torch.Tensor, first_expert: int, num_local: int,
 @triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, out_ptr, pairs_ptr, block_expert_ptr, x_scale_ptr, w_scale_ptr, num_pairs,
                     N, K, stride_xm, stride_we, stride_wn, stride_om, TOP_K: tl.constexpr, FP8: tl.constexpr,
-                    SCALED: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    SCALED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr):
     """out[pair, n] = silu(x[token] . gate[e, n]) * (x[token] . up[e, n]) for the pairs of one
     block (one expert) and BLOCK_N columns; gate rows are the expert's first N, up rows the next."""
@@ -115,12 +116,8 @@ def _gate_up_kernel(x_ptr, w_ptr, out_ptr, pairs_ptr, block_expert_ptr, x_scale_
         w_mask = (kk[:, None] < K) & (rn[None, :] < N)
         g = tl.load(gate_cols + kk[:, None], mask=w_mask, other=0.0).to(a.dtype)  # int8: weight-only
         u = tl.load(up_cols + kk[:, None], mask=w_mask, other=0.0).to(a.dtype)
-        if IEEE:
-            gate += tl.dot(a, g, input_precision="ieee")
-            up += tl.dot(a, u, input_precision="ieee")
-        else:
-            gate += tl.dot(a, g)
-            up += tl.dot(a, u)
+        gate += tl.dot(a, g, input_precision=PRECISION)
+        up += tl.dot(a, u, input_precision=PRECISION)
     if FP8:
         x_scale = tl.load(x_scale_ptr + tokens, mask=valid, other=0.0)[:, None]
         gate *= x_scale
@@ -137,7 +134,7 @@ def _gate_up_kernel(x_ptr, w_ptr, out_ptr, pairs_ptr, block_expert_ptr, x_scale_
 @triton.jit
 def _down_kernel(a_ptr, w_ptr, out_ptr, pairs_ptr, block_expert_ptr, routing_ptr, a_scale_ptr, w_scale_ptr,
                  num_pairs, N, K, stride_am, stride_we, stride_wn, stride_om, FP8: tl.constexpr, SCALED: tl.constexpr,
-                 IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[pair, n] = routing weight[pair] * (a[pair] . down[e, n])."""
     expert = tl.load(block_expert_ptr + tl.program_id(0))
     if expert < 0:
@@ -154,10 +151,7 @@ def _down_kernel(a_ptr, w_ptr, out_ptr, pairs_ptr, block_expert_ptr, routing_ptr
         kk = k0 + rk
         a = tl.load(a_rows + kk[None, :], mask=valid[:, None] & (kk[None, :] < K), other=0.0)
         w = tl.load(w_cols + kk[:, None], mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0).to(a.dtype)
-        if IEEE:
-            acc += tl.dot(a, w, input_precision="ieee")
-        else:
-            acc += tl.dot(a, w)
+        acc += tl.dot(a, w, input_precision=PRECISION)
     if FP8:
         acc *= tl.load(a_scale_ptr + pairs, mask=valid, other=0.0)[:, None]
     if SCALED:
@@ -176,10 +170,9 @@ def launch_for(pairs: int, num_local: int) -> tuple[int, int, int, int]:
 
 
 def _quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(E4M3 rows, float32 scale per row): one kernel on a GPU, torch elsewhere (the interpreter)."""
+    """(E4M3 rows, float32 scale per row): one kernel on a GPU, torch elsewhere (the interpreter
+    cannot run fp8_rows' inline PTX)."""
     if rows.is_cuda:
-        from dist_runtime.kernels.fused import fp8_rows
-
         quantized = fp8_rows(rows)
         return quantized.values, quantized.scale.flatten()
     values, scale = quantize_rows_fp8(rows)
@@ -191,7 +184,13 @@ def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, we
                   down_scale: torch.Tensor | None = None, launch: tuple[int, int, int, int] | None = None
                   ) -> torch.Tensor:
     """layers.moe.experts_reference's result, [tokens, hidden] in x's dtype, from the kernels
-    above."""
+    above (with fp8 weights, each GEMM's input quantized per row first). `launch`: (BLOCK_M,
+    BLOCK_N, BLOCK_K, num_warps), by default launch_for's."""
+    if gate_up.stride(-1) != 1 or down.stride(-1) != 1:
+        raise ValueError(f"fused_experts reads each weight row contiguous; got strides {gate_up.stride()} (gate_up) "
+                         f"and {down.stride()} (down)")
+    if any(s is not None and not s.is_contiguous() for s in (gate_up_scale, down_scale)):
+        raise ValueError("fused_experts reads the weight scales as contiguous [experts, rows]")
     tokens, hidden = x.shape
     top_k, num_local, inter = ids.shape[1], len(gate_up), down.shape[2]
     pairs = tokens * top_k
@@ -200,10 +199,11 @@ def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, we
     fp8, scaled = gate_up.dtype == FP8, gate_up_scale is not None
     x = x.contiguous()
     x_in, x_scale = _quantize_rows(x) if fp8 else (x, None)
-    ieee = x.dtype == torch.float32
-    act = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
-    meta = dict(FP8=fp8, SCALED=scaled, IEEE=ieee, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                num_warps=warps)
+    # fp8 quantizes every row of act, those of pairs held elsewhere too (which no kernel writes)
+    act = (torch.zeros if fp8 else torch.empty)(pairs, inter, dtype=x.dtype, device=x.device)
+    # float32 operands (float32 x, and int8 weights widened to it) multiply exactly, not in tf32
+    meta = dict(FP8=fp8, SCALED=scaled, PRECISION="ieee" if x_in.dtype == torch.float32 else "tf32",
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     grid = (len(block_expert), triton.cdiv(inter, block_n))
     _gate_up_kernel[grid](x_in, gate_up, act, sorted_pairs, block_expert, x_scale, gate_up_scale, pairs, inter,
                           hidden, x_in.stride(0), gate_up.stride(0), gate_up.stride(1), act.stride(0), TOP_K=top_k,
