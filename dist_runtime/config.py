@@ -266,12 +266,16 @@ def gemma_text_config(hf: dict[str, Any]) -> dict[str, Any]:
         hf["rope_theta"] = full.pop("rope_theta", hf["rope_theta"])
         hf["rope_local_base_freq"] = local.get("rope_theta", hf.get("rope_local_base_freq"))
         hf["rope_parameters"] = {**full, "rope_theta": hf["rope_theta"]}
-    if not hf.get("layer_types"):  # every pattern-th layer global, the others local, as transformers lays them
+    if not hf.get("layer_types"):
         pattern = 2 if hf["model_type"] == "gemma2" else (hf.get("sliding_window_pattern")
                                                           or hf.get("_sliding_window_pattern") or 6)
-        hf["layer_types"] = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
-                             for i in range(hf["num_hidden_layers"])]
+        hf["layer_types"] = gemma_layer_types(pattern, hf["num_hidden_layers"])
     return hf
+
+
+def gemma_layer_types(pattern: int, layers: int) -> list[str]:
+    """Every pattern-th layer global, the others local, as transformers lays them."""
+    return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
 
 
 def _read_gemma(hf: dict[str, Any]) -> dict[str, Any]:

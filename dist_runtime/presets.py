@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from dist_runtime.config import gemma_layer_types
 from dist_runtime.errors import CheckpointError
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -214,7 +215,5 @@ def to_transformers5_layout(config: dict[str, Any]) -> dict[str, Any]:
     if config["model_type"] == "gemma3_text":  # rotary per layer type, and the layer pattern written out
         local = {"rope_type": "default", "rope_theta": config.pop("rope_local_base_freq")}
         config["rope_parameters"] = {"full_attention": config["rope_parameters"], "sliding_attention": local}
-        pattern = config.pop("sliding_window_pattern")
-        config["layer_types"] = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
-                                 for i in range(config["num_hidden_layers"])]
+        config["layer_types"] = gemma_layer_types(config.pop("sliding_window_pattern"), config["num_hidden_layers"])
     return config
