@@ -125,7 +125,7 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
                          stride_bt, stride_ot, stride_oh, HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                          HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, GROUP: tl.constexpr,
                          GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                         IEEE: tl.constexpr, PARTIAL: tl.constexpr, KV_SCALED: tl.constexpr, VECTOR: tl.constexpr,
+                         PRECISION: tl.constexpr, PARTIAL: tl.constexpr, KV_SCALED: tl.constexpr, VECTOR: tl.constexpr,
                          F16: tl.constexpr, CONVERT_ON_LOAD: tl.constexpr, FP8_PRODUCTS: tl.constexpr,
                          SOFTCAP: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
@@ -193,11 +193,7 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
             if CONVERT_ON_LOAD:
                 k = _e4m3_to_f16(k)
                 v = _e4m3_to_f16(v)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k.to(q.dtype)))
-            s = s * scale
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale
             if SOFTCAP > 0:
                 s = soft_cap(s, SOFTCAP)
             s = tl.where(valid[None, :], s, float("-inf"))
@@ -205,10 +201,7 @@ def _paged_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, bloc
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m - m_new)
             denom = denom * alpha + tl.sum(p, 1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
             m = m_new
     if KV_SCALED:
         acc = acc * tl.load(v_scale_ptr + kv_head)
@@ -308,8 +301,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         context_lens, out, acc, ml, scale, sliding_window or 0, q.stride(0), q.stride(1), k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1), HEADS=heads,
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEAD_PAD=triton.next_power_of_2(head_dim), GROUP=group,
-        GROUP_PAD=_group_pad(group, vector, fp8_products),
-        BLOCK_N=block_n, IEEE=q.dtype == torch.float32, PARTIAL=partial, KV_SCALED=k_scale is not None,
+        GROUP_PAD=_group_pad(group, vector, fp8_products), BLOCK_N=block_n,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PARTIAL=partial, KV_SCALED=k_scale is not None,
         VECTOR=vector, F16=f16, CONVERT_ON_LOAD=convert_on_load, FP8_PRODUCTS=fp8_products,
         SOFTCAP=float(softcap), num_warps=num_warps,
         **({"num_stages": num_stages} if num_stages else {}),

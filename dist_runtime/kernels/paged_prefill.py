@@ -98,7 +98,7 @@ def _kv_rows(block_tables, seq, kv_head, start, ctx, stride_bt, stride_kb, strid
 def _attend_tile(q, q_scale, k_cache, v_cache, block_tables, seq, kv_head, start, pos, ctx, window, m, denom, acc,
                  scale, stride_bt, stride_kb, stride_ks, stride_kh, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                  HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, MASKED: tl.constexpr, WINDOWED: tl.constexpr,
-                 IEEE: tl.constexpr, F16: tl.constexpr, FP8_SCORES: tl.constexpr, SOFTCAP: tl.constexpr):
+                 PRECISION: tl.constexpr, F16: tl.constexpr, FP8_SCORES: tl.constexpr, SOFTCAP: tl.constexpr):
     """One BLOCK_N tile of keys into the online softmax (base-2: `scale` holds log2(e), and so
     does SOFTCAP: tanh(s / (cap log2(e))) cap log2(e) is the natural-unit cap in base 2)."""
     n = start + tl.arange(0, BLOCK_N)
@@ -121,10 +121,8 @@ def _attend_tile(q, q_scale, k_cache, v_cache, block_tables, seq, kv_head, start
         v = v.to(q.dtype)
     if FP8_SCORES:  # the keys as stored, q in E4M3 (q_scale: its rows' scales times `scale`)
         s = tl.dot(q, tl.trans(k)) * q_scale[:, None]
-    elif IEEE:
-        s = tl.dot(q, tl.trans(k.to(v.dtype)), input_precision="ieee") * scale
     else:
-        s = tl.dot(q, tl.trans(k.to(v.dtype))) * scale
+        s = tl.dot(q, tl.trans(k.to(v.dtype)), input_precision=PRECISION) * scale
     if SOFTCAP > 0:
         s = soft_cap(s, SOFTCAP)
     if MASKED:
@@ -138,10 +136,7 @@ def _attend_tile(q, q_scale, k_cache, v_cache, block_tables, seq, kv_head, start
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m - m_new)
     denom = denom * alpha + tl.sum(p, 1)
-    if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, denom, acc
 
 
@@ -153,7 +148,7 @@ def _paged_prefill_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, blo
                           stride_bt, stride_ot, stride_oh, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                           HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr,
-                          KV_SCALED: tl.constexpr, WINDOWED: tl.constexpr, IEEE: tl.constexpr, F16: tl.constexpr,
+                          KV_SCALED: tl.constexpr, WINDOWED: tl.constexpr, PRECISION: tl.constexpr, F16: tl.constexpr,
                           FP8_SCORES: tl.constexpr, SOFTCAP: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
     head = tl.program_id(0)
@@ -193,13 +188,13 @@ def _paged_prefill_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, blo
     for start in range(lo, full, BLOCK_N):
         m, denom, acc = _attend_tile(q, q_scale, k_cache, v_cache, block_tables, seq, kv_head, start, pos, ctx,
                                      window, m, denom, acc, scale, stride_bt, stride_kb, stride_ks, stride_kh,
-                                     BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_PAD, False, WINDOWED, IEEE, F16, FP8_SCORES,
-                                     SOFTCAP)
+                                     BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_PAD, False, WINDOWED, PRECISION, F16,
+                                     FP8_SCORES, SOFTCAP)
     for start in range(full, last, BLOCK_N):
         m, denom, acc = _attend_tile(q, q_scale, k_cache, v_cache, block_tables, seq, kv_head, start, pos, ctx,
                                      window, m, denom, acc, scale, stride_bt, stride_kb, stride_ks, stride_kh,
-                                     BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_PAD, True, WINDOWED, IEEE, F16, FP8_SCORES,
-                                     SOFTCAP)
+                                     BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_PAD, True, WINDOWED, PRECISION, F16,
+                                     FP8_SCORES, SOFTCAP)
     out = acc / denom[:, None]
     if KV_SCALED:
         out = out * tl.load(v_scale_ptr + kv_head)
@@ -235,8 +230,9 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             tiles, query_start, context_lens, out, scale, sliding_window or 0, q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), out.stride(0),
             out.stride(1), GROUP=heads // kv_heads, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
-            HEAD_PAD=triton.next_power_of_2(head_dim), BLOCK_M=block_m,
-            BLOCK_N=block_n, KV_SCALED=k_scale is not None, WINDOWED=sliding_window is not None,
-            IEEE=q.dtype == torch.float32, F16=f16, FP8_SCORES=f16 and fp8_scores_fit(head_dim),
+            HEAD_PAD=triton.next_power_of_2(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
+            KV_SCALED=k_scale is not None, WINDOWED=sliding_window is not None,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", F16=f16,
+            FP8_SCORES=f16 and fp8_scores_fit(head_dim),
             SOFTCAP=float(softcap) * LOG2E, num_warps=num_warps, num_stages=num_stages, **pdl.launch(q))
     return out
