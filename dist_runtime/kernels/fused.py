@@ -182,7 +182,8 @@ def _rotary_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, inv_freq_ptr, slots_ptr, 
         h = tl.arange(0, KVH_PAD)
         d = tl.arange(0, HEAD_PAD)  # a power of two: Phi-3-mini's heads of 96 are read as 128, masked
         valid = (h < KVH)[:, None] & (d < HEAD_DIM)[None, :]
-        dst = tl.load(slots_ptr + token) * (KVH * HEAD_DIM) + h[:, None] * HEAD_DIM + d[None, :]
+        # int64: a cache of more than 2^31 values, under an int32 slot mapping, too
+        dst = tl.load(slots_ptr + token).to(tl.int64) * (KVH * HEAD_DIM) + h[:, None] * HEAD_DIM + d[None, :]
         k = tl.load(k_row + h[:, None] * stride_kh + d[None, :], mask=valid)
         v = tl.load(v_ptr + token * stride_vt + h[:, None] * stride_vh + d[None, :], mask=valid)
         if KV_SCALED:  # an fp8 cache: divided by the KV head's scale, saturated at the format's limit
