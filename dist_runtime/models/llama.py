@@ -66,12 +66,12 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, c: ModelConfig, m: Mapping, rotary: RotaryEmbedding, comm, layer: int,
-                 attention: type[LlamaAttention], mlp: nn.Module) -> None:
+                 attention: type[LlamaAttention] = LlamaAttention, mlp: nn.Module | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
         self.self_attn = attention(c, m, rotary, comm, layer)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
-        self.mlp = mlp
+        self.mlp = mlp or LlamaMLP(c, m, comm)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                 meta: AttentionMetadata, unfinished_layer=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,13 +90,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, c: ModelConfig, m: Mapping, layers: range, comm, attention: type[LlamaAttention],
-                 mlp: Callable[[int], nn.Module]) -> None:
+    def __init__(self, c: ModelConfig, m: Mapping, layers: range, comm,
+                 attention: type[LlamaAttention] = LlamaAttention,
+                 mlp: Callable[[int], nn.Module | None] | None = None) -> None:
         super().__init__()
         rotary = RotaryEmbedding(c.head_dim, c.rotary_dim, c.rope_theta, c.rope_scaling, interleaved=False)
         if m.is_first_stage:
             self.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size, m.tp, m.tp_rank, comm)
-        self.layers = nn.ModuleDict({str(i): LlamaDecoderLayer(c, m, rotary, comm, i, attention, mlp(i))
+        self.layers = nn.ModuleDict({str(i): LlamaDecoderLayer(c, m, rotary, comm, i, attention, mlp and mlp(i))
                                      for i in layers})
         if m.is_last_stage:
             self.norm = RMSNorm(c.hidden_size, c.norm_eps)
@@ -107,9 +108,9 @@ class LlamaForCausalLM(CausalLM):
     embed_weight = "model.embed_tokens.weight"
     attention: type[LlamaAttention] = LlamaAttention  # the families that differ only there swap it
 
-    def mlp(self, layer: int) -> nn.Module:
-        """Layer `layer`'s MLP (the mixtures of experts swap it)."""
-        return LlamaMLP(self.config, self.mapping, self.comm)
+    def mlp(self, layer: int) -> nn.Module | None:
+        """Layer `layer`'s MLP, in place of LlamaMLP (None: LlamaMLP); the mixtures of experts swap it."""
+        return None
 
     def __init__(self, config: ModelConfig, mapping: Mapping, layers: range, comm=None) -> None:
         super().__init__(config, mapping, layers, comm)

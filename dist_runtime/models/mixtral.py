@@ -17,11 +17,11 @@ class MixtralForCausalLM(LlamaForCausalLM):
     expert_names = ExpertNames(gate="w1", up="w3", down="w2")
     checkpoint_block = "block_sparse_moe"  # the checkpoint's name for a layer's `mlp`
 
-    def mlp(self, layer: int) -> nn.Module:
-        """A sparse MoE block, but in the layers the config keeps dense."""
+    def mlp(self, layer: int) -> nn.Module | None:
+        """A sparse MoE block, but in the layers the config keeps dense (None: a LlamaMLP)."""
         c, moe = self.config, self.config.moe
         if layer in moe.dense_layers:
-            return super().mlp(layer)
+            return None
         return SparseMoeBlock(moe.num_experts, moe.top_k, moe.norm_topk_prob, c.hidden_size, moe.intermediate_size,
                               self.mapping, self.comm, self.expert_names)
 
