@@ -64,8 +64,8 @@ class Mapping:
 
     def experts(self, num_experts: int) -> range:
         """The experts (global ids) this rank's group holds."""
-        local = num_experts // self.ep
-        return range(self.ep_rank * local, (self.ep_rank + 1) * local)
+        per_group = num_experts // self.ep
+        return range(self.ep_rank * per_group, (self.ep_rank + 1) * per_group)
 
     def expert_group(self, expert: Ids, num_experts: int) -> Ids:
         """The group holding expert `expert` (an id, or a tensor of them)."""

@@ -6,6 +6,7 @@ import re
 
 from dist_runtime.config import ModelConfig
 from dist_runtime.layers.embedding import padded_vocab
+from dist_runtime.layers.linear import kv_head_range
 from dist_runtime.plan import Plan
 
 
@@ -42,7 +43,7 @@ def _experts(config: ModelConfig, plan: Plan) -> list[str]:
     chosen = f"top {moe.top_k}" + (", renormalised" if moe.norm_topk_prob else "")
     split = f"each split over tp/ep={m.moe_tp} ranks" if m.moe_tp > 1 else "whole"
     if plan.ep > 1:
-        split = (f"in ep={plan.ep} groups of {moe.num_experts // plan.ep}, {split}; "
+        split = (f"in ep={plan.ep} groups of {len(m.experts(moe.num_experts))}, {split}; "
                  f"outputs meet by {plan.expert_exchange}")
     dense = f"; layers {', '.join(map(str, moe.dense_layers))} dense" if moe.dense_layers else ""
     return [f"experts: {moe.num_experts} per layer ({chosen}), {split}{dense}"]
@@ -67,7 +68,7 @@ def _nodes(plan: Plan, gpus_per_node: int) -> list[str]:
 def format_plan(config: ModelConfig, plan: Plan, suggestion: Plan | None, source: str,
                 gpus_per_node: int = 8) -> str:
     c = config
-    kv_local = max(1, c.num_kv_heads // plan.tp)
+    kv_local = len(kv_head_range(c.num_kv_heads, plan.tp, 0))
     kv_note = (f"{c.num_kv_heads} KV heads over tp={plan.tp}: "
                + (f"{kv_local} per rank" if c.num_kv_heads >= plan.tp
                   else f"replicated, each shared by {plan.tp // c.num_kv_heads} ranks"))
