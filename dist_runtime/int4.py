@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 NIBBLES = 8  # per int32 word
 INT4_MAX = 15
+WHOLE_INPUT = -1  # a group size of one group over a layer's whole input, as Hugging Face configs write it
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -55,6 +56,11 @@ def group_index(in_features: int, group_size: int, g_idx: torch.Tensor | None = 
             raise ValueError(f"g_idx has shape {tuple(g_idx.shape)}; the weight has {in_features} input columns")
         return g_idx.long()
     return torch.arange(in_features, device=device) // group_size
+
+
+def group_count(columns: int, group_size: int) -> int:
+    """Groups (the last may be partial) of `group_size` columns over `columns` input columns."""
+    return 1 if group_size == WHOLE_INPUT else -(-columns // group_size)
 
 
 def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
@@ -128,7 +134,7 @@ def check_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     if g_idx is not None and (g_idx.shape != (k,) or g_idx.dtype not in (torch.int32, torch.int64)):
         raise ValueError(f"g_idx must be int32 [{k}] (one group per input column); got "
                          f"{g_idx.dtype} {tuple(g_idx.shape)}")
-    groups = -(-k // group_size)
+    groups = group_count(k, group_size)
     for name, t in (("scales", scales), ("zeros", zeros)):
         # with g_idx any count: a row-parallel slice of an act-order weight keeps all the layer's groups
         if t.dim() != 2 or t.shape[0] != n or (t.shape[1] != groups if g_idx is None else t.shape[1] < 1):

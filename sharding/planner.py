@@ -9,6 +9,7 @@ import re
 
 from dist_runtime.config import ModelConfig
 from dist_runtime.errors import PlanError
+from dist_runtime.int4 import WHOLE_INPUT, group_count
 from dist_runtime.layers.embedding import padded_vocab
 from dist_runtime.layers.moe import EXCHANGES
 from dist_runtime.mapping import Mapping
@@ -19,7 +20,6 @@ from dist_runtime.quantization import INT4_DTYPES, int4_table_dtype
 GiB = 2**30
 RUNTIME_OVERHEAD = 1 * GiB  # CUDA context, cuBLAS/NCCL workspaces: counted only against --gpu-mem
 INT4_GROUP_SIZES = (128, 64, 32)  # tried in turn for int4 weights rounded here from float ones
-WHOLE_INPUT = -1  # an int4 group size of one group per layer's whole input, as Hugging Face configs write it
 
 
 def split_layers(num_layers: int, pp: int, counts: list[int] | None = None) -> list[int]:
@@ -126,8 +126,7 @@ def _int4_bytes(param, tp: int, group_size: int, act_order: bool, table_bytes: i
     column under act-order. A row-parallel slice under act-order (or of one whole-input
     group) keeps the whole layer's groups: its columns may fall in any of them."""
     out, k = param.shape
-    columns = k * tp if param.parallel == "row" and act_order else k
-    groups = 1 if group_size == WHOLE_INPUT else -(-columns // group_size)
+    groups = group_count(k * tp if param.parallel == "row" and act_order else k, group_size)
     return out * k // 2 + 2 * out * groups * table_bytes + (4 * k if act_order else 0)
 
 

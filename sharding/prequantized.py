@@ -38,8 +38,7 @@ from typing import Any, NamedTuple
 import torch
 
 from dist_runtime.errors import CheckpointError
-from dist_runtime.int4 import NIBBLES, pack_int4
-from sharding.planner import WHOLE_INPUT
+from dist_runtime.int4 import NIBBLES, WHOLE_INPUT, group_count, pack_int4
 
 READ = ("compressed-tensors (FP8, formats float-quantized and naive-quantized)",
         "modelopt (quant_algo FP8, FP8_PER_CHANNEL_PER_TOKEN)", "fp8 (per tensor, or block-wise weight_block_size)",
@@ -56,7 +55,6 @@ class Scheme:
     method: str  # quant_method, as the checkpoint names it
     kind: str  # "fp8" or "int4": the engine dtype family that keeps its values as stored
     block: tuple[int, int] | None = None  # fp8: block-wise weight scales over blocks of this shape
-    packing: str | None = None  # int4: "awq" or "gptq"
     group_size: int | None = None  # int4: input columns per scale; None: all of a layer's
     zero_offset: int = 0  # int4: added to a stored zero point (GPTQ v1 stores it less one)
     act_order: bool = False  # int4: groups are not runs of columns (GPTQ's desc_act), g_idx says which
@@ -65,7 +63,12 @@ class Scheme:
         """make_plan's options for the int4 groups this checkpoint stores (none for fp8)."""
         if self.kind != "int4":
             return {}
-        return {"group_size": self.group_size or WHOLE_INPUT, "act_order": self.act_order}
+        return {"group_size": self.int4_group_size, "act_order": self.act_order}
+
+    @property
+    def int4_group_size(self) -> int:
+        """Input columns per stored scale; WHOLE_INPUT for one group over each layer's input."""
+        return self.group_size or WHOLE_INPUT
 
 
 class Int4Weight(NamedTuple):
@@ -178,14 +181,14 @@ def _awq(q: dict, refuse) -> Scheme:
     version = str(q.get("version") or q.get("format") or "gemm").lower()
     if q.get("bits", 4) != 4 or version != "gemm" or not q.get("zero_point", True):
         raise refuse(f"{q.get('bits')}-bit weights, version {version!r}, zero_point {q.get('zero_point', True)}")
-    return Scheme("awq", "int4", packing="awq", group_size=_group_size(q))
+    return Scheme("awq", "int4", group_size=_group_size(q))
 
 
 def _gptq(q: dict, refuse) -> Scheme:
     fmt = str(q.get("checkpoint_format") or q.get("format") or "gptq").lower()
     if q.get("bits") != 4 or fmt not in ("gptq", "gptq_v2"):
         raise refuse(f"{q.get('bits')}-bit weights in checkpoint_format {fmt!r}")
-    return Scheme("gptq", "int4", packing="gptq", group_size=_group_size(q), zero_offset=1 if fmt == "gptq" else 0,
+    return Scheme("gptq", "int4", group_size=_group_size(q), zero_offset=1 if fmt == "gptq" else 0,
                   act_order=bool(q.get("desc_act")) and not q.get("static_groups"))
 
 
@@ -218,14 +221,11 @@ def _scale_grid(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, i
 def dequantize_fp8(values: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None,
                    name: str) -> torch.Tensor:
     """The float32 weight: each E4M3 value times its tensor's, row's or block's scale."""
-    scale = scale.float()
-    grid = _scale_grid(scale, tuple(values.shape), block, name)
-    if grid == "tensor":
-        return values.float() * scale.reshape(())
-    if grid == "row":
-        return values.float() * scale.reshape(-1, 1)
+    rows = fp8_row_scales(values, scale, block, name)
+    if rows is not None:
+        return values.float() * rows[:, None]
     out, inp = values.shape
-    per_element = scale.repeat_interleave(block[0], 0)[:out].repeat_interleave(block[1], 1)[:, :inp]
+    per_element = scale.float().repeat_interleave(block[0], 0)[:out].repeat_interleave(block[1], 1)[:, :inp]
     return values.float() * per_element
 
 
@@ -258,28 +258,27 @@ def _awq_columns(words: torch.Tensor) -> torch.Tensor:
 def int4_shape(scheme: Scheme, qweight_shape: tuple[int, ...]) -> tuple[int, int]:
     """[out, in] of the weight a stored qweight packs."""
     rows, cols = qweight_shape
-    return (cols * NIBBLES, rows) if scheme.packing == "awq" else (cols, rows * NIBBLES)
+    return (cols * NIBBLES, rows) if scheme.method == "awq" else (cols, rows * NIBBLES)
 
 
 def to_int4(scheme: Scheme, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
             g_idx: torch.Tensor | None, name: str) -> Int4Weight:
     """An AWQ or GPTQ module's tensors in the int4 engine's layout, every value as stored."""
     out, inp = int4_shape(scheme, tuple(qweight.shape))
-    if scheme.packing == "awq":
+    if scheme.method == "awq":
         q = _awq_columns(qweight).t()
         zeros = _awq_columns(qzeros)
     else:
         q = _nibbles(qweight).permute(0, 2, 1).reshape(inp, out).t()
         zeros = _nibbles(qzeros).flatten(-2)
-    group = scheme.group_size or inp
-    groups = -(-inp // group)
+    groups = group_count(inp, scheme.int4_group_size)
     for tensor, what in ((zeros, "qzeros"), (scales, "scales")):
         if tuple(tensor.shape) != (groups, out):
             raise CheckpointError(f"{name}: {what} unpacks to {list(tensor.shape)}; a [{out}, {inp}] weight in "
-                                  f"groups of {group} needs [{groups}, {out}]")
+                                  f"groups of {scheme.group_size or inp} needs [{groups}, {out}]")
     scales = scales.t().contiguous()
-    return Int4Weight(pack_int4(q.contiguous()), scales, (zeros.t() + scheme.zero_offset).to(scales.dtype), group,
-                      act_order(scheme, g_idx, inp, name))
+    return Int4Weight(pack_int4(q.contiguous()), scales, (zeros.t() + scheme.zero_offset).to(scales.dtype),
+                      scheme.group_size or inp, act_order(scheme, g_idx, inp, name))
 
 
 def act_order(scheme: Scheme, g_idx: torch.Tensor | None, inp: int, name: str) -> torch.Tensor | None:
@@ -287,8 +286,7 @@ def act_order(scheme: Scheme, g_idx: torch.Tensor | None, inp: int, name: str) -
     group size does (column k in group k // group_size)."""
     if g_idx is None:
         return None
-    group = scheme.group_size or inp
-    groups = -(-inp // group)
+    group, groups = scheme.group_size or inp, group_count(inp, scheme.int4_group_size)
     g_idx = g_idx.to(torch.int32)
     if tuple(g_idx.shape) != (inp,) or g_idx.min() < 0 or g_idx.max() >= groups:
         raise CheckpointError(f"{name}: g_idx must give each of the {inp} input columns one of {groups} groups")
