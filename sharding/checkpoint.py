@@ -91,7 +91,7 @@ class Checkpoint:
         tensor = self._read(name)
         if tensor.dtype != FP8:
             return tensor
-        scale = fp8_scale_name(self.file_of, name.removesuffix(".weight"))
+        scale = self.fp8_scale(name)
         if scale is None:
             raise CheckpointError(f"{self.path}: {name} is float8 with no weight_scale beside it")
         return dequantize_fp8(tensor, self._read(scale), self._block, scale)
@@ -122,18 +122,20 @@ class Checkpoint:
     def int4(self, name: str) -> Int4Weight:
         """An AWQ or GPTQ weight in the int4 engine's layout, every value as stored."""
         module = self._int4[name]
-        g_idx = self._read(f"{module}.g_idx") if f"{module}.g_idx" in self.file_of else None
         return to_int4(self.scheme, self._read(f"{module}.qweight"), self._read(f"{module}.qzeros"),
-                       self._read(f"{module}.scales"), g_idx, module)
+                       self._read(f"{module}.scales"), self._g_idx(module), module)
 
     def int4_layout(self, name: str) -> tuple[torch.Tensor | None, torch.dtype]:
         """(g_idx as the int4 layout keeps it, the dtype of the stored scales) of an int4 weight,
         without reading the weight."""
         module = self._int4[name]
-        g_idx = self._read(f"{module}.g_idx") if f"{module}.g_idx" in self.file_of else None
         scales = f"{module}.scales"
         dtype = TORCH_DTYPES[self._open(self.file_of[scales]).get_slice(scales).get_dtype()]
-        return act_order(self.scheme, g_idx, self.shape(name)[1], module), dtype
+        return act_order(self.scheme, self._g_idx(module), self.shape(name)[1], module), dtype
+
+    def _g_idx(self, module: str) -> torch.Tensor | None:
+        name = f"{module}.g_idx"
+        return self._read(name) if name in self.file_of else None
 
     def shape(self, name: str) -> tuple[int, ...]:
         if name in self.stacked:

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import torch
 
 from dist_runtime.errors import CheckpointError
-from dist_runtime.int4 import NIBBLES, quantize_int4
+from dist_runtime.int4 import NIBBLES, WHOLE_INPUT, group_count, quantize_int4
 from dist_runtime.layers import unsliced
 from dist_runtime.plan import DTYPES, Plan
 from dist_runtime.quantization import (
@@ -40,7 +40,7 @@ from dist_runtime.quantization import (
     quantize_weight,
 )
 from sharding.checkpoint import Checkpoint
-from sharding.planner import WHOLE_INPUT, int4_group_size
+from sharding.planner import int4_group_size
 from sharding.prequantized import Int4Weight
 from sharding.safetensors_writer import TensorSpec
 
@@ -61,7 +61,7 @@ def forms(ck: Checkpoint, plan: Plan, model, input_scales: dict[str, torch.Tenso
     which take the place of a checkpoint's own."""
     act_dtype = DTYPES[plan.dtype][0]
     stored_int4 = ck.scheme is not None and ck.scheme.kind == "int4"
-    group = (int4_group_size(model, plan.tp, (ck.scheme.group_size or WHOLE_INPUT) if stored_int4 else None)
+    group = (int4_group_size(model, plan.tp, ck.scheme.int4_group_size if stored_int4 else None)
              if plan.dtype in INT4_DTYPES else 0)
     out = {}
     for name, param in model.named_parameters():
@@ -128,7 +128,7 @@ def _int4_groups(param, form: Form) -> int:
     if form.group_size == WHOLE_INPUT:
         return 1
     if form.g_idx is not None:
-        return -(-len(form.g_idx) // form.group_size)
+        return group_count(len(form.g_idx), form.group_size)
     return k // form.group_size
 
 
@@ -169,12 +169,14 @@ def _rows(param, tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _int4_tensors(name: str, param, form: Form, sources: list) -> Iterator[tuple[str, torch.Tensor]]:
-    if not isinstance(sources[0], Int4Weight):  # float weights: rounded here, this rank's slice
+    if not isinstance(sources[0], Int4Weight):  # float weights: this rank's slice, rounded here
         weight = param.shard_of(sources)
-        group = weight.shape[1] if form.group_size == WHOLE_INPUT else form.group_size
-        qweight, scales, zeros = quantize_int4(weight, group)
-        sources = [Int4Weight(qweight, scales, zeros, group, None)]
-        param = _Whole(param)
+        qweight, scales, zeros = quantize_int4(
+            weight, weight.shape[1] if form.group_size == WHOLE_INPUT else form.group_size)
+        yield name, qweight
+        yield name + SCALE_SUFFIX, scales.to(form.table_dtype)
+        yield name + ZERO_SUFFIX, zeros.to(form.table_dtype)
+        return
     yield name, param.shard_of([w.qweight for w in sources])
     # a row-parallel rank keeps the tables of all the layer's groups where its columns may fall in any
     keep_all = param.parallel == "row" and (form.g_idx is not None or form.group_size == WHOLE_INPUT)
@@ -182,16 +184,3 @@ def _int4_tensors(name: str, param, form: Form, sources: list) -> Iterator[tuple
         yield name + suffix, (unsliced(tables) if keep_all else param.shard_of(tables)).to(form.table_dtype)
     if form.g_idx is not None:  # as a one-row matrix, cut as the weight's input columns are
         yield g_idx_name(name), param.shard_of([form.g_idx[None]])[0] if param.parallel == "row" else form.g_idx
-
-
-class _Whole:
-    """A parameter already cut to its rank: its tensors are taken as they are."""
-
-    parallel = "replicated"
-
-    def __init__(self, param) -> None:
-        self.shape = param.shape
-
-    @staticmethod
-    def shard_of(tensors: list[torch.Tensor]) -> torch.Tensor:
-        return unsliced(tensors)
