@@ -12,6 +12,8 @@ class RMSNorm(nn.Module):
     """RMSNorm, optionally of (x + residual): then it also returns the sum, the next residual.
     One fused kernel on a GPU."""
 
+    plus_one = False  # Gemma's weights, applied as 1 + w (GemmaRMSNorm)
+
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
@@ -30,14 +32,16 @@ class RMSNorm(nn.Module):
         if residual is not None:
             residual = residual.contiguous()
         if unfinished_layer is not None:
-            fused_output = None if residual is None or fp8 else unfinished_layer.finish_add_rmsnorm(x, residual, self)
+            # the communicator's kernel writes neither fp8 rows nor Gemma's 1 + w
+            joinable = residual is not None and not fp8 and not self.plus_one
+            fused_output = unfinished_layer.finish_add_rmsnorm(x, residual, self) if joinable else None
             if fused_output is not None:
                 return fused_output
             x = unfinished_layer.finish(x)
         input_scale = next_layer.input_scale if fp8 else None
         if residual is None:
-            return add_rmsnorm(x, self.weight, self.eps, fp8=fp8, input_scale=input_scale)
-        return add_rmsnorm(x, self.weight, self.eps, residual, fp8, input_scale), residual
+            return add_rmsnorm(x, self.weight, self.eps, fp8=fp8, input_scale=input_scale, plus_one=self.plus_one)
+        return add_rmsnorm(x, self.weight, self.eps, residual, fp8, input_scale, self.plus_one), residual
 
     def reference(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is not None:
@@ -50,22 +54,9 @@ class RMSNorm(nn.Module):
 
 class GemmaRMSNorm(RMSNorm):
     """Gemma's RMSNorm: the weight is stored as its offset from 1 and applied as x * (1 + w), in
-    float32 before the one rounding (Llama's rounds first, then multiplies). One fused kernel on a
-    GPU; a partial sum's all-reduce (`unfinished_layer`) runs before it, not in it."""
+    float32 before the one rounding (Llama's rounds first, then multiplies)."""
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, next_layer=None, unfinished_layer=None):
-        if unfinished_layer is not None:
-            x = unfinished_layer.finish(x)
-        if not x.is_cuda:
-            return self.reference(x, residual)
-        from dist_runtime.kernels.fused import add_rmsnorm
-
-        fp8 = takes_fp8_rows(next_layer, x.numel() // x.shape[-1])
-        input_scale = next_layer.input_scale if fp8 else None
-        if residual is None:
-            return add_rmsnorm(x, self.weight, self.eps, fp8=fp8, input_scale=input_scale, plus_one=True)
-        residual = residual.contiguous()
-        return add_rmsnorm(x, self.weight, self.eps, residual, fp8, input_scale, plus_one=True), residual
+    plus_one = True
 
     def reference(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is not None:
