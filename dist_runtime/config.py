@@ -82,10 +82,10 @@ class ModelConfig:
             raise CheckpointError(
                 f"unknown model_type {model_type!r} in config.json; supported: {', '.join(ARCHITECTURES)}"
             )
-        if ARCHITECTURES[model_type] == "gemma":
+        architecture = ARCHITECTURES[model_type]
+        if architecture == "gemma":
             hf = gemma_text_config(hf)
-        read = {"gptj": _read_gptj, "gemma": _read_gemma}.get(ARCHITECTURES[model_type], _read_llama)
-        fields = read(hf)
+        fields = {"gptj": _read_gptj, "gemma": _read_gemma}.get(architecture, _read_llama)(hf)
         theta, scaling = _rope(hf)
         if scaling is not None and scaling["rope_type"] == "longrope":  # exact only within the original context
             original = scaling["original_max_position_embeddings"]
@@ -93,7 +93,7 @@ class ModelConfig:
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         fields.update(
-            architecture=ARCHITECTURES[model_type],
+            architecture=architecture,
             model_type=model_type,
             vocab_size=hf["vocab_size"],
             rope_theta=theta,
