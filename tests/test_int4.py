@@ -355,6 +355,23 @@ def test_split_k_replays_in_a_cuda_graph():
 
 
 @GPU
+def test_split_k_counters_are_refused_their_making_inside_a_capture():
+    """Made inside a capture, the counters' zeroing would only be recorded, and an eager launch
+    before the first replay would count from stale memory."""
+    from dist_runtime.kernels import w4a16
+
+    qweight, scales, zeros = random_int4(4096, 4096, 128, torch.bfloat16, device="cuda")
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    w4a16.w4a16_linear(x, qweight, scales, zeros, 128)  # compiled, and its counters made, outside
+    saved = w4a16._COUNTERS.pop(x.device)
+    try:
+        with pytest.raises(RuntimeError, match="before capturing"), torch.cuda.graph(torch.cuda.CUDAGraph()):
+            w4a16.w4a16_linear(x, qweight, scales, zeros, 128)
+    finally:
+        w4a16._COUNTERS[x.device] = saved
+
+
+@GPU
 def test_benchmark_reports_weight_bandwidth():
     """benchmarks/w4a16.py's figures for one small shape: a JSON row per shape with GB/s."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))

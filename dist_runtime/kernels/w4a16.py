@@ -232,12 +232,21 @@ def split_for(tiles: int, k: int, block_k: int, sms: int) -> int:
     return split_k
 
 
-@functools.cache
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
 def _counters(device: torch.device) -> torch.Tensor:
     """The split-K arrival counters of a device, all 0 between launches (each launch's last
     arrivals reset theirs). Shared by every launch on the device: launches on one stream
-    (the runtime's way) never overlap in them."""
-    return torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=device)
+    (the runtime's way) never overlap in them. Made on the device's first split-K launch, which
+    must not be inside a CUDA graph's capture: there the zeroing would only be recorded, and an
+    eager launch before the first replay would count from whatever the memory held."""
+    if device not in _COUNTERS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("w4a16_linear's first split-K launch on a device makes its counters; run one "
+                               "before capturing a CUDA graph (as a warm-up does)")
+        _COUNTERS[device] = torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=device)
+    return _COUNTERS[device]
 
 
 def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
