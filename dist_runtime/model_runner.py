@@ -362,11 +362,11 @@ def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], file) -> N
             users.setdefault(id(param), []).append((module, attr))
     for name, param in params.items():
         tensor = tensors[name]
-        packed = (param.shape[0], param.shape[1] // NIBBLES) if name in zeros else param.shape
-        if tensor.shape != packed:
-            raise EngineError(f"{file}: {name} has shape {list(tensor.shape)}, the plan says {list(packed)}")
-        if (name in scales) != (tensor.dtype in (torch.int8, FP8, torch.int32)) or (name in zeros) != (
-                tensor.dtype == torch.int32):
+        shape = (param.shape[0], param.shape[1] // NIBBLES) if name in zeros else param.shape  # int4: packed
+        if tensor.shape != shape:
+            raise EngineError(f"{file}: {name} has shape {list(tensor.shape)}, the plan says {list(shape)}")
+        quantized, int4 = tensor.dtype in (torch.int8, FP8, torch.int32), tensor.dtype == torch.int32
+        if (name in scales) != quantized or (name in zeros) != int4:
             raise EngineError(f"{file}: {name} is {tensor.dtype} {'with' if name in scales else 'without'} a scale"
                               f"{' and zero points' if name in zeros else ''}")
         new = nn.Parameter(tensor, requires_grad=False)

@@ -98,7 +98,7 @@ def _int4_form(ck: Checkpoint, name: str, sources: list[str], group: int, table:
     if any((g is None) != (g_idx is None) or (g is not None and not g.equal(g_idx)) for g, _ in layouts):
         raise CheckpointError(f"{ck.path}: {', '.join(sources)} are fused into {name} but differ in act-order "
                               f"(g_idx); one GEMM needs one order of groups")
-    if table != torch.float32 and any(dtype != table for _, dtype in layouts):
+    if any(dtype != table for _, dtype in layouts):
         table = torch.float32  # what holds every stored scale exactly
     return Form("int4", group_size=group, g_idx=g_idx, table_dtype=table)
 
