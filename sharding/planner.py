@@ -9,7 +9,7 @@ import re
 
 from dist_runtime.config import ModelConfig
 from dist_runtime.errors import PlanError
-from dist_runtime.int4 import WHOLE_INPUT, group_count
+from dist_runtime.int4 import NIBBLES, WHOLE_INPUT, group_count
 from dist_runtime.layers.embedding import padded_vocab
 from dist_runtime.layers.moe import EXCHANGES
 from dist_runtime.mapping import Mapping
@@ -102,8 +102,9 @@ def _plan_rank(config: ModelConfig, plan: Plan, mapping: Mapping, group_size: in
 
 def int4_group_size(model, tp: int, group_size: int | None) -> int:
     """The int4 group size of a stage's linear layers: `group_size` as a checkpoint stores it,
-    whose groups each rank's slice of a row-parallel layer's input must hold whole (unless a
-    group spans the whole input, WHOLE_INPUT, which every rank then keeps); or, for weights
+    whose groups (and int32 words of packed values) each rank's slice of a row-parallel layer's
+    input must hold whole (unless a group spans the whole input, WHOLE_INPUT, which every rank
+    then keeps); or, for weights
     rounded here (None), the largest of INT4_GROUP_SIZES that divides every such input."""
     inputs = {name.removesuffix(".weight"): (param.shape[1], param.parallel) for name, param in
               model.named_parameters() if param.is_linear_weight}  # no experts: _check_experts refuses them
@@ -115,7 +116,12 @@ def int4_group_size(model, tp: int, group_size: int | None) -> int:
         raise PlanError(f"{layer}: {k} input columns per rank (tp={tp}) hold no whole int4 groups of "
                         f"{' or '.join(map(str, INT4_GROUP_SIZES))}")
     for layer, (k, parallel) in inputs.items():
-        if group_size != WHOLE_INPUT and parallel == "row" and k % group_size:
+        if parallel != "row":
+            continue
+        if k % NIBBLES:  # a rank's packed slice is whole int32 words
+            raise PlanError(f"{layer}: its {k * tp} input columns over tp={tp} give each rank {k}, not a whole "
+                            f"number of int32 words of {NIBBLES} int4 values")
+        if group_size != WHOLE_INPUT and k % group_size:
             raise PlanError(f"{layer}: its {k * tp} input columns over tp={tp} give each rank {k}, not a whole "
                             f"number of the checkpoint's int4 groups of {group_size}")
     return group_size

@@ -26,6 +26,14 @@ def test_heads_that_do_not_divide_by_tp_are_refused_with_the_numbers():
         make_plan(_config("llama-3-8b"), tp=3)
 
 
+def test_int4_row_slices_of_partial_int32_words_are_refused_with_the_sizes():
+    # one group over the whole input (GPTQ's group_size -1) still packs 8 values a word: 100 columns are
+    # 12.5 words, so a rank's slice of the packed words would not be its columns
+    with pytest.raises(PlanError, match=r"down_proj: its 200 input columns over tp=2 give each rank 100, not a "
+                                        r"whole number of int32 words of 8 int4 values"):
+        make_plan(_config("tiny", "llama", intermediate_size=200), tp=2, dtype="int4", group_size=-1)
+
+
 def test_more_stages_than_layers_is_refused():
     with pytest.raises(PlanError, match="pp=5 stages need at least 5 layers; the model has 4"):
         make_plan(_config("tiny", "llama"), pp=5)
