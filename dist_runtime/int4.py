@@ -33,19 +33,24 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"pack_int4 takes integers 0..15; got {q.dtype}")
     if q.numel() and (q.min() < 0 or q.max() > INT4_MAX):
         raise ValueError(f"pack_int4 takes integers 0..15; got values in {q.min().item()}..{q.max().item()}")
-    nibbles = q.to(torch.int32).reshape(q.shape[0], -1, NIBBLES)
-    words = torch.zeros(nibbles.shape[:2], dtype=torch.int32, device=q.device)
+    values = q.to(torch.int32).reshape(q.shape[0], -1, NIBBLES)
+    words = torch.zeros(values.shape[:2], dtype=torch.int32, device=q.device)
     for j in range(NIBBLES):
-        words |= nibbles[:, :, j] << (4 * j)  # nibble 7 lands in the sign bit: the int32 wraps, as stored
+        words |= values[:, :, j] << (4 * j)  # nibble 7 lands in the sign bit: the int32 wraps, as stored
     return words
+
+
+def nibbles(words: torch.Tensor) -> torch.Tensor:
+    """int32 words [..., n] -> int32 [..., n, 8]: nibble j (bits 4j..4j+3) of each word, 0..15."""
+    shifts = torch.arange(0, 4 * NIBBLES, 4, dtype=torch.int32, device=words.device)
+    # an arithmetic shift copies the sign bit in from the left; the mask drops it
+    return (words[..., None] >> shifts) & INT4_MAX
 
 
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
     """int32 words [N, K // 8] -> uint8 [N, K], each 0..15."""
     _check_qweight(qweight)
-    shifts = torch.arange(0, 4 * NIBBLES, 4, dtype=torch.int32, device=qweight.device)
-    # an arithmetic shift copies the sign bit in from the left; the mask drops it
-    return ((qweight[:, :, None] >> shifts) & INT4_MAX).to(torch.uint8).view(qweight.shape[0], -1)
+    return nibbles(qweight).to(torch.uint8).view(qweight.shape[0], -1)
 
 
 def group_index(in_features: int, group_size: int, g_idx: torch.Tensor | None = None,

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 import torch
 
 from dist_runtime.errors import CheckpointError
-from dist_runtime.int4 import NIBBLES, WHOLE_INPUT, group_count, pack_int4
+from dist_runtime.int4 import NIBBLES, WHOLE_INPUT, group_count, nibbles, pack_int4
 
 READ = ("compressed-tensors (FP8, formats float-quantized and naive-quantized)",
         "modelopt (quant_algo FP8, FP8_PER_CHANNEL_PER_TOKEN)", "fp8 (per tensor, or block-wise weight_block_size)",
@@ -241,17 +241,11 @@ def fp8_row_scales(values: torch.Tensor, scale: torch.Tensor, block: tuple[int, 
 
 # ---- INT4 tensors ----
 
-def _nibbles(words: torch.Tensor) -> torch.Tensor:
-    """int32 [..., n] -> int32 [..., n, 8]: nibble j (bits 4j..4j+3) of each word."""
-    shifts = torch.arange(0, 4 * NIBBLES, 4, dtype=torch.int32)
-    return (words[..., None] >> shifts) & 0xF
-
-
 def _awq_columns(words: torch.Tensor) -> torch.Tensor:
     """AWQ words [rows, out/8] -> [rows, out] in output order."""
-    nibbles = _nibbles(words)
-    columns = torch.empty_like(nibbles)
-    columns[..., list(AWQ_ORDER)] = nibbles
+    stored = nibbles(words)
+    columns = torch.empty_like(stored)
+    columns[..., list(AWQ_ORDER)] = stored
     return columns.flatten(-2)
 
 
@@ -269,8 +263,8 @@ def to_int4(scheme: Scheme, qweight: torch.Tensor, qzeros: torch.Tensor, scales:
         q = _awq_columns(qweight).t()
         zeros = _awq_columns(qzeros)
     else:
-        q = _nibbles(qweight).permute(0, 2, 1).reshape(inp, out).t()
-        zeros = _nibbles(qzeros).flatten(-2)
+        q = nibbles(qweight).permute(0, 2, 1).reshape(inp, out).t()
+        zeros = nibbles(qzeros).flatten(-2)
     groups = group_count(inp, scheme.int4_group_size)
     for tensor, what in ((zeros, "qzeros"), (scales, "scales")):
         if tuple(tensor.shape) != (groups, out):
