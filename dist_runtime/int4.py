@@ -63,9 +63,14 @@ def group_index(in_features: int, group_size: int, g_idx: torch.Tensor | None = 
     return torch.arange(in_features, device=device) // group_size
 
 
+def columns_per_group(columns: int, group_size: int) -> int:
+    """`group_size`, or all `columns` where one group spans a layer's whole input."""
+    return columns if group_size == WHOLE_INPUT else group_size
+
+
 def group_count(columns: int, group_size: int) -> int:
     """Groups (the last may be partial) of `group_size` columns over `columns` input columns."""
-    return 1 if group_size == WHOLE_INPUT else -(-columns // group_size)
+    return -(-columns // columns_per_group(columns, group_size))
 
 
 def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,

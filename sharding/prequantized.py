@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 import torch
 
 from dist_runtime.errors import CheckpointError
-from dist_runtime.int4 import NIBBLES, WHOLE_INPUT, group_count, nibbles, pack_int4
+from dist_runtime.int4 import NIBBLES, WHOLE_INPUT, columns_per_group, group_count, nibbles, pack_int4
 
 READ = ("compressed-tensors (FP8, formats float-quantized and naive-quantized)",
         "modelopt (quant_algo FP8, FP8_PER_CHANNEL_PER_TOKEN)", "fp8 (per tensor, or block-wise weight_block_size)",
@@ -55,7 +55,7 @@ class Scheme:
     method: str  # quant_method, as the checkpoint names it
     kind: str  # "fp8" or "int4": the engine dtype family that keeps its values as stored
     block: tuple[int, int] | None = None  # fp8: block-wise weight scales over blocks of this shape
-    group_size: int | None = None  # int4: input columns per scale; None: all of a layer's
+    group_size: int = WHOLE_INPUT  # int4: input columns per scale, or one group over a layer's whole input
     zero_offset: int = 0  # int4: added to a stored zero point (GPTQ v1 stores it less one)
     act_order: bool = False  # int4: groups are not runs of columns (GPTQ's desc_act), g_idx says which
 
@@ -63,12 +63,7 @@ class Scheme:
         """make_plan's options for the int4 groups this checkpoint stores (none for fp8)."""
         if self.kind != "int4":
             return {}
-        return {"group_size": self.int4_group_size, "act_order": self.act_order}
-
-    @property
-    def int4_group_size(self) -> int:
-        """Input columns per stored scale; WHOLE_INPUT for one group over each layer's input."""
-        return self.group_size or WHOLE_INPUT
+        return {"group_size": self.group_size, "act_order": self.act_order}
 
 
 class Int4Weight(NamedTuple):
@@ -192,9 +187,9 @@ def _gptq(q: dict, refuse) -> Scheme:
                   act_order=bool(q.get("desc_act")) and not q.get("static_groups"))
 
 
-def _group_size(q: dict) -> int | None:
+def _group_size(q: dict) -> int:
     size = q.get("group_size", 128)
-    return None if size in (None, -1) else int(size)
+    return WHOLE_INPUT if size in (None, 0, WHOLE_INPUT) else int(size)
 
 
 # ---- FP8 tensors ----
@@ -265,14 +260,14 @@ def to_int4(scheme: Scheme, qweight: torch.Tensor, qzeros: torch.Tensor, scales:
     else:
         q = nibbles(qweight).permute(0, 2, 1).reshape(inp, out).t()
         zeros = nibbles(qzeros).flatten(-2)
-    groups = group_count(inp, scheme.int4_group_size)
+    group, groups = columns_per_group(inp, scheme.group_size), group_count(inp, scheme.group_size)
     for tensor, what in ((zeros, "qzeros"), (scales, "scales")):
         if tuple(tensor.shape) != (groups, out):
             raise CheckpointError(f"{name}: {what} unpacks to {list(tensor.shape)}; a [{out}, {inp}] weight in "
-                                  f"groups of {scheme.group_size or inp} needs [{groups}, {out}]")
+                                  f"groups of {group} needs [{groups}, {out}]")
     scales = scales.t().contiguous()
-    return Int4Weight(pack_int4(q.contiguous()), scales, (zeros.t() + scheme.zero_offset).to(scales.dtype),
-                      scheme.group_size or inp, act_order(scheme, g_idx, inp, name))
+    return Int4Weight(pack_int4(q.contiguous()), scales, (zeros.t() + scheme.zero_offset).to(scales.dtype), group,
+                      act_order(scheme, g_idx, inp, name))
 
 
 def act_order(scheme: Scheme, g_idx: torch.Tensor | None, inp: int, name: str) -> torch.Tensor | None:
@@ -280,7 +275,7 @@ def act_order(scheme: Scheme, g_idx: torch.Tensor | None, inp: int, name: str) -
     group size does (column k in group k // group_size)."""
     if g_idx is None:
         return None
-    group, groups = scheme.group_size or inp, group_count(inp, scheme.int4_group_size)
+    group, groups = columns_per_group(inp, scheme.group_size), group_count(inp, scheme.group_size)
     g_idx = g_idx.to(torch.int32)
     if tuple(g_idx.shape) != (inp,) or g_idx.min() < 0 or g_idx.max() >= groups:
         raise CheckpointError(f"{name}: g_idx must give each of the {inp} input columns one of {groups} groups")

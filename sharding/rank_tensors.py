@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import torch
 
 from dist_runtime.errors import CheckpointError
-from dist_runtime.int4 import NIBBLES, WHOLE_INPUT, group_count, quantize_int4
+from dist_runtime.int4 import NIBBLES, WHOLE_INPUT, columns_per_group, group_count, quantize_int4
 from dist_runtime.layers import unsliced
 from dist_runtime.plan import DTYPES, Plan
 from dist_runtime.quantization import (
@@ -61,7 +61,7 @@ def forms(ck: Checkpoint, plan: Plan, model, input_scales: dict[str, torch.Tenso
     which take the place of a checkpoint's own."""
     act_dtype = DTYPES[plan.dtype][0]
     stored_int4 = ck.scheme is not None and ck.scheme.kind == "int4"
-    group = (int4_group_size(model, plan.tp, ck.scheme.int4_group_size if stored_int4 else None)
+    group = (int4_group_size(model, plan.tp, ck.scheme.group_size if stored_int4 else None)
              if plan.dtype in INT4_DTYPES else 0)
     out = {}
     for name, param in model.named_parameters():
@@ -171,8 +171,7 @@ def _rows(param, tensors: list[torch.Tensor]) -> torch.Tensor:
 def _int4_tensors(name: str, param, form: Form, sources: list) -> Iterator[tuple[str, torch.Tensor]]:
     if not isinstance(sources[0], Int4Weight):  # float weights: this rank's slice, rounded here
         weight = param.shard_of(sources)
-        qweight, scales, zeros = quantize_int4(
-            weight, weight.shape[1] if form.group_size == WHOLE_INPUT else form.group_size)
+        qweight, scales, zeros = quantize_int4(weight, columns_per_group(weight.shape[1], form.group_size))
         yield name, qweight
         yield name + SCALE_SUFFIX, scales.to(form.table_dtype)
         yield name + ZERO_SUFFIX, zeros.to(form.table_dtype)
