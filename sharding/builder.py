@@ -93,7 +93,7 @@ def refit_engine(engine_dir: str | Path, checkpoint: str | Path, progress: bool 
     if engine.build.calibration is not None:
         raise EngineError(f"{engine_dir}: its fp8 scales were calibrated on the weights it has; rebuild it with "
                           f"--calib for new weights")
-    ck = Checkpoint(checkpoint)
+    ck = open_checkpoint(checkpoint)
     if _shape_fields(ck.config) != _shape_fields(engine.config):
         raise CheckpointError(f"{ck.path}: its config differs from the engine's in more than the dtype; "
                               f"refit needs the same architecture and shapes (rebuild instead)")

@@ -13,11 +13,12 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
+import torch
 
 from dist_runtime.presets import preset_config, to_transformers5_layout
 from launch.local import free_port
 from sharding.builder import build_engine
-from sharding.synth import write_checkpoint
+from sharding.synth import EOS, write_checkpoint
 
 BIN = Path(sys.executable).parent
 PROMPTS = ["Hello, world!", "The quick brown fox jumps over the lazy dog", "a"]
@@ -89,6 +90,65 @@ def metrics_showing(url: str, *lines: str, timeout: float = 15) -> str:
         time.sleep(0.05)
 
 
+HF_TOKENS = 12  # greedy tokens per prompt in each comparison with transformers
+
+
+def transformers_greedy(path: Path, watch=None) -> list[tuple[list[int], list[int], torch.Tensor]]:
+    """transformers' greedy generate of each of PROMPTS on the float32 checkpoint at `path`:
+    (prompt ids, generated ids, per-step logits). Its own model class must read every tensor the
+    checkpoint holds and lack none (synth and the tests' writers keep to its layout); `watch`
+    may hook the model first."""
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    model, loading = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    assert not any(loading.values()), loading
+    model.eval()
+    if watch is not None:
+        watch(model)
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    runs = []
+    for prompt in PROMPTS:
+        ids = tokenizer.encode(prompt).ids
+        out = model.generate(torch.tensor([ids]), max_new_tokens=HF_TOKENS, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=tokenizer.token_to_id(EOS))
+        runs.append((ids, out.sequences[0, len(ids):].tolist(), torch.cat(out.logits).float()))
+    return runs
+
+
+def assert_equal_to_transformers(tokens: list[list[int]], logits: list | None, runs) -> None:
+    """Each prompt's greedy tokens are transformers' (transformers_greedy's runs), and its logits
+    (unless None) within 1e-4 of theirs, relative to their largest."""
+    assert len(tokens) == len(runs)
+    for i, (ours, (_, ref_ids, ref_logits)) in enumerate(zip(tokens, runs)):
+        assert ours == ref_ids, f"prompt {i}"
+        if logits is not None:
+            assert logits[i].shape == ref_logits.shape
+            rel = ((logits[i].float() - ref_logits).abs().max() / ref_logits.abs().max()).item()
+            assert rel < 1e-4, f"prompt {i}: logits differ by {rel:.2e} relative"
+
+
+def generate_in_process(llm) -> tuple[list[list[int]], list]:
+    """`llm.generate` of PROMPTS, greedy as transformers_greedy runs: (tokens, logits) per prompt."""
+    from dist_runtime.sampling_params import SamplingParams
+
+    outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=HF_TOKENS, temperature=0.0), return_logits=True)
+    return [o.token_ids for o in outputs], [o.outputs[0].logits for o in outputs]
+
+
+def generate_under_mpirun(engine: Path, ranks: int, tmp_path: Path) -> tuple[list[list[int]], list]:
+    """`dist-runtime generate` of PROMPTS on `ranks` real ranks: (greedy tokens, logits) per prompt."""
+    from safetensors.torch import load_file
+
+    logits_file = tmp_path / "logits.safetensors"
+    args = ["generate", str(engine), "--max-tokens", str(HF_TOKENS), "--temperature", "0", "--json",
+            "--save-logits", str(logits_file), *[a for prompt in PROMPTS for a in ("--prompt", prompt)]]
+    outputs = json_lines(mpirun(ranks, *args))
+    assert [o["prompt"] for o in outputs] == PROMPTS
+    logits = load_file(logits_file)
+    return [o["token_ids"] for o in outputs], [logits[f"prompt_{i}"] for i in range(len(PROMPTS))]
+
+
 def json_lines(proc: subprocess.CompletedProcess) -> list[dict]:
     assert proc.returncode == 0, proc.stderr
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -121,6 +181,19 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
         "gemma3": write_checkpoint(to_transformers5_layout(preset_config("tiny", "gemma3")), root / "gemma3",
                                    seed=21, progress=False),
     }
+
+
+@pytest.fixture(scope="session")
+def reference(checkpoints):
+    """reference(name): transformers_greedy of checkpoints[name], run once a session."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = transformers_greedy(checkpoints[name])
+        return cache[name]
+
+    return get
 
 
 def checkpoint_with_template(checkpoint: Path, out: Path, template: str) -> Path:

@@ -11,18 +11,15 @@ import json
 import shutil
 
 import pytest
-import torch
-from conftest import PROMPTS, json_lines, mpirun
+from conftest import assert_equal_to_transformers, generate_under_mpirun, transformers_greedy
 from safetensors.torch import load_file
-from tokenizers import Tokenizer
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from dist_runtime.config import ModelConfig
 from dist_runtime.errors import CheckpointError
 from dist_runtime.presets import PRESETS, preset_config, to_transformers5_layout
 from sharding.builder import build_engine
 
-MAX_TOKENS = 12
 SMALL_PLAN = dict(max_batch_size=4, max_seq_len=128)
 
 
@@ -77,47 +74,6 @@ def test_gemma_configs_we_cannot_run_are_refused_by_name(config, error):
         ModelConfig.from_hf(config)
 
 
-def _transformers_greedy(path) -> list[tuple[list[int], torch.Tensor]]:
-    """HF greedy generate per prompt: (generated ids, per-step logits)."""
-    model, loading = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
-    assert not any(loading.values()), loading  # every tensor transformers' class reads, in its shape, and no other
-    model.eval()
-    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-    runs = []
-    for prompt in PROMPTS:
-        ids = tok.encode(prompt).ids
-        out = model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True, pad_token_id=tok.token_to_id("<|end_of_text|>"))
-        runs.append((out.sequences[0, len(ids):].tolist(), torch.cat(out.logits).float()))
-    return runs
-
-
-@pytest.fixture(scope="module")
-def reference(checkpoints):
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            cache[name] = _transformers_greedy(checkpoints[name])
-        return cache[name]
-
-    return get
-
-
-def _generate_under_mpirun_equals(engine, ranks: int, runs, tmp_path) -> None:
-    logits_file = tmp_path / "logits.safetensors"
-    args = ["generate", str(engine), "--max-tokens", str(MAX_TOKENS), "--temperature", "0", "--json",
-            "--save-logits", str(logits_file)]
-    for prompt in PROMPTS:
-        args += ["--prompt", prompt]
-    outputs = json_lines(mpirun(ranks, *args))
-    logits = load_file(logits_file)
-    for i, (out, (ref_ids, ref_logits)) in enumerate(zip(outputs, runs)):
-        assert out["token_ids"] == ref_ids, f"prompt {i}"
-        rel = ((logits[f"prompt_{i}"] - ref_logits).abs().max() / ref_logits.abs().max()).item()
-        assert rel < 1e-4, f"prompt {i}: logits differ by {rel:.2e} relative"
-
-
 LAYOUTS = [(2, 2), (1, 1), pytest.param(2, 1, marks=pytest.mark.slow), pytest.param(1, 2, marks=pytest.mark.slow)]
 
 
@@ -125,7 +81,7 @@ LAYOUTS = [(2, 2), (1, 1), pytest.param(2, 1, marks=pytest.mark.slow), pytest.pa
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
 def test_gemma_greedy_tokens_and_logits_equal_transformers_under_mpirun(family, tp, pp, engines, reference,
                                                                         tmp_path):
-    _generate_under_mpirun_equals(engines(family, tp, pp), tp * pp, reference(family), tmp_path)
+    assert_equal_to_transformers(*generate_under_mpirun(engines(family, tp, pp), tp * pp, tmp_path), reference(family))
 
 
 def _multimodal_checkpoint(text_checkpoint, out):
@@ -154,6 +110,6 @@ def test_a_multimodal_gemma3_checkpoint_serves_its_text_model_as_transformers_do
     assert json.loads((checkpoint / "config.json").read_text())["model_type"] == "gemma3"
     engine = tmp_path / "engine"
     build_engine(checkpoint, engine, 2, 1, "fp32", progress=False, **SMALL_PLAN)
-    runs = _transformers_greedy(checkpoint)
-    assert [ids for ids, _ in runs] == [ids for ids, _ in _transformers_greedy(checkpoints["gemma3"])]
-    _generate_under_mpirun_equals(engine, 2, runs, tmp_path)
+    runs = transformers_greedy(checkpoint)
+    assert [ids for _, ids, _ in runs] == [ids for _, ids, _ in transformers_greedy(checkpoints["gemma3"])]
+    assert_equal_to_transformers(*generate_under_mpirun(engine, 2, tmp_path), runs)

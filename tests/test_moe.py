@@ -12,18 +12,22 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import PROMPTS, SMALL_PLAN, json_lines, mpirun
+from conftest import (
+    SMALL_PLAN,
+    assert_equal_to_transformers,
+    generate_in_process,
+    generate_under_mpirun,
+    transformers_greedy,
+)
 from safetensors.torch import load_file
-from tokenizers import Tokenizer
 
-from dist_runtime import LLM, SamplingParams
+from dist_runtime import LLM
 from dist_runtime.config import ModelConfig
 from dist_runtime.presets import preset_config
 from sharding.builder import build_engine, check_checkpoint
 from sharding.checkpoint import Checkpoint
 from sharding.synth import write_checkpoint
 
-MAX_TOKENS = 12
 # (arch, tp, pp, ep, exchange): every TP x PP layout and every expert-parallel one, each once
 LAYOUTS = [("mixtral", 1, 2, 1, "all-reduce"), ("qwen3_moe", 2, 1, 1, "all-reduce"),
            ("mixtral", 2, 2, 1, "all-reduce"), ("qwen3_moe", 4, 1, 1, "all-reduce"),
@@ -64,47 +68,28 @@ def moe_engines(moe_checkpoints, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(moe_checkpoints):
-    """transformers' greedy generate per prompt: (generated ids, per-step logits), with the gap
-    between every token's k-th and (k+1)-th router score on the way checked."""
+    """transformers' greedy run (conftest.transformers_greedy), with the gap between every
+    token's k-th and (k+1)-th router score on the way checked."""
     cache = {}
 
-    def get(arch: str) -> list[tuple[list[int], torch.Tensor]]:
-        if arch in cache:
-            return cache[arch]
-        path = moe_checkpoints[arch]
-        model, loading = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                                           output_loading_info=True)
-        assert not any(loading.values()), loading  # transformers' own class takes every tensor, lacks none
-        model.eval()
-        gaps = []
+    def get(arch: str):
+        if arch not in cache:
+            gaps = []
 
-        def gap(module, inputs, output):
-            scores = torch.topk(output[0].float(), module.top_k + 1, dim=-1).values
-            gaps.append((scores[:, -2] - scores[:, -1]).min().item())
+            def gap(module, inputs, output):
+                scores = torch.topk(output[0].float(), module.top_k + 1, dim=-1).values
+                gaps.append((scores[:, -2] - scores[:, -1]).min().item())
 
-        for layer in model.model.layers:
-            if hasattr(layer.mlp, "gate"):
-                layer.mlp.gate.register_forward_hook(gap)
-        tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-        runs = []
-        for prompt in PROMPTS:
-            ids = tok.encode(prompt).ids
-            out = model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False, output_logits=True,
-                                 return_dict_in_generate=True, pad_token_id=model.config.eos_token_id)
-            runs.append((out.sequences[0, len(ids):].tolist(), torch.cat(out.logits).float()))
-        assert min(gaps) > MIN_ROUTER_GAP, f"{arch}: routing has a near-tie ({min(gaps):.1e})"
-        cache[arch] = runs
-        return runs
+            def watch(model):
+                for layer in model.model.layers:
+                    if hasattr(layer.mlp, "gate"):
+                        layer.mlp.gate.register_forward_hook(gap)
+
+            cache[arch] = transformers_greedy(moe_checkpoints[arch], watch)
+            assert min(gaps) > MIN_ROUTER_GAP, f"{arch}: routing has a near-tie ({min(gaps):.1e})"
+        return cache[arch]
 
     return get
-
-
-def _assert_equal(tokens: list[list[int]], logits: list[torch.Tensor], runs) -> None:
-    for i, (ids, ours, (ref_ids, ref_logits)) in enumerate(zip(tokens, logits, runs)):
-        assert ids == ref_ids, f"prompt {i}"
-        assert ours.shape == ref_logits.shape
-        rel = ((ours - ref_logits).abs().max() / ref_logits.abs().max()).item()
-        assert rel < 1e-4, f"prompt {i}: logits differ by {rel:.2e} relative"
 
 
 def test_config_reads_experts_as_either_transformers_writes_them(moe_checkpoints):
@@ -153,23 +138,15 @@ def test_each_rank_file_holds_only_its_experts_slices(moe_checkpoints, moe_engin
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
 def test_greedy_tokens_and_logits_equal_transformers(arch, moe_engines, reference):
     with LLM(str(moe_engines(arch, 1, 1))) as llm:
-        outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0), return_logits=True)
-    _assert_equal([o.token_ids for o in outputs], [o.outputs[0].logits for o in outputs], reference(arch))
+        assert_equal_to_transformers(*generate_in_process(llm), reference(arch))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,tp,pp,ep,exchange", LAYOUTS)
 def test_sharded_and_expert_parallel_engines_equal_transformers_under_mpirun(arch, tp, pp, ep, exchange,
                                                                               moe_engines, reference, tmp_path):
-    logits_file = tmp_path / "logits.safetensors"
-    args = ["generate", str(moe_engines(arch, tp, pp, ep, exchange)), "--max-tokens", str(MAX_TOKENS),
-            "--temperature", "0", "--json", "--save-logits", str(logits_file)]
-    for prompt in PROMPTS:
-        args += ["--prompt", prompt]
-    outputs = json_lines(mpirun(tp * pp, *args))
-    logits = load_file(logits_file)
-    _assert_equal([o["token_ids"] for o in outputs], [logits[f"prompt_{i}"] for i in range(len(PROMPTS))],
-                  reference(arch))
+    engine = moe_engines(arch, tp, pp, ep, exchange)
+    assert_equal_to_transformers(*generate_under_mpirun(engine, tp * pp, tmp_path), reference(arch))
 
 
 @pytest.mark.slow
@@ -177,6 +154,5 @@ def test_a_mixture_served_from_its_checkpoint_folder_builds_the_expert_parallel_
         moe_checkpoints, reference, tmp_path):
     with LLM(moe_checkpoints["mixtral"], tp=2, ep=2, engine_cache=str(tmp_path)) as llm:
         assert (llm.engine.plan.tp, llm.engine.plan.ep) == (2, 2)
-        outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0), return_logits=True)
-    _assert_equal([o.token_ids for o in outputs], [o.outputs[0].logits for o in outputs], reference("mixtral"))
+        assert_equal_to_transformers(*generate_in_process(llm), reference("mixtral"))
     assert [p.name.split("-")[1:4] for p in tmp_path.iterdir() if p.is_dir()] == [["tp2", "pp1", "ep2"]]

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROMPTS, SMALL_PLAN, cli
+from conftest import PROMPTS, SMALL_PLAN, assert_equal_to_transformers, cli, generate_in_process, transformers_greedy
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer
 
 from dist_runtime.accuracy import compare
 from dist_runtime.errors import CheckpointError, PlanError
@@ -227,37 +226,20 @@ def quantized(base, checkpoints, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def transformers_run():
-    """Hugging Face's greedy run of a float checkpoint: per prompt (ids, new ids, logits per step)."""
+    """transformers_run(checkpoint): conftest.transformers_greedy of a float checkpoint, once."""
     runs = {}
 
-    def get(checkpoint: Path) -> list[tuple[list[int], list[int], torch.Tensor]]:
+    def get(checkpoint: Path):
         if checkpoint not in runs:
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-            tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
-            runs[checkpoint] = []
-            for prompt in PROMPTS:
-                ids = tokenizer.encode(prompt).ids
-                out = model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False,
-                                     output_logits=True, return_dict_in_generate=True,
-                                     pad_token_id=model.config.eos_token_id)
-                runs[checkpoint].append((ids, out.sequences[0, len(ids):].tolist(), torch.cat(out.logits).float()))
+            runs[checkpoint] = transformers_greedy(checkpoint)
         return runs[checkpoint]
 
     return get
 
 
-def _assert_transformers_tokens(engine: Path, reference: list, tp: int = 1, logits: bool = True) -> None:
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)  # both stop at the end-of-text token
+def _assert_transformers_tokens(engine: Path, reference: list) -> None:
     with LLM(engine) as llm:
-        outs = llm.generate([ids for ids, _, _ in reference], params, return_logits=logits)
-    for i, (out, (_, tokens, ref_logits)) in enumerate(zip(outs, reference)):
-        assert out.outputs[0].token_ids == tokens, f"prompt {i}"
-        if logits:
-            ours = out.outputs[0].logits.float()
-            rel = ((ours - ref_logits).abs().max() / ref_logits.abs().max()).item()
-            assert rel < 1e-4, f"prompt {i}: logits differ by {rel:.2e} relative"
+        assert_equal_to_transformers(*generate_in_process(llm), reference)
 
 
 def _build(checkpoint: Path, out: Path, dtype: str, tp: int = 1) -> Path:
@@ -283,7 +265,7 @@ def test_every_weight_reads_as_the_formats_own_dequantization(fmt, quantized):
     pytest.param("awq", 2, marks=pytest.mark.slow), ("gptq-act-order", 1)])
 def test_float32_engine_equals_transformers_on_the_dequantized_weights(fmt, tp, quantized, transformers_run, tmp_path):
     prequantized, dequantized = quantized(fmt)
-    _assert_transformers_tokens(_build(prequantized, tmp_path / "eng", "fp32", tp), transformers_run(dequantized), tp)
+    _assert_transformers_tokens(_build(prequantized, tmp_path / "eng", "fp32", tp), transformers_run(dequantized))
 
 
 # ---- fp8 engines keep what is stored ----
@@ -364,7 +346,7 @@ def test_int4_act_order_engine_at_tp2_equals_transformers(quantized, transformer
     down = "model.layers.0.mlp.down_proj"
     assert held[f"{down}.weight"].shape == (256, 256 // 8) and held[f"{down}.weight_scale"].shape == (256, 4)
     assert held[f"{down}.g_idx"].equal(load_file(prequantized / "model.safetensors")[f"{down}.g_idx"][256:])
-    _assert_transformers_tokens(engine, transformers_run(dequantized), tp=2)
+    _assert_transformers_tokens(engine, transformers_run(dequantized))
 
 
 def test_int4_engine_holds_the_stored_nibbles_scales_and_zero_points(quantized, tmp_path):
