@@ -149,6 +149,38 @@ def generate_under_mpirun(engine: Path, ranks: int, tmp_path: Path) -> tuple[lis
     return [o["token_ids"] for o in outputs], [logits[f"prompt_{i}"] for i in range(len(PROMPTS))]
 
 
+def assert_gpu_gives_cpu_tokens(engine: str, prompts: list[str]) -> None:
+    """A float32 engine on the GPU (decode CUDA graphs and all) gives the CPU reference's greedy tokens."""
+    from dist_runtime import LLM, SamplingParams
+
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    with LLM(engine) as cpu:
+        expected = [o.token_ids for o in cpu.generate(prompts, params)]
+    with LLM(engine, device="cuda") as gpu:
+        assert gpu.coordinator.runner.graphs is not None
+        assert [o.token_ids for o in gpu.generate(prompts, params)] == expected
+
+
+def assert_gpu_follows_cpu_reference(reference: str, engine: str, prompts: list[str], tolerance: float) -> None:
+    """`engine` on the GPU against the float32 `reference` on the CPU: the first logits within
+    `tolerance` (relative norm), and the greedy tokens equal up to a near tie, where each side's
+    token is among the other's top 5."""
+    from dist_runtime import LLM, SamplingParams
+
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=5)
+    with LLM(reference) as cpu:
+        expected = cpu.generate(prompts, params, return_logits=True)
+    with LLM(engine, device="cuda") as gpu:
+        got = gpu.generate(prompts, params, return_logits=True)
+    for ours, ref in zip(got, expected):
+        a, b = ours.outputs[0].logits[0].float().cpu(), ref.outputs[0].logits[0].float()
+        assert ((a - b).norm() / b.norm()).item() < tolerance
+        for step, (x, y) in enumerate(zip(ours.outputs[0].logprobs, ref.outputs[0].logprobs)):
+            if x.token_id != y.token_id:
+                assert x.token_id in [t for t, _ in y.top] and y.token_id in [t for t, _ in x.top], (step, x, y)
+                break
+
+
 def json_lines(proc: subprocess.CompletedProcess) -> list[dict]:
     assert proc.returncode == 0, proc.stderr
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

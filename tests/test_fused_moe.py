@@ -15,9 +15,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PROMPTS, SMALL_PLAN
+from conftest import PROMPTS, SMALL_PLAN, assert_gpu_follows_cpu_reference, assert_gpu_gives_cpu_tokens
 
-from dist_runtime import LLM, SamplingParams
 from dist_runtime.kernels.fused_moe import fused_experts, sort_by_expert, topk_softmax
 from dist_runtime.layers.moe import experts_reference, route
 from dist_runtime.presets import preset_config
@@ -201,12 +200,7 @@ def moe_engines(tmp_path_factory):
 @GPU
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
 def test_gpu_float32_moe_engine_gives_the_cpu_tokens(arch, moe_engines):
-    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    with LLM(moe_engines(arch, "fp32")) as cpu:
-        expected = [o.token_ids for o in cpu.generate(PROMPTS, params)]
-    with LLM(moe_engines(arch, "fp32"), device="cuda") as gpu:
-        assert gpu.coordinator.runner.graphs is not None
-        assert [o.token_ids for o in gpu.generate(PROMPTS, params)] == expected
+    assert_gpu_gives_cpu_tokens(moe_engines(arch, "fp32"), PROMPTS)
 
 
 @GPU
@@ -215,18 +209,8 @@ def test_gpu_float32_moe_engine_gives_the_cpu_tokens(arch, moe_engines):
 def test_gpu_bf16_int8_and_fp8_moe_engines_follow_the_cpu_float32_reference(arch, dtype, moe_engines):
     """The first logits within 3% (bf16, int8) or 10% (fp8) of the float32 CPU engine's, and the
     greedy tokens equal up to a near tie, where each side's token is among the other's top 5."""
-    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=5)
-    with LLM(moe_engines(arch, "fp32")) as cpu:
-        expected = cpu.generate(PROMPTS, params, return_logits=True)
-    with LLM(moe_engines(arch, dtype), device="cuda") as gpu:
-        got = gpu.generate(PROMPTS, params, return_logits=True)
-    for ours, ref in zip(got, expected):
-        a, b = ours.outputs[0].logits[0].float().cpu(), ref.outputs[0].logits[0].float()
-        assert rel_err(a, b) < (0.1 if dtype == "fp8" else 3e-2)
-        for step, (x, y) in enumerate(zip(ours.outputs[0].logprobs, ref.outputs[0].logprobs)):
-            if x.token_id != y.token_id:
-                assert x.token_id in [t for t, _ in y.top] and y.token_id in [t for t, _ in x.top], (step, x, y)
-                break
+    assert_gpu_follows_cpu_reference(moe_engines(arch, "fp32"), moe_engines(arch, dtype), PROMPTS,
+                                     0.1 if dtype == "fp8" else 3e-2)
 
 
 if __name__ == "__main__":

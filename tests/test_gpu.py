@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import PROMPTS, quantize_cache
+from conftest import PROMPTS, assert_gpu_follows_cpu_reference, assert_gpu_gives_cpu_tokens, quantize_cache
 
 from dist_runtime import LLM, SamplingParams
 from dist_runtime.layers.attention import AttentionMetadata, PagedAttention
@@ -524,12 +524,7 @@ def test_q_and_k_norms_per_head_match_the_reference_in_place(dtype, tokens, head
 def test_gpu_float32_engines_of_qwen2_qwen3_and_phi3_give_the_cpu_tokens(family, engines):
     """q, k and v biases, q/k norms before the fused rotary and cache write, slices of fused
     checkpoint tensors, partial rotary and per-layer windows on the GPU path."""
-    engine = str(engines(family, 1, 1, max_seq_len=256, max_num_tokens=32))
-    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    with LLM(engine) as cpu:
-        expected = [o.token_ids for o in cpu.generate(PROMPTS, params)]
-    with LLM(engine, device="cuda") as gpu:
-        assert [o.token_ids for o in gpu.generate(PROMPTS, params)] == expected
+    assert_gpu_gives_cpu_tokens(str(engines(family, 1, 1, max_seq_len=256, max_num_tokens=32)), PROMPTS)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", pytest.param("fp8", marks=pytest.mark.skipif(
@@ -541,18 +536,9 @@ def test_gpu_bf16_and_fp8_engines_of_qwen2_qwen3_and_phi3_follow_the_cpu_float32
     bf16 engine is 1 to 1.5% off) or 10% (fp8: weights and activations in E4M3, q, k and v's
     biases added by _scaled_mm), and the greedy tokens equal up to a near tie, where each side's
     token is among the other's top 5."""
-    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=5)
-    with LLM(str(engines(family, 1, 1, "fp32", max_seq_len=256))) as cpu:
-        expected = cpu.generate(PROMPTS, params, return_logits=True)
-    with LLM(str(engines(family, 1, 1, dtype, max_seq_len=256)), device="cuda") as gpu:
-        got = gpu.generate(PROMPTS, params, return_logits=True)
-    for ours, ref in zip(got, expected):
-        a, b = ours.outputs[0].logits[0].float().cpu(), ref.outputs[0].logits[0].float()
-        assert ((a - b).norm() / b.norm()).item() < (3e-2 if dtype == "bf16" else 0.1)
-        for step, (x, y) in enumerate(zip(ours.outputs[0].logprobs, ref.outputs[0].logprobs)):
-            if x.token_id != y.token_id:
-                assert x.token_id in [t for t, _ in y.top] and y.token_id in [t for t, _ in x.top], (step, x, y)
-                break
+    assert_gpu_follows_cpu_reference(str(engines(family, 1, 1, "fp32", max_seq_len=256)),
+                                     str(engines(family, 1, 1, dtype, max_seq_len=256)), PROMPTS,
+                                     3e-2 if dtype == "bf16" else 0.1)
 
 
 @pytest.mark.parametrize("kv", ["auto", FP8_KV])
@@ -649,13 +635,7 @@ def test_gpu_float32_engines_of_gemma2_and_gemma3_give_the_cpu_tokens(family, en
     """Per-layer windows and rotary bases through the fused rotary kernel, q/k norms before it,
     soft caps in both attention kernels and on the logits, the decode CUDA graphs, chunked
     prefill: the CPU's tokens (which are transformers')."""
-    engine = str(engines(family, 1, 1, max_seq_len=256, max_num_tokens=32))
-    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    with LLM(engine) as cpu:
-        expected = [o.token_ids for o in cpu.generate(GEMMA_PROMPTS, params)]
-    with LLM(engine, device="cuda") as gpu:
-        assert gpu.coordinator.runner.graphs is not None
-        assert [o.token_ids for o in gpu.generate(GEMMA_PROMPTS, params)] == expected
+    assert_gpu_gives_cpu_tokens(str(engines(family, 1, 1, max_seq_len=256, max_num_tokens=32)), GEMMA_PROMPTS)
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
@@ -664,15 +644,5 @@ def test_gpu_bf16_engines_of_gemma2_and_gemma3_follow_the_cpu_float32_reference(
     engine is 1 to 3.5% off: with a norm after each block, a block's rounding joins the residual
     stream at full size), and the greedy tokens equal up to a near tie, where each side's token
     is among the other's top 5."""
-    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=5)
-    with LLM(str(engines(family, 1, 1, "fp32", max_seq_len=256))) as cpu:
-        expected = cpu.generate(GEMMA_PROMPTS, params, return_logits=True)
-    with LLM(str(engines(family, 1, 1, "bf16", max_seq_len=256)), device="cuda") as gpu:
-        got = gpu.generate(GEMMA_PROMPTS, params, return_logits=True)
-    for ours, ref in zip(got, expected):
-        a, b = ours.outputs[0].logits[0].float().cpu(), ref.outputs[0].logits[0].float()
-        assert ((a - b).norm() / b.norm()).item() < 5e-2
-        for step, (x, y) in enumerate(zip(ours.outputs[0].logprobs, ref.outputs[0].logprobs)):
-            if x.token_id != y.token_id:
-                assert x.token_id in [t for t, _ in y.top] and y.token_id in [t for t, _ in x.top], (step, x, y)
-                break
+    assert_gpu_follows_cpu_reference(str(engines(family, 1, 1, "fp32", max_seq_len=256)),
+                                     str(engines(family, 1, 1, "bf16", max_seq_len=256)), GEMMA_PROMPTS, 5e-2)
